@@ -1,0 +1,217 @@
+"""Tokenize a task split once, cache it, and cut it into padded batches.
+
+A split is tokenized once per (tokenizer, task, split, max length, data file) and kept in memory and
+on disk under `$MERGELAB_HOME/cache/tokenized` as safetensors (ragged sequences stored flat with
+offsets; no pickle). Token tasks label the first sub-word of every word (others get -100) and keep
+the word-level gold tags, so span F1 is computed on whole sentences even when one is truncated.
+MLM splits are the text cut into blocks of `max_length` tokens; masking happens later (`mlm_mask`)
+with an explicit generator, so evaluation masks are fixed by a seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import data, settings
+from .tasks import TaskSpec
+
+FORMAT_VERSION = 1
+IGNORE = -100
+_MEMORY: OrderedDict[str, "Encoded"] = OrderedDict()
+_MEMORY_SLOTS = 24
+_TOKENIZER_FP: dict[int, str] = {}
+
+
+@dataclass
+class Encoded:
+    """A tokenized split; example i spans `ids[offsets[i]:offsets[i+1]]`."""
+
+    ids: torch.Tensor  # int32, all examples concatenated
+    offsets: torch.Tensor  # int64, n + 1
+    labels: torch.Tensor  # (n,) long / float for sequence tasks; aligned with `ids` for token and MLM tasks
+    type_ids: torch.Tensor | None = None  # int8, aligned with `ids` (sentence-pair tasks)
+    word_labels: torch.Tensor | None = None  # token tasks: gold tag of every word, concatenated
+    word_offsets: torch.Tensor | None = None  # token tasks: n + 1
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def token_level(self) -> bool:
+        # Every example has at least [CLS] and [SEP], so per-token labels always outnumber examples.
+        return self.labels.shape[0] != len(self)
+
+    def head(self, n: int | None) -> "Encoded":
+        """The first `n` examples (all when n is None), sharing storage."""
+        if n is None or n >= len(self):
+            return self
+        end = int(self.offsets[n])
+        changes = {"ids": self.ids[:end], "offsets": self.offsets[: n + 1]}
+        changes["labels"] = self.labels[:end] if self.token_level else self.labels[:n]
+        if self.type_ids is not None:
+            changes["type_ids"] = self.type_ids[:end]
+        if self.word_offsets is not None:
+            changes["word_offsets"] = self.word_offsets[: n + 1]
+            changes["word_labels"] = self.word_labels[: int(self.word_offsets[n])]
+        return replace(self, **changes)
+
+    def subset(self, index: torch.Tensor) -> "Encoded":
+        """Examples `index` in that order (a copy), e.g. one data partition."""
+        spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in index.tolist()]
+        gather = torch.cat([torch.arange(a, b) for a, b in spans]) if spans else torch.zeros(0, dtype=torch.long)
+        lengths = torch.tensor([b - a for a, b in spans], dtype=torch.long)
+        changes = {"ids": self.ids[gather], "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])}
+        changes["labels"] = self.labels[gather] if self.token_level else self.labels[index]
+        if self.type_ids is not None:
+            changes["type_ids"] = self.type_ids[gather]
+        if self.word_offsets is not None:
+            word_spans = [(int(self.word_offsets[i]), int(self.word_offsets[i + 1])) for i in index.tolist()]
+            changes["word_labels"] = torch.cat([self.word_labels[a:b] for a, b in word_spans])
+            word_lengths = torch.tensor([b - a for a, b in word_spans], dtype=torch.long)
+            changes["word_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), word_lengths.cumsum(0)])
+        return replace(self, **changes)
+
+    def batch(self, index: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
+        """Examples `index` right-padded to the longest of them."""
+        starts, lengths = self.offsets[index], self.lengths[index]
+        width = int(lengths.max())
+        # One gather instead of a Python loop: position j of row r reads ids[starts[r] + j] when j < length.
+        cols = torch.arange(width)
+        valid = cols[None, :] < lengths[:, None]
+        source = (starts[:, None] + cols[None, :]).clamp(max=len(self.ids) - 1)
+        out = {
+            "input_ids": torch.where(valid, self.ids[source].long(), pad_id),
+            "attention_mask": valid.long(),
+        }
+        if self.type_ids is not None:
+            out["token_type_ids"] = torch.where(valid, self.type_ids[source].long(), 0)
+        out["labels"] = torch.where(valid, self.labels[source], IGNORE) if self.token_level else self.labels[index]
+        return out
+
+    def word_tags(self, i: int) -> list[int]:
+        return self.word_labels[int(self.word_offsets[i]): int(self.word_offsets[i + 1])].tolist()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's full definition (vocabulary, normalizer, special tokens)."""
+    key = id(tokenizer)
+    if key not in _TOKENIZER_FP:
+        definition = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else json.dumps(tokenizer.get_vocab())
+        _TOKENIZER_FP[key] = hashlib.sha1(definition.encode()).hexdigest()[:16]
+    return _TOKENIZER_FP[key]
+
+
+def encode(spec: TaskSpec, split: str, tokenizer, max_length: int = 128) -> Encoded:
+    """The tokenized `split` of `spec`, from the memory or disk cache when it was made before."""
+    fingerprint = data.local_fingerprint(spec, split)
+    raw = None
+    if fingerprint is None:  # hub data: its fingerprint is known only after loading
+        raw = data.load_split(spec, split)
+        fingerprint = raw.fingerprint
+    key_parts = [FORMAT_VERSION, tokenizer_fingerprint(tokenizer), spec.name, split, max_length, fingerprint]
+    key = hashlib.sha1(json.dumps(key_parts).encode()).hexdigest()[:20]
+    if key in _MEMORY:
+        _MEMORY.move_to_end(key)
+        return _MEMORY[key]
+    path = settings.cache_dir("tokenized") / f"{spec.name}-{split}-{key}.safetensors"
+    if path.is_file():
+        encoded = Encoded(**load_file(path))
+    else:
+        raw = raw or data.load_split(spec, split)
+        encoded = _tokenize(spec, raw, tokenizer, max_length)
+        tmp = path.with_suffix(".tmp")
+        save_file({f.name: getattr(encoded, f.name).contiguous() for f in fields(encoded)
+                   if getattr(encoded, f.name) is not None}, tmp, metadata={"key": json.dumps(key_parts)})
+        tmp.replace(path)  # atomic: a crash never leaves a half-written cache entry
+    _MEMORY[key] = encoded
+    if len(_MEMORY) > _MEMORY_SLOTS:
+        _MEMORY.popitem(last=False)
+    return encoded
+
+
+def _flat(sequences: list[list[int]], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
+    flat = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(flat).to(dtype), offsets
+
+
+def _tokenize(spec: TaskSpec, raw: data.RawSplit, tokenizer, max_length: int) -> Encoded:
+    if spec.kind == "mlm":
+        return _tokenize_text(raw.texts, tokenizer, max_length)
+    if spec.kind == "token":
+        return _tokenize_words(raw.texts, raw.labels, tokenizer, max_length)
+    columns = list(zip(*raw.texts))
+    batch = tokenizer(list(columns[0]), list(columns[1]) if len(columns) > 1 else None,
+                      truncation=True, max_length=max_length)
+    ids, offsets = _flat(batch["input_ids"], torch.int32)
+    type_ids = _flat(batch["token_type_ids"], torch.int8)[0] if "token_type_ids" in batch else None
+    label_dtype = torch.float32 if spec.kind == "regression" else torch.long
+    return Encoded(ids, offsets, torch.tensor(raw.labels, dtype=label_dtype), type_ids)
+
+
+def _tokenize_words(sentences: list[list[str]], tags: list[list[int]], tokenizer, max_length: int) -> Encoded:
+    batch = tokenizer(sentences, is_split_into_words=True, truncation=True, max_length=max_length)
+    token_labels = []
+    for i, word_tags in enumerate(tags):
+        previous, row = None, []
+        for word in batch.word_ids(i):
+            # Only a word's first sub-word carries its tag; the rest are ignored by loss and metric.
+            row.append(word_tags[word] if word is not None and word != previous else IGNORE)
+            previous = word
+        token_labels.append(row)
+    ids, offsets = _flat(batch["input_ids"], torch.int32)
+    labels = _flat(token_labels, torch.long)[0]
+    word_labels, word_offsets = _flat(tags, torch.long)
+    type_ids = _flat(batch["token_type_ids"], torch.int8)[0] if "token_type_ids" in batch else None
+    return Encoded(ids, offsets, labels, type_ids, word_labels, word_offsets)
+
+
+def _clean_wikitext(line: str, unk: str) -> str:
+    """Undo WikiText's tokenization marks so the sub-word tokenizer sees ordinary text."""
+    for mark, plain in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
+        line = line.replace(mark, plain)
+    return line.replace("<unk>", unk)
+
+
+def _tokenize_text(lines: list[str], tokenizer, max_length: int) -> Encoded:
+    unk = tokenizer.unk_token or "<unk>"
+    pieces = tokenizer([_clean_wikitext(line, unk) for line in lines], add_special_tokens=False)["input_ids"]
+    stream = np.fromiter((t for p in pieces for t in p), dtype=np.int64)
+    body = max_length - 2  # room for [CLS] and [SEP]
+    blocks = [stream[i: i + body] for i in range(0, len(stream), body)]
+    if len(blocks) > 1 and len(blocks[-1]) < body // 2:
+        blocks.pop()  # a short tail block would weigh its few tokens like a whole block
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    ids, offsets = _flat([[cls, *b.tolist(), sep] for b in blocks], torch.int32)
+    return Encoded(ids, offsets, torch.full(ids.shape, IGNORE, dtype=torch.long))
+
+
+def mlm_mask(input_ids: torch.Tensor, tokenizer, generator: torch.Generator,
+             probability: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: pick `probability` of the ordinary tokens; of those 80% -> [MASK], 10% -> a random
+    token, 10% unchanged. Returns (masked ids, labels with -100 where nothing is predicted).
+
+    Special and unknown tokens are never picked (predicting [UNK] says nothing about a model).
+    """
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=input_ids.dtype)
+    maskable = ~torch.isin(input_ids, special)
+    draws = torch.rand(input_ids.shape, generator=generator)
+    picked = maskable & (draws < probability)
+    action = torch.rand(input_ids.shape, generator=generator)
+    random_ids = torch.randint(len(tokenizer), input_ids.shape, generator=generator, dtype=input_ids.dtype)
+    masked = torch.where(picked & (action < 0.8), tokenizer.mask_token_id, input_ids)
+    masked = torch.where(picked & (action >= 0.8) & (action < 0.9), random_ids, masked)
+    labels = torch.where(picked, input_ids.long(), IGNORE)
+    return masked, labels

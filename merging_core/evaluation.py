@@ -1,0 +1,162 @@
+"""Score models on a task split: loss plus the task's metrics.
+
+An `Evaluator` tokenizes its split once, cuts it into length-sorted padded batches (little padding,
+so few wasted FLOPs) and keeps them on the device, then scores any number of models with them. This
+is what makes interpolation curves and merge tables cheap: K models cost K forward passes over the
+data, not K tokenizations. MLM masks are drawn once from a seeded generator, so every model is scored
+on the same masked tokens.
+
+Loss is the mean cross-entropy (classification: per example; token tasks: per labelled token; MLM:
+per masked token) or the mean squared error (regression). For MLM only the masked positions go
+through the vocabulary projection, which saves most of the head's compute and memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics, settings
+from .encode import IGNORE, encode, mlm_mask
+from .errors import MergeLabError
+from .losses import masked_lm_logits
+from .models import Loaded, ModelRef, check_head, load, model_head, resolve
+from .progress import ProgressFn, scaled, track
+from .tasks import TaskSpec, get_task
+
+MASK_SEED = 0  # the fixed MLM masking seed: changing it changes every MLM score
+
+
+class Evaluator:
+    """Scores models on one (task, split); build once, call with many models."""
+
+    def __init__(self, task: str | TaskSpec, tokenizer, split: str = "dev", limit: int | None = None, *,
+                 batch_size: int | None = None, device: torch.device | str | None = None,
+                 max_length: int = 128, mask_seed: int = MASK_SEED):
+        self.spec = get_task(task) if isinstance(task, str) else task
+        self.split = split
+        self.device = torch.device(device) if device is not None else settings.device()
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        encoded = encode(self.spec, split, tokenizer, max_length).head(limit)
+        if self.spec.kind == "mlm":
+            masked, labels = mlm_mask(encoded.ids, tokenizer, torch.Generator().manual_seed(mask_seed))
+            encoded = replace(encoded, ids=masked.to(encoded.ids.dtype), labels=labels)
+        self.encoded = encoded
+        self.n = len(encoded)
+        batch_size = batch_size or (256 if self.device.type == "cuda" else 64)
+        # Longest first: the first batch shows the peak memory at once, and similar lengths share a batch.
+        self.order = torch.argsort(encoded.lengths, descending=True, stable=True)
+        pad_id = tokenizer.pad_token_id or 0
+        self.batches = [
+            {k: v.to(self.device) for k, v in encoded.batch(self.order[i: i + batch_size], pad_id).items()}
+            for i in range(0, self.n, batch_size)
+        ]
+
+    @torch.inference_mode()
+    def __call__(self, model: torch.nn.Module, progress: ProgressFn | None = None) -> dict:
+        """{"task", "split", "n", <metrics>..., "loss"} for `model` (already on this evaluator's device)."""
+        model.eval()
+        score = {"mlm": self._mlm, "token": self._token}.get(self.spec.kind, self._sequence)
+        values = score(model, progress)
+        return {"task": self.spec.name, "split": self.split, "n": self.n, **values}
+
+    def _forward(self, model, batch) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**inputs).logits.float()
+
+    def _sequence(self, model, progress) -> dict:
+        outputs = [self._forward(model, b) for b in track(self.batches, len(self.batches), self._desc, progress)]
+        logits = torch.cat(outputs).cpu()[torch.argsort(self.order)]  # back to dataset order
+        labels = self.encoded.labels
+        if self.spec.kind == "regression":
+            predictions = logits.squeeze(-1)
+            loss = F.mse_loss(predictions, labels).item()
+            values = metrics.regression_metrics(predictions.numpy(), labels.numpy())
+        else:
+            loss = F.cross_entropy(logits, labels).item()
+            values = metrics.classification_metrics(logits.argmax(-1).numpy(), labels.numpy(),
+                                                          self.spec.num_labels)
+        return {**metrics.select(self.spec, values), "loss": loss}
+
+    def _token(self, model, progress) -> dict:
+        predicted_tags: list[list[int]] = [[] for _ in range(self.n)]
+        loss_sum, count = 0.0, 0
+        rows = iter(self.order.tolist())
+        for batch in track(self.batches, len(self.batches), self._desc, progress):
+            logits = self._forward(model, batch)
+            labelled = batch["labels"] != IGNORE
+            loss_sum += F.cross_entropy(logits[labelled], batch["labels"][labelled], reduction="sum").item()
+            count += int(labelled.sum())
+            best = logits.argmax(-1).cpu()
+            for row_best, row_labelled in zip(best, labelled.cpu()):
+                predicted_tags[next(rows)] = row_best[row_labelled].tolist()
+        names = self.spec.labels
+        gold, predicted = [], []
+        for i, tags in enumerate(predicted_tags):
+            words = self.encoded.word_tags(i)
+            tags = tags + [0] * (len(words) - len(tags))  # words cut off by truncation count as "O"
+            gold.append([names[t] for t in words])
+            predicted.append([names[t] for t in tags])
+        return {**metrics.select(self.spec, metrics.span_metrics(predicted, gold)), "loss": loss_sum / max(count, 1)}
+
+    def _mlm(self, model, progress) -> dict:
+        loss_sum, count = 0.0, 0
+        for batch in track(self.batches, len(self.batches), self._desc, progress):
+            logits, targets = masked_lm_logits(model, batch)
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+            count += len(targets)
+        return {**metrics.mlm_metrics(loss_sum / max(count, 1)), "masked_tokens": count}
+
+    @property
+    def _desc(self) -> str:
+        return f"{self.spec.name} {self.split}"
+
+
+def evaluate(model: str | ModelRef | Loaded, task: str | TaskSpec, split: str = "dev", limit: int | None = None, *,
+             batch_size: int | None = None, allow_pickle: bool = False,
+             progress: ProgressFn | None = None) -> dict:
+    """Score one model on one task split: {"task", "split", "n", <metrics>..., "loss"}.
+
+    `model` is a spec (zoo name, local folder, "minilm", hub id) or an already loaded model.
+    """
+    spec = get_task(task) if isinstance(task, str) else task
+    if isinstance(model, Loaded):
+        check_head(model.ref.spec, model_head(model.model), spec)
+        loaded = model
+    else:
+        loaded = load(model, spec, allow_pickle=allow_pickle)
+    device = next(loaded.model.parameters()).device
+    evaluator = Evaluator(spec, loaded.tokenizer, split, limit, batch_size=batch_size, device=device)
+    return evaluator(loaded.model, progress)
+
+
+def headline(result: dict) -> tuple[str, float]:
+    """The task's headline metric of an evaluation result, e.g. ("accuracy", 0.91)."""
+    name = get_task(result["task"]).main_metric
+    return name, float(result[name])
+
+
+def as_row(result: dict) -> dict:
+    """A flat, rounded row for tables."""
+    return {k: (round(v, 4) if isinstance(v, float) and not np.isnan(v) else v) for k, v in result.items()}
+
+
+def evaluate_many(model: str, tasks: list[str], split: str = "dev", limit: int | None = None, *,
+                  progress: ProgressFn | None = None) -> list[dict]:
+    """Score one model on several tasks. A task the model's head cannot score gives a row with an
+    "error" instead of stopping the others; a model that cannot be found fails at once."""
+    if not tasks:
+        raise MergeLabError("no task selected; pick at least one task")
+    ref = resolve(model)
+    rows = []
+    for i, task in enumerate(tasks):
+        part = scaled(progress, i / len(tasks), (i + 1) / len(tasks), f"{task}: ")
+        try:
+            rows.append(evaluate(ref, task, split, limit, progress=part))
+        except MergeLabError as exc:
+            rows.append({"task": get_task(task).name, "split": split, "error": str(exc)})
+    return rows

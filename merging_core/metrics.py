@@ -1,0 +1,62 @@
+"""Task metrics, from scikit-learn, scipy and seqeval (no hub-fetched metric scripts).
+
+- accuracy, binary F1 (positive class 1, as GLUE scores MRPC and QQP), macro F1;
+- Matthews correlation (CoLA);
+- Pearson and Spearman correlation (STS-B);
+- span-level precision / recall / F1 with seqeval's default (conlleval) rules, under which an I- tag
+  after O opens a span, as a few do in the CoNLL-2003 files; plus token accuracy;
+- MLM loss (mean cross-entropy over masked tokens) and its perplexity.
+
+All functions return plain floats so results serialise to JSON as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+from seqeval.metrics import f1_score as span_f1
+from seqeval.metrics import precision_score as span_precision
+from seqeval.metrics import recall_score as span_recall
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from .tasks import TaskSpec
+
+
+def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    values = {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "mcc": float(matthews_corrcoef(labels, predictions)),
+        "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+    }
+    if num_classes == 2:
+        values["f1"] = float(f1_score(labels, predictions, average="binary", pos_label=1, zero_division=0))
+    return values
+
+
+def regression_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    if np.ptp(predictions) == 0 or np.ptp(labels) == 0:
+        return {"pearson": 0.0, "spearman": 0.0}  # a constant prediction carries no correlation
+    return {"pearson": float(pearsonr(predictions, labels)[0]), "spearman": float(spearmanr(predictions, labels)[0])}
+
+
+def span_metrics(predicted: Sequence[Sequence[str]], gold: Sequence[Sequence[str]]) -> dict[str, float]:
+    tokens = sum(len(g) for g in gold)
+    correct = sum(p == g for ps, gs in zip(predicted, gold) for p, g in zip(ps, gs))
+    return {
+        "f1": float(span_f1(gold, predicted, zero_division=0)),
+        "precision": float(span_precision(gold, predicted, zero_division=0)),
+        "recall": float(span_recall(gold, predicted, zero_division=0)),
+        "token_accuracy": correct / max(tokens, 1),
+    }
+
+
+def mlm_metrics(loss: float) -> dict[str, float]:
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def select(spec: TaskSpec, values: dict[str, float]) -> dict[str, float]:
+    """Keep the task's own metrics, in its order (headline first)."""
+    return {name: values[name] for name in spec.metrics if name in values}

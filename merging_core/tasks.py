@@ -1,0 +1,142 @@
+"""The task registry: what each task is, where its data lives, and how it is scored.
+
+A task is data only. Adding a GLUE-format task (RTE, QNLI, ...) is one `TaskSpec` entry below: the
+readers in `data.py`, the tokenization in `encode.py`, the metrics and the training loop are shared
+by every task of the same kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import MergeLabError
+
+Kind = Literal["classification", "regression", "token", "mlm"]
+Format = Literal["glue", "semicolon", "conll", "text"]
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where `datasets.load_dataset` finds the task when the data root lacks it (online only)."""
+
+    path: str
+    config: str | None
+    splits: dict[str, str]  # MergeLab split -> hub split
+    text_columns: tuple[str, ...]
+    label_column: str | None  # labels on the hub are already indices in `TaskSpec.labels` order
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # canonical id, e.g. "sst2"
+    title: str  # display name, e.g. "SST-2"
+    kind: Kind
+    format: Format  # which local reader parses it
+    directory: str  # folder under the data root, e.g. "glue/SST-2"
+    files: dict[str, str]  # split -> file name inside `directory`
+    metrics: tuple[str, ...]  # the first is the headline metric
+    labels: tuple[str, ...] = ()  # label names in index order (empty for regression / MLM)
+    text_columns: tuple[str, ...] = ()  # GLUE: header names of the text columns (one or two)
+    label_column: str = ""  # GLUE: header name of the label column
+    positional: dict[str, int] = field(default_factory=dict)  # header-less files: column -> index
+    hub: HubSource | None = None
+    aliases: tuple[str, ...] = ()
+    fallback_files: dict[str, str] = field(default_factory=dict)  # split -> file used when the first is absent
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.kind == "regression" else len(self.labels)
+
+    @property
+    def main_metric(self) -> str:
+        return self.metrics[0]
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.main_metric in ("loss", "perplexity")
+
+    @property
+    def head(self) -> str:
+        """The head type a model needs for this task: "sequence", "token" or "mlm"."""
+        return {"classification": "sequence", "regression": "sequence", "token": "token", "mlm": "mlm"}[self.kind]
+
+
+def _glue(name: str, title: str, kind: Kind, text_columns: tuple[str, ...], label_column: str,
+          metrics: tuple[str, ...], labels: tuple[str, ...] = (), hub_columns: tuple[str, ...] = (),
+          dev_file: str = "dev.tsv", hub_dev: str = "validation", **extra) -> TaskSpec:
+    return TaskSpec(
+        name=name, title=title, kind=kind, format="glue", directory=f"glue/{title}",
+        files={"train": "train.tsv", "dev": dev_file}, metrics=metrics, labels=labels,
+        text_columns=text_columns, label_column=label_column,
+        hub=HubSource("nyu-mll/glue", name, {"train": "train", "dev": hub_dev},
+                      hub_columns or text_columns, "label"),
+        aliases=(title.lower(), title.lower().replace("-", "")), **extra,
+    )
+
+
+ENTAILMENT2 = ("entailment", "not_entailment")
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in [
+        # CoLA has no header: source, label, original label mark, sentence.
+        _glue("cola", "CoLA", "classification", ("sentence",), "label", ("mcc", "accuracy"),
+              ("unacceptable", "acceptable"), positional={"label": 1, "sentence": 3}),
+        _glue("sst2", "SST-2", "classification", ("sentence",), "label", ("accuracy",), ("negative", "positive")),
+        _glue("mrpc", "MRPC", "classification", ("#1 String", "#2 String"), "Quality", ("f1", "accuracy"),
+              ("not_equivalent", "equivalent"), hub_columns=("sentence1", "sentence2")),
+        _glue("stsb", "STS-B", "regression", ("sentence1", "sentence2"), "score", ("pearson", "spearman")),
+        _glue("rte", "RTE", "classification", ("sentence1", "sentence2"), "label", ("accuracy",), ENTAILMENT2),
+        _glue("qnli", "QNLI", "classification", ("question", "sentence"), "label", ("accuracy",), ENTAILMENT2),
+        _glue("wnli", "WNLI", "classification", ("sentence1", "sentence2"), "label", ("accuracy",),
+              ("not_entailment", "entailment")),
+        _glue("qqp", "QQP", "classification", ("question1", "question2"), "is_duplicate", ("f1", "accuracy"),
+              ("not_duplicate", "duplicate")),
+        _glue("mnli", "MNLI", "classification", ("sentence1", "sentence2"), "gold_label", ("accuracy",),
+              ("entailment", "neutral", "contradiction"), hub_columns=("premise", "hypothesis"),
+              dev_file="dev_matched.tsv", hub_dev="validation_matched"),
+        TaskSpec(
+            name="emotion", title="Emotion", kind="classification", format="semicolon", directory="emotion",
+            files={"train": "train.txt", "dev": "val.txt", "test": "test.txt"},
+            metrics=("accuracy", "macro_f1"),
+            labels=("sadness", "joy", "love", "anger", "fear", "surprise"),
+            hub=HubSource("dair-ai/emotion", None, {"train": "train", "dev": "validation", "test": "test"},
+                          ("text",), "label"),
+        ),
+        TaskSpec(
+            name="conll2003", title="CoNLL-2003 NER", kind="token", format="conll", directory="conll2003",
+            files={"train": "train.txt", "dev": "dev.txt", "test": "test.txt"},
+            metrics=("f1", "precision", "recall", "token_accuracy"),
+            labels=("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"),
+            hub=HubSource("eriktks/conll2003", None, {"train": "train", "dev": "validation", "test": "test"},
+                          ("tokens",), "ner_tags"),
+            aliases=("ner", "conll"),
+        ),
+        TaskSpec(
+            name="wikitext2", title="WikiText-2 MLM", kind="mlm", format="text", directory="wikitext-2",
+            files={"train": "train.txt", "dev": "valid.txt", "test": "test.txt"},
+            # The shared data root ships no train.txt: training (the MLM head, small pretraining) then
+            # reads test.txt, so dev (valid.txt) stays held out. Reported MLM scores use dev.
+            fallback_files={"train": "test.txt"},
+            metrics=("loss", "perplexity"),
+            hub=HubSource("Salesforce/wikitext", "wikitext-2-v1",
+                          {"train": "train", "dev": "validation", "test": "test"}, ("text",), None),
+            aliases=("mlm", "wikitext", "wikitext-2"),
+        ),
+    ]
+}
+
+_LOOKUP = {key: spec for spec in TASKS.values() for key in (spec.name, *spec.aliases)}
+
+
+def get_task(name: str) -> TaskSpec:
+    """Look a task up by id or alias (case-insensitive): "sst2", "SST-2", "ner", "mlm", ..."""
+    spec = _LOOKUP.get(name.strip().lower())
+    if spec is None:
+        raise MergeLabError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return spec
+
+
+def split_names(spec: TaskSpec) -> list[str]:
+    return list(spec.files)

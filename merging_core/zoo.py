@@ -1,0 +1,105 @@
+"""The zoo: the checkpoints a user explores, built from recipes and listed with their scores.
+
+A recipe (`assets/recipes/<name>.yaml`, or any YAML path) maps entry names to training settings
+(the fields of `TrainConfig`) over shared `defaults`. Building trains every entry that is missing into
+`$MERGELAB_HOME/zoo/<name>`; entries already there are kept (an interrupted build resumes where it
+stopped; nothing is retrained or overwritten unless `rebuild=True`). Every folder under the zoo with a
+`mergelab.json` is an entry, intermediate checkpoints included (`sst2-s0/step-100`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from . import settings
+from .errors import MergeLabError
+from .models import METADATA
+from .progress import ProgressFn, scaled
+from .tasks import get_task
+from .training import TrainConfig, train
+
+RECIPES = Path(__file__).resolve().parent.parent / "assets" / "recipes"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    entries: dict[str, TrainConfig]
+
+
+def load_recipe(recipe: str | Path = "default") -> Recipe:
+    path = Path(recipe)
+    if not path.suffix:
+        path = RECIPES / f"{recipe}.yaml"
+    if not path.is_file():
+        known = ", ".join(p.stem for p in sorted(RECIPES.glob("*.yaml")))
+        raise MergeLabError(f"recipe {str(recipe)!r} not found; give a YAML path or one of: {known}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    defaults, models = raw.get("defaults", {}), raw.get("models", {})
+    allowed = {f.name for f in fields(TrainConfig)}
+    entries = {}
+    for name, settings_ in models.items():
+        merged = {**defaults, **(settings_ or {})}
+        unknown = sorted(set(merged) - allowed)
+        if unknown:
+            raise MergeLabError(f"recipe {path.name}, entry {name!r}: unknown setting(s) {unknown}; "
+                                f"allowed: {sorted(allowed)}")
+        entries[name] = TrainConfig(**merged)
+    return Recipe(path.stem, entries)
+
+
+def build(recipe: str | Path = "default", *, only: list[str] | None = None, rebuild: bool = False,
+          progress: ProgressFn | None = None) -> list[dict]:
+    """Train the recipe's missing entries; returns one status row per entry."""
+    plan = load_recipe(recipe)
+    names = list(plan.entries)
+    if only:
+        missing = sorted(set(only) - set(names))
+        if missing:
+            raise MergeLabError(f"recipe {plan.name} has no entries {missing}; it has {names}")
+        names = [n for n in names if n in only]
+    rows = []
+    for i, name in enumerate(names):
+        target = settings.zoo_dir() / name
+        if (target / METADATA).is_file() and not rebuild:
+            rows.append({"name": name, "status": "kept", "seconds": 0.0})
+            continue
+        started = time.perf_counter()
+        step_progress = scaled(progress, i / len(names), (i + 1) / len(names), f"[{i + 1}/{len(names)}] {name}: ")
+        train(plan.entries[name], target, overwrite=rebuild, progress=step_progress)
+        rows.append({"name": name, "status": "built", "seconds": round(time.perf_counter() - started, 1)})
+    return rows
+
+
+def entries() -> list[dict]:
+    """Every zoo checkpoint with its provenance and headline dev score, sorted by name."""
+    root = settings.zoo_dir()
+    if not root.is_dir():
+        return []
+    rows = []
+    for meta_path in sorted(root.rglob(METADATA)):
+        folder = meta_path.parent
+        if any(part.startswith(".") for part in folder.relative_to(root).parts):
+            continue  # a build in progress (staging folder)
+        meta = json.loads(meta_path.read_text())
+        dev = meta.get("scores", {}).get("dev", {})
+        task = get_task(meta["task"]) if meta.get("task") else None
+        rows.append({
+            "name": folder.relative_to(root).as_posix(),
+            "task": meta.get("task"),
+            "kind": meta.get("kind"),
+            "base": meta.get("base"),
+            "seed": meta.get("seed"),
+            "steps": meta.get("steps"),
+            "partition": meta.get("partition"),
+            "metric": task.main_metric if task else None,
+            "score": dev.get(task.main_metric) if task else None,
+            "dev": dev,
+            "path": str(folder),
+        })
+    return rows

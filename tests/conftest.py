@@ -1,0 +1,152 @@
+"""Shared fixtures: environment, pico BERT checkpoints, a small GLUE-format task folder.
+
+Pico models (2 layers, hidden 32) use the packaged MiniLM tokenizer so they read the real data; they
+are saved with `save_pretrained` (safetensors) exactly as MergeLab saves its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+
+# Set before merging_core is imported anywhere: offline, and a data root that exists.
+os.environ.setdefault("MERGELAB_DATA", str(SHARED_DATA))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("MERGELAB_DEVICE", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    if not Path(os.environ["MERGELAB_DATA"]).is_dir():
+        raise pytest.UsageError(f"MERGELAB_DATA={os.environ['MERGELAB_DATA']} does not exist; point it at shared/data")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mergelab_home(tmp_path_factory) -> Path:
+    """One MergeLab home for the session (tokenization cache shared across tests)."""
+    home = tmp_path_factory.mktemp("mergelab-home")
+    os.environ["MERGELAB_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return Path(os.environ["MERGELAB_DATA"])
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from merging_core import models
+
+    return models.load_tokenizer(models.resolve("minilm"))
+
+
+def make_pico(out: Path, task: str | None, seed: int = 0, **config_overrides) -> Path:
+    """A randomly initialised 2-layer BERT with the head of `task` (bare encoder when None)."""
+    import torch
+    from transformers import BertConfig
+
+    from merging_core import models, tasks
+
+    spec = tasks.get_task(task) if task else None
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=512, **config_overrides,
+                        **(models.task_head_kwargs(spec) if spec else {}))
+    torch.manual_seed(seed)
+    model = models.HEAD_CLASSES[spec.head if spec else None].from_config(config)
+    model.save_pretrained(out)
+    models.load_tokenizer(models.resolve("minilm")).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pico(tmp_path_factory):
+    """Factory of pico checkpoints, cached per (task, seed)."""
+    root = tmp_path_factory.mktemp("pico")
+    made: dict[tuple, Path] = {}
+
+    def get(task: str | None = "sst2", seed: int = 0) -> Path:
+        key = (task, seed)
+        if key not in made:
+            made[key] = make_pico(root / f"{task or 'bare'}-{seed}", task, seed)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def rte_root(tmp_path_factory, data_root) -> Path:
+    """A data root holding the shared data plus an RTE folder in the official GLUE format.
+
+    RTE is not in the offline data, so its files are written here (official header and string labels,
+    a few hand-written sentence pairs) to show that a task outside the zoo recipe needs no code beyond
+    its registry entry.
+    """
+    root = tmp_path_factory.mktemp("data-with-rte")
+    for child in data_root.iterdir():
+        if child.name != "glue":
+            (root / child.name).symlink_to(child)
+    for child in (data_root / "glue").iterdir():
+        (root / "glue").mkdir(exist_ok=True)
+        (root / "glue" / child.name).symlink_to(child)
+    rte = root / "glue" / "RTE"
+    rte.mkdir()
+    pairs = [
+        ("The cat sat on the mat in the kitchen.", "A cat is on a mat.", "entailment"),
+        ("The company reported record profits this year.", "The company lost money.", "not_entailment"),
+        ("Paris is the capital of France.", "France has a capital.", "entailment"),
+        ("He walked to the station in the rain.", "He drove to work.", "not_entailment"),
+        ("The river flooded the village after the storm.", "There was a storm.", "entailment"),
+        ("She plays the violin in an orchestra.", "She is a professional boxer.", "not_entailment"),
+    ]
+    for split, rows in (("train", pairs * 8), ("dev", pairs)):
+        lines = ["index\tsentence1\tsentence2\tlabel"] + [f"{i}\t{a}\t{b}\t{l}" for i, (a, b, l) in enumerate(rows)]
+        (rte / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture()
+def data_env(monkeypatch):
+    """Point MERGELAB_DATA somewhere else for one test."""
+
+    def set_root(path: Path | str) -> None:
+        monkeypatch.setenv("MERGELAB_DATA", str(path))
+
+    return set_root
+
+
+@pytest.fixture()
+def isolated_home(monkeypatch, tmp_path) -> Path:
+    """A fresh, empty MergeLab home (empty zoo) for one test."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MERGELAB_HOME", str(home))
+    return home
+
+
+@pytest.fixture()
+def app_home(isolated_home, pico, tmp_path, monkeypatch):
+    """A home whose zoo holds one pico SST-2 model, and a recipe folder with one tiny recipe."""
+    entry = copy_model(pico("sst2"), isolated_home / "zoo" / "pico-sst2")
+    (entry / "mergelab.json").write_text(json.dumps({"task": "sst2", "kind": "full", "seed": 0, "steps": 0,
+                                                     "scores": {"dev": {"accuracy": 0.5}}}))
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "tiny.yaml").write_text(f"defaults: {{base: '{pico(None)}', steps: 2, batch_size: 4, eval_limit: 8}}\n"
+                                       "models:\n  stsb-tiny: {task: stsb}\n")
+    import merging_core as ml
+
+    monkeypatch.setattr(ml.zoo, "RECIPES", recipes)
+    return isolated_home
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,56 @@
+"""One smoke test in a real headless Chromium: open the app, click through a tab, take a screenshot."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
+
+
+def test_evaluate_tab_in_chromium(app_home):
+    from views import build_app, launch_kwargs
+
+    demo = build_app()
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.wait_for_selector("#zoo-table")
+            assert "pico-sst2" in page.inner_text("#zoo-table")
+            page.screenshot(path=str(ARTIFACTS / "zoo.png"), full_page=True)
+
+            page.get_by_role("tab", name="Evaluate").click()
+            page.locator("#eval-model input").click()
+            page.get_by_role("option", name="pico-sst2").click()
+            # choosing a zoo model preselects its own task (a server round trip)
+            sst2 = page.locator("#eval-tasks label", has_text="sst2").locator("input")
+            playwright.expect(sst2).to_be_checked(timeout=30_000)
+            page.get_by_label("Limit (first N examples; empty = all)").fill("16")
+            page.locator("#eval-run").click()
+            try:
+                page.wait_for_function("document.querySelector('#eval-table').innerText.includes('accuracy')",
+                                       timeout=60_000)
+            except playwright.Error:
+                page.screenshot(path=str(ARTIFACTS / "evaluate-failed.png"), full_page=True)
+                raise
+            page.wait_for_selector("#eval-run:not([disabled])")  # the run has finished
+            page.wait_for_selector("#eval-table .pending", state="detached")
+            assert "sst2" in page.inner_text("#eval-table")
+            page.screenshot(path=str(ARTIFACTS / "evaluate.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.close()

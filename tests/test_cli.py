@@ -1,0 +1,112 @@
+"""The CLI end to end: real processes on the packaged MiniLM with small limits, and in-process calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from merging_core.cli import main
+
+from .conftest import REPO
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "merging_core", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def one_line_error(process: subprocess.CompletedProcess) -> str:
+    assert process.returncode == 2, process.stderr
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), process.stderr  # never a traceback
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def minilm_mrpc(tmp_path_factory) -> str:
+    """MiniLM fine-tuned for a few steps on MRPC through the real CLI."""
+    out = tmp_path_factory.mktemp("cli") / "mrpc"
+    process = run_cli("train", "--base", "minilm", "--task", "MRPC", "--seed", "0", "--steps", "4",
+                      "--batch-size", "8", "--eval-limit", "32", "--out", str(out), "--json")
+    assert process.returncode == 0, process.stderr
+    summary = json.loads(process.stdout)
+    assert summary["dev"]["n"] == 32 and summary["task"] == "mrpc"
+    return str(out)
+
+
+def test_eval_json_matches_training_record(minilm_mrpc):
+    process = run_cli("eval", "--model", minilm_mrpc, "--task", "mrpc", "--limit", "32", "--json")
+    assert process.returncode == 0, process.stderr
+    result = json.loads(process.stdout)
+    recorded = json.loads(open(os.path.join(minilm_mrpc, "mergelab.json")).read())["scores"]["dev"]
+    assert set(result) == {"task", "split", "n", "f1", "accuracy", "loss"}
+    assert result["f1"] == recorded["f1"] and result["loss"] == pytest.approx(recorded["loss"], rel=1e-5)
+
+
+def test_errors_are_one_line(minilm_mrpc):
+    assert "bare encoder with no head for task sst2" in one_line_error(
+        run_cli("eval", "--model", "minilm", "--task", "sst2", "--limit", "4"))
+    assert "unknown task 'glue'" in one_line_error(run_cli("eval", "--model", "minilm", "--task", "glue"))
+    assert "does not exist" in one_line_error(run_cli("eval", "--model", "./nope", "--task", "sst2"))
+    assert "MERGELAB_DATA" in one_line_error(
+        run_cli("eval", "--model", minilm_mrpc, "--task", "mrpc", env={"MERGELAB_DATA": "/no/such/root"}))
+
+
+def test_head_that_does_not_fit(minilm_mrpc, capsys):
+    assert main(["eval", "--model", minilm_mrpc, "--task", "emotion"]) == 2
+    assert "has a head with 2 outputs but task emotion has 6" in capsys.readouterr().err
+
+
+def test_rte_trains_and_evaluates_with_no_task_code(rte_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MERGELAB_DATA", str(rte_root))
+    out = tmp_path / "rte"
+    assert main(["train", "--task", "rte", "--steps", "3", "--batch-size", "8", "--out", str(out), "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["dev"]["n"] == 6 and "accuracy" in trained["dev"]
+    assert main(["eval", "--model", str(out), "--task", "RTE", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == trained["dev"]["accuracy"]
+
+
+def test_zoo_build_and_list(isolated_home, pico, tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"defaults: {{base: '{pico(None)}', steps: 2, batch_size: 4, eval_limit: 8}}\n"
+                      "models:\n  stsb-a: {task: stsb, seed: 0, save_every: 1}\n  cola-a: {task: cola}\n")
+    assert main(["zoo", "build", "--recipe", str(recipe), "--json"]) == 0
+    assert [r["status"] for r in json.loads(capsys.readouterr().out)] == ["built", "built"]
+    assert main(["zoo", "build", "--recipe", str(recipe), "--json"]) == 0  # resumable: nothing retrained
+    assert [r["status"] for r in json.loads(capsys.readouterr().out)] == ["kept", "kept"]
+    assert main(["zoo", "list", "--json"]) == 0
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(listed) == {"cola-a", "stsb-a", "stsb-a/step-1"}
+    assert listed["stsb-a"]["metric"] == "pearson" and listed["stsb-a"]["steps"] == 2
+    assert listed["stsb-a/step-1"]["steps"] == 1 and listed["cola-a"]["metric"] == "mcc"
+    assert main(["eval", "--model", "cola-a", "--task", "cola", "--limit", "8", "--json"]) == 0  # zoo names resolve
+    assert json.loads(capsys.readouterr().out)["mcc"] == listed["cola-a"]["score"]
+
+
+def test_bad_recipe_entry(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("models:\n  x: {task: sst2, stepz: 3}\n")
+    assert main(["zoo", "build", "--recipe", str(recipe)]) == 2
+    assert "unknown setting(s) ['stepz']" in capsys.readouterr().err
+
+
+def test_tasks_lists_the_data_root(capsys):
+    assert main(["tasks", "--json"]) == 0
+    rows = {r["task"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["sst2"]["in_data_root"] and not rows["rte"]["in_data_root"]
+    assert rows["conll2003"]["kind"] == "token"
+
+
+def test_default_recipe_covers_the_required_models():
+    from merging_core import zoo
+
+    entries = zoo.load_recipe("default").entries
+    tasks = [e.task for e in entries.values()]
+    assert tasks.count("sst2") >= 2 and {"cola", "mrpc", "stsb", "emotion", "conll2003", "wikitext2"} <= set(tasks)
+    assert any(e.save_every for e in entries.values() if e.task == "sst2")
+    assert any(e.head_only for e in entries.values() if e.task == "wikitext2")

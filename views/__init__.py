@@ -1,0 +1,39 @@
+"""MergeLab's Gradio app: one module per tab, each a `build(demo)` that wires its components to engine
+calls. Views never do tensor math; every button is one call into `merging_core`, exposed as a named API
+endpoint (`/evaluate`, `/zoo_build`, `/zoo_list`, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+import merging_core as ml
+
+from . import evaluate_tab, zoo_tab
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def _header() -> str:
+    device = ml.settings.device()
+    where = f"GPU ({device})" if device.type == "cuda" else "CPU"
+    return (f"# MergeLab\nExplore how fine-tuned transformer checkpoints merge: zoo, scores, merges, curves. "
+            f"<span class='ml-device'>engine {ml.__version__} on {where}</span>")
+
+
+def build_app() -> gr.Blocks:
+    with gr.Blocks(title="MergeLab", analytics_enabled=False) as demo:
+        gr.Markdown(_header(), elem_id="ml-header")
+        with gr.Tabs():
+            zoo_tab.build(demo)
+            evaluate_tab.build(demo)
+    demo.queue(max_size=32)
+    return demo
+
+
+def launch_kwargs() -> dict:
+    """Theme and CSS go to launch() in Gradio 6."""
+    return {"theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"),
+            "css": (ASSETS / "style.css").read_text(), "footer_links": ["api", "gradio", "settings"]}

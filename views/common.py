@@ -1,0 +1,34 @@
+"""Glue between Gradio events and the engine: errors, progress, model choices. No tensor math here."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import gradio as gr
+
+import merging_core as ml
+
+
+def engine_errors(handler: Callable) -> Callable:
+    """Show a bad input as a one-line `gr.Error` (also reaches gradio_client as AppError)."""
+
+    @functools.wraps(handler)
+    def wrapper(*args: Any, **kwargs: Any):
+        try:
+            return handler(*args, **kwargs)
+        except ml.MergeLabError as exc:
+            raise gr.Error(str(exc), print_exception=False) from exc
+
+    return wrapper
+
+
+def progress_fn(progress: gr.Progress) -> ml.progress.ProgressFn:
+    """The engine's (fraction, description) callback, drawn by Gradio's progress bar."""
+    return lambda fraction, desc: progress(fraction, desc=desc)
+
+
+def model_choices() -> list[str]:
+    """Zoo entries first (built ones), then the packaged MiniLM."""
+    return [row["name"] for row in ml.zoo.entries()] + [ml.models.MINILM]

@@ -1,0 +1,77 @@
+"""Evaluate tab: score one model on the tasks its head fits, as a table."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+import merging_core as ml
+
+from .common import engine_errors, model_choices, progress_fn
+
+COLUMNS = ["task", "split", "n", "metric", "score", "loss", "other metrics", "note"]
+
+
+def result_table(results: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append({"task": r["task"], "split": r["split"], "note": r["error"]})
+            continue
+        metric, score = ml.evaluation.headline(r)
+        others = {k: v for k, v in r.items() if k not in ("task", "split", "n", "loss", metric)}
+        rows.append({"task": r["task"], "split": r["split"], "n": r["n"], "metric": metric, "score": round(score, 4),
+                     "loss": round(r["loss"], 4),
+                     "other metrics": ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in others.items()),
+                     "note": ""})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+@engine_errors
+def run_evaluation(model: str, tasks: list[str], split: str, limit: float | None,
+                   progress: gr.Progress = gr.Progress()) -> pd.DataFrame:
+    limit = int(limit) if limit else None
+    results = ml.evaluation.evaluate_many(model, tasks, split, limit, progress=progress_fn(progress))
+    return result_table(results)
+
+
+def own_task(model: str | None) -> list[str] | None:
+    """The task a zoo model was trained on, to preselect it."""
+    for row in ml.zoo.entries():
+        if row["name"] == model and row["task"]:
+            return [row["task"]]
+    return None
+
+
+def preselect(model: str | None):
+    return own_task(model) or gr.skip()
+
+
+def refresh() -> tuple:
+    """On page load: the zoo may have grown since the app started."""
+    choices = model_choices()
+    return gr.Dropdown(choices=choices, value=choices[0]), preselect(choices[0])
+
+
+def build(demo: gr.Blocks) -> dict:
+    with gr.Tab("Evaluate", id="evaluate"):
+        gr.Markdown("Score a checkpoint on task dev sets. A task needs a model whose head fits it "
+                    "(same head type and labels); other rows say why they were skipped.")
+        with gr.Row():
+            choices = model_choices()
+            model = gr.Dropdown(choices, value=choices[0], label="Model", allow_custom_value=True, scale=2,
+                                info="zoo name, local folder, 'minilm' or a hub id", elem_id="eval-model")
+            here = ml.data.available_tasks() or list(ml.TASKS)  # with no data root, the hub may still serve them
+            tasks = gr.CheckboxGroup(here, value=own_task(choices[0]) or [here[0]], label="Tasks", scale=3, elem_id="eval-tasks",
+                                     info="tasks found in the data root (MERGELAB_DATA)")
+        with gr.Row():
+            split = gr.Radio(["dev", "test", "train"], value="dev", label="Split")
+            limit = gr.Number(value=None, precision=0, minimum=1, label="Limit (first N examples; empty = all)")
+            run = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
+        table = gr.Dataframe(headers=COLUMNS, label="Scores", interactive=False, elem_id="eval-table",
+                             buttons=["copy"])
+        model.change(preselect, model, tasks, api_name="own_task", api_visibility="private")
+        run.click(run_evaluation, [model, tasks, split, limit], table, api_name="evaluate", concurrency_id="gpu")
+        demo.load(refresh, None, [model, tasks], api_visibility="private")
+    return {"model": model, "table": table}

@@ -1,0 +1,49 @@
+"""Zoo tab: the checkpoints available to explore, their provenance and dev scores; build the zoo."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+import merging_core as ml
+
+from .common import engine_errors, progress_fn
+
+COLUMNS = ["name", "task", "kind", "seed", "steps", "partition", "metric", "score"]
+
+
+def zoo_table() -> pd.DataFrame:
+    rows = ml.zoo.entries()
+    frame = pd.DataFrame(rows, columns=COLUMNS + ["dev", "path"])[COLUMNS]
+    return frame.round({"score": 4})
+
+
+def recipes() -> list[str]:
+    return sorted(p.stem for p in ml.zoo.RECIPES.glob("*.yaml"))
+
+
+@engine_errors
+def build_zoo(recipe: str, progress: gr.Progress = gr.Progress()) -> tuple[pd.DataFrame, str]:
+    rows = ml.zoo.build(recipe, progress=progress_fn(progress))
+    built = [r for r in rows if r["status"] == "built"]
+    note = (f"Built {len(built)} model(s) in {sum(r['seconds'] for r in built):.0f} s; "
+            f"kept {len(rows) - len(built)} that were already there.")
+    return zoo_table(), note
+
+
+def build(demo: gr.Blocks) -> dict:
+    with gr.Tab("Zoo", id="zoo"):
+        gr.Markdown("Checkpoints to explore: fine-tuned from the same pretrained model on different tasks, "
+                    "seeds, data partitions and training steps. Scores are on each task's dev split.")
+        table = gr.Dataframe(value=zoo_table, label="Models", interactive=False, elem_id="zoo-table",
+                             buttons=["copy", "fullscreen"])
+        with gr.Row():
+            names = recipes()
+            recipe = gr.Dropdown(names, value="default" if "default" in names else (names or [None])[0], label="Recipe",
+                                 scale=2)
+            build_button = gr.Button("Build zoo", variant="primary", elem_id="zoo-build", scale=1)
+            refresh = gr.Button("Refresh", elem_id="zoo-refresh", scale=1)
+        status = gr.Markdown(elem_id="zoo-status")
+        build_button.click(build_zoo, [recipe], [table, status], api_name="zoo_build", concurrency_id="gpu")
+        refresh.click(zoo_table, None, table, api_name="zoo_list")
+    return {"table": table}
