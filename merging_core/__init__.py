@@ -1,23 +1,49 @@
-"""MergeLab's engine: load, fine-tune, evaluate and (soon) merge transformer checkpoints.
+"""MergeLab's engine: load, fine-tune, evaluate and merge transformer checkpoints.
 
 The public API, shared by the CLI (`python -m merging_core ...`) and the Gradio app:
 
     import merging_core as ml
-    ml.evaluate("minilm-sst2", "sst2", limit=200)      # -> {"task", "split", "n", "accuracy", "loss"}
+    ml.evaluate("sst2-s0", "sst2", limit=200)           # -> {"task", "split", "n", "accuracy", "loss"}
     ml.train(ml.TrainConfig(task="rte", seed=0), out="runs/rte-s0")
     ml.zoo.build("default"); ml.zoo.entries()
+    ml.merge("ties", ["sst2-s0", "sst2-s1"], base="minilm", params={"density": 0.2}, out="merges/ties")
+    for row in ml.compare(["sst2-s0", "cola-s0"], ["average", "regmean"]): print(row)
 
 Nothing here downloads at import time, and nothing here imports gradio.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from . import data, settings, zoo  # noqa: E402
 from .errors import MergeLabError  # noqa: E402
-from .evaluation import Evaluator, evaluate  # noqa: E402
-from .models import Loaded, load, resolve, save  # noqa: E402
-from .tasks import TASKS, get_task  # noqa: E402
-from .training import TrainConfig, train  # noqa: E402
 
-__all__ = ["data", "settings", "MergeLabError", "Evaluator", "evaluate", "Loaded", "load", "resolve", "save", "TASKS", "get_task",
-           "TrainConfig", "train", "zoo", "__version__"]
+# `merge` and `compare` are both submodules and functions: importing them here, eagerly, makes the
+# package attribute the function for good (a later `import merging_core.merge` does not reset it).
+from .compare import compare, greedy  # noqa: E402
+from .merge import MergeResult, available_methods, merge, merge_from_config  # noqa: E402
+
+# Everything else loads on first use (PEP 562), so `python -m merging_core merge` does not pay for
+# training or metrics it does not run.
+_LAZY = {
+    "Evaluator": "evaluation", "evaluate": "evaluation", "METHODS": "methods", "get_method": "methods", "Loaded": "models", "load": "models", "resolve": "models",
+    "save": "models", "TASKS": "tasks", "get_task": "tasks", "TrainConfig": "training", "train": "training",
+}
+_MODULES = ("arch", "data", "settings", "stats", "zoo", "models", "evaluation", "training", "tasks", "metrics",
+            "encode", "progress", "partition", "losses", "tensorio")
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'merging_core' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+__all__ = ["data", "settings", "stats", "zoo", "MergeLabError", "Evaluator", "evaluate", "Loaded", "load", "resolve",
+           "save", "TASKS", "get_task", "TrainConfig", "train", "merge", "merge_from_config", "MergeResult",
+           "available_methods", "METHODS", "get_method", "compare", "greedy", "__version__"]

@@ -1,6 +1,6 @@
 """`python -m merging_core <command>`: the engine from a shell.
 
-Commands: train, eval, zoo build, zoo list, tasks. Results go to stdout (JSON with --json); progress
+Commands: train, eval, zoo build, zoo list, tasks, merge, methods, compare, greedy. Results go to stdout (JSON with --json); progress
 bars go to stderr; a bad input ends with one line `error: ...` on stderr and exit status 2.
 """
 
@@ -12,9 +12,12 @@ import sys
 from collections.abc import Sequence
 
 from . import data, tasks, zoo
+from .arch import GROUPS
+from .compare import compare, greedy, parse_method
 from .errors import MergeLabError
 from .evaluation import evaluate
-from .training import TrainConfig, train
+from .merge import FALLBACKS, HEAD_POLICIES, available_methods, merge
+from .training import SAMPLING, TrainConfig, train
 
 
 def _positive_int(text: str) -> int:
@@ -28,9 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m merging_core", description="MergeLab engine")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train", help="fine-tune one model on one task")
+    p = commands.add_parser("train", help="fine-tune one model on one task, or one multi-task model on several")
     p.add_argument("--base", default="minilm", help="model to start from (zoo name, folder, 'minilm', hub id)")
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True,
+                   help="a task, or a comma-separated list (sst2,cola,mrpc) for a multi-task model with one head each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=_positive_int, default=300)
     p.add_argument("--batch-size", type=_positive_int, default=32)
@@ -40,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--peft", choices=["lora"], default=None)
     p.add_argument("--head-only", action="store_true", help="freeze the encoder, train the task head only")
     p.add_argument("--eval-limit", type=_positive_int, default=None, help="score on the first N dev examples")
+    p.add_argument("--sampling", choices=list(SAMPLING), default="proportional",
+                   help="multi-task: which task each step trains on (proportional to train set sizes, sqrt, round-robin)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true")
@@ -63,6 +69,46 @@ def _parser() -> argparse.ArgumentParser:
     li = zoo_commands.add_parser("list", help="the zoo's models and their dev scores")
     li.add_argument("--json", action="store_true")
 
+    p = commands.add_parser("merge", help="merge two or more models with one method")
+    p.add_argument("--method", required=True, help="a merge method (python -m merging_core methods)")
+    p.add_argument("--models", nargs="+", required=True, help="the models to merge (zoo names, folders, hub ids)")
+    p.add_argument("--base", default=None, help="the model they were fine-tuned from (task vectors)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="method parameters, e.g. lambda=0.5")
+    p.add_argument("--components", default=None,
+                   help="comma list of groups the method merges: " + ",".join(GROUPS) + " (default: all)")
+    p.add_argument("--fallback", choices=list(FALLBACKS), default="average",
+                   help="what the other components get: their average, or model A's (first)")
+    p.add_argument("--heads", choices=list(HEAD_POLICIES), default="auto",
+                   help="merge heads of one label set, or keep one per task (auto: merge when they agree)")
+    p.add_argument("--stats-task", nargs="+", default=None, help="data for each model's statistics (default: its task)")
+    p.add_argument("--stats-file", nargs="+", default=None, help="precomputed statistics files, one per model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--eval", action="store_true", help="score the merged model on each of its tasks")
+    p.add_argument("--limit", type=_positive_int, default=None, help="with --eval: first N dev examples")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (loaded weights_only)")
+    p.add_argument("--json", action="store_true")
+
+    p = commands.add_parser("methods", help="the merge methods and their parameters")
+    p.add_argument("--json", action="store_true")
+
+    for name, help_text in (("compare", "a table: individual models, ensemble, multi-task model and merges"),
+                            ("greedy", "greedy incremental merging: the top-k models for k = 2..N")):
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("--models", nargs="+", required=True)
+        if name == "compare":
+            p.add_argument("--methods", nargs="+", required=True,
+                           help="methods with settings, e.g. average ties:density=0.2 regmean:alpha=0.9")
+            p.add_argument("--multitask", default=None, help="a multi-task model to show beside the merges")
+            p.add_argument("--ensemble", choices=["logits", "probabilities"], default="logits")
+            p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+        else:
+            p.add_argument("--method", required=True, help="a method with settings, e.g. regmean:alpha=0.9")
+        p.add_argument("--base", default=None)
+        p.add_argument("--limit", type=_positive_int, default=None, help="first N dev examples of each task")
+        p.add_argument("--json", action="store_true", help="one JSON object per row, as it is computed")
+
     p = commands.add_parser("tasks", help="the task registry and which tasks the data root holds")
     p.add_argument("--json", action="store_true")
     return parser
@@ -82,11 +128,15 @@ def _run(args: argparse.Namespace) -> None:
         config = TrainConfig(task=args.task, base=args.base, seed=args.seed, steps=args.steps,
                              batch_size=args.batch_size, lr=args.lr, partition=args.partition,
                              save_every=args.save_every, peft=args.peft, head_only=args.head_only,
-                             eval_limit=args.eval_limit)
+                             eval_limit=args.eval_limit, sampling=args.sampling)
         result = train(config, args.out, overwrite=args.overwrite)
         summary = {"out": str(result.out), **{k: result.metadata[k] for k in ("task", "seed", "steps", "partition")},
                    "dev": result.metadata["scores"]["dev"]}
-        print(json.dumps(summary) if args.json else f"saved {result.out}: dev {_scores(summary['dev'])}")
+        if "tasks" in result.metadata:  # multi-task: dev scores per task
+            dev = "; ".join(f"{task}: {_scores(scores)}" for task, scores in summary["dev"].items())
+        else:
+            dev = _scores(summary["dev"])
+        print(json.dumps(summary) if args.json else f"saved {result.out}: dev {dev}")
     elif args.command == "eval":
         result = evaluate(args.model, args.task, args.split, args.limit, batch_size=args.batch_size,
                           allow_pickle=args.allow_pickle)
@@ -104,6 +154,34 @@ def _run(args: argparse.Namespace) -> None:
             print("the zoo is empty; build it with: python -m merging_core zoo build")
         else:
             _print_table(rows, ["name", "task", "kind", "seed", "steps", "partition", "metric", "score"])
+    elif args.command == "merge":
+        _merge(args)
+    elif args.command == "methods":
+        rows = available_methods()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for m in [] if args.json else rows:
+            print(f"{m['name']} ({m['family']}): {m['doc']}  [{m['paper']}]")
+            for p in m["params"]:
+                bounds = f" in [{p['low']}, {p['high']}]" if p["low"] is not None or p["high"] is not None else ""
+                choices = f" one of {list(p['choices'])}" if p["choices"] else ""
+                print(f"    {p['name']} ({p['kind']}, default {p['default']}{bounds}{choices}): {p['doc']}")
+    elif args.command in ("compare", "greedy"):
+        if args.command == "compare":
+            rows = compare(args.models, args.methods, base=args.base, multitask=args.multitask,
+                           ensemble=args.ensemble, limit=args.limit)
+        else:
+            name, params = parse_method(args.method)
+            rows = greedy(args.models, name, params, base=args.base, limit=args.limit)
+        table = []
+        for row in rows:
+            table.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+        if not args.json:
+            columns = ["model", "kind"] + [c for c in dict.fromkeys(k for r in table for k in r)
+                                           if c not in ("model", "kind", "mean", "added", "models")] + ["mean"]
+            (_print_markdown if getattr(args, "markdown", False) else _print_table)(table, columns)
     elif args.command == "tasks":
         here = set(data.available_tasks())
         rows = [{"task": s.name, "title": s.title, "kind": s.kind, "labels": len(s.labels) or None,
@@ -112,6 +190,40 @@ def _run(args: argparse.Namespace) -> None:
             print(json.dumps(rows, indent=2))
         else:
             _print_table(rows, ["task", "title", "kind", "labels", "metrics", "in_data_root"])
+
+
+def _merge(args: argparse.Namespace) -> None:
+    params = {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise MergeLabError(f"--set {item!r} is not KEY=VALUE (e.g. --set lambda=0.5)")
+        params[key] = value
+    components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
+    result = merge(args.method, args.models, out=args.out, base=args.base, params=params, components=components,
+                   fallback=args.fallback, heads=args.heads, stats_tasks=args.stats_task,
+                   stats_files=args.stats_file, seed=args.seed, overwrite=args.overwrite,
+                   allow_pickle=args.allow_pickle)
+    summary = {"out": str(result.out), "method": args.method, "tasks": result.tasks,
+               "seconds": round(result.seconds, 2), "notes": result.notes}
+    if args.eval:
+        summary["scores"] = {t: evaluate(str(result.out), t, limit=args.limit) for t in result.tasks}
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"saved {result.out} ({args.method}, {result.seconds:.1f} s); heads for: {', '.join(result.tasks) or 'none'}")
+    for note in result.notes:
+        print(f"note: {note}")
+    for task, scores in summary.get("scores", {}).items():
+        print(f"{task}: {_scores(scores)}")
+
+
+def _print_markdown(rows: list[dict], columns: list[str]) -> None:
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" for _ in columns) + "|")
+    for r in rows:
+        print("| " + " | ".join("" if r.get(c) is None else f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c])
+                                for c in columns) + " |")
 
 
 def _scores(result: dict) -> str:

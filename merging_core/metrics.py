@@ -16,16 +16,15 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from seqeval.metrics import f1_score as span_f1
-from seqeval.metrics import precision_score as span_precision
-from seqeval.metrics import recall_score as span_recall
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+# scikit-learn, scipy and seqeval are imported where they are used: together they take seconds to
+# import, which every CLI call (a merge, a listing) would otherwise pay.
 from .tasks import TaskSpec
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     values = {
         "accuracy": float(accuracy_score(labels, predictions)),
         "mcc": float(matthews_corrcoef(labels, predictions)),
@@ -39,10 +38,16 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_clas
 def regression_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     if np.ptp(predictions) == 0 or np.ptp(labels) == 0:
         return {"pearson": 0.0, "spearman": 0.0}  # a constant prediction carries no correlation
+    from scipy.stats import pearsonr, spearmanr
+
     return {"pearson": float(pearsonr(predictions, labels)[0]), "spearman": float(spearmanr(predictions, labels)[0])}
 
 
 def span_metrics(predicted: Sequence[Sequence[str]], gold: Sequence[Sequence[str]]) -> dict[str, float]:
+    from seqeval.metrics import f1_score as span_f1
+    from seqeval.metrics import precision_score as span_precision
+    from seqeval.metrics import recall_score as span_recall
+
     tokens = sum(len(g) for g in gold)
     correct = sum(p == g for ps, gs in zip(predicted, gold) for p, g in zip(ps, gs))
     return {

@@ -15,6 +15,11 @@ Every checkpoint MergeLab writes is an HF directory (config, tokenizer, safetens
 `mergelab.json`, the provenance record (base, task, seed, steps, partition, scores, ...). Writes are
 atomic (a temporary sibling folder renamed into place) and never replace an existing folder unless
 asked to.
+
+A *multi-head* checkpoint (a merge of models with different label sets, or a multi-task model) is an
+encoder folder (`BertModel`, loadable by transformers as is) plus one small safetensors file per task
+head under `heads/`, listed in `mergelab.json` as `"heads": {task: file}`. `load(folder, task)`
+assembles the task's model from the encoder and that task's head.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Iterator
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification,
                           AutoModelForTokenClassification, AutoTokenizer)
 
@@ -270,7 +276,9 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
     """
     ref = spec if isinstance(spec, ModelRef) else resolve(spec)
     tokenizer = load_tokenizer(ref)
-    if ref.is_lora:
+    if ref.metadata().get("heads"):
+        model = _load_multihead(ref, task)
+    elif ref.is_lora:
         model = _load_lora(ref, task, allow_pickle)
     else:
         config = load_config(ref)
@@ -292,6 +300,44 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
                 model = HEAD_CLASSES[kind].from_pretrained(ref.location, config=config, **kwargs)
     model.to(device or settings.device()).eval()
     return Loaded(model, tokenizer, ref, ref.metadata())
+
+
+def head_tasks(ref: ModelRef) -> list[str]:
+    """The tasks a multi-head checkpoint has heads for (empty for ordinary checkpoints)."""
+    return list(ref.metadata().get("heads", {}))
+
+
+def _load_multihead(ref: ModelRef, task: TaskSpec | None) -> torch.nn.Module:
+    """The encoder of a multi-head checkpoint with the head of `task` (none: the bare encoder)."""
+    heads = ref.metadata()["heads"]
+    if task is None:
+        return AutoModel.from_pretrained(ref.location, use_safetensors=True)
+    if task.name not in heads:
+        raise MergeLabError(f"model {ref.spec!r} has heads for {sorted(heads)}, not for task {task.name}; "
+                            "pick one of those tasks")
+    config = AutoConfig.from_pretrained(ref.location, **task_head_kwargs(task))
+    model = HEAD_CLASSES[task.head].from_pretrained(ref.location, config=config, use_safetensors=True)
+    head = load_file(ref.path / heads[task.name])
+    missing = set(head) - set(model.state_dict())
+    if missing:
+        raise MergeLabError(f"head file {heads[task.name]} of model {ref.spec!r} has tensors the "
+                            f"{type(model).__name__} model does not: {sorted(missing)[:3]}")
+    model.load_state_dict(head, strict=False)
+    return model
+
+
+def write_multihead(folder: Path, encoder: torch.nn.Module, heads: dict[str, dict[str, torch.Tensor]],
+                    tokenizer, metadata: dict) -> None:
+    """Write `encoder` (a bare encoder model) with one head file per task, as a multi-head checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "heads").mkdir(exist_ok=True)
+    files = {}
+    for task, tensors in heads.items():
+        files[task] = f"heads/{task}.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, folder / files[task])
+    (folder / METADATA).write_text(json.dumps({**metadata, "heads": files}, indent=2) + "\n")
 
 
 def _load_lora(ref: ModelRef, task: TaskSpec | None, allow_pickle: bool) -> torch.nn.Module:

@@ -7,12 +7,25 @@ MLM batches are masked on the fly from a generator seeded by the run's seed.
 
 Every run records its provenance in `mergelab.json`: base, task, seed, steps, partition, training
 settings, the dev scores of the final model and of every intermediate checkpoint (`--save-every`).
+
+**Multi-task training** (`task="sst2,cola,mrpc"`, or a list): the comparator of merges, a model trained
+on the union of the tasks' data (RegMean, Jin et al. 2023). One encoder is shared by one head model per
+task (each built as for single-task training, then given the shared encoder module); every step draws
+one task and takes one batch of it, then updates encoder and heads with the same optimizer, schedule
+and clipping as single-task full fine-tuning. Which task a step takes is drawn up front from the run's
+seed (`sampling`): `proportional` to the size of each task's train set (default: batches come as from
+the shuffled union of the data, so small tasks get few steps), `sqrt` (proportional to the square root
+of the sizes, a milder balance), or `round-robin` (the tasks in turn, equal steps). The result is a
+multi-head checkpoint (`models.write_multihead`): the encoder plus `heads/<task>.safetensors`, with the
+dev scores of every task in `mergelab.json` as `scores: {"dev": {task: {...}}}`.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,14 +39,17 @@ from .encode import Encoded, encode, mlm_mask
 from .errors import MergeLabError
 from .evaluation import Evaluator
 from .losses import masked_lm_logits
-from .models import check_out, load, staging, write_into
+from .models import check_out, load, staging, write_into, write_multihead
 from .progress import ProgressFn
 from .tasks import TaskSpec, get_task
 
 
+SAMPLING = ("proportional", "sqrt", "round-robin")
+
+
 @dataclass
 class TrainConfig:
-    task: str
+    task: str | Sequence[str]  # one task, or several ("sst2,cola" or a list): a multi-task model
     base: str = "minilm"
     seed: int = 0
     steps: int = 300  # optimizer steps
@@ -49,12 +65,26 @@ class TrainConfig:
     lora_alpha: int = 16
     head_only: bool = False
     eval_limit: int | None = None  # score on the first N dev examples only (None: the whole split)
+    sampling: str = "proportional"  # multi-task: which task each step takes (see SAMPLING)
 
     @property
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
         return 1e-3 if self.head_only else 5e-4 if self.peft else 1e-4
+
+    @property
+    def task_specs(self) -> tuple[TaskSpec, ...]:
+        """The task(s) to train on, looked up in the registry (unknown or repeated names fail clearly)."""
+        names = self.task.split(",") if isinstance(self.task, str) else list(self.task)
+        names = [str(n).strip() for n in names if str(n).strip()]
+        if not names:
+            raise MergeLabError("no task given; pass a task name or a comma-separated list of tasks")
+        specs = tuple(get_task(n) for n in names)
+        repeated = sorted({s.name for s in specs if sum(t.name == s.name for t in specs) > 1})
+        if repeated:
+            raise MergeLabError(f"task list {','.join(names)!r} names {', '.join(repeated)} more than once")
+        return specs
 
 
 @dataclass
@@ -106,12 +136,20 @@ def _wrap_lora(model: torch.nn.Module, spec: TaskSpec, config: TrainConfig) -> t
 
 def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
           progress: ProgressFn | None = None) -> TrainResult:
-    """Fine-tune `config.base` on `config.task` and save it (plus intermediate checkpoints) to `out`."""
-    spec = get_task(config.task)
+    """Fine-tune `config.base` on `config.task` and save it (plus intermediate checkpoints) to `out`.
+
+    Several tasks train one multi-task model, saved as a multi-head checkpoint (see the module doc).
+    """
+    specs = config.task_specs
     if config.steps < 1:
         raise MergeLabError(f"--steps must be at least 1, got {config.steps}")
     if config.peft not in (None, "lora"):
         raise MergeLabError(f"--peft {config.peft!r} is not supported; use --peft lora")
+    if config.sampling not in SAMPLING:
+        raise MergeLabError(f"sampling {config.sampling!r} is not known; use one of: {', '.join(SAMPLING)}")
+    if len(specs) > 1:
+        return _train_multitask(config, specs, out, overwrite=overwrite, progress=progress)
+    spec = specs[0]
     check_out(out, overwrite)  # fail before spending minutes on training
     part = partition.parse(config.partition)
     _seed_everything(config.seed)
@@ -127,10 +165,7 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     dev = Evaluator(spec, tokenizer, "dev", config.eval_limit, device=device, max_length=config.max_length)
 
     params = _trainable(model, config)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    warmup = max(1, int(config.warmup * config.steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (config.steps - step) / (config.steps - warmup + 1e-9))))
+    optimizer, schedule = _optimizer(params, config)
     generator = torch.Generator().manual_seed(config.seed)
     batches = _length_grouped_batches(train_data.lengths, config.batch_size, generator)
 
@@ -170,6 +205,143 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
         extra = {"checkpoints": checkpoints} if checkpoints else {}
         metadata = _checkpoint(model, tokenizer, tmp, dev, {**base_meta, **extra}, config.steps, started, losses)
     return TrainResult(Path(out), metadata)
+
+
+@dataclass
+class _TaskJob:
+    """One task of a multi-task run: its head model (on the shared encoder), data and dev scorer."""
+
+    spec: TaskSpec
+    model: torch.nn.Module
+    data: Encoded
+    dev: Evaluator
+    batches: object = None
+
+    def head(self) -> dict[str, torch.Tensor]:
+        """The head's tensors, named as in the task model's state_dict (`classifier.weight`, ...)."""
+        prefix = self.model.base_model_prefix + "."
+        return {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefix)}
+
+
+def _task_schedule(sizes: list[int], sampling: str, steps: int, generator: torch.Generator) -> list[int]:
+    """Which task (index) each step takes, drawn up front from the run's generator."""
+    if sampling == "round-robin":
+        return [step % len(sizes) for step in range(steps)]
+    weights = torch.tensor(sizes, dtype=torch.float64) ** (1.0 if sampling == "proportional" else 0.5)
+    return torch.multinomial(weights, steps, replacement=True, generator=generator).tolist()
+
+
+def _bare_config(config):
+    """A copy of an encoder config without the task label fields it was loaded with (heads carry those)."""
+    clean = copy.deepcopy(config)
+    clean.id2label, clean.label2id = {0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
+    clean.problem_type = None
+    return clean
+
+
+def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str | Path, *, overwrite: bool,
+                     progress: ProgressFn | None) -> TrainResult:
+    """One shared encoder, one head per task; each step trains on one batch of one sampled task."""
+    names = [s.name for s in specs]
+    if config.peft or config.head_only:
+        raise MergeLabError("multi-task training is full fine-tuning of the shared encoder and the heads; "
+                            "drop --peft / --head-only, or train one task at a time")
+    for spec in specs:
+        if spec.kind == "mlm":
+            raise MergeLabError(f"multi-task training takes classification, regression and token tasks, not "
+                                f"{spec.name} (MLM); train an MLM head alone with --head-only")
+    check_out(out, overwrite)  # fail before spending minutes on training
+    part = partition.parse(config.partition)
+    _seed_everything(config.seed)
+    device = settings.device()
+    loaded = [load(config.base, spec, new_head=True, device=device) for spec in specs]
+    tokenizer = loaded[0].tokenizer
+    # Share the encoder of a sequence-task model: it has the pooler the sequence heads read (a token
+    # model's encoder has none; token heads ignore the pooler's output).
+    owner = next((i for i, s in enumerate(specs) if s.head == "sequence"), 0)
+    encoder = loaded[owner].model.base_model
+    encoder.config = _bare_config(encoder.config)
+    jobs = []
+    for spec, item in zip(specs, loaded):
+        setattr(item.model, item.model.base_model_prefix, encoder)
+        data = encode(spec, "train", tokenizer, config.max_length)
+        if part.shards > 1:
+            data = data.subset(partition.indices(part, spec, data.labels))
+        dev = Evaluator(spec, tokenizer, "dev", config.eval_limit, device=device, max_length=config.max_length)
+        jobs.append(_TaskJob(spec, item.model, data, dev))
+    ref = loaded[0].ref
+    del loaded  # the other encoder copies
+
+    params = list(encoder.parameters()) + [p for job in jobs for n, p in job.model.named_parameters()
+                                           if not n.startswith(job.model.base_model_prefix + ".")]
+    optimizer, schedule = _optimizer(params, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    order = _task_schedule([len(job.data) for job in jobs], config.sampling, config.steps, generator)
+    for job in jobs:
+        job.batches = _length_grouped_batches(job.data.lengths, config.batch_size, generator)
+
+    base_meta = {
+        "mergelab": __version__, "kind": "multitask", "base": ref.spec, "base_location": ref.location,
+        "task": ",".join(names), "tasks": names, "seed": config.seed, "partition": str(part),
+        "sampling": config.sampling, "task_steps": {name: order.count(i) for i, name in enumerate(names)},
+        "train_examples": {job.spec.name: len(job.data) for job in jobs},
+        "train": {**asdict(config), "task": ",".join(names)}, "learning_rate": config.learning_rate,
+        "head_kinds": {s.name: s.head for s in specs}, "labels": {s.name: list(s.labels) for s in specs},
+    }
+    checkpoints: list[dict] = []
+    started = time.perf_counter()
+    losses: list[float] = []
+    task_losses: dict[str, list[float]] = {name: [] for name in names}
+    with staging(out, overwrite=overwrite) as tmp:
+        for job in jobs:
+            job.model.train()
+        bar = _Bar(config.steps, f"train {len(jobs)} tasks", progress)
+        for step in range(1, config.steps + 1):
+            job = jobs[order[step - 1]]
+            batch = _next_batch(job.data, next(job.batches), tokenizer, generator, job.spec, device)
+            loss = job.model(**batch).loss
+            if not torch.isfinite(loss):
+                raise MergeLabError(f"training diverged at step {step} on {job.spec.name} (loss {loss.item()}); "
+                                    "lower --lr")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # heads of the other tasks have no gradient: untouched
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            task_losses[job.spec.name].append(loss.item())
+            bar.update(step, losses)
+            if config.save_every and step % config.save_every == 0 and step < config.steps:
+                entry = _checkpoint_multitask(jobs, encoder, tokenizer, tmp / f"step-{step}", base_meta, step,
+                                              started, losses, task_losses)
+                checkpoints.append({"step": step, "path": f"step-{step}", "dev": entry["scores"]["dev"]})
+                for other in jobs:
+                    other.model.train()
+        bar.close()
+        extra = {"checkpoints": checkpoints} if checkpoints else {}
+        metadata = _checkpoint_multitask(jobs, encoder, tokenizer, tmp, {**base_meta, **extra}, config.steps,
+                                         started, losses, task_losses)
+    return TrainResult(Path(out), metadata)
+
+
+def _checkpoint_multitask(jobs: list[_TaskJob], encoder, tokenizer, folder: Path, base_meta: dict, step: int,
+                          started: float, losses: list[float], task_losses: dict[str, list[float]]) -> dict:
+    scores = {job.spec.name: job.dev(job.model) for job in jobs}
+    metadata = {**base_meta, "steps": step, "train_loss": float(np.mean(losses[-50:])),
+                "task_train_loss": {t: float(np.mean(v[-20:])) if v else None for t, v in task_losses.items()},
+                "train_seconds": round(time.perf_counter() - started, 1), "scores": {"dev": scores},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_multihead(folder, encoder, {job.spec.name: job.head() for job in jobs}, tokenizer, metadata)
+    return {**metadata, "heads": {job.spec.name: f"heads/{job.spec.name}.safetensors" for job in jobs}}
+
+
+def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig):
+    """AdamW with linear warm-up over `config.warmup` of the steps, then linear decay to 0."""
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = max(1, int(config.warmup * config.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (config.steps - step) / (config.steps - warmup + 1e-9))))
+    return optimizer, schedule
 
 
 def _next_batch(data: Encoded, index: torch.Tensor, tokenizer, generator, spec: TaskSpec, device) -> dict:

@@ -5,6 +5,9 @@ A recipe (`assets/recipes/<name>.yaml`, or any YAML path) maps entry names to tr
 `$MERGELAB_HOME/zoo/<name>`; entries already there are kept (an interrupted build resumes where it
 stopped; nothing is retrained or overwritten unless `rebuild=True`). Every folder under the zoo with a
 `mergelab.json` is an entry, intermediate checkpoints included (`sst2-s0/step-100`).
+
+A multi-head entry (a multi-task model, recipe `multitask`) is listed with its tasks comma-joined in
+`task`, the list in `tasks`, and as `score` the mean of the tasks' headline dev metrics (`metric` "mean").
 """
 
 from __future__ import annotations
@@ -88,18 +91,45 @@ def entries() -> list[dict]:
             continue  # a build in progress (staging folder)
         meta = json.loads(meta_path.read_text())
         dev = meta.get("scores", {}).get("dev", {})
-        task = get_task(meta["task"]) if meta.get("task") else None
+        heads = list(meta.get("heads", {}))
+        if heads:  # a multi-head checkpoint (multi-task model, merge): dev scores per task
+            tasks = list(meta.get("tasks") or heads)
+            task, metric, score = ",".join(tasks), "mean", _mean_headline(tasks, dev)
+        else:
+            tasks = [meta["task"]] if meta.get("task") else []
+            spec = _spec(meta.get("task"))
+            task, metric = meta.get("task"), spec.main_metric if spec else None
+            score = dev.get(metric) if spec else None
         rows.append({
             "name": folder.relative_to(root).as_posix(),
-            "task": meta.get("task"),
+            "task": task,
+            "tasks": tasks,
             "kind": meta.get("kind"),
             "base": meta.get("base"),
             "seed": meta.get("seed"),
             "steps": meta.get("steps"),
             "partition": meta.get("partition"),
-            "metric": task.main_metric if task else None,
-            "score": dev.get(task.main_metric) if task else None,
+            "metric": metric,
+            "score": score,
             "dev": dev,
             "path": str(folder),
         })
     return rows
+
+
+def _spec(name: str | None):
+    try:
+        return get_task(name) if name else None
+    except MergeLabError:  # a task this version does not know: list the entry without a score
+        return None
+
+
+def _mean_headline(tasks: list[str], dev: dict) -> float | None:
+    """The mean of the tasks' headline dev metrics (higher-is-better ones); None when one is missing."""
+    values = []
+    for name in tasks:
+        spec, scores = _spec(name), dev.get(name)
+        if spec is None or spec.lower_is_better or not isinstance(scores, dict) or spec.main_metric not in scores:
+            return None
+        values.append(float(scores[spec.main_metric]))
+    return sum(values) / len(values) if values else None

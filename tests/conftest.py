@@ -57,9 +57,9 @@ def make_pico(out: Path, task: str | None, seed: int = 0, **config_overrides) ->
     from merging_core import models, tasks
 
     spec = tasks.get_task(task) if task else None
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=512, **config_overrides,
-                        **(models.task_head_kwargs(spec) if spec else {}))
+    sizes = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 64, "max_position_embeddings": 512, **config_overrides}
+    config = BertConfig(**sizes, **(models.task_head_kwargs(spec) if spec else {}))
     torch.manual_seed(seed)
     model = models.HEAD_CLASSES[spec.head if spec else None].from_config(config)
     model.save_pretrained(out)

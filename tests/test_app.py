@@ -22,13 +22,32 @@ def client(app_home):
     demo.close()
 
 
+@pytest.fixture()
+def pico_cola_entry(app_home, pico):
+    """A second zoo model next to app_home's pico-sst2: a pico CoLA model."""
+    from .conftest import copy_model
+
+    entry = copy_model(pico("cola", seed=1), app_home / "zoo" / "pico-cola")
+    (entry / "mergelab.json").write_text(json.dumps({"task": "cola", "kind": "full", "seed": 1, "steps": 0}))
+    return entry
+
+
+def _merge(client, models=("pico-sst2", "pico-cola"), method="average", params=None, **kwargs):
+    from merging_core.arch import GROUPS
+
+    args = {"models": list(models), "base": "", "method": method, "params": params or {}, "components": list(GROUPS),
+            "fallback": "average", "heads": "auto", "limit": 8, "compare": True, "multitask": "", "out": "",
+            **kwargs}
+    return client.predict(**args, api_name="/merge")
+
+
 def _rows(table: dict) -> list[dict]:
     return [dict(zip(table["headers"], row)) for row in table["data"]]
 
 
 def test_endpoints_are_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/evaluate", "/zoo_list", "/zoo_build"} <= names
+    assert {"/evaluate", "/zoo_list", "/zoo_build", "/merge"} <= names
 
 
 def test_zoo_list_and_evaluate(client):
@@ -49,3 +68,69 @@ def test_zoo_build_from_the_app(client):
     table, note = client.predict("tiny", api_name="/zoo_build")
     assert "Built 1 model(s)" in note
     assert {r["name"] for r in _rows(table)} == {"pico-sst2", "stsb-tiny"}
+
+
+def test_merge_and_compare(pico_cola_entry, client, app_home):
+    table, status, files = _merge(client, out="avg-pico")
+    folder = app_home / "merges" / "avg-pico"
+    assert (folder / "model.safetensors").is_file() and (folder / "merge_config.json").is_file()
+    assert table["headers"] == ["model", "kind", "cola", "sst2", "mean"]
+    rows = {r["model"]: r for r in _rows(table)}
+    assert [r["kind"] for r in rows.values()] == ["merge", "individual", "individual", "ensemble"]
+    merged, sst2, cola = rows["avg-pico"], rows["pico-sst2"], rows["pico-cola"]
+    for row, tasks in ((merged, ("sst2", "cola")), (sst2, ("sst2",)), (cola, ("cola",))):
+        for task in tasks:
+            assert isinstance(row[task], float) and -1.0 <= row[task] <= 1.0  # cola's MCC may be negative
+        assert row["mean"] == pytest.approx(sum(row[t] for t in tasks) / len(tasks), abs=1e-4)
+    assert rows["ensemble (logits)"]["sst2"] is not None
+    assert str(folder) in status and "first 8 examples" in status
+    assert [json.loads(open(f).read())["method"] for f in files] == ["average"]
+
+    # a multi-task model (here: the multi-head merge just saved) gets its own row
+    table, _, _ = _merge(client, out="avg-pico-2", multitask=str(folder))
+    assert _rows(table)[-1]["kind"] == "multi-task" and _rows(table)[-1]["sst2"] is not None
+
+    # compare off: only the saved merge is scored; a default name lands under merges/
+    table, status, _ = _merge(client, params={"weights": "3, 1"}, compare=False)
+    (row,) = _rows(table)
+    assert row["kind"] == "merge" and row["model"].startswith("average-")
+    assert (app_home / "merges" / row["model"]).is_dir() and "weights=[3.0, 1.0]" in status
+
+
+def test_merge_errors_are_one_line(pico_cola_entry, client, app_home):
+    cases = [({"method": "task_arithmetic"}, "choose a Base model"),
+             ({"method": "ties", "base": "pico-sst2", "params": {"density": 5}}, r"'density'.*\[0\.0, 1\.0\]"),
+             ({"method": "average", "params": {"lambda": 0.3}}, "has no parameter 'lambda'"),
+             ({"method": "slerp", "models": ["pico-sst2"]}, "exactly 2 models")]
+    for kwargs, message in cases:
+        with pytest.raises(gradio_client.exceptions.AppError, match=message) as caught:
+            _merge(client, **kwargs)
+        assert "\n" not in str(caught.value)
+    _merge(client, out="taken", compare=False)
+    with pytest.raises(gradio_client.exceptions.AppError, match="already exists"):
+        _merge(client, out="taken", compare=False)
+    assert not (app_home / "merges").exists() or sorted(p.name for p in (app_home / "merges").iterdir()) == ["taken"]
+
+
+def test_param_controls_follow_the_spec():
+    import gradio as gr
+
+    import merging_core as ml
+    from views import merge_tab
+
+    kinds = {"bool": gr.Checkbox, "choice": gr.Dropdown, "floats": gr.Textbox}
+    with gr.Blocks():
+        for method in ml.available_methods():
+            for p in method["params"]:
+                control = merge_tab.param_control(p)
+                expected = kinds.get(p["kind"]) or (gr.Slider, gr.Number)
+                assert isinstance(control, expected), (method["name"], p["name"])
+                assert control.interactive and control.label == p["name"]
+    # bounded, not tiny -> slider; a tolerance of 1e-6 or an open range -> number box
+    mats = {p["name"]: p for m in ml.available_methods() if m["name"] == "mats" for p in m["params"]}
+    with gr.Blocks():
+        assert isinstance(merge_tab.param_control(mats["init_lambda"]), gr.Slider)
+        assert isinstance(merge_tab.param_control(mats["tolerance"]), gr.Number)
+        assert isinstance(merge_tab.param_control(mats["examples"]), gr.Number)
+    assert merge_tab.defaults("ties") == {"density": 0.2, "scope": "model", "lambda": 1.0}
+    assert [len(r) for r in merge_tab.balanced_rows(list(range(13)), 3)] == [3, 3, 3, 2, 2]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, copy_model
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -51,6 +52,65 @@ def test_evaluate_tab_in_chromium(app_home):
             page.wait_for_selector("#eval-table .pending", state="detached")
             assert "sst2" in page.inner_text("#eval-table")
             page.screenshot(path=str(ARTIFACTS / "evaluate.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+
+
+@pytest.fixture()
+def pico_cola_entry(app_home, pico):
+    """A second zoo model next to app_home's pico-sst2: a pico CoLA model."""
+    entry = copy_model(pico("cola", seed=1), app_home / "zoo" / "pico-cola")
+    (entry / "mergelab.json").write_text(json.dumps({"task": "cola", "kind": "full", "seed": 1, "steps": 0}))
+    return entry
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"])
+
+
+def test_merge_tab_in_chromium(app_home, pico_cola_entry):
+    from views import build_app, launch_kwargs
+
+    demo = build_app()
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = _browser(p)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.get_by_role("tab", name="Merge").click()
+            page.wait_for_selector("#merge-models")
+            for name in ("pico-sst2", "pico-cola"):
+                page.locator("#merge-models input").click()
+                page.get_by_role("option", name=name, exact=True).click()
+            page.locator("#merge-method input").click()
+            page.get_by_role("option", name="TIES · data-free").click()
+            # the method's docs and generated controls follow the dropdown (server round trips)
+            playwright.expect(page.locator("#merge-method-doc")).to_contain_text("Yadav", timeout=30_000)
+            playwright.expect(page.locator("#merge-params")).to_contain_text("density", timeout=30_000)
+            page.locator("#merge-base input").click()
+            page.get_by_role("option", name="pico-sst2", exact=True).click()
+            density = page.locator("#merge-params input[type=number]").first
+            density.fill("0.5")
+            density.press("Enter")
+            page.locator("#merge-limit input").fill("8")
+            page.locator("#merge-run").click()
+            try:
+                page.wait_for_function("document.querySelector('#merge-table').innerText.includes('ensemble')",
+                                       timeout=60_000)
+                playwright.expect(page.locator("#merge-status")).to_contain_text("first 8 examples", timeout=30_000)
+            except (playwright.Error, AssertionError):
+                page.screenshot(path=str(ARTIFACTS / "merge-failed.png"), full_page=True)
+                raise
+            page.wait_for_selector("#merge-table .pending", state="detached")
+            text = page.inner_text("#merge-table")
+            assert "ties-" in text and "pico-cola" in text and "pico-sst2" in text
+            assert "density=0.5" in page.inner_text("#merge-status")
+            page.screenshot(path=str(ARTIFACTS / "merge.png"), full_page=True)
             browser.close()
     finally:
         demo.close()

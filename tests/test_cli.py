@@ -110,3 +110,17 @@ def test_default_recipe_covers_the_required_models():
     assert tasks.count("sst2") >= 2 and {"cola", "mrpc", "stsb", "emotion", "conll2003", "wikitext2"} <= set(tasks)
     assert any(e.save_every for e in entries.values() if e.task == "sst2")
     assert any(e.head_only for e in entries.values() if e.task == "wikitext2")
+
+
+def test_bad_task_list_is_one_line(tmp_path, capsys):
+    assert main(["train", "--task", "sst2,cola,nope", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown task 'nope'"), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_multitask_recipe():
+    from merging_core import zoo
+
+    (entry,) = zoo.load_recipe("multitask").entries.values()
+    assert [s.name for s in entry.task_specs] == ["sst2", "cola", "mrpc", "stsb", "emotion"]

@@ -114,3 +114,86 @@ def test_existing_output_is_refused_before_training(pico, tmp_path):
     with pytest.raises(MergeLabError, match="already exists"):
         train(TrainConfig(task="sst2", base=str(pico(None)), steps=1), tmp_path / "taken")
     assert (tmp_path / "taken" / "file").read_text() == "keep me"
+
+
+# Multi-task training: one shared encoder, one head per task, saved as a multi-head checkpoint.
+
+MULTI = ("stsb", "conll2003", "mrpc")  # regression, token and pair classification heads on one encoder
+
+
+@pytest.fixture(scope="module")
+def multitask_run(pico, tmp_path_factory):
+    config = TrainConfig(task=",".join(MULTI), base=str(pico(None)), seed=2, steps=6, batch_size=4, lr=1e-3,
+                         eval_limit=8, sampling="round-robin")
+    out = tmp_path_factory.mktemp("multitask") / "mt"
+    return out, train(config, out)
+
+
+def test_multitask_training_writes_a_multihead_checkpoint(multitask_run, pico):
+    out, result = multitask_run
+    meta = json.loads((out / "mergelab.json").read_text())
+    assert meta == result.metadata
+    assert (meta["kind"], meta["tasks"], meta["task"], meta["seed"], meta["steps"]) == (
+        "multitask", list(MULTI), ",".join(MULTI), 2, 6)
+    assert meta["sampling"] == "round-robin" and meta["task_steps"] == {t: 2 for t in MULTI}
+    assert meta["heads"] == {t: f"heads/{t}.safetensors" for t in MULTI}
+    assert models.head_tasks(models.resolve(str(out))) == list(MULTI)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
+
+    base = load_file(pico(None) / "model.safetensors")
+    encoder = load_file(out / "model.safetensors")
+    assert not torch.equal(encoder["encoder.layer.0.attention.self.query.weight"],
+                           base["encoder.layer.0.attention.self.query.weight"])  # the encoder trained
+    for task in MULTI:
+        model = models.load(str(out), tasks.get_task(task), device="cpu").model
+        state = model.state_dict()
+        # The same encoder under every head (the token model has no pooler; the sequence models share it).
+        for name, tensor in encoder.items():
+            assert name.startswith("pooler.") and task == "conll2003" or torch.equal(state[f"bert.{name}"], tensor), name
+        head = load_file(out / "heads" / f"{task}.safetensors")
+        assert set(head) == {"classifier.weight", "classifier.bias"}
+        assert all(torch.equal(state[k], v) for k, v in head.items())
+        scored = evaluate(str(out), task, limit=8)
+        recorded = meta["scores"]["dev"][task]
+        assert scored["n"] == recorded["n"] == 8
+        assert scored["loss"] == pytest.approx(recorded["loss"], rel=1e-5)  # the checkpoint is the trained model
+    with pytest.raises(MergeLabError, match=r"has heads for \['conll2003', 'mrpc', 'stsb'\], not for task sst2"):
+        evaluate(str(out), "sst2", limit=8)
+
+
+def test_multitask_zoo_entry(multitask_run, isolated_home):
+    from merging_core import zoo
+
+    from .conftest import copy_model
+
+    out, result = multitask_run
+    copy_model(out, isolated_home / "zoo" / "mt-pico")
+    (row,) = zoo.entries()
+    dev = result.metadata["scores"]["dev"]
+    assert (row["name"], row["task"], row["tasks"], row["kind"], row["metric"]) == (
+        "mt-pico", ",".join(MULTI), list(MULTI), "multitask", "mean")
+    expected = (dev["stsb"]["pearson"] + dev["conll2003"]["f1"] + dev["mrpc"]["f1"]) / 3
+    assert row["score"] == pytest.approx(expected)
+
+
+def test_task_sampling_is_seeded():
+    from merging_core.training import _task_schedule
+
+    draw = lambda sampling, seed: _task_schedule([3000, 1000], sampling, 4000, torch.Generator().manual_seed(seed))
+    assert draw("proportional", 0) == draw("proportional", 0) != draw("proportional", 1)
+    assert sum(draw("proportional", 0)) / 4000 == pytest.approx(0.25, abs=0.03)  # task 1 holds 1/4 of the data
+    assert sum(draw("sqrt", 0)) / 4000 == pytest.approx(1 / (1 + 3 ** 0.5), abs=0.03)
+    assert draw("round-robin", 0)[:4] == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize(("task", "extra", "message"), [
+    ("sst2,wikitext2", {}, "not wikitext2 \\(MLM\\)"),
+    ("sst2,SST-2", {}, "names sst2 more than once"),
+    ("sst2,cola", {"peft": "lora"}, "multi-task training is full fine-tuning"),
+    ("sst2,nope", {}, "unknown task 'nope'"),
+    ("sst2,cola", {"sampling": "random"}, "sampling 'random' is not known"),
+])
+def test_bad_multitask_configs(pico, tmp_path, task, extra, message):
+    with pytest.raises(MergeLabError, match=message):
+        train(TrainConfig(task=task, base=str(pico(None)), steps=1, **extra), tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -1,6 +1,6 @@
 """MergeLab's Gradio app: one module per tab, each a `build(demo)` that wires its components to engine
 calls. Views never do tensor math; every button is one call into `merging_core`, exposed as a named API
-endpoint (`/evaluate`, `/zoo_build`, `/zoo_list`, ...).
+endpoint (`/evaluate`, `/merge`, `/zoo_build`, `/zoo_list`, ...).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import gradio as gr
 
 import merging_core as ml
 
-from . import evaluate_tab, zoo_tab
+from . import evaluate_tab, merge_tab, zoo_tab
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -29,6 +29,7 @@ def build_app() -> gr.Blocks:
         with gr.Tabs():
             zoo_tab.build(demo)
             evaluate_tab.build(demo)
+            merge_tab.build(demo)
     demo.queue(max_size=32)
     return demo
 

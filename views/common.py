@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,17 @@ import merging_core as ml
 
 def engine_errors(handler: Callable) -> Callable:
     """Show a bad input as a one-line `gr.Error` (also reaches gradio_client as AppError)."""
+
+    if inspect.isgeneratorfunction(handler):  # a streaming handler fails while it is iterated
+
+        @functools.wraps(handler)
+        def streaming(*args: Any, **kwargs: Any):
+            try:
+                yield from handler(*args, **kwargs)
+            except ml.MergeLabError as exc:
+                raise gr.Error(str(exc), print_exception=False) from exc
+
+        return streaming
 
     @functools.wraps(handler)
     def wrapper(*args: Any, **kwargs: Any):
@@ -32,3 +44,8 @@ def progress_fn(progress: gr.Progress) -> ml.progress.ProgressFn:
 def model_choices() -> list[str]:
     """Zoo entries first (built ones), then the packaged MiniLM."""
     return [row["name"] for row in ml.zoo.entries()] + [ml.models.MINILM]
+
+
+def multitask_choices() -> list[str]:
+    """Zoo models with heads for several tasks (multi-task models, multi-head merges)."""
+    return [row["name"] for row in ml.zoo.entries() if len(row.get("tasks") or []) > 1]

@@ -37,10 +37,10 @@ def run_evaluation(model: str, tasks: list[str], split: str, limit: float | None
 
 
 def own_task(model: str | None) -> list[str] | None:
-    """The task a zoo model was trained on, to preselect it."""
+    """The task(s) a zoo model was trained on (every head of a multi-task model), to preselect them."""
     for row in ml.zoo.entries():
-        if row["name"] == model and row["task"]:
-            return [row["task"]]
+        if row["name"] == model and row["tasks"]:
+            return list(row["tasks"])
     return None
 
 

@@ -1,0 +1,163 @@
+"""The one registry of merge methods.
+
+A method merges one parameter at a time: it receives the aligned tensors of every input model (and of
+the base model, and per-model statistics, when it declared it needs them) and returns the merged
+tensor. Everything else (reading checkpoints lazily, choosing components, heads, writing the result)
+is the engine's job (`merging_core.merge`), so adding a method is one new file here that calls
+`register`. Each method declares its typed parameters; the CLI's `--set key=value`, the Python API and
+the app's controls are all generated from that spec.
+
+Following MaTS (Tam et al.), a merge is a statistic (none / diagonal Fisher / Gram / K-FAC) x a solver
+(closed form / conjugate gradient) x an initialisation; `needs_stats` names the statistic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..arch import ParamInfo
+from ..errors import MergeLabError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One typed, bounded method parameter."""
+
+    name: str
+    kind: str  # "float" | "int" | "bool" | "choice" | "floats" (a comma list, one value per model)
+    default: Any
+    doc: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def parse(self, value: Any, method: str) -> Any:
+        """Check and convert a value (given as text or as a Python value)."""
+        where = f"parameter {self.name!r} of method {method!r}"
+        try:
+            if self.kind == "bool":
+                if isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(value)
+                    return value.lower() in ("true", "1", "yes")
+                return bool(value)
+            if self.kind == "choice":
+                if str(value) not in self.choices:
+                    raise MergeLabError(f"{where} must be one of {list(self.choices)}, got {value!r}")
+                return str(value)
+            if self.kind == "floats":
+                if value is None or value == "":
+                    return None
+                items = value.split(",") if isinstance(value, str) else list(value)
+                values = [float(v) for v in items]
+                for v in values:
+                    self._check_range(v, where)
+                return values
+            number = int(value) if self.kind == "int" else float(value)
+            if self.kind == "int" and float(value) != number:
+                raise ValueError(value)
+        except (TypeError, ValueError):
+            raise MergeLabError(f"{where} must be a {self.kind}, got {value!r}") from None
+        self._check_range(number, where)
+        return number
+
+    def _check_range(self, number: float, where: str) -> None:
+        if math.isnan(number) or (self.low is not None and number < self.low) or (
+                self.high is not None and number > self.high):
+            raise MergeLabError(f"{where} must be in [{self.low}, {self.high}], got {number}")
+
+
+@dataclass
+class TensorJob:
+    """What a method sees for one parameter."""
+
+    name: str  # canonical name (wrapper prefixes stripped)
+    info: ParamInfo
+    tensors: list[torch.Tensor]  # one per input model, float32 (float64 for solves), on the merge device
+    weights: torch.Tensor  # model weights c_i, summing to 1
+    params: dict[str, Any]
+    base: torch.Tensor | None = None
+    stats: list[dict[str, torch.Tensor]] | None = None  # per model: {"fisher": ..., "gram": ..., ...}
+    context: dict[str, Any] = field(default_factory=dict)  # what `prepare` computed over the whole model
+    report: dict[str, Any] = field(default_factory=dict)  # per-parameter diagnostics (e.g. CG residuals)
+    seed: int = 0  # this parameter's own seed (derived from the merge seed and the name)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    title: str
+    family: str  # "data-free" | "data-aware"
+    paper: str  # citation with the equation
+    params: tuple[Param, ...]
+    merge_tensor: Callable[[TensorJob], torch.Tensor]
+    # Whether it reads the base model, and which statistics ("fisher", "gram", "grad_gram"): fixed, or
+    # a function of the parameters (MaTS needs what its objective needs).
+    needs_base: bool | Callable[[dict[str, Any]], bool] = False
+    needs_stats: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = ()
+    min_models: int = 1
+    max_models: int | None = None
+    # An optional pass over every (task vector of every) parameter before merging, e.g. TIES's
+    # model-wide magnitude threshold. Gets an iterator factory over (name, info, tensors, base).
+    prepare: Callable[[Callable, dict[str, Any]], dict[str, Any]] | None = None
+    mergekit: Callable[[dict[str, Any]], dict | None] | None = None  # mergekit YAML pieces, when expressible
+    doc: str = ""
+
+    def base_required(self, params: dict[str, Any]) -> bool:
+        return self.needs_base(params) if callable(self.needs_base) else self.needs_base
+
+    def stats_required(self, params: dict[str, Any]) -> tuple[str, ...]:
+        return self.needs_stats(params) if callable(self.needs_stats) else self.needs_stats
+
+    def parse(self, values: dict[str, Any] | None) -> dict[str, Any]:
+        """Defaults filled in, every value checked; unknown names are an error."""
+        values = dict(values or {})
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise MergeLabError(f"method {self.name!r} has no parameter {unknown[0]!r}; "
+                                f"its parameters are: {', '.join(known) or 'none'}")
+        return {name: (p.parse(values[name], self.name) if name in values else p.default)
+                for name, p in known.items()}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise RuntimeError(f"method {method.name!r} registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MergeLabError(f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+def stack(job: TensorJob) -> torch.Tensor:
+    return torch.stack(job.tensors)
+
+
+def weighted_mean(tensors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ c_i θ_i over the first axis (weights sum to 1)."""
+    return torch.tensordot(weights.to(tensors.dtype), tensors, dims=1)
+
+
+def sum_weighted(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Σ c_i θ_i accumulated in place: no stacked copy of the inputs (memory-bound merges)."""
+    total = tensors[0] * float(weights[0])
+    for t, w in zip(tensors[1:], weights[1:].tolist()):
+        total.add_(t, alpha=w)
+    return total
+
+
+# Importing the method files registers them (order = the order shown to users).
+from . import linear, ties_dare, fisher, regmean, mats  # noqa: E402,F401

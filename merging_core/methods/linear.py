@@ -1,0 +1,77 @@
+"""Averaging, task arithmetic and spherical interpolation.
+
+- `average`: θ = Σ_i c_i θ_i with Σ c_i = 1 (model soups, Wortsman et al. 2022; algorithms.md A1).
+  Weights are normalised, as mergekit's `linear` does by default.
+- `task_arithmetic`: θ = θ_pre + λ Σ_i τ_i, τ_i = θ_i − θ_pre (Ilharco et al. 2023, "Editing models
+  with task arithmetic", eq. 1; A1). Equals mergekit's `task_arithmetic` with every weight = λ.
+- `slerp`: θ = sin((1−t)Ω)/sin Ω · θ_A + sin(tΩ)/sin Ω · θ_B with cos Ω the cosine of the two
+  flattened tensors (Shoemake 1985), falling back to linear interpolation when they are (anti)parallel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Method, Param, TensorJob, register, stack, sum_weighted
+
+WEIGHTS = Param("weights", "floats", None, "one weight per model (normalised to sum 1); empty = uniform", low=0.0)
+LAMBDA = Param("lambda", "float", 0.3, "scale λ of the summed task vectors", low=0.0, high=3.0)
+
+
+def average(job: TensorJob) -> torch.Tensor:
+    return sum_weighted(job.tensors, job.weights)
+
+
+def task_arithmetic(job: TensorJob) -> torch.Tensor:
+    deltas = stack(job) - job.base
+    return job.base + job.params["lambda"] * deltas.sum(0)
+
+
+def slerp(job: TensorJob) -> torch.Tensor:
+    a, b = job.tensors
+    t = job.params["t"]
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    norms = a64.norm() * b64.norm()
+    cosine = float((a64 @ b64) / norms) if norms > 1e-12 else 1.0
+    if abs(cosine) > job.params["dot_threshold"]:
+        return (1 - t) * a + t * b
+    omega = torch.tensor(cosine, dtype=torch.float64).clamp(-1, 1).acos()
+    sin = omega.sin()
+    return (((1 - t) * omega).sin() / sin * a.double() + (t * omega).sin() / sin * b.double()).to(a.dtype)
+
+
+def _linear_yaml(params: dict) -> dict:
+    weights = params["weights"]
+    return {"merge_method": "linear", "per_model": [{"weight": w} for w in weights] if weights else None,
+            "default_weight": 1.0}
+
+
+def _task_arithmetic_yaml(params: dict) -> dict:
+    return {"merge_method": "task_arithmetic", "default_weight": params["lambda"]}
+
+
+def _slerp_yaml(params: dict) -> dict:
+    return {"merge_method": "slerp", "parameters": {"t": params["t"]}, "first_is_base": True,
+            "note": "mergekit 0.1.5 interpolates each output row separately; MergeLab uses the whole tensor"}
+
+
+register(Method(
+    name="average", title="Average", family="data-free",
+    paper="Wortsman et al. 2022 (model soups); algorithms.md A1: θ = Σ c_i θ_i",
+    params=(WEIGHTS,), merge_tensor=average, mergekit=_linear_yaml,
+    doc="Uniform or weighted mean of the parameters."))
+
+register(Method(
+    name="task_arithmetic", title="Task arithmetic", family="data-free",
+    paper="Ilharco et al. 2023, eq. 1; algorithms.md A1: θ = θ_pre + λ Σ τ_i",
+    params=(LAMBDA,), merge_tensor=task_arithmetic, needs_base=True, mergekit=_task_arithmetic_yaml,
+    doc="Add the scaled sum of task vectors to the base model."))
+
+register(Method(
+    name="slerp", title="SLERP", family="data-free",
+    paper="Shoemake 1985; spherical interpolation per tensor between two models",
+    params=(Param("t", "float", 0.5, "position between model A (0) and model B (1)", low=0.0, high=1.0),
+            Param("dot_threshold", "float", 0.9995, "|cos| above which to interpolate linearly", low=0.0,
+                  high=1.0)),
+    merge_tensor=slerp, min_models=2, max_models=2, mergekit=_slerp_yaml,
+    doc="Spherical interpolation between exactly two models."))

@@ -1,0 +1,149 @@
+"""TIES and DARE: sparsify task vectors before combining them.
+
+- `ties` (Yadav et al. 2023, "TIES-Merging", Algorithm 1; algorithms.md A5): trim each task vector to
+  its top-`density` entries by magnitude, elect a sign per entry γ = sign(Σ_i τ̂_i), take the mean of
+  the surviving entries whose sign agrees with γ (disjoint mean), and θ = θ_pre + λ τ_m.
+  Trim scope `model` ranks magnitudes over the whole model (the paper; a zero elected sign takes the
+  sign of the grand total); scope `tensor` ranks within each tensor and breaks a zero sum towards +,
+  exactly as mergekit's `ties` (so the two agree to float precision).
+- `dare` (Yu et al. 2024, "Language models are Super Mario", eq. 2-3): drop each entry of every task
+  vector with probability p and rescale the survivors by 1/(1−p); then combine linearly
+  (θ_pre + λ Σ τ̃_i) or TIES-style (elected sign, disjoint mean, λ). The drop masks come from a seed.
+
+Scope `model` holds the magnitudes of all task vectors at once to find the exact threshold; scope
+`tensor` streams one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from . import Method, Param, TensorJob, register, stack
+
+
+def trim_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top `density` fraction of one tensor's entries by magnitude (exactly k, at least one),
+    as mergekit does.
+
+    The k-th largest magnitude comes from a selection (`kthvalue`, linear time) instead of a full sort;
+    only when several entries tie with it (common in bf16/fp16) does the sort decide which of them stay,
+    the same way mergekit's does.
+    """
+    if density >= 1:
+        return delta
+    magnitude = delta.abs().flatten()
+    k = max(1, int(density * magnitude.numel()))
+    threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
+    keep = magnitude >= threshold
+    if int(keep.sum()) != k:  # ties at the threshold
+        keep = torch.zeros_like(keep)
+        keep[torch.argsort(magnitude, descending=True)[:k]] = True
+    return delta * keep.view_as(delta)
+
+
+def disjoint_mean(deltas: torch.Tensor, elected: torch.Tensor) -> torch.Tensor:
+    """Mean over models of the non-zero entries whose sign agrees with the elected sign."""
+    agree = (deltas.sign() == elected).to(deltas.dtype)
+    count = agree.sum(0)
+    return (deltas * agree).sum(0) / torch.where(count == 0, torch.ones_like(count), count)
+
+
+def _model_thresholds(iterate: Callable, params: dict[str, Any]) -> dict[str, Any]:
+    """Per model, the magnitude of its k-th largest task-vector entry over the whole model; then the
+    sign of the grand total of the trimmed task vectors (the fallback for a zero elected sign)."""
+    if params.get("scope", "model") != "model" or params.get("density", 1.0) >= 1:
+        return {}
+    magnitudes: list[list[torch.Tensor]] = []
+    for _, _, tensors, base in iterate():
+        for i, t in enumerate(tensors):
+            if len(magnitudes) <= i:
+                magnitudes.append([])
+            magnitudes[i].append((t - base).abs().flatten().cpu())
+    thresholds = []
+    for parts in magnitudes:
+        flat = torch.cat(parts)
+        k = max(1, int(params["density"] * flat.numel()))
+        thresholds.append(float(torch.kthvalue(flat, flat.numel() - k + 1).values))
+    del magnitudes
+    total = 0.0
+    for _, _, tensors, base in iterate():
+        for t, threshold in zip(tensors, thresholds):
+            delta = t - base
+            total += float((delta * (delta.abs() >= threshold)).sum())
+    return {"thresholds": thresholds, "grand_sign": 1.0 if total >= 0 else -1.0}
+
+
+def ties(job: TensorJob) -> torch.Tensor:
+    deltas = stack(job) - job.base
+    density = job.params["density"]
+    if job.params["scope"] == "tensor":
+        trimmed = torch.stack([trim_tensor(d, density) for d in deltas])
+        elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    else:
+        if density < 1:
+            thresholds = torch.tensor(job.context["thresholds"], dtype=deltas.dtype, device=deltas.device)
+            thresholds = thresholds.view(-1, *([1] * (deltas.dim() - 1)))
+            trimmed = deltas * (deltas.abs() >= thresholds)
+        else:
+            trimmed = deltas
+        total = trimmed.sum(0)
+        grand = job.context.get("grand_sign", 1.0)
+        elected = torch.where(total == 0, torch.full_like(total, grand), total.sign())
+    return job.base + job.params["lambda"] * disjoint_mean(trimmed, elected)
+
+
+def dare(job: TensorJob) -> torch.Tensor:
+    deltas = stack(job) - job.base
+    p = job.params["drop_rate"]
+    if p > 0:
+        generator = torch.Generator().manual_seed(job.seed)
+        keep = torch.rand(deltas.shape, generator=generator).to(deltas.device) >= p
+        deltas = deltas * keep
+        if job.params["rescale"] and p < 1:
+            deltas = deltas / (1 - p)
+    if job.params["combine"] == "linear":
+        return job.base + job.params["lambda"] * deltas.sum(0)
+    elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    return job.base + job.params["lambda"] * disjoint_mean(deltas, elected)
+
+
+def _ties_yaml(params: dict) -> dict | None:
+    if params["scope"] != "tensor":
+        return None  # mergekit trims per tensor only
+    return {"merge_method": "ties", "default_weight": 1.0, "model_parameters": {"density": params["density"]},
+            "parameters": {"lambda": params["lambda"], "normalize": True}}
+
+
+def _dare_yaml(params: dict) -> dict | None:
+    if params["combine"] != "linear" or not params["rescale"]:
+        return None  # mergekit's dare_ties sums instead of taking the disjoint mean
+    return {"merge_method": "dare_linear", "default_weight": params["lambda"],
+            "model_parameters": {"density": 1 - params["drop_rate"]},
+            "note": "mergekit draws its own random masks: same method, different drops"}
+
+
+register(Method(
+    name="ties", title="TIES", family="data-free",
+    paper="Yadav et al. 2023, TIES-Merging, Algorithm 1 (trim, elect sign, disjoint merge); algorithms.md A5",
+    params=(Param("density", "float", 0.2, "fraction of each task vector kept (top by magnitude)", low=0.0,
+                  high=1.0),
+            Param("scope", "choice", "model", "rank magnitudes over the whole model (paper) or per tensor "
+                  "(mergekit)", choices=("model", "tensor")),
+            Param("lambda", "float", 1.0, "scale λ of the merged task vector", low=0.0, high=3.0)),
+    merge_tensor=ties, needs_base=True, prepare=_model_thresholds, mergekit=_ties_yaml,
+    doc="Trim small task-vector entries, elect a sign, average the agreeing ones."))
+
+register(Method(
+    name="dare", title="DARE", family="data-free",
+    paper="Yu et al. 2024, DARE (drop and rescale), eq. 2-3; algorithms.md A5",
+    params=(Param("drop_rate", "float", 0.5, "probability p of dropping each task-vector entry", low=0.0,
+                  high=1.0),
+            Param("rescale", "bool", True, "rescale survivors by 1/(1−p)"),
+            Param("combine", "choice", "linear", "add the task vectors (linear) or TIES-style sign election",
+                  choices=("linear", "ties")),
+            Param("lambda", "float", 0.3, "scale λ of the combined task vectors", low=0.0, high=3.0),
+            Param("seed", "int", 0, "seed of the random drop masks", low=0)),
+    merge_tensor=dare, needs_base=True, mergekit=_dare_yaml,
+    doc="Randomly drop and rescale task-vector entries, then combine."))

@@ -1,0 +1,330 @@
+"""Statistics that data-aware merges need, computed once per (model, data, settings) and reused.
+
+- `gram`: for every `nn.Linear`, G = XᵀX / N over its N input rows (tokens; padding left out when
+  `mask_padding`), the statistic of RegMean (Jin et al. 2023, Sec. 3.2) and MaTS's RegMean objective.
+- `grad_gram`: for every `nn.Linear`, B = E[g gᵀ] over the gradients g of log p(y|x) at its outputs,
+  the second K-FAC factor (Tam et al. 2024, Table 1; Martens & Grosse 2015).
+- `fisher`: for every parameter, the diagonal Fisher F = E[(∇θ log p(y|x))²] (Matena & Raffel 2022,
+  eq. 2). Per-example gradients by default (a true diagonal Fisher); `gradients=batch_mean` squares
+  the gradient of a batch-mean loss instead (the RegMean codebase's variant, batch 16).
+
+Labels in log p(y|x): `empirical` = gold, `true` = sampled from the model, `hard` = its argmax. For
+regression (STS-B), log p is a unit Gaussian around the prediction; `hard` there would give zero
+gradients, so it uses the gold score, as the RegMean codebase does.
+
+Examples are a seeded random subset of the task's train split. Each statistic is saved under
+`$MERGELAB_HOME/cache/stats` as safetensors whose metadata (and a `.json` beside it) records how it
+was computed: model, its weights' fingerprint, task, split, examples, settings, data fingerprint,
+seconds. `load_stats(path)` reads such a file back, so statistics computed elsewhere can be used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import data, settings
+from .arch import adapter_for
+from .encode import IGNORE, encode, mlm_mask
+from .errors import MergeLabError
+from .losses import masked_lm_logits
+from .models import ModelRef, load, resolve
+from .progress import ProgressFn, track
+from .tasks import TaskSpec, get_task
+
+FORMAT_VERSION = 1
+KINDS = ("gram", "grad_gram", "fisher")
+SEED = 0  # example subset, MLM masks and sampled labels
+# Which method parameters shape each statistic (the rest do not change it, so do not split the cache).
+SETTINGS = {"gram": ("examples", "mask_padding"),
+            "grad_gram": ("examples", "mask_padding", "fisher_labels"),
+            "fisher": ("examples", "fisher_labels", "gradients")}
+DEFAULTS = {"examples": 256, "mask_padding": True, "fisher_labels": "empirical", "gradients": "per_example"}
+BATCH = 16
+
+
+def canonical(name: str, model_type: str = "bert") -> str:
+    """A parameter's name without the task wrapper's prefix (`bert.encoder...` -> `encoder...`)."""
+    for prefix in adapter_for(model_type).prefixes:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def weights_fingerprint(ref: ModelRef) -> str:
+    """Changes whenever the checkpoint's weight files change."""
+    if ref.path is None:
+        return ref.location
+    parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(ref.path.glob("*.safetensors"))]
+    return hashlib.sha1("|".join(parts or [ref.location]).encode()).hexdigest()[:16]
+
+
+def record(ref: ModelRef, task: TaskSpec, kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """How a statistic is computed: everything its cache key depends on."""
+    return {"format": FORMAT_VERSION, "kind": kind, "model": ref.spec, "model_location": ref.location,
+            "weights": weights_fingerprint(ref), "task": task.name, "split": "train",
+            "data": data.local_fingerprint(task, "train") or "hub",
+            **{k: options[k] for k in SETTINGS[kind]}, "seed": SEED}
+
+
+def cache_path(rec: dict[str, Any]) -> Path:
+    key = hashlib.sha1(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:20]
+    name = Path(rec["model"]).name.replace("/", "_")
+    return settings.cache_dir("stats") / f"{name}-{rec['task']}-{rec['kind']}-{key}.safetensors"
+
+
+def load_stats(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """{parameter: {kind: tensor}} and the record of how they were computed, from a statistics file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeLabError(f"statistics file {path} does not exist")
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(path, "pt") as f:
+        rec = json.loads((f.metadata() or {}).get("record", "{}"))
+        if rec.get("kind") not in KINDS:
+            raise MergeLabError(f"{path} is not a MergeLab statistics file (no record of its kind)")
+        for key in f.keys():
+            param, _, kind = key.rpartition("::")
+            per_param.setdefault(param, {})[kind] = f.get_tensor(key)
+    return per_param, rec
+
+
+def save_stats(values: dict[str, dict[str, torch.Tensor]], rec: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {f"{param}::{kind}": t.contiguous().cpu() for param, kinds in values.items() for kind, t in kinds.items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(flat, tmp, metadata={"record": json.dumps(rec)})
+    tmp.replace(path)  # atomic
+    path.with_suffix(".json").write_text(json.dumps(rec, indent=2) + "\n")
+
+
+def statistics(model: str | ModelRef, task: str | TaskSpec, kinds: tuple[str, ...], options: dict[str, Any] | None = None,
+               *, progress: ProgressFn | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """{canonical parameter name: {kind: tensor}} for `model` on `task`'s train data, cached."""
+    ref = model if isinstance(model, ModelRef) else resolve(model)
+    spec = get_task(task) if isinstance(task, str) else task
+    options = {**DEFAULTS, **{k: v for k, v in (options or {}).items() if k in DEFAULTS}}
+    merged: dict[str, dict[str, torch.Tensor]] = {}
+    for kind in kinds:
+        if kind not in KINDS:
+            raise MergeLabError(f"unknown statistic {kind!r}; known: {', '.join(KINDS)}")
+        rec = record(ref, spec, kind, options)
+        path = cache_path(rec)
+        if path.is_file():
+            values, _ = load_stats(path)
+        else:
+            started = time.perf_counter()
+            values = compute(ref, spec, kind, options, progress=progress)
+            save_stats(values, {**rec, "seconds": round(time.perf_counter() - started, 2),
+                                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, path)
+        for param, kv in values.items():
+            merged.setdefault(param, {}).update(kv)
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------------
+# computing them
+
+
+def _examples(spec: TaskSpec, tokenizer, n: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """A seeded random subset of the train split as a list of single-example batches."""
+    encoded = encode(spec, "train", tokenizer)
+    generator = torch.Generator().manual_seed(SEED)
+    index = torch.randperm(len(encoded), generator=generator)[:n]
+    subset = encoded.subset(index)
+    if spec.kind == "mlm":
+        masked, labels = mlm_mask(subset.ids, tokenizer, generator)
+        subset = replace(subset, ids=masked.to(subset.ids.dtype), labels=labels)
+    pad = tokenizer.pad_token_id or 0
+    return [{k: v.to(device) for k, v in subset.batch(torch.tensor([i]), pad).items()} for i in range(len(subset))]
+
+
+def _collate(examples: list[dict[str, torch.Tensor]], spec: TaskSpec) -> dict[str, torch.Tensor]:
+    """Pad single-example batches into one batch."""
+    length = max(e["input_ids"].shape[1] for e in examples)
+    out = {}
+    for key in examples[0]:
+        parts = []
+        for e in examples:
+            v = e[key]
+            if v.dim() == 2:
+                fill = IGNORE if key == "labels" else 0
+                v = F.pad(v, (0, length - v.shape[1]), value=fill)
+            parts.append(v)
+        out[key] = torch.cat(parts)
+    return out
+
+
+def _log_likelihood(model, batch: dict[str, torch.Tensor], spec: TaskSpec, labels_mode: str,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Σ over examples of log p(y|x), with y gold / sampled / argmax."""
+    if spec.kind == "mlm":
+        logits, gold = masked_lm_logits(model, batch)
+        mask = torch.ones_like(gold, dtype=torch.bool)
+    else:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        gold = batch["labels"]
+        if spec.kind == "regression":
+            prediction = logits.squeeze(-1)
+            target = gold
+            if labels_mode == "true":
+                target = (prediction + torch.randn(prediction.shape, generator=generator).to(prediction)).detach()
+            return -0.5 * ((prediction - target) ** 2).sum()
+        mask = gold != IGNORE
+        logits, gold = logits[mask] if spec.kind == "token" else logits, gold[mask] if spec.kind == "token" else gold
+    log_probs = F.log_softmax(logits, -1)
+    if labels_mode == "true":
+        target = torch.multinomial(log_probs.detach().exp().cpu(), 1, generator=generator).squeeze(-1).to(gold.device)
+    elif labels_mode == "hard":
+        target = log_probs.detach().argmax(-1)
+    else:
+        target = gold
+    return log_probs.gather(-1, target.unsqueeze(-1)).sum()
+
+
+def _linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    model_type = model.config.model_type
+    return {canonical(f"{name}.weight", model_type): m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(tokens, features) from a layer's input or output gradient, padding removed when masked."""
+    if x.dim() == 3 and mask is not None and mask.shape == x.shape[:2]:
+        return x[mask.bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+def compute(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, Any], *,
+            progress: ProgressFn | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Compute one statistic for `ref` on `spec` (no cache)."""
+    loaded = load(ref, spec)
+    model = loaded.model
+    device = next(model.parameters()).device
+    examples = _examples(spec, loaded.tokenizer, options["examples"], device)
+    if not examples:
+        raise MergeLabError(f"task {spec.name} has no training examples to compute statistics on")
+    generator = torch.Generator().manual_seed(SEED)
+    desc = f"{kind} of {ref.name} on {spec.name}"
+    if kind == "fisher":
+        return _fisher(model, examples, spec, options, generator, desc, progress)
+    return _grams(model, examples, spec, kind, options, generator, desc, progress)
+
+
+def _grams(model, examples, spec, kind, options, generator, desc, progress) -> dict[str, dict[str, torch.Tensor]]:
+    modules = _linear_modules(model)
+    sums = {name: torch.zeros(m.in_features if kind == "gram" else m.out_features,
+                              m.in_features if kind == "gram" else m.out_features,
+                              dtype=torch.float64, device=m.weight.device) for name, m in modules.items()}
+    counts = dict.fromkeys(modules, 0)
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        rows = _rows(x.detach(), state["mask"] if options["mask_padding"] else None).double()
+        sums[name] += rows.T @ rows
+        counts[name] += rows.shape[0]
+
+    handles = []
+    for name, module in modules.items():
+        if kind == "gram":
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: accumulate(name, args[0])))
+        else:
+            handles.append(module.register_full_backward_hook(
+                lambda m, grad_in, grad_out, name=name: accumulate(name, grad_out[0])))
+    batches = [_collate(examples[i: i + BATCH], spec) for i in range(0, len(examples), BATCH)]
+    try:
+        for batch in track(batches, len(batches), desc, progress):
+            state["mask"] = batch["attention_mask"]
+            if kind == "gram":
+                with torch.inference_mode():
+                    _forward_only(model, batch, spec)
+            else:
+                model.zero_grad(set_to_none=True)
+                _log_likelihood(model, batch, spec, options["fisher_labels"], generator).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: {kind: (sums[name] / max(counts[name], 1)).float(),
+                   f"{kind}_count": torch.tensor(float(counts[name]))}
+            for name in modules if counts[name] > 0}
+
+
+def _forward_only(model, batch, spec: TaskSpec) -> None:
+    if spec.kind == "mlm":
+        masked_lm_logits(model, batch)
+    else:
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+def _fisher(model, examples, spec, options, generator, desc, progress) -> dict[str, dict[str, torch.Tensor]]:
+    params = {canonical(n, model.config.model_type): p for n, p in model.named_parameters() if p.requires_grad}
+    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    rows = _SparseEmbeddingGrad.attach(model, params)
+    size = 1 if options["gradients"] == "per_example" else BATCH
+    batches = [_collate(examples[i: i + size], spec) for i in range(0, len(examples), size)]
+    try:
+        for batch in track(batches, len(batches), desc, progress):
+            n = batch["input_ids"].shape[0]
+            log_p = _log_likelihood(model, batch, spec, options["fisher_labels"], generator) / n
+            wanted = [p for name, p in params.items() if rows is None or name != rows.name]
+            extra = [rows.output] if rows is not None else []
+            grads = torch.autograd.grad(log_p, wanted + extra, allow_unused=True)
+            for name, g in zip([n_ for n_ in params if rows is None or n_ != rows.name], grads):
+                if g is not None:
+                    sums[name] += g.float() ** 2
+            if rows is not None:
+                rows.accumulate(sums[rows.name], batch["input_ids"], grads[-1])
+    finally:
+        if rows is not None:
+            rows.detach()
+    return {name: {"fisher": s / len(batches)} for name, s in sums.items()}
+
+
+class _SparseEmbeddingGrad:
+    """The word-embedding part of the Fisher without the dense (vocabulary x hidden) gradient.
+
+    Row v of the embedding gradient is Σ over positions holding token v of the gradient at the
+    embedding output, so squaring those per-token sums gives exactly the dense result at O(tokens x
+    hidden) per step instead of O(vocabulary x hidden). Not used when the decoder is tied to the
+    embeddings (then every row gets a gradient from the output projection).
+    """
+
+    def __init__(self, module: torch.nn.Embedding, name: str):
+        self.module, self.name, self.output = module, name, None
+        module.weight.requires_grad_(False)
+        self.handle = module.register_forward_hook(self._capture)
+
+    @classmethod
+    def attach(cls, model, params: dict[str, torch.nn.Parameter]) -> "_SparseEmbeddingGrad | None":
+        embedding = model.get_input_embeddings()
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if output is not None and output.weight is embedding.weight:
+            return None
+        name = next((n for n, p in params.items() if p is embedding.weight), None)
+        return cls(embedding, name) if name else None
+
+    def _capture(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
+        self.output = output.detach().requires_grad_(True)
+        return self.output
+
+    def accumulate(self, fisher: torch.Tensor, input_ids: torch.Tensor, grad: torch.Tensor | None) -> None:
+        if grad is None:
+            return
+        ids = input_ids.reshape(-1)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        per_token = torch.zeros(len(unique), grad.shape[-1], dtype=torch.float32, device=grad.device)
+        per_token.index_add_(0, inverse, grad.reshape(-1, grad.shape[-1]).float())
+        fisher.index_add_(0, unique, per_token ** 2)
+
+    def detach(self) -> None:
+        self.handle.remove()
+        self.module.weight.requires_grad_(True)

@@ -1,0 +1,379 @@
+"""Merge tab: merge checkpoints with any registered method, save the result, and score it next to the
+individual models and their ensemble.
+
+The method's parameter controls are generated from its typed spec (`merging_core.available_methods()`)
+by `@gr.render`, and copied into one hidden JSON component (`params`) in the browser whenever one of
+them changes; the `/merge` endpoint takes that dict, so API callers pass `{"lambda": 0.3}` and the
+engine checks it (`Method.parse`). No tensor math here: counting and medians over the engine's report
+(plain floats) are the most this module computes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+import merging_core as ml
+from merging_core.arch import GROUPS
+from merging_core.compare import parse_method
+from merging_core.merge import FALLBACKS, HEAD_POLICIES
+from merging_core.progress import scaled
+
+from .common import engine_errors, model_choices, multitask_choices, progress_fn
+
+DEFAULT_METHOD = "average"
+DEFAULT_LIMIT = 200
+NONE = ("(none)", "")
+ROW_KEYS = ("model", "kind", "mean")
+# Slider for a bounded number whose range has at most this many integer steps (else a number box).
+MAX_INT_SLIDER = 1000
+PER_ROW = 3  # parameter controls per row (they wrap on narrow screens)
+# The engine's messages name CLI flags; the tab names its own controls instead.
+UI_WORDS = {
+    "pass --base (e.g. --base minilm)": "choose a Base model (e.g. minilm)",
+    "choose a new --out or pass --overwrite": "choose another Output folder (the app never overwrites one)",
+    "pass --stats-task TASK": "merge models with a recorded task (zoo models have one)",
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# method registry -> controls
+
+
+def methods() -> dict[str, dict]:
+    return {m["name"]: m for m in ml.available_methods()}
+
+
+def method_choices() -> list[tuple[str, str]]:
+    return [(f"{m['title']} · {m['family']}", name) for name, m in methods().items()]
+
+
+def method_doc(name: str | None) -> str:
+    m = methods().get(name or "")
+    if m is None:
+        return ""
+    base = {True: "needs a base model", False: "no base model needed"}.get(
+        m["needs_base"], "needs a base model when its init uses one")
+    spec = ml.METHODS[name]
+    count = (f"exactly {spec.min_models} models" if spec.max_models and spec.max_models == spec.min_models
+             else f"{max(spec.min_models, 2)}+ models")
+    return (f"**{m['title']}** · {m['family']} · {base} · {count}\n\n{m['doc']}\n\n"
+            f"<span class='ml-paper'>{m['paper']}</span>")
+
+
+def defaults(name: str | None) -> dict:
+    """A method's parameter defaults as the params dict the controls start from (empty values left out)."""
+    m = methods().get(name or "")
+    return {p["name"]: p["default"] for p in (m["params"] if m else []) if p["default"] is not None}
+
+
+def _step(p: dict) -> float:
+    """A slider step fine enough for the default (0.9995 -> 0.0001)."""
+    text = repr(float(p["default"] or 0.0))
+    decimals = len(text.split(".")[1].rstrip("0")) if "." in text and "e" not in text else 2
+    return 10.0 ** -max(2, min(decimals, 6))
+
+
+def param_control(p: dict) -> gr.components.Component:
+    """One control for one typed parameter: slider for a bounded number, checkbox, dropdown, textbox."""
+    # interactive: set explicitly (Gradio infers it from server-side inputs; these feed a browser-side event)
+    common = {"label": p["name"], "info": p["doc"], "interactive": True, "min_width": 240}
+    kind = p["kind"]
+    low, high, default = p["low"], p["high"], p["default"]
+    bounded = low is not None and high is not None
+    if kind == "bool":
+        return gr.Checkbox(value=bool(default), **common)
+    if kind == "choice":
+        return gr.Dropdown(list(p["choices"]), value=default, **common)
+    if kind == "floats":
+        return gr.Textbox(value="" if default is None else ", ".join(str(v) for v in default),
+                          placeholder="e.g. 0.7, 0.3", **common)
+    if kind == "int":
+        if bounded and high - low <= MAX_INT_SLIDER:
+            return gr.Slider(low, high, value=default, step=1, **common)
+        return gr.Number(value=default, precision=0, minimum=low, maximum=high, **common)
+    tiny = default and bounded and abs(default) < 1e-3 * (high - low)  # e.g. a tolerance of 1e-6 in [0, 1]
+    if bounded and not tiny:
+        return gr.Slider(low, high, value=default, step=_step(p), **common)
+    return gr.Number(value=default, minimum=low, maximum=high, **common)
+
+
+def balanced_rows(items: list, per_row: int) -> list[list]:
+    """Rows of at most `per_row`, as even as possible (13 -> 3, 3, 3, 2, 2; no lone full-width control)."""
+    rows = -(-len(items) // per_row)
+    size, extra = divmod(len(items), rows) if rows else (0, 0)
+    out, start = [], 0
+    for r in range(rows):
+        end = start + size + (r < extra)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def _collect_js(names: list[str]) -> str:
+    """Browser-side: the controls' values -> the params dict (no server round trip, so a click on Run
+    right after moving a slider sends the new value). Empty values are left to the method's default."""
+    return ("(...values) => { const names = " + json.dumps(names) + "; const out = {};"
+            " names.forEach((n, i) => { const v = values[i];"
+            " if (v !== null && v !== undefined && v !== '') out[n] = v; }); return out; }")
+
+
+def _reset_js() -> str:
+    table = json.dumps({name: defaults(name) for name in methods()})
+    return f"(name) => ({table})[name] || {{}}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run
+
+
+def output_folder(out: str | None, method: str) -> Path:
+    """A name goes under $MERGELAB_HOME/merges, a full path is used as is; empty: <method>-<timestamp>."""
+    root = ml.settings.home() / "merges"
+    text = (out or "").strip()
+    if text:
+        path = Path(text).expanduser()
+        return path if path.is_absolute() else root / path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, n = root / f"{method}-{stamp}", 2
+    while folder.exists():  # a fresh default name, never somebody's folder
+        folder, n = root / f"{method}-{stamp}-{n}", n + 1
+    return folder
+
+
+def score_table(rows: list[dict]) -> pd.DataFrame:
+    tasks = sorted({k for r in rows for k in r if k not in ROW_KEYS})
+    frame = pd.DataFrame(rows, columns=["model", "kind", *tasks, "mean"])
+    return frame.round(4)
+
+
+def merged_row(label: str, results: dict[str, dict]) -> dict:
+    row = {"model": label, "kind": "merge"}
+    for task, result in results.items():
+        row[task] = ml.evaluation.headline(result)[1]
+    values = [row[t] for t in results]
+    row["mean"] = sum(values) / len(values) if values else None
+    return row
+
+
+def residual_summary(report: dict[str, dict]) -> str:
+    """MaTS: the conjugate-gradient residuals ‖Ax − b‖ / ‖b‖ over the parameters it solved."""
+    rows = [r for r in report.values() if "residual_after" in r]
+    if not rows:
+        return ""
+    before = statistics.median(r["residual_before"] for r in rows)
+    after = statistics.median(r["residual_after"] for r in rows)
+    worst = max(r["residual_after"] for r in rows)
+    steps = statistics.median(r.get("steps", 0) for r in rows)
+    return (f"Conjugate gradient on {len(rows)} parameters: median relative residual {before:.2e} → {after:.2e} "
+            f"(worst {worst:.2e}), median {steps:.0f} steps.")
+
+
+def _settings(config: dict) -> str:
+    """One line: method, the parameters that differ from its defaults, base, components, heads."""
+    default = {p.name: p.default for p in ml.METHODS[config["method"]].params}
+    shown = ", ".join(f"{k}={v}" for k, v in config["params"].items() if v != default.get(k)) or "defaults"
+    parts = [f"{config['method']} ({shown})"]
+    if config.get("base"):
+        parts.append(f"base {config['base']}")
+    if set(config["components"]) != set(GROUPS):
+        parts.append(f"method on {', '.join(config['components'])}, {config['fallback']} elsewhere")
+    parts.append(f"heads: {config['heads']}")
+    return " · ".join(parts)
+
+
+def summary(result: ml.MergeResult, extra: list[str]) -> str:
+    """Markdown: where the merge was saved, how long it took, its settings, CG residuals, notes."""
+    head = [f"**Saved** `{result.out}` in {result.seconds:.1f} s · {_settings(result.config)}"]
+    residuals = residual_summary(result.report)
+    if residuals:
+        head.append(residuals)
+    notes = result.notes[:6] + ([f"… and {len(result.notes) - 6} more (see merge_config.json)"]
+                                if len(result.notes) > 6 else [])
+    bullets = "\n".join(f"- {n}" for n in notes + extra)
+    return "\n\n".join(head + ([bullets] if bullets else []))
+
+
+def downloads(folder: Path) -> list[str]:
+    """merge_config.json (and mergekit.yaml), copied to a temp folder Gradio may serve from."""
+    files = [folder / n for n in ("merge_config.json", "mergekit.yaml") if (folder / n).is_file()]
+    if not files:
+        return []
+    where = Path(tempfile.mkdtemp(prefix="mergelab-config-"))
+    return [str(shutil.copy(f, where / f.name)) for f in files]
+
+
+def _limit(limit: float | None) -> int | None:
+    return int(limit) if limit and not math.isnan(limit) else None
+
+
+def _params(method: str, params: dict | str | None) -> dict:
+    """The params dict from the UI (JSON), or from an API caller: a dict, JSON text or 'key=value, ...'."""
+    if params is None or params == "":
+        return {}
+    if isinstance(params, str):
+        try:
+            params = json.loads(params)
+        except json.JSONDecodeError:
+            return parse_method(f"{method}:{params}")[1]
+    if not isinstance(params, dict):
+        raise ml.MergeLabError(f"method parameters must be a dict such as {{\"lambda\": 0.3}}, got {params!r}")
+    return params
+
+
+def _ui_error(exc: ml.MergeLabError) -> ml.MergeLabError:
+    text = str(exc)
+    for cli, ui in UI_WORDS.items():
+        text = text.replace(cli, ui)
+    return ml.MergeLabError(text)
+
+
+@engine_errors
+def run_merge(models: list[str] | None, base: str | None, method: str, params: dict | str | None,
+              components: list[str] | None, fallback: str, heads: str, limit: float | None, compare: bool,
+              multitask: str | None, out: str | None, progress: gr.Progress = gr.Progress()):
+    """Merge, save, then stream the score table: the merge first, then (compare on) each individual
+    model, the ensemble and the multi-task model. Yields (table, status, downloadable files)."""
+    models = [m.strip() for m in models or [] if m and m.strip()]
+    if not models:
+        raise ml.MergeLabError("pick the checkpoints to merge (at least one; two or more to compare)")
+    if not components:
+        raise ml.MergeLabError("pick at least one component for the method to merge")
+    base = (base or "").strip() or None
+    multitask = (multitask or "").strip() or None
+    limit = _limit(limit)
+    report = progress_fn(progress)
+    folder = output_folder(out, method)
+    yield score_table([]), "", None
+    try:
+        result = ml.merge(method, models, out=folder, base=base, params=_params(method, params), components=components,
+                          fallback=fallback, heads=heads,
+                          progress=scaled(report, 0.0, 0.4 if compare else 0.7, "merge: "))
+    except ml.MergeLabError as exc:
+        raise _ui_error(exc) from exc
+    files = downloads(result.out)
+    extra = [] if result.tasks else ["The merged model has no task head, so there is nothing to score."]
+    yield score_table([]), summary(result, extra + ["Scoring…"]), files
+
+    rows: list[dict] = []
+    if result.tasks:
+        share = 0.15 if compare else 0.3
+        start = 0.4 if compare else 0.7
+        results = {}
+        for i, task in enumerate(result.tasks):
+            part = scaled(report, start + share * i / len(result.tasks), start + share * (i + 1) / len(result.tasks),
+                          f"score merge on {task}: ")
+            try:
+                results[task] = ml.evaluate(result.out, task, limit=limit, progress=part)
+            except ml.MergeLabError as exc:  # the merge is saved; say why a task has no score
+                extra.append(f"Not scored on {task}: {exc}")
+        rows.append(merged_row(result.out.name, results))
+        yield score_table(rows), summary(result, extra + (["Scoring the individual models and the ensemble…"]
+                                                          if compare else [])), files
+    if compare and len(models) < 2:
+        extra.append("Comparison skipped: it needs at least two models.")
+    elif compare:
+        try:
+            for row in ml.compare(models, [], base=base, multitask=multitask, limit=limit,
+                                  progress=scaled(report, 0.55, 1.0, "compare: ")):
+                rows.append(row)
+                yield score_table(rows), summary(result, extra + ["Scoring…"]), files
+        except ml.MergeLabError as exc:  # the merge is saved; say why the comparison stopped
+            extra.append(f"Comparison stopped: {exc}")
+    scored = f"Scores: dev split, first {limit} examples per task." if limit else "Scores: full dev split."
+    yield score_table(rows), summary(result, extra + ([scored] if rows else [])), files
+
+
+def refresh() -> tuple:
+    """On page load: the zoo may have grown since the app started."""
+    choices = model_choices()
+    return (gr.Dropdown(choices=choices), gr.Dropdown(choices=[NONE, *choices]),
+            gr.Dropdown(choices=[NONE, *multitask_choices()]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# layout
+
+
+def build(demo: gr.Blocks) -> dict:
+    with gr.Tab("Merge", id="merge"):
+        gr.Markdown("Merge fine-tuned checkpoints of one architecture into one model, save it, and score it "
+                    "next to the models it came from and their output ensemble.")
+        choices = model_choices()
+        with gr.Row():
+            models = gr.Dropdown(choices, value=[], multiselect=True, allow_custom_value=True, scale=3,
+                                 label="Checkpoints", elem_id="merge-models",
+                                 info="zoo names, local folders, 'minilm' or hub ids; the first one is model A")
+            base = gr.Dropdown([NONE, *choices], value="", allow_custom_value=True, scale=2, label="Base model",
+                               elem_id="merge-base",
+                               info="the pretrained model they were fine-tuned from; task-vector methods "
+                                    "(task arithmetic, TIES, DARE) need it")
+        with gr.Row(equal_height=False, elem_id="merge-method-row"):
+            method = gr.Dropdown(method_choices(), value=DEFAULT_METHOD, label="Method", elem_id="merge-method",
+                                 scale=2, min_width=320)
+            with gr.Column(scale=3, min_width=320):
+                doc = gr.Markdown(method_doc(DEFAULT_METHOD), elem_id="merge-method-doc")
+        with gr.Column(elem_id="merge-params"):
+            params = gr.JSON(defaults(DEFAULT_METHOD), visible="hidden", label="Parameters",
+                             elem_id="merge-params-json")
+
+            @gr.render(inputs=method)
+            def controls(name: str | None):
+                spec = methods().get(name or "")
+                if spec is None or not spec["params"]:
+                    gr.Markdown("This method has no parameters.", elem_classes="ml-muted")
+                    return
+                made = []
+                for chunk in balanced_rows(spec["params"], PER_ROW):
+                    with gr.Row(equal_height=True):
+                        made += [param_control(p) for p in chunk]
+                names = [p["name"] for p in spec["params"]]
+                for control in made:
+                    control.change(None, made, params, js=_collect_js(names), api_visibility="private")
+
+        with gr.Accordion("Components and heads", open=False, elem_id="merge-components-box"):
+            with gr.Row():
+                components = gr.CheckboxGroup(list(GROUPS), value=list(GROUPS), label="Components", scale=3,
+                                              elem_id="merge-components",
+                                              info="parameter groups the method merges; the rest follow the fallback")
+                fallback = gr.Radio(list(FALLBACKS), value="average", label="Fallback", scale=1,
+                                    info="for groups left out: average, or keep model A")
+                heads = gr.Radio(list(HEAD_POLICIES), value="auto", label="Heads", scale=1,
+                                 info="auto: merge heads of one label set, else one head per task")
+        with gr.Row(equal_height=True):
+            limit = gr.Number(value=DEFAULT_LIMIT, precision=0, minimum=1, label="Limit", scale=1, min_width=120,
+                              info="first N dev examples per task; empty = all", elem_id="merge-limit")
+            compare = gr.Checkbox(value=True, label="Compare", scale=1, min_width=140, elem_id="merge-compare",
+                                  info="score the individual models and their ensemble too")
+            multitask = gr.Dropdown([NONE, *multitask_choices()], value="", allow_custom_value=True, scale=2,
+                                    label="Multi-task model", elem_id="merge-multitask",
+                                    info="optional: one more row to beat (with Compare)")
+            out = gr.Textbox("", label="Output folder", scale=2, elem_id="merge-out",
+                             placeholder="<method>-<timestamp>",
+                             info=f"a name under {ml.settings.home() / 'merges'}, or a full path; "
+                                  "an existing folder is never overwritten")
+        run = gr.Button("Merge", variant="primary", elem_id="merge-run")
+        status = gr.Markdown(elem_id="merge-status")
+        table = gr.Dataframe(headers=["model", "kind", "mean"], label="Scores (headline dev metric per task)",
+                             interactive=False, elem_id="merge-table", buttons=["copy"])
+        files = gr.File(file_count="multiple", label="Merge config (re-creates the merge; mergekit YAML when "
+                                                     "mergekit can express it)", interactive=False,
+                        elem_id="merge-files", visible=False)
+
+        method.change(method_doc, method, doc, api_name="method_doc", api_visibility="private")
+        method.change(None, method, params, js=_reset_js(), api_visibility="private")
+        run.click(run_merge, [models, base, method, params, components, fallback, heads, limit, compare, multitask,
+                              out], [table, status, files], api_name="merge", concurrency_id="gpu",
+                  show_progress_on=status
+                  ).then(lambda saved: gr.File(visible=bool(saved)), files, files, api_visibility="private",
+                         queue=False, show_progress="hidden")
+        demo.load(refresh, None, [models, base, multitask], api_visibility="private")
+    return {"models": models, "method": method, "table": table, "status": status}
