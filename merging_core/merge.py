@@ -303,11 +303,14 @@ def merge(method: str, models: list[str], *, out: str | Path | None = None, base
     with staging(out, overwrite=overwrite) as tmp:
         _write(tmp, plan, merged_tensors(), head_tensors)
         config["seconds"] = round(time.perf_counter() - started, 2)
-        (tmp / "merge_config.json").write_text(json.dumps({**config, "report": report, "notes": plan.notes},
-                                                          indent=2) + "\n")
         yaml_text = mergekit_yaml(plan, base_spec)
         if yaml_text:
             (tmp / "mergekit.yaml").write_text(yaml_text)
+        config["mergekit"] = "mergekit.yaml" if yaml_text else (
+            "not expressible in mergekit (per-task heads, a subset of components, TIES scope model, "
+            "a data-aware method, or a base of another architecture class)")
+        (tmp / "merge_config.json").write_text(json.dumps({**config, "report": report, "notes": plan.notes},
+                                                          indent=2) + "\n")
         metadata = {"kind": "merge", "method": method, "models": config["models"], "base": base_spec,
                     "task": tasks[0] if plan.heads == "merge" and tasks else None,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

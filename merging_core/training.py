@@ -159,9 +159,7 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     if config.peft:
         model = _wrap_lora(model, spec, config)
 
-    train_data = encode(spec, "train", tokenizer, config.max_length)
-    if part.shards > 1:
-        train_data = train_data.subset(partition.indices(part, spec, train_data.labels))
+    train_data = _partitioned(encode(spec, "train", tokenizer, config.max_length), part, spec)
     dev = Evaluator(spec, tokenizer, "dev", config.eval_limit, device=device, max_length=config.max_length)
 
     params = _trainable(model, config)
@@ -264,9 +262,7 @@ def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str 
     jobs = []
     for spec, item in zip(specs, loaded):
         setattr(item.model, item.model.base_model_prefix, encoder)
-        data = encode(spec, "train", tokenizer, config.max_length)
-        if part.shards > 1:
-            data = data.subset(partition.indices(part, spec, data.labels))
+        data = _partitioned(encode(spec, "train", tokenizer, config.max_length), part, spec)
         dev = Evaluator(spec, tokenizer, "dev", config.eval_limit, device=device, max_length=config.max_length)
         jobs.append(_TaskJob(spec, item.model, data, dev))
     ref = loaded[0].ref
@@ -333,6 +329,15 @@ def _checkpoint_multitask(jobs: list[_TaskJob], encoder, tokenizer, folder: Path
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_multihead(folder, encoder, {job.spec.name: job.head() for job in jobs}, tokenizer, metadata)
     return {**metadata, "heads": {job.spec.name: f"heads/{job.spec.name}.safetensors" for job in jobs}}
+
+
+def _partitioned(data: Encoded, part: partition.Partition, spec: TaskSpec) -> Encoded:
+    """The examples of `data` in partition `part` (all of them for `iid`)."""
+    if part.shards == 1:
+        return data
+    # Token and MLM tasks have one label per token, not per example (only iid shards apply to them).
+    labels = torch.zeros(len(data), dtype=torch.long) if data.token_level else data.labels
+    return data.subset(partition.indices(part, spec, labels))
 
 
 def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig):

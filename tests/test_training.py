@@ -108,6 +108,13 @@ def test_label_skew_needs_example_labels(pico, tmp_path):
         train(config, tmp_path / "x")
 
 
+def test_iid_shards_of_a_token_task(pico, tmp_path):
+    # Token tasks have one label per token: shards are still cut over examples.
+    config = TrainConfig(task="conll2003", base=str(pico(None)), steps=1, batch_size=4, partition="iid:1/2",
+                         eval_limit=4)
+    assert train(config, tmp_path / "ner").metadata["train_examples"] == 7021  # 14041 sentences, shard 1 of 2
+
+
 def test_existing_output_is_refused_before_training(pico, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("keep me")

@@ -27,17 +27,20 @@ def trim_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the top `density` fraction of one tensor's entries by magnitude (exactly k, at least one),
     as mergekit does.
 
-    The k-th largest magnitude comes from a selection (`kthvalue`, linear time) instead of a full sort;
-    only when several entries tie with it (common in bf16/fp16) does the sort decide which of them stay,
-    the same way mergekit's does.
+    The k-th largest magnitude comes from a selection (`kthvalue`, linear time) instead of a full sort.
+    Zeros tied at the threshold change nothing; non-zero ties (common in bf16/fp16) fall back to the
+    same sort as mergekit's, which decides which of them stay.
     """
     if density >= 1:
         return delta
     magnitude = delta.abs().flatten()
     k = max(1, int(density * magnitude.numel()))
     threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
+    if threshold == 0:  # the tied entries are zeros: keeping them or not changes nothing
+        return delta * (magnitude > 0).view_as(delta)
     keep = magnitude >= threshold
-    if int(keep.sum()) != k:  # ties at the threshold
+    surplus = int(keep.sum()) - k
+    if surplus > 0:  # non-zero entries tied at the threshold: let the same sort as mergekit's choose
         keep = torch.zeros_like(keep)
         keep[torch.argsort(magnitude, descending=True)[:k]] = True
     return delta * keep.view_as(delta)
