@@ -12,6 +12,7 @@ import merging_core as ml
 from merging_core.errors import MergeLabError
 from merging_core.merge import merge, merge_from_config
 from merging_core.methods import METHODS, TensorJob, get_method
+from merging_core.methods.ties_dare import kth_largest
 
 from .conftest import make_pico
 
@@ -141,6 +142,17 @@ def test_ties_model_scope_follows_the_paper():
     job.context = spec.prepare(lambda: iter([("w", job.info, [t1, t2], base)]), job.params)
     # top 3 by magnitude: t1 keeps 5, 4, -1; t2 keeps 3, -6, 2. Elected: +, + (−1+2), −(4−6)
     assert torch.allclose(spec.merge_tensor(job), torch.tensor([4.0, 2.0, 0.0, -6.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_radix_select_is_the_sorted_kth_largest(dtype):
+    g = torch.Generator().manual_seed(0)
+    for n, scale in [(70_001, 1e-6), (300_000, 1e-2), (300_000, 30.0)]:
+        magnitude = (torch.randn(n, generator=g) * scale).abs().to(dtype)
+        magnitude[:500] = 0  # zeros and ties, as in sparse and half-precision task vectors
+        ranked = torch.sort(magnitude.float(), descending=True).values
+        for k in (1, 13, n // 5, n - 1, n):
+            assert float(kth_largest(magnitude, k)) == float(ranked[k - 1])
 
 
 def test_dare_is_reproducible_and_rescales(sst2_models):

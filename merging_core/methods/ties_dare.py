@@ -23,11 +23,29 @@ import torch
 from . import Method, Param, TensorJob, register, stack
 
 
+def kth_largest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a flat tensor of non-negative floats, exactly.
+
+    A radix select: the bit patterns of non-negative IEEE floats sort like the floats, so a histogram of
+    their top 16 bits (one pass) finds the bucket that holds the k-th largest, and a selection runs on
+    that bucket only. About twice as fast as `kthvalue` on a whole embedding matrix.
+    """
+    if magnitude.dtype == torch.float64 or magnitude.numel() < 1 << 16:
+        return torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
+    values = magnitude.float()  # exact for fp16/bf16, and monotone
+    top = values.view(torch.int32) >> 16  # sign bit is 0: buckets 0 .. 32767, ordered like the values
+    from_top = torch.bincount(top, minlength=1 << 15).flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    above = int(from_top[j - 1]) if j else 0  # entries in the buckets above the k-th largest's
+    band = values[top == (1 << 15) - 1 - j]
+    return torch.kthvalue(band, band.numel() - (k - above) + 1).values.to(magnitude.dtype)
+
+
 def trim_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the top `density` fraction of one tensor's entries by magnitude (exactly k, at least one),
     as mergekit does.
 
-    The k-th largest magnitude comes from a selection (`kthvalue`, linear time) instead of a full sort.
+    The k-th largest magnitude comes from a selection (linear time) instead of mergekit's full sort.
     Zeros tied at the threshold change nothing; non-zero ties (common in bf16/fp16) fall back to the
     same sort as mergekit's, which decides which of them stay.
     """
@@ -35,22 +53,21 @@ def trim_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
         return delta
     magnitude = delta.abs().flatten()
     k = max(1, int(density * magnitude.numel()))
-    threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
+    threshold = kth_largest(magnitude, k)
     if threshold == 0:  # the tied entries are zeros: keeping them or not changes nothing
         return delta * (magnitude > 0).view_as(delta)
     keep = magnitude >= threshold
-    surplus = int(keep.sum()) - k
-    if surplus > 0:  # non-zero entries tied at the threshold: let the same sort as mergekit's choose
+    if int(torch.count_nonzero(keep)) > k:  # non-zero ties at the threshold: the same sort as mergekit's chooses
         keep = torch.zeros_like(keep)
         keep[torch.argsort(magnitude, descending=True)[:k]] = True
     return delta * keep.view_as(delta)
 
 
 def disjoint_mean(deltas: torch.Tensor, elected: torch.Tensor) -> torch.Tensor:
-    """Mean over models of the non-zero entries whose sign agrees with the elected sign."""
-    agree = (deltas.sign() == elected).to(deltas.dtype)
-    count = agree.sum(0)
-    return (deltas * agree).sum(0) / torch.where(count == 0, torch.ones_like(count), count)
+    """Mean over models of the non-zero entries whose sign agrees with the elected sign (±1)."""
+    agree = deltas * elected > 0  # zeros never agree
+    count = agree.sum(0).to(deltas.dtype).clamp_min_(1)
+    return torch.where(agree, deltas, 0).sum(0).div_(count)
 
 
 def _model_thresholds(iterate: Callable, params: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +85,7 @@ def _model_thresholds(iterate: Callable, params: dict[str, Any]) -> dict[str, An
     for parts in magnitudes:
         flat = torch.cat(parts)
         k = max(1, int(params["density"] * flat.numel()))
-        thresholds.append(float(torch.kthvalue(flat, flat.numel() - k + 1).values))
+        thresholds.append(float(kth_largest(flat, k)))
     del magnitudes
     total = 0.0
     for _, _, tensors, base in iterate():
@@ -82,7 +99,7 @@ def ties(job: TensorJob) -> torch.Tensor:
     deltas = stack(job) - job.base
     density = job.params["density"]
     if job.params["scope"] == "tensor":
-        trimmed = torch.stack([trim_tensor(d, density) for d in deltas])
+        trimmed = torch.stack([trim_tensor(d, density) for d in deltas]) if density < 1 else deltas
         elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
     else:
         if density < 1:
