@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python bench/x.py` from anywhere
@@ -40,3 +41,23 @@ def write_results(name: str, payload: dict) -> Path:
     path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+@torch.inference_mode()
+def naive_loss(loaded, evaluator, batch_size: int) -> float:
+    """The usual evaluation loop, as a reference: batches padded to 128 in data order, the model's own
+    forward and loss (`loaded`: a merging_core.Loaded; `evaluator`: the Evaluator whose examples it scores)."""
+    data, device = evaluator.encoded, evaluator.device
+    losses, weights = [], []
+    for start in range(0, len(data), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(data)))
+        batch = data.batch(index, loaded.tokenizer.pad_token_id)
+        pad = 128 - batch["input_ids"].shape[1]
+        batch = {k: F.pad(v, (0, pad), value=(loaded.tokenizer.pad_token_id if k == "input_ids" else
+                                                -100 if k == "labels" else 0)) if v.dim() == 2 else v
+                 for k, v in batch.items()}
+        out = loaded.model(**{k: v.to(device) for k, v in batch.items()})
+        counted = int((batch["labels"] != -100).sum()) if batch["labels"].dim() == 2 else len(index)
+        losses.append(out.loss.item() * counted)
+        weights.append(counted)
+    return sum(losses) / sum(weights)

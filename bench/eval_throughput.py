@@ -15,9 +15,8 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
-from common import print_table, write_results
+from common import naive_loss, print_table, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,25 +33,6 @@ def model_for(task: ml.tasks.TaskSpec) -> ml.Loaded:
             return ml.load(row["name"], task)
     torch.manual_seed(0)
     return ml.load("minilm", task, new_head=True)
-
-
-@torch.inference_mode()
-def naive_loss(loaded: ml.Loaded, evaluator: ml.Evaluator, batch_size: int) -> float:
-    """Fixed padding to 128, data order, the model's own forward and loss."""
-    data, device = evaluator.encoded, evaluator.device
-    losses, weights = [], []
-    for start in range(0, len(data), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(data)))
-        batch = data.batch(index, loaded.tokenizer.pad_token_id)
-        pad = 128 - batch["input_ids"].shape[1]
-        batch = {k: F.pad(v, (0, pad), value=(loaded.tokenizer.pad_token_id if k == "input_ids" else
-                                                -100 if k == "labels" else 0)) if v.dim() == 2 else v
-                 for k, v in batch.items()}
-        out = loaded.model(**{k: v.to(device) for k, v in batch.items()})
-        counted = int((batch["labels"] != -100).sum()) if batch["labels"].dim() == 2 else len(index)
-        losses.append(out.loss.item() * counted)
-        weights.append(counted)
-    return sum(losses) / sum(weights)
 
 
 def main() -> None:

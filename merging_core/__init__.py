@@ -8,6 +8,9 @@ The public API, shared by the CLI (`python -m merging_core ...`) and the Gradio 
     ml.zoo.build("default"); ml.zoo.entries()
     ml.merge("ties", ["sst2-s0", "sst2-s1"], base="minilm", params={"density": 0.2}, out="merges/ties")
     for row in ml.compare(["sst2-s0", "cola-s0"], ["average", "regmean"]): print(row)
+    run = ml.curve("sst2-s0", "sst2-s1", "sst2", points=26)   # iterate to stream the points
+    for point in run: print(point["t"], point["scores"]["sst2"]["accuracy"])
+    run.summary()["barriers"]
 
 Nothing here downloads at import time, and nothing here imports gradio.
 """
@@ -26,9 +29,10 @@ from .merge import MergeResult, available_methods, merge, merge_from_config  # n
 _LAZY = {
     "Evaluator": "evaluation", "evaluate": "evaluation", "METHODS": "methods", "get_method": "methods", "Loaded": "models", "load": "models", "resolve": "models",
     "save": "models", "TASKS": "tasks", "get_task": "tasks", "TrainConfig": "training", "train": "training",
+    "curve": "curves", "plane": "curves", "Curve": "curves", "Plane": "curves",
 }
 _MODULES = ("arch", "data", "settings", "stats", "zoo", "models", "evaluation", "training", "tasks", "metrics",
-            "encode", "progress", "partition", "losses", "tensorio")
+            "encode", "progress", "partition", "losses", "tensorio", "paths", "curves")
 
 
 def __getattr__(name: str):
@@ -46,4 +50,5 @@ def __getattr__(name: str):
 
 __all__ = ["data", "settings", "stats", "zoo", "MergeLabError", "Evaluator", "evaluate", "Loaded", "load", "resolve",
            "save", "TASKS", "get_task", "TrainConfig", "train", "merge", "merge_from_config", "MergeResult",
-           "available_methods", "METHODS", "get_method", "compare", "greedy", "__version__"]
+           "available_methods", "METHODS", "get_method", "compare", "greedy", "curve", "plane", "Curve", "Plane",
+           "paths", "curves", "__version__"]

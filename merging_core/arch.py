@@ -62,10 +62,11 @@ class Adapter:
         return getattr(model, self.mlm_head_attr)
 
 
-# PEFT wrappers: `query.lora_A.<adapter>.weight`, `query.base_layer.weight`,
-# `classifier.modules_to_save.<adapter>.weight`, `classifier.original_module.weight`.
+# PEFT wrappers: `query.lora_A.<adapter>.weight` (a live model) or `query.lora_A.weight` (a saved module
+# file), `query.base_layer.weight`, `classifier.modules_to_save.<adapter>.weight`, `classifier.original_module.weight`.
 _PEFT_WRAPPERS = re.compile(
-    r"\.(?:lora_[AB]|modules_to_save)\.[^.]+(?=\.(?:weight|bias)$)|\.(?:original_module|base_layer)(?=\.)"
+    r"\.lora_[AB](?:\.[^.]+)?(?=\.(?:weight|bias)$)|\.modules_to_save\.[^.]+(?=\.(?:weight|bias)$)"
+    r"|\.(?:original_module|base_layer)(?=\.)"
 )
 
 

@@ -1,7 +1,8 @@
 """`python -m merging_core <command>`: the engine from a shell.
 
-Commands: train, eval, zoo build, zoo list, tasks, merge, methods, compare, greedy. Results go to stdout (JSON with --json); progress
-bars go to stderr; a bad input ends with one line `error: ...` on stderr and exit status 2.
+Commands: train, eval, zoo build, zoo list, tasks, merge, methods, compare, greedy, curve, plane, permute. Results go to
+stdout (JSON with --json; `curve` and `plane` print one JSON line per point as it is computed); progress bars go
+to stderr; a bad input ends with one line `error: ...` on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Sequence
 from . import data, tasks, zoo
 from .arch import GROUPS
 from .compare import compare, greedy, parse_method
+from .curves import SPACES, curve, plane
+from .paths import PATHS
 from .errors import MergeLabError
 from .evaluation import evaluate
 from .merge import FALLBACKS, HEAD_POLICIES, available_methods, merge
@@ -109,6 +112,41 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=_positive_int, default=None, help="first N dev examples of each task")
         p.add_argument("--json", action="store_true", help="one JSON object per row, as it is computed")
 
+    p = commands.add_parser("curve", help="loss and metrics along a path between two checkpoints (mode connectivity)")
+    p.add_argument("--a", required=True, help="checkpoint at t = 0")
+    p.add_argument("--b", required=True, help="checkpoint at t = 1")
+    p.add_argument("--points", type=int, default=26, help="evenly spaced points, both ends included")
+    p.add_argument("--path", choices=list(PATHS), default="line", help="straight line, or a trained Bezier curve")
+    p.add_argument("--bend-steps", type=_positive_int, default=200, help="Bezier: training steps of the bend")
+    p.add_argument("--bend-lr", type=float, default=1e-3, help="Bezier: Adam learning rate of the bend")
+
+    p_plane = commands.add_parser("plane", help="a grid of scores on the plane through three checkpoints")
+    p_plane.add_argument("--a", required=True)
+    p_plane.add_argument("--b", required=True)
+    p_plane.add_argument("--c", required=True)
+    p_plane.add_argument("--grid", type=int, default=7, help="grid points per axis")
+    p_plane.add_argument("--margin", type=float, default=0.25, help="room around the three models, as a share of the span")
+    for q in (p, p_plane):
+        q.add_argument("--task", action="append", default=None,
+                       help="task to score (repeat, or comma-separate; default: the models' own tasks)")
+        q.add_argument("--split", default="dev")
+        q.add_argument("--limit", type=_positive_int, default=None, help="first N examples of each task")
+        q.add_argument("--head-from", default=None, help="score tasks neither model has a head for with this model's head")
+        q.add_argument("--space", choices=list(SPACES), default="auto",
+                       help="LoRA modules: interpolate the modules (module) or the folded weights (weights)")
+        q.add_argument("--base", default=None, help="the pretrained model (task-vector cosine; task-vector merges)")
+        q.add_argument("--merges", nargs="+", default=[], metavar="METHOD",
+                       help="merges to place on the path, e.g. average ties:density=0.2")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--json", action="store_true", help="one JSON object per line, as computed, then the summary")
+
+    p = commands.add_parser("permute", help="write a randomly permuted copy of a checkpoint (same function)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--kinds", default="ff,heads,residual", help="comma list of: ff, heads, residual")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
     p = commands.add_parser("tasks", help="the task registry and which tasks the data root holds")
     p.add_argument("--json", action="store_true")
     return parser
@@ -182,6 +220,14 @@ def _run(args: argparse.Namespace) -> None:
             columns = ["model", "kind"] + [c for c in dict.fromkeys(k for r in table for k in r)
                                            if c not in ("model", "kind", "mean", "added", "models")] + ["mean"]
             (_print_markdown if getattr(args, "markdown", False) else _print_table)(table, columns)
+    elif args.command in ("curve", "plane"):
+        _path(args)
+    elif args.command == "permute":
+        from .align import permute_checkpoint
+
+        kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        out = permute_checkpoint(args.model, args.out, kinds=kinds, seed=args.seed, overwrite=args.overwrite)
+        print(f"saved {out}: {args.model} with its {', '.join(kinds)} units permuted (seed {args.seed})")
     elif args.command == "tasks":
         here = set(data.available_tasks())
         rows = [{"task": s.name, "title": s.title, "kind": s.kind, "labels": len(s.labels) or None,
@@ -216,6 +262,44 @@ def _merge(args: argparse.Namespace) -> None:
         print(f"note: {note}")
     for task, scores in summary.get("scores", {}).items():
         print(f"{task}: {_scores(scores)}")
+
+
+def _path(args: argparse.Namespace) -> None:
+    """`curve` / `plane`: stream the items as they are computed, then the summary."""
+    tasks = [t for item in args.task or [] for t in item.split(",") if t.strip()]
+    common = {"split": args.split, "limit": args.limit, "head_from": args.head_from, "space": args.space,
+              "base": args.base, "merges": args.merges}
+    if args.command == "curve":
+        run = curve(args.a, args.b, tasks, points=args.points, path=args.path, bend_steps=args.bend_steps,
+                    bend_lr=args.bend_lr, seed=args.seed, **common)
+    else:
+        run = plane(args.a, args.b, args.c, tasks, grid=args.grid, margin=args.margin, **common)
+    for item in run:
+        if args.json:
+            print(json.dumps(item), flush=True)
+        elif item["kind"] == "bend":
+            print(f"bend trained on {item['task']}: {item['steps']} steps, train loss {item['train_loss_first']:.4f} -> "
+                  f"{item['train_loss_last']:.4f} ({item['seconds']} s)", flush=True)
+        else:
+            where = (f"t={item['t']:.3f}" if "t" in item else f"x={item['x']:.3f} y={item['y']:.3f}")
+            label = item.get("method") or item.get("model") or ""
+            print(f"{item['kind']:<6} {where}  {label}  " + "; ".join(
+                f"{task}: {_scores(scores)}" for task, scores in item["scores"].items()), flush=True)
+    summary = run.summary()
+    if args.json:
+        print(json.dumps(summary))
+        return
+    for task, b in summary.get("barriers", {}).items():
+        print(f"{task}: loss barrier {b['loss_barrier']:.4f} at t={b['loss_barrier_at']:.2f}; {b['metric']} barrier "
+              f"{b['metric_barrier']:.4f} at t={b['metric_barrier_at']:.2f}")
+    if "distances" in summary:
+        d = summary["distances"]
+        task_cos = f", task-vector cosine {d['task_cosine']:.4f}" if d["task_cosine"] is not None else ""
+        print(f"distance: L2 {d['l2']:.4f}, RMS {d['rms']:.3e}, cosine {d['cosine']:.6f}{task_cos} ({d['params']} params)")
+    for task, best in summary.get("best", {}).items():
+        print(f"{task}: best {best['metric']} {best['value']:.4f} at x={best['x']:.3f} y={best['y']:.3f}")
+    for note in summary["notes"]:
+        print(f"note: {note}")
 
 
 def _print_markdown(rows: list[dict], columns: list[str]) -> None:

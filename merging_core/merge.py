@@ -35,8 +35,8 @@ from . import __version__, settings
 from .arch import GROUPS, ParamInfo, adapter_for
 from .errors import MergeLabError
 from .methods import METHODS, Method, TensorJob, get_method, sum_weighted
-from .models import (METADATA, HeadInfo, ModelRef, check_out, head_info, load, load_config, load_tokenizer,
-                     resolve, staging)
+from .models import (METADATA, ConfigView, HeadInfo, ModelRef, check_out, copy_tokenizer, head_info, load,
+                     load_tokenizer, read_config, resolve, staging, vocabulary_fingerprint)
 from .progress import ProgressFn, scaled, track
 from .stats import canonical, load_stats, statistics
 from .tasks import TASKS, TaskSpec, get_task
@@ -52,8 +52,7 @@ class Checkpoint:
     """One input model, read lazily: canonical name -> tensor on demand."""
 
     ref: ModelRef
-    config: Any
-    tokenizer: Any
+    config: ConfigView
     head: HeadInfo
     task: str | None  # the task its head was trained for
     reader: LazyFiles | InMemory
@@ -66,8 +65,13 @@ class Checkpoint:
     def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return self.reader.meta(self.names[name])
 
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer, loaded on first use (a data-free merge only copies its files)."""
+        return load_tokenizer(self.ref)
 
-def _head_task(ref: ModelRef, head: HeadInfo) -> str | None:
+
+def head_task(ref: ModelRef, head: HeadInfo) -> str | None:
     """The task a checkpoint's head belongs to: its metadata, else the one task whose labels it has."""
     if head.kind is None:
         return None
@@ -83,9 +87,9 @@ def _head_task(ref: ModelRef, head: HeadInfo) -> str | None:
 def open_checkpoint(spec: str | ModelRef, *, allow_pickle: bool = False) -> Checkpoint:
     ref = spec if isinstance(spec, ModelRef) else resolve(spec)
     if ref.metadata().get("heads"):
-        raise MergeLabError(f"model {ref.spec!r} is a multi-head checkpoint; merging those is not supported "
-                            "yet, merge the single-task models it came from")
-    config = load_config(ref)
+        raise MergeLabError(f"model {ref.spec!r} is a multi-head checkpoint; merges and curves take single-task "
+                            "checkpoints, so use the models it came from")
+    config = read_config(ref)
     head = head_info(ref, config)
     files = sorted(ref.path.glob("*.safetensors")) if ref.path is not None and not ref.is_lora else []
     if files:
@@ -102,21 +106,22 @@ def open_checkpoint(spec: str | ModelRef, *, allow_pickle: bool = False) -> Chec
             continue
         name = canonical(key, config.model_type)
         names[name], infos[name] = key, info
-    return Checkpoint(ref, config, load_tokenizer(ref), head, _head_task(ref, head), reader, names, infos)
+    return Checkpoint(ref, config, head, head_task(ref, head), reader, names, infos)
 
 
 # ----------------------------------------------------------------------------------------------------
 # checks
 
 
-def _check_compatible(models: list[Checkpoint], base: Checkpoint | None) -> None:
+def check_compatible(models: list[Checkpoint], base: Checkpoint | None) -> None:
     first = models[0]
     for other in models[1:] + ([base] if base else []):
         role = "base model" if other is base else "model"
         if other.config.model_type != first.config.model_type:
             raise MergeLabError(f"{role} {other.ref.spec!r} is a {other.config.model_type} model but "
                                 f"{first.ref.spec!r} is {first.config.model_type}; merge models of one architecture")
-        if _vocabulary(other) != _vocabulary(first) or other.config.vocab_size != first.config.vocab_size:
+        if (vocabulary_fingerprint(other.ref) != vocabulary_fingerprint(first.ref)
+                or other.config.vocab_size != first.config.vocab_size):
             raise MergeLabError(f"{role} {other.ref.spec!r} uses a different vocabulary from {first.ref.spec!r}; "
                                 "merged embeddings would mix unrelated tokens")
         for name, info in first.infos.items():
@@ -131,11 +136,6 @@ def _check_compatible(models: list[Checkpoint], base: Checkpoint | None) -> None
         if missing:
             raise MergeLabError(f"{role} {other.ref.spec!r} has no parameter {missing[0]} that "
                                 f"{first.ref.spec!r} has: the architectures differ")
-
-
-def _vocabulary(model: Checkpoint) -> int:
-    """The token -> id map (not the whole tokenizer definition: re-saving one may change its settings)."""
-    return hash(tuple(sorted(model.tokenizer.get_vocab().items())))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -264,12 +264,12 @@ def merge(method: str, models: list[str], *, out: str | Path | None = None, base
         out = check_out(out, overwrite)
 
     checkpoints = [open_checkpoint(m, allow_pickle=allow_pickle) for m in models]
-    base_spec = base or (_recorded_base(checkpoints) if spec.base_required(params) else None)
+    base_spec = base or (recorded_base(checkpoints) if spec.base_required(params) else None)
     if spec.base_required(params) and base_spec is None:
         raise MergeLabError(f"method {method!r} adds task vectors to a base model; pass --base "
                             "(e.g. --base minilm), the model the inputs were fine-tuned from")
     base_ckpt = open_checkpoint(base_spec, allow_pickle=allow_pickle) if base_spec else None
-    _check_compatible(checkpoints, base_ckpt)
+    check_compatible(checkpoints, base_ckpt)
     plan = _plan(spec, params, checkpoints, base_ckpt, components, fallback, heads)
     device = torch.device(device) if device else settings.device()
 
@@ -330,7 +330,7 @@ def _head(plan: Plan, members: list[int]) -> dict[str, torch.Tensor]:
             for n in names}
 
 
-def _recorded_base(models: list[Checkpoint]) -> str | None:
+def recorded_base(models: list[Checkpoint]) -> str | None:
     """The base every input records in its metadata, when they agree."""
     bases = {m.ref.metadata().get("base") for m in models}
     return bases.pop() if len(bases) == 1 else None
@@ -426,23 +426,33 @@ def _write(folder: Path, plan: Plan, tensors: Iterator[tuple[str, torch.Tensor]]
            heads: dict[str, dict[str, torch.Tensor]]) -> None:
     """The merged model as an HF folder: one model (shared head) or encoder + heads/ (separate heads)."""
     first = plan.models[0]
-    config = first.config
+    architectures = first.config.get("architectures")
     if plan.heads == "separate" or plan.heads == "none" and first.head.kind is None:
-        names = {n: n for n in plan.encoder}  # BertModel naming
-        config = type(config).from_dict({**config.to_dict(), "architectures": [type(config).__name__.replace(
-            "Config", "Model")]})
+        names = {n: n for n in plan.encoder}  # the bare encoder's naming (BertModel)
+        architectures = [_encoder_class(first.config)]
     else:
         names = {n: first.names.get(n) or _prefixed(first, n) for n in plan.encoder}
     layout = {names[n]: _meta(plan, n) for n in plan.encoder}
     with StreamingWriter(folder / "model.safetensors", layout, {"format": "pt"}) as writer:
         for name, tensor in tensors:
             writer.write(names[name], tensor)
-    config.save_pretrained(folder)
-    first.tokenizer.save_pretrained(folder)
+    first.config.save(folder, architectures=architectures)
+    copy_tokenizer(first.ref, folder)
     if plan.heads == "separate":
         (folder / "heads").mkdir()
         for task, tensors_ in heads.items():
             save_file({k: v.contiguous() for k, v in tensors_.items()}, folder / "heads" / f"{task}.safetensors")
+
+
+def _encoder_class(config: ConfigView) -> str:
+    """The bare encoder class of a model family, e.g. BertModel for BertForSequenceClassification."""
+    for name in config.get("architectures") or []:
+        for suffix in ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForPreTraining"):
+            if name.endswith(suffix):
+                return name.removesuffix(suffix) + "Model"
+        if name.endswith("Model"):
+            return name
+    return {"bert": "BertModel", "roberta": "RobertaModel", "electra": "ElectraModel"}.get(config.model_type, "AutoModel")
 
 
 def _prefixed(first: Checkpoint, name: str) -> str:
@@ -461,7 +471,7 @@ def mergekit_yaml(plan: Plan, base: str | None) -> str | None:
     if plan.method.mergekit is None or plan.heads == "separate" or set(plan.components) != set(GROUPS):
         return None
     if plan.base is not None and plan.method.base_required(plan.params) and \
-            plan.base.config.architectures != plan.models[0].config.architectures:
+            plan.base.config.get("architectures") != plan.models[0].config.get("architectures"):
         return None  # e.g. a bare BertModel base under classifiers: mergekit refuses mixed architectures
     pieces = plan.method.mergekit(plan.params)
     if pieces is None:

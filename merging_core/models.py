@@ -24,6 +24,8 @@ assembles the task's model from the encoder and that task's head.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
 import shutil
@@ -31,13 +33,10 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
-from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification, AutoTokenizer)
 
 from . import settings
 from .errors import MergeLabError
@@ -45,19 +44,35 @@ from .tasks import TaskSpec, get_task
 
 METADATA = "mergelab.json"
 MINILM = "minilm"
-HEAD_CLASSES = {
-    "sequence": AutoModelForSequenceClassification,
-    "token": AutoModelForTokenClassification,
-    "mlm": AutoModelForMaskedLM,
-    None: AutoModel,
+HEAD_CLASS_NAMES = {
+    "sequence": "AutoModelForSequenceClassification",
+    "token": "AutoModelForTokenClassification",
+    "mlm": "AutoModelForMaskedLM",
+    None: "AutoModel",
 }
+# What a tokenizer is made of on disk (the files `save_pretrained` writes for the tokenizers in use).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _TOKENIZERS: dict[str, object] = {}
 
-# Loading a bare encoder into a *ForSequenceClassification model is the normal start of fine-tuning;
-# transformers would print a report about the fresh head every time.
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
+
+@functools.cache
+def hf():
+    """The `transformers` package, imported on first use: a data-free merge of local checkpoints never
+    needs it, and importing it costs about a second."""
+    import transformers
+
+    # Loading a bare encoder into a *ForSequenceClassification model is the normal start of fine-tuning;
+    # transformers would print a report about the fresh head every time.
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def head_class(kind: str | None):
+    """The transformers Auto class of a head kind ("sequence", "token", "mlm", None = bare encoder)."""
+    return getattr(hf(), HEAD_CLASS_NAMES[kind])
 
 
 def _alias_path(name: str) -> Path | None:
@@ -153,16 +168,97 @@ def _hub_errors(ref: ModelRef) -> Iterator[None]:
 def load_config(ref: ModelRef):
     with _hub_errors(ref):
         if ref.is_lora:
-            return AutoConfig.from_pretrained(lora_base(ref).location)
-        return AutoConfig.from_pretrained(ref.location)
+            return hf().AutoConfig.from_pretrained(lora_base(ref).location)
+        return hf().AutoConfig.from_pretrained(ref.location)
+
+
+class ConfigView(dict):
+    """A checkpoint's config.json as plain data, with attribute access (`config.model_type`): what merges
+    and permutations read, without importing transformers. `save` writes it back, changes applied."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def id2label(self) -> dict[int, str]:  # JSON keys are strings
+        labels = self.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}  # transformers' default: 2 labels
+        return {int(k): v for k, v in labels.items()}
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    def save(self, folder: Path, **changes: Any) -> None:
+        (Path(folder) / "config.json").write_text(json.dumps({**self, **changes}, indent=2, sort_keys=True) + "\n")
+
+
+def read_config(ref: ModelRef) -> ConfigView:
+    """The config of a checkpoint (a LoRA module: of its base) as a `ConfigView`; read from the file
+    when the checkpoint is a local folder, through transformers otherwise (hub ids)."""
+    folder = lora_base(ref).path if ref.is_lora else ref.path
+    if folder is not None and (folder / "config.json").is_file():
+        try:
+            return ConfigView(json.loads((folder / "config.json").read_text()))
+        except json.JSONDecodeError as exc:
+            raise MergeLabError(f"could not read model {ref.spec!r}: {folder / 'config.json'} is not valid JSON "
+                                f"({exc})") from exc
+    return ConfigView(load_config(ref).to_dict())
 
 
 def load_tokenizer(ref: ModelRef):
     """The tokenizer saved with a checkpoint (shared between loads of the same folder)."""
     if ref.location not in _TOKENIZERS:
         with _hub_errors(ref):
-            _TOKENIZERS[ref.location] = AutoTokenizer.from_pretrained(ref.location)
+            _TOKENIZERS[ref.location] = hf().AutoTokenizer.from_pretrained(ref.location)
     return _TOKENIZERS[ref.location]
+
+
+@functools.cache
+def _vocabulary_fingerprint(location: str, stamp: tuple) -> str:
+    folder = Path(location)
+    if (folder / "tokenizer.json").is_file():
+        definition = json.loads((folder / "tokenizer.json").read_text())
+        added = sorted((t["content"], t["id"]) for t in definition.get("added_tokens", []))
+        vocab = definition.get("model", {}).get("vocab")
+        if isinstance(vocab, dict):  # WordPiece / BPE: token -> id
+            items = sorted(vocab.items())
+        elif isinstance(vocab, list):  # Unigram: [token, score] in id order
+            items = [(entry[0], i) for i, entry in enumerate(vocab)]
+        else:
+            items = None
+        if items is not None:
+            return hashlib.sha1(json.dumps([items, added]).encode()).hexdigest()
+    if (folder / "vocab.txt").is_file():
+        return hashlib.sha1((folder / "vocab.txt").read_bytes()).hexdigest()
+    return ""
+
+
+def vocabulary_fingerprint(ref: ModelRef) -> str:
+    """A hash of a checkpoint's token -> id map, from its tokenizer files when it has them (no
+    transformers import), else from the loaded tokenizer. Equal maps give equal fingerprints."""
+    folder = ref.path
+    if folder is not None and folder.is_dir():
+        files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+        stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        found = _vocabulary_fingerprint(str(folder), stamp)
+        if found:
+            return found
+    vocab = load_tokenizer(ref).get_vocab()
+    return hashlib.sha1(json.dumps(sorted(vocab.items())).encode()).hexdigest()
+
+
+def copy_tokenizer(ref: ModelRef, folder: Path) -> None:
+    """Give `folder` the tokenizer of `ref`: its files copied as they are, or (hub) saved by transformers."""
+    source = ref.path
+    files = [source / n for n in TOKENIZER_FILES if (source / n).is_file()] if source is not None else []
+    if "tokenizer.json" in {f.name for f in files} or "vocab.txt" in {f.name for f in files}:
+        for f in files:
+            shutil.copy2(f, Path(folder) / f.name)
+    else:
+        load_tokenizer(ref).save_pretrained(folder)
 
 
 @dataclass(frozen=True)
@@ -194,7 +290,7 @@ def head_info(ref: ModelRef, config=None) -> HeadInfo:
         spec = get_task(ref.metadata()["task"])
         return HeadInfo(spec.head, spec.num_labels, spec.labels)
     config = config or load_config(ref)
-    return _head_from_config(_head_kind((config.architectures or [""])[0]), config)
+    return _head_from_config(_head_kind((getattr(config, "architectures", None) or [""])[0]), config)
 
 
 def model_head(model: torch.nn.Module) -> HeadInfo:
@@ -291,13 +387,13 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
             if task is not None and new_head:
                 # The task's labels always replace the checkpoint's; weights of a head of the same shape
                 # are kept (intermediate-task transfer), of another shape re-initialised.
-                config = AutoConfig.from_pretrained(ref.location, **task_head_kwargs(task))
+                config = hf().AutoConfig.from_pretrained(ref.location, **task_head_kwargs(task))
                 kwargs["ignore_mismatched_sizes"] = head.kind != task.head or head.num_labels != task.num_labels
             if "state_dict" in kwargs:  # opted-in pickle: the concrete class takes weights without a path
-                concrete = HEAD_CLASSES[kind]._model_mapping[type(config)]
+                concrete = head_class(kind)._model_mapping[type(config)]
                 model = concrete.from_pretrained(None, config=config, **kwargs)
             else:
-                model = HEAD_CLASSES[kind].from_pretrained(ref.location, config=config, **kwargs)
+                model = head_class(kind).from_pretrained(ref.location, config=config, **kwargs)
     model.to(device or settings.device()).eval()
     return Loaded(model, tokenizer, ref, ref.metadata())
 
@@ -311,12 +407,12 @@ def _load_multihead(ref: ModelRef, task: TaskSpec | None) -> torch.nn.Module:
     """The encoder of a multi-head checkpoint with the head of `task` (none: the bare encoder)."""
     heads = ref.metadata()["heads"]
     if task is None:
-        return AutoModel.from_pretrained(ref.location, use_safetensors=True)
+        return head_class(None).from_pretrained(ref.location, use_safetensors=True)
     if task.name not in heads:
         raise MergeLabError(f"model {ref.spec!r} has heads for {sorted(heads)}, not for task {task.name}; "
                             "pick one of those tasks")
-    config = AutoConfig.from_pretrained(ref.location, **task_head_kwargs(task))
-    model = HEAD_CLASSES[task.head].from_pretrained(ref.location, config=config, use_safetensors=True)
+    config = hf().AutoConfig.from_pretrained(ref.location, **task_head_kwargs(task))
+    model = head_class(task.head).from_pretrained(ref.location, config=config, use_safetensors=True)
     head = load_file(ref.path / heads[task.name])
     missing = set(head) - set(model.state_dict())
     if missing:
@@ -342,13 +438,29 @@ def write_multihead(folder: Path, encoder: torch.nn.Module, heads: dict[str, dic
 
 def _load_lora(ref: ModelRef, task: TaskSpec | None, allow_pickle: bool) -> torch.nn.Module:
     """A LoRA module on its base model, with the adapted weights folded in (plain modules run faster)."""
+    if task is not None:
+        check_head(ref.spec, head_info(ref), task)
+    return load_lora_module(ref, allow_pickle=allow_pickle).merge_and_unload()
+
+
+def load_lora_module(ref: ModelRef, *, allow_pickle: bool = False) -> torch.nn.Module:
+    """A LoRA module as a live `PeftModel` on its base (on the CPU, not folded in): its LoRA factors and
+    task head are parameters of their own, named as in the module's file plus PEFT's adapter name."""
     from peft import PeftModel
 
     own_task = get_task(ref.metadata()["task"])
-    if task is not None:
-        check_head(ref.spec, head_info(ref), task)
     base = load(lora_base(ref), own_task, new_head=True, allow_pickle=allow_pickle, device="cpu").model
-    return PeftModel.from_pretrained(base, ref.location).merge_and_unload()
+    return PeftModel.from_pretrained(base, ref.location)
+
+
+def peft_file_name(parameter: str, adapter: str = "default") -> str | None:
+    """The name a live PEFT parameter has in the saved module file (None: not saved, e.g. the frozen base
+    layer kept beside a trained head copy)."""
+    if ".original_module." in parameter or ".base_layer." in parameter:
+        return None
+    for wrapper in (f".modules_to_save.{adapter}.", f".lora_A.{adapter}.", f".lora_B.{adapter}."):
+        parameter = parameter.replace(wrapper, "." if "modules_to_save" in wrapper else wrapper[: -len(adapter) - 1])
+    return parameter
 
 
 def save(model: torch.nn.Module, tokenizer, out: str | Path, metadata: dict, *, overwrite: bool = False) -> Path:

@@ -181,11 +181,7 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
         bar = _Bar(config.steps, f"train {spec.name}", progress)
         for step in range(1, config.steps + 1):
             batch = _next_batch(train_data, next(batches), tokenizer, generator, spec, device)
-            if spec.kind == "mlm":
-                logits, targets = masked_lm_logits(model, batch, encoder_grad=not config.head_only)
-                loss = F.cross_entropy(logits, targets)
-            else:
-                loss = model(**batch).loss
+            loss = task_loss(model, batch, spec, encoder_grad=not config.head_only)
             if not torch.isfinite(loss):
                 raise MergeLabError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
             loss.backward()
@@ -347,6 +343,24 @@ def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig):
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (config.steps - step) / (config.steps - warmup + 1e-9))))
     return optimizer, schedule
+
+
+def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TaskSpec, *,
+              encoder_grad: bool = True) -> torch.Tensor:
+    """The training loss of one batch: the head's own loss, or masked-only MLM cross-entropy."""
+    if spec.kind == "mlm":
+        logits, targets = masked_lm_logits(model, batch, encoder_grad=encoder_grad)
+        return F.cross_entropy(logits, targets)
+    return model(**batch).loss
+
+
+def train_batches(spec: TaskSpec, tokenizer, batch_size: int, seed: int, device, *,
+                  max_length: int = 128):
+    """An endless, seeded stream of training batches of `spec` on `device` (MLM masked on the fly)."""
+    data = encode(spec, "train", tokenizer, max_length)
+    generator = torch.Generator().manual_seed(seed)
+    for index in _length_grouped_batches(data.lengths, batch_size, generator):
+        yield _next_batch(data, index, tokenizer, generator, spec, device)
 
 
 def _next_batch(data: Encoded, index: torch.Tensor, tokenizer, generator, spec: TaskSpec, device) -> dict:

@@ -133,3 +133,37 @@ def _mean_headline(tasks: list[str], dev: dict) -> float | None:
             return None
         values.append(float(scores[spec.main_metric]))
     return sum(values) / len(values) if values else None
+
+
+def pairs() -> list[dict]:
+    """Pairs of zoo checkpoints worth a curve, by what separates them: the seed, the training step, the
+    data partition, or the task. Each: {"kind", "label", "a", "b", "tasks"}."""
+    rows = [r for r in entries() if r["task"] and len(r["tasks"]) == 1 and r["kind"] in ("full", "lora")]
+    found: list[dict] = []
+
+    def add(kind: str, a: dict, b: dict, tasks: list[str]) -> None:
+        found.append({"kind": kind, "label": f"{kind}: {a['name']} ↔ {b['name']}", "a": a["name"], "b": b["name"],
+                      "tasks": tasks})
+
+    finals = [r for r in rows if "/" not in r["name"]]
+    for i, a in enumerate(finals):
+        for b in finals[i + 1:]:
+            same_run_settings = a["kind"] == b["kind"] and a["steps"] == b["steps"]
+            if a["task"] == b["task"] and a["partition"] == b["partition"] and a["seed"] != b["seed"] and same_run_settings:
+                add("same task, different seeds", a, b, [a["task"]])
+            elif a["task"] == b["task"] and a["partition"] != b["partition"]:
+                add("same task, different data partitions", a, b, [a["task"]])
+    for r in rows:
+        if "/" in r["name"]:
+            final = next((f for f in finals if r["name"].startswith(f["name"] + "/")), None)
+            if final:
+                add("same run, different steps", r, final, [r["task"]])
+    first_per_task = {}
+    for r in finals:
+        if r["kind"] == "full":
+            first_per_task.setdefault(r["task"], r)
+    tasks = list(first_per_task.values())
+    for i, a in enumerate(tasks):
+        for b in tasks[i + 1:]:
+            add("different tasks", a, b, [a["task"], b["task"]])
+    return found

@@ -61,7 +61,7 @@ def make_pico(out: Path, task: str | None, seed: int = 0, **config_overrides) ->
              "intermediate_size": 64, "max_position_embeddings": 512, **config_overrides}
     config = BertConfig(**sizes, **(models.task_head_kwargs(spec) if spec else {}))
     torch.manual_seed(seed)
-    model = models.HEAD_CLASSES[spec.head if spec else None].from_config(config)
+    model = models.head_class(spec.head if spec else None).from_config(config)
     model.save_pretrained(out)
     models.load_tokenizer(models.resolve("minilm")).save_pretrained(out)
     return out

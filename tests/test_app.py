@@ -47,7 +47,7 @@ def _rows(table: dict) -> list[dict]:
 
 def test_endpoints_are_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/evaluate", "/zoo_list", "/zoo_build", "/merge"} <= names
+    assert {"/evaluate", "/zoo_list", "/zoo_build", "/merge", "/curve", "/plane"} <= names
 
 
 def test_zoo_list_and_evaluate(client):
@@ -134,3 +134,31 @@ def test_param_controls_follow_the_spec():
         assert isinstance(merge_tab.param_control(mats["examples"]), gr.Number)
     assert merge_tab.defaults("ties") == {"density": 0.2, "scope": "model", "lambda": 1.0}
     assert [len(r) for r in merge_tab.balanced_rows(list(range(13)), 3)] == [3, 3, 3, 2, 2]
+
+
+def test_curve_and_plane_endpoints(pico_cola_entry, client, app_home, pico):
+    from .conftest import copy_model
+
+    copy_model(pico("sst2", seed=5), app_home / "zoo" / "pico-sst2-b")
+    figure, summary, status, files = client.predict(
+        "pico-sst2", "pico-sst2-b", ["sst2"], 3, "line", 8, "", "", ["average"], 10, api_name="/curve")
+    assert "Done in" in status and "first 8 examples" in status
+    assert "pico-sst2 ↔ pico-sst2-b" in summary and "| line | sst2 |" in summary and "L2" in summary
+    plot = json.loads(figure["plot"])
+    traces = {t["name"] for t in plot["data"] if t.get("name")}
+    assert {"sst2 (line)", "average"} <= traces
+    csv = next(f for f in files if f.endswith(".csv"))
+    lines = open(csv).read().strip().splitlines()
+    assert lines[0].startswith("path,kind,method,t,task") and len(lines) == 1 + 3 + 1  # 3 points, 1 merge
+
+    figure, status = client.predict("pico-sst2", "pico-sst2-b", "pico-cola", "sst2", 3, 8, [], "", api_name="/plane")
+    assert "Best accuracy on the grid" in status
+    kinds = [t["type"] for t in json.loads(figure["plot"])["data"]]
+    assert kinds[0] == "contour" and "scatter" in kinds
+
+    with pytest.raises(gradio_client.exceptions.AppError, match="pick two checkpoints"):
+        client.predict("pico-sst2", "", ["sst2"], 3, "line", 8, "", "", [], 10, api_name="/curve")
+    with pytest.raises(gradio_client.exceptions.AppError, match="minimum value 2"):  # the slider's own bound
+        client.predict("pico-sst2", "pico-sst2-b", ["sst2"], 1, "line", 8, "", "", [], 10, api_name="/curve")
+    with pytest.raises(gradio_client.exceptions.AppError, match="none of pico-sst2, pico-sst2-b has a head for task emotion"):
+        client.predict("pico-sst2", "pico-sst2-b", ["emotion"], 3, "line", 8, "", "", [], 10, api_name="/curve")

@@ -114,3 +114,40 @@ def test_merge_tab_in_chromium(app_home, pico_cola_entry):
             browser.close()
     finally:
         demo.close()
+
+
+def test_curves_tab_in_chromium(app_home, pico):
+    """Pick a suggested zoo pair, run a curve, watch the plot and the barrier table appear."""
+    entry = copy_model(pico("sst2", seed=5), app_home / "zoo" / "pico-sst2-b")
+    (entry / "mergelab.json").write_text(json.dumps({"task": "sst2", "kind": "full", "seed": 1, "steps": 0,
+                                                     "partition": None}))
+    from views import build_app, launch_kwargs
+
+    demo = build_app()
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = _browser(p)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_role("tab", name="Curves").click()
+            page.locator("#curve-pair input").click()
+            page.get_by_role("option", name="same task, different seeds: pico-sst2 ↔ pico-sst2-b").click()
+            sst2 = page.locator("#curve-tasks label", has_text="sst2").locator("input")
+            playwright.expect(sst2).to_be_checked(timeout=30_000)  # the pair fills A, B and the tasks
+            page.locator("#curve-limit input").fill("8")
+            page.locator("#curve-run").click()
+            try:
+                playwright.expect(page.locator("#curve-status")).to_contain_text("Done in", timeout=120_000)
+            except AssertionError:
+                page.screenshot(path=str(ARTIFACTS / "curves-failed.png"), full_page=True)
+                raise
+            page.wait_for_selector("#curve-plot .js-plotly-plot")
+            summary = page.inner_text("#curve-summary")
+            assert "pico-sst2 ↔ pico-sst2-b" in summary and "loss barrier" in summary
+            assert page.locator("#curve-plot .scatterlayer .trace").count() >= 2  # metric and loss curves
+            page.screenshot(path=str(ARTIFACTS / "curves.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.close()

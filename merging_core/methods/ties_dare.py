@@ -41,9 +41,9 @@ def kth_largest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(band, band.numel() - (k - above) + 1).values.to(magnitude.dtype)
 
 
-def trim_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the top `density` fraction of one tensor's entries by magnitude (exactly k, at least one),
-    as mergekit does.
+def trim_tensor_(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the top `density` fraction of one tensor's entries by magnitude (exactly k, at least
+    one), in place, as mergekit does.
 
     The k-th largest magnitude comes from a selection (linear time) instead of mergekit's full sort.
     Zeros tied at the threshold change nothing; non-zero ties (common in bf16/fp16) fall back to the
@@ -55,19 +55,25 @@ def trim_tensor(delta: torch.Tensor, density: float) -> torch.Tensor:
     k = max(1, int(density * magnitude.numel()))
     threshold = kth_largest(magnitude, k)
     if threshold == 0:  # the tied entries are zeros: keeping them or not changes nothing
-        return delta * (magnitude > 0).view_as(delta)
+        return delta.mul_((magnitude > 0).view_as(delta))
     keep = magnitude >= threshold
-    if int(torch.count_nonzero(keep)) > k:  # non-zero ties at the threshold: the same sort as mergekit's chooses
+    # Non-zero ties at the threshold: mergekit's (unstable) sort decides which stay, so the same sort runs
+    # here; torch's CPU sort does not keep ties in index order, so no cheaper rule gives the same set.
+    if int(torch.count_nonzero(keep)) > k:
         keep = torch.zeros_like(keep)
         keep[torch.argsort(magnitude, descending=True)[:k]] = True
-    return delta * keep.view_as(delta)
+    del magnitude
+    return delta.mul_(keep.view_as(delta))
 
 
-def disjoint_mean(deltas: torch.Tensor, elected: torch.Tensor) -> torch.Tensor:
-    """Mean over models of the non-zero entries whose sign agrees with the elected sign (±1)."""
-    agree = deltas * elected > 0  # zeros never agree
-    count = agree.sum(0).to(deltas.dtype).clamp_min_(1)
-    return torch.where(agree, deltas, 0).sum(0).div_(count)
+def disjoint_mean_(deltas: torch.Tensor, elected: torch.Tensor) -> torch.Tensor:
+    """Mean over models of the non-zero entries whose sign agrees with the elected sign (±1).
+
+    Overwrites `deltas`: with e = ±1, the agreeing entries are those with e·τ > 0 and their sum is
+    e · Σ max(e·τ, 0) (a sign flip is exact), so no masked copy of the stack is needed."""
+    deltas.mul_(elected)
+    count = (deltas > 0).sum(0, dtype=deltas.dtype).clamp_min_(1)  # zeros never agree
+    return deltas.clamp_min_(0).sum(0).mul_(elected).div_(count)
 
 
 def _model_thresholds(iterate: Callable, params: dict[str, Any]) -> dict[str, Any]:
@@ -95,27 +101,32 @@ def _model_thresholds(iterate: Callable, params: dict[str, Any]) -> dict[str, An
     return {"thresholds": thresholds, "grand_sign": 1.0 if total >= 0 else -1.0}
 
 
+def task_vectors(job: TensorJob) -> torch.Tensor:
+    """τ_i = θ_i − θ_pre stacked into one new tensor (the method may overwrite it)."""
+    return stack(job).sub_(job.base)
+
+
 def ties(job: TensorJob) -> torch.Tensor:
-    deltas = stack(job) - job.base
+    # The stacked task vectors are trimmed and averaged in place: on a large embedding matrix every
+    # temporary copy of the stack is hundreds of MB.
+    deltas = task_vectors(job)
     density = job.params["density"]
     if job.params["scope"] == "tensor":
-        trimmed = torch.stack([trim_tensor(d, density) for d in deltas]) if density < 1 else deltas
-        elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
+        for d in deltas:
+            trim_tensor_(d, density)
+        elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
     else:
         if density < 1:
             thresholds = torch.tensor(job.context["thresholds"], dtype=deltas.dtype, device=deltas.device)
-            thresholds = thresholds.view(-1, *([1] * (deltas.dim() - 1)))
-            trimmed = deltas * (deltas.abs() >= thresholds)
-        else:
-            trimmed = deltas
-        total = trimmed.sum(0)
+            deltas.mul_(deltas.abs() >= thresholds.view(-1, *([1] * (deltas.dim() - 1))))
+        total = deltas.sum(0)
         grand = job.context.get("grand_sign", 1.0)
         elected = torch.where(total == 0, torch.full_like(total, grand), total.sign())
-    return job.base + job.params["lambda"] * disjoint_mean(trimmed, elected)
+    return disjoint_mean_(deltas, elected).mul_(job.params["lambda"]).add_(job.base)
 
 
 def dare(job: TensorJob) -> torch.Tensor:
-    deltas = stack(job) - job.base
+    deltas = task_vectors(job)
     p = job.params["drop_rate"]
     if p > 0:
         generator = torch.Generator().manual_seed(job.seed)
@@ -126,7 +137,7 @@ def dare(job: TensorJob) -> torch.Tensor:
     if job.params["combine"] == "linear":
         return job.base + job.params["lambda"] * deltas.sum(0)
     elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
-    return job.base + job.params["lambda"] * disjoint_mean(deltas, elected)
+    return disjoint_mean_(deltas, elected).mul_(job.params["lambda"]).add_(job.base)
 
 
 def _ties_yaml(params: dict) -> dict | None:

@@ -1,0 +1,480 @@
+"""Interpolation curves and planes between checkpoints, scored on tasks and streamed point by point.
+
+Mode connectivity (Qin et al. 2022, "Exploring Mode Connectivity for Pre-trained Language Models";
+algorithms.md A7): walk a path between two checkpoints and record every task's loss and metric at
+each point. A path whose loss never rises above the line through its end values (barrier 0) joins the
+two in one basin. The geometry (paths, barriers, distances) is `merging_core.paths`; this module scores it.
+
+**Speed.** Each task gets one model object carrying that task's head and one `Evaluator` (its split
+tokenized once, the batches kept on the device). A point is written into the model's parameters in
+place, θ = Σ_k c_k θ_k, from vertex tensors that also live on the device, then scored: K points cost K
+forward passes over the data, not K model loads and K tokenizations. The GPU is used when present.
+
+**Heads.** The parameters every checkpoint has (same shape) move along the path. A task's head moves
+too when every checkpoint has a head fitting that task (same task, other seed or step); otherwise the
+task is scored with the head of the checkpoint trained on it, held fixed (different tasks), or with the
+head of `head_from` (e.g. the zoo's `mlm-head`, for the MLM loss along a path between two classifiers).
+
+**LoRA.** Between two LoRA modules on one base, the path moves the tuned parameters only, the LoRA
+factors and the task head ("module space", as Qin et al. interpolate adapters); the base stays fixed
+and is never folded. Any other pair, LoRA folded into its base included, moves in weight space.
+
+**Bezier curves** train their bend θ_C from the midpoint (Garipov et al. 2018, Sec. 3.2): every step
+draws t ~ U(0, 1), takes a training batch at θ(t) and moves θ_C along ∂L/∂θ_C = 2t(1 − t) ∂L/∂θ(t).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import paths, settings
+from .arch import adapter_for
+from .compare import load_canonical, parse_method
+from .errors import MergeLabError
+from .evaluation import Evaluator
+from .merge import Checkpoint, check_compatible, merge, open_checkpoint, recorded_base
+from .models import (ModelRef, check_head, head_info, load, load_lora_module, lora_base, peft_file_name, read_config,
+                     resolve)
+from .progress import ProgressFn, scaled, track
+from .stats import canonical, weights_fingerprint
+from .tasks import TaskSpec, get_task
+from .tensorio import LazyFiles
+from .training import task_loss, train_batches
+
+HEAD_GROUPS = ("head", "mlm_head")
+SPACES = ("auto", "weights", "module")
+LORA_FILE = "adapter_model.safetensors"
+# LoRA settings that must agree for two modules to share one module space.
+LORA_KEYS = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
+
+
+@dataclass
+class Rig:
+    """One task's scoring setup: a model with the task's head, its evaluator, what the path writes."""
+
+    spec: TaskSpec
+    model: torch.nn.Module
+    evaluator: Evaluator
+    params: dict[str, torch.nn.Parameter]  # canonical name -> the model parameter the path overwrites
+    head: str  # how the task's head is handled (for the summary)
+    spare: torch.nn.Module | None = None  # a copy to score merges in, made on first use
+
+
+# ----------------------------------------------------------------------------------------------------
+# opening checkpoints in weight or module space
+
+
+def _lora_settings(ref: ModelRef) -> dict:
+    config = json.loads((ref.path / "adapter_config.json").read_text())
+    return {k: (sorted(config[k]) if isinstance(config.get(k), list) else config.get(k)) for k in LORA_KEYS}
+
+
+def _module_space(refs: list[ModelRef], space: str) -> tuple[bool, str | None]:
+    """Whether the path runs in LoRA module space, and a note when `auto` falls back to weight space."""
+    if space not in SPACES:
+        raise MergeLabError(f"space must be one of {list(SPACES)}, got {space!r}")
+    if space == "weights":
+        return False, None
+    loras = [r.is_lora for r in refs]
+    reason = None
+    if not all(loras):
+        reason = "not every checkpoint is a LoRA module"
+    elif len({weights_fingerprint(lora_base(r)) for r in refs}) > 1:
+        reason = "the LoRA modules have different base models"
+    elif any(_lora_settings(r) != _lora_settings(refs[0]) for r in refs[1:]):
+        reason = "the LoRA modules differ in rank, alpha or target modules"
+    elif _lora_settings(refs[0])["use_dora"]:
+        reason = "DoRA modules are not supported in module space"
+    if reason is None:
+        return True, None
+    if space == "module":
+        raise MergeLabError(f"space 'module' needs LoRA modules of one kind on one base, but {reason}; "
+                            "use space 'weights' (LoRA folded into its base)")
+    return False, (f"weight space: {reason} (LoRA modules are folded into their base)" if any(loras) else None)
+
+
+def _module_checkpoint(ref: ModelRef) -> Checkpoint:
+    """A LoRA module's own tensors (factors and head), named canonically, read lazily."""
+    config = read_config(ref)
+    reader = LazyFiles([ref.path / LORA_FILE])
+    adapter = adapter_for(config.model_type)
+    names, infos = {}, {}
+    for key in reader.keys():
+        name = canonical(key.removeprefix("base_model.model."), config.model_type)
+        names[name], infos[name] = key, adapter.describe(key)
+    task = get_task(ref.metadata()["task"]).name
+    return Checkpoint(ref, config, head_info(ref, config), task, reader, names, infos)
+
+
+def _fits(checkpoint: Checkpoint, spec: TaskSpec) -> bool:
+    try:
+        check_head(checkpoint.ref.spec, checkpoint.head, spec)
+    except MergeLabError:
+        return False
+    return True
+
+
+def _parameters(model: torch.nn.Module, module_space: bool) -> dict[str, torch.nn.Parameter]:
+    """A model's parameters by canonical name (PEFT's live names mapped to the module file's names)."""
+    model_type = model.config.model_type
+    out = {}
+    for name, param in model.named_parameters():
+        key = peft_file_name(name) if module_space else name
+        if key is not None:
+            out[canonical(key.removeprefix("base_model.model."), model_type)] = param
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# paths through two or three checkpoints
+
+
+class _Path:
+    """Shared set-up of curves and planes: vertices on the device, one rig per task, geometry."""
+
+    def __init__(self, specs: Sequence[str], tasks: Sequence[str] | str | None, *, split: str, limit: int | None,
+                 head_from: str | None, space: str, base: str | None, merges: Sequence[str | tuple[str, dict]],
+                 progress: ProgressFn | None):
+        started = time.perf_counter()
+        self.specs = [str(s) for s in specs]
+        self.notes: list[str] = []
+        self.progress = progress
+        self.split, self.limit = split, limit
+        self.device = settings.device()
+        refs = [resolve(s) for s in self.specs]
+        self.module_space, note = _module_space(refs, space)
+        if note:
+            self.notes.append(note)
+        self.space = "module" if self.module_space else "weights"
+        self.checkpoints = [(_module_checkpoint if self.module_space else open_checkpoint)(r) for r in refs]
+        check_compatible(self.checkpoints, None)
+        self.tasks = self._tasks(tasks)
+        self.merges = [parse_method(m) if isinstance(m, str) else tuple(m) for m in merges]
+        if self.merges and self.module_space:
+            raise MergeLabError("merge points are placed on weight-space paths; drop the merges or use space "
+                                "'weights' for LoRA modules")
+        self.user_base = base  # merges get it as given (they find a recorded base themselves)
+        self.base = base or recorded_base(self.checkpoints)
+
+        first = self.checkpoints[0]
+        shared = [n for n in first.names if first.meta(n)[0].is_floating_point
+                  and all(n in c.names and c.meta(n) == first.meta(n) for c in self.checkpoints[1:])]
+        self.encoder = [n for n in shared if first.infos[n].group not in HEAD_GROUPS]
+        self.head_names = [n for n in shared if first.infos[n].group in HEAD_GROUPS]
+        for c in self.checkpoints:
+            fixed = sorted(n for n, info in c.infos.items() if n not in shared and info.group not in HEAD_GROUPS)
+            if fixed:
+                self.notes.append(f"{c.ref.spec} has {len(fixed)} parameter(s) the others lack ({fixed[0]}, ...): "
+                                  "held at its own values where its head scores a task")
+        self.vertices = [{n: c.get(n).to(self.device, torch.float32) for n in shared} for c in self.checkpoints]
+        self.rigs = [self._rig(spec, head_from) for spec in self.tasks]
+        moving = set(self.encoder) | {n for rig in self.rigs for n in rig.params}
+        self.names = [n for n in shared if n in moving]
+        self.geometry = paths.geometry(self.vertices, self.names)
+        self.items: list[dict] = []
+        self._iterated = False
+        self.seconds = 0.0
+        self.setup_seconds = time.perf_counter() - started
+
+    def _tasks(self, tasks: Sequence[str] | str | None) -> list[TaskSpec]:
+        names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks or []) if t.strip()]
+        if not names:  # default: the checkpoints' own tasks
+            names = [c.task for c in self.checkpoints if c.task]
+            if not names:
+                raise MergeLabError("no task given and the checkpoints have no task heads; pass --task TASK")
+        specs = [get_task(t) for t in names]
+        return list({s.name: s for s in specs}.values())
+
+    def _rig(self, spec: TaskSpec, head_from: str | None) -> Rig:
+        fitting = [c for c in self.checkpoints if _fits(c, spec)]
+        names = list(self.encoder)
+        if len(fitting) == len(self.checkpoints):
+            owner, how = self.checkpoints[0].ref, "interpolated (every checkpoint has a head for it)"
+            names += self.head_names
+        elif fitting:
+            owner, how = fitting[0].ref, f"fixed: {fitting[0].ref.spec}'s head"
+        elif head_from:
+            if self.module_space:
+                raise MergeLabError("head_from works on weight-space paths; use space 'weights' for LoRA modules")
+            donor = open_checkpoint(head_from)
+            check_compatible([self.checkpoints[0], donor], None)
+            if not _fits(donor, spec):
+                check_head(head_from, donor.head, spec)  # raises with the reason
+            owner, how = donor.ref, f"fixed: {head_from}'s head"
+        else:
+            raise MergeLabError(f"none of {', '.join(self.specs)} has a head for task {spec.name}; pick one of their "
+                                f"tasks or pass head_from (--head-from) a model with such a head, e.g. mlm-head for MLM")
+        if self.module_space:
+            model = load_lora_module(owner).to(self.device).eval()
+        else:
+            model = load(owner, spec, device=self.device).model
+        params = _parameters(model, self.module_space)
+        # MLM and token models have no pooler: nothing of theirs reads it, so it need not move
+        names = [n for n in names if n in params or self.checkpoints[0].infos[n].group != "pooler"]
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise MergeLabError(f"the model scoring {spec.name} ({owner.spec}) has no parameter {missing[0]}; "
+                                "the checkpoints differ in architecture")
+        evaluator = Evaluator(spec, self.checkpoints[0].tokenizer, self.split, self.limit, device=self.device)
+        return Rig(spec, model, evaluator, {n: params[n] for n in names}, how)
+
+    # scoring ---------------------------------------------------------------------------------------
+
+    def write(self, rig: Rig, coefficients: Sequence[float]) -> None:
+        with torch.no_grad():
+            for name, param in rig.params.items():
+                paths.combine_into(param, [v[name] for v in self.vertices], coefficients)
+
+    def score(self, coefficients: Sequence[float]) -> dict[str, dict]:
+        """Every task's scores at the point Σ c_k θ_k."""
+        out = {}
+        for rig in self.rigs:
+            self.write(rig, coefficients)
+            out[rig.spec.name] = rig.evaluator(rig.model)
+        return out
+
+    def merged(self, method: str, params: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """A merge of the checkpoints (kept in memory): its moving tensors, and its scores on every task."""
+        result = merge(method, self.specs, base=self.user_base, params=params)
+        point = {n: result.state[n].to(self.device, torch.float32) for n in self.names if n in result.state}
+        scores = {}
+        for rig in self.rigs:
+            if rig.spare is None:
+                rig.spare = copy.deepcopy(rig.model)
+            load_canonical(rig.spare, result.state)
+            if result.heads and rig.spec.name in result.heads:
+                load_canonical(rig.spare, {canonical(k): v for k, v in result.heads[rig.spec.name].items()})
+            scores[rig.spec.name] = rig.evaluator(rig.spare)
+        return point, scores
+
+    def _merge_label(self, method: str, params: dict) -> str:
+        return method + (" (" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")" if params else "")
+
+    def _heads(self) -> dict[str, str]:
+        return {rig.spec.name: rig.head for rig in self.rigs}
+
+    # streaming -------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
+        """Compute the path, yielding items as they are ready; a later iteration replays them."""
+        if self._iterated:
+            yield from self.items
+            return
+        self._iterated = True
+        started = time.perf_counter()
+        for item in self._compute():
+            self.items.append(item)
+            yield item
+        self.seconds = time.perf_counter() - started + self.setup_seconds
+        self._report(1.0, "done")
+
+    def _compute(self) -> Iterator[dict]:
+        raise NotImplementedError
+
+    def _report(self, fraction: float, desc: str) -> None:
+        if self.progress is not None:
+            self.progress(fraction, desc)
+
+
+# ----------------------------------------------------------------------------------------------------
+# curves
+
+
+class Curve(_Path):
+    """A path between two checkpoints, scored on tasks. Iterating computes it and yields, in order:
+    a "bend" item (Bezier: the trained bend), one "point" per position, one "merge" per merge method.
+    `summary()` then holds the barriers and distances; `distances` is known before the first point."""
+
+    def __init__(self, a: str, b: str, tasks: Sequence[str] | str | None = None, *, points: int = 26,
+                 path: str = "line", split: str = "dev", limit: int | None = None, head_from: str | None = None,
+                 space: str = "auto", base: str | None = None, merges: Sequence[str | tuple[str, dict]] = (),
+                 bend_steps: int = 200, bend_lr: float = 1e-3, batch_size: int = 32, seed: int = 0,
+                 progress: ProgressFn | None = None):
+        if path not in paths.PATHS:
+            raise MergeLabError(f"path must be one of {list(paths.PATHS)}, got {path!r}")
+        self.ts = paths.positions(points)
+        if path == "bezier" and bend_steps < 1:
+            raise MergeLabError(f"a Bezier curve needs at least 1 bend training step, got {bend_steps}")
+        self.path = path
+        self.bend_settings = {"steps": bend_steps, "lr": bend_lr, "batch_size": batch_size, "seed": seed}
+        super().__init__([a, b], tasks, split=split, limit=limit, head_from=head_from, space=space, base=base,
+                         merges=merges, progress=progress)
+        self.distances = self._distances()
+        self.bend: dict | None = None
+
+    def _distances(self) -> dict:
+        base_geo = None
+        if self.base and not self.module_space:
+            base = open_checkpoint(self.base)
+            names = [n for n in self.encoder if n in base.names and base.meta(n) == self.checkpoints[0].meta(n)]
+            base_tensors = {n: base.get(n).to(self.device, torch.float32) for n in names}
+            base_geo = paths.geometry([self.vertices[0], self.vertices[1], base_tensors], names)
+        return paths.distances(self.geometry, 0, 1, base_geo, 2)
+
+    def _compute(self) -> Iterator[dict]:
+        steps = len(self.ts) + len(self.merges)
+        bend_share = 0.4 if self.path == "bezier" else 0.0
+        if self.path == "bezier":
+            self.bend = self._train_bend(scaled(self.progress, 0.0, bend_share, "bend: "))
+            yield self.bend
+        coefficients = paths.line if self.path == "line" else paths.bezier
+        for i, t in enumerate(self.ts):
+            self._report(bend_share + (1 - bend_share) * i / steps, f"point {i + 1}/{len(self.ts)} (t = {t:.2f})")
+            yield {"kind": "point", "index": i, "t": t, "scores": self.score(coefficients(t))}
+        for j, (method, params) in enumerate(self.merges):
+            self._report(bend_share + (1 - bend_share) * (len(self.ts) + j) / steps, f"merge {method}")
+            point, scores = self.merged(method, params)
+            geo = paths.geometry([self.vertices[0], self.vertices[1], point], list(point))
+            alpha, off = paths.project_on_line(geo, 2)
+            yield {"kind": "merge", "method": self._merge_label(method, params), "t": alpha, "off_line": off,
+                   "scores": scores}
+
+    @property
+    def points(self) -> list[dict]:
+        return [item for item in self.items if item["kind"] == "point"]
+
+    def summary(self) -> dict:
+        """Barriers (per task, loss and headline metric), distances, heads, bend, merges, notes."""
+        points = self.points
+        if len(points) < len(self.ts):
+            raise MergeLabError("the curve has not been computed yet; iterate it first")
+        ts = [p["t"] for p in points]
+        barriers = {rig.spec.name: task_barriers(rig.spec, ts, [p["scores"][rig.spec.name] for p in points])
+                    for rig in self.rigs}
+        return {"kind": "summary", "a": self.specs[0], "b": self.specs[1], "path": self.path, "space": self.space,
+                "points": len(points), "split": self.split, "limit": self.limit, "distances": self.distances,
+                "base": self.base, "heads": self._heads(), "barriers": barriers, "bend": self.bend,
+                "merges": [i for i in self.items if i["kind"] == "merge"], "notes": self.notes,
+                "seconds": round(self.seconds, 2)}
+
+    def _train_bend(self, progress: ProgressFn | None) -> dict:
+        """Fit the Bezier bend on the first task's training data (see the module doc)."""
+        started = time.perf_counter()
+        rig, settings_ = self.rigs[0], self.bend_settings
+        bend = {n: (self.vertices[0][n] + self.vertices[1][n]) / 2 for n in self.names}
+        trained = {n: bend[n].clone().requires_grad_(True) for n in rig.params}
+        optimizer = torch.optim.Adam(trained.values(), lr=settings_["lr"])
+        batches = train_batches(rig.spec, self.checkpoints[0].tokenizer, settings_["batch_size"], settings_["seed"],
+                                self.device)
+        generator = torch.Generator().manual_seed(settings_["seed"])
+        requires = {p: p.requires_grad for p in rig.model.parameters()}
+        for p in rig.model.parameters():  # only the path's parameters need gradients
+            p.requires_grad_(False)
+        for p in rig.params.values():
+            p.requires_grad_(True)
+        self.vertices.append({**bend, **trained})
+        losses = []
+        try:
+            for _ in track(range(settings_["steps"]), settings_["steps"], f"bend on {rig.spec.name}", progress):
+                t = float(torch.rand((), generator=generator))
+                coefficients = paths.bezier(t)
+                self.write(rig, coefficients)
+                rig.model.zero_grad(set_to_none=True)
+                loss = task_loss(rig.model, next(batches), rig.spec)
+                loss.backward()
+                for name, tensor in trained.items():  # chain rule: dθ(t)/dθ_C = 2t(1 − t)
+                    grad = rig.params[name].grad
+                    tensor.grad = None if grad is None else grad * coefficients[2]
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+        finally:
+            for p, flag in requires.items():
+                p.requires_grad_(flag)
+            rig.model.zero_grad(set_to_none=True)
+            self.vertices[-1] = {**bend, **{n: t.detach() for n, t in trained.items()}}
+        moved = paths.geometry([self.vertices[-1], {n: bend[n] for n in self.names}], self.names).distance(0, 1)
+        window = max(1, min(10, len(losses) // 4))
+        return {"kind": "bend", "task": rig.spec.name, **settings_, "trained_params": len(trained),
+                "train_loss_first": float(np.mean(losses[:window])), "train_loss_last": float(np.mean(losses[-window:])),
+                "distance_from_midpoint": moved, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def task_barriers(spec: TaskSpec, ts: Sequence[float], results: Sequence[dict]) -> dict:
+    """Loss and headline-metric barriers of one task along a path, its end values and path means."""
+    metric = spec.main_metric
+    losses = [r["loss"] for r in results]
+    values = [r[metric] for r in results]
+    higher = not spec.lower_is_better
+    loss_height, loss_at = paths.barrier(ts, losses, higher_is_better=False)
+    metric_height, metric_at = paths.barrier(ts, values, higher_is_better=higher)
+    return {"metric": metric, "loss_barrier": loss_height, "loss_barrier_at": loss_at,
+            "metric_barrier": metric_height, "metric_barrier_at": metric_at,
+            "loss_barrier_vs_mean_ends": paths.barrier_vs_mean_ends(losses, higher_is_better=False),
+            "ends": {"loss": [losses[0], losses[-1]], metric: [values[0], values[-1]]},
+            "path_mean": {"loss": float(np.mean(losses)), metric: float(np.mean(values))}}
+
+
+def curve(a: str, b: str, tasks: Sequence[str] | str | None = None, **options: Any) -> Curve:
+    """The path from `a` to `b` scored on `tasks`; iterate it to stream the points (see `Curve`)."""
+    return Curve(a, b, tasks, **options)
+
+
+# ----------------------------------------------------------------------------------------------------
+# planes
+
+
+class Plane(_Path):
+    """The plane through three checkpoints, scored on a grid (Garipov et al. 2018, Sec. 4).
+
+    Iterating yields one "vertex" item per checkpoint (its exact scores and plane coordinates), one
+    "cell" per grid point, row by row, then one "merge" per merge method of the three (its projection
+    onto the plane and its distance from it)."""
+
+    def __init__(self, a: str, b: str, c: str, tasks: Sequence[str] | str | None = None, *, grid: int = 7,
+                 margin: float = 0.25, split: str = "dev", limit: int | None = None, head_from: str | None = None,
+                 space: str = "auto", base: str | None = None, merges: Sequence[str | tuple[str, dict]] = (),
+                 progress: ProgressFn | None = None):
+        if margin < 0:
+            raise MergeLabError(f"margin must be at least 0, got {margin}")
+        super().__init__([a, b, c], tasks, split=split, limit=limit, head_from=head_from, space=space, base=base,
+                         merges=merges, progress=progress)
+        self.frame = paths.PlaneFrame.through(self.geometry)
+        self.xs, self.ys = self.frame.grid(grid, margin)
+
+    def _compute(self) -> Iterator[dict]:
+        cells = len(self.xs) * len(self.ys)
+        total, done = 3 + cells + len(self.merges), 0
+        for k, (x, y) in enumerate(self.frame.vertices()):
+            self._report(done / total, f"checkpoint {self.specs[k]}")
+            done += 1
+            unit = tuple(float(k == j) for j in range(3))
+            yield {"kind": "vertex", "model": self.specs[k], "x": x, "y": y, "scores": self.score(unit)}
+        for i, y in enumerate(self.ys):
+            for j, x in enumerate(self.xs):
+                self._report(done / total, f"grid point {done - 2}/{cells}")
+                done += 1
+                yield {"kind": "cell", "row": i, "col": j, "x": x, "y": y,
+                       "scores": self.score(self.frame.coefficients(x, y))}
+        for method, params in self.merges:
+            self._report(done / total, f"merge {method}")
+            done += 1
+            point, scores = self.merged(method, params)
+            geo = paths.geometry([*self.vertices, point], list(point))
+            x, y, off = self.frame.project(geo.dot(3, 1), geo.dot(3, 2), geo.dot(3, 3))
+            yield {"kind": "merge", "method": self._merge_label(method, params), "x": x, "y": y, "off_plane": off,
+                   "scores": scores}
+
+    def summary(self) -> dict:
+        cells = [i for i in self.items if i["kind"] == "cell"]
+        best = {}
+        for rig in self.rigs:
+            name, metric = rig.spec.name, rig.spec.main_metric
+            pick = (min if rig.spec.lower_is_better else max)(cells, key=lambda c: c["scores"][name][metric])
+            best[name] = {"metric": metric, "value": pick["scores"][name][metric], "x": pick["x"], "y": pick["y"]}
+        return {"kind": "summary", "models": self.specs, "space": self.space, "frame": self.frame.__dict__,
+                "xs": self.xs, "ys": self.ys, "heads": self._heads(), "best": best, "notes": self.notes,
+                "seconds": round(self.seconds, 2)}
+
+
+def plane(a: str, b: str, c: str, tasks: Sequence[str] | str | None = None, **options: Any) -> Plane:
+    """The plane through `a`, `b`, `c` scored on a grid; iterate it to stream the cells (see `Plane`)."""
+    return Plane(a, b, c, tasks, **options)
