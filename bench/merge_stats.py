@@ -50,6 +50,9 @@ def main() -> None:
     spec = args.models[0]
     task = ml.resolve(spec).metadata()["task"]
     settings = {"examples": args.examples}
+    # Warm-up, not timed: the first model load of a process imports transformers' model classes.
+    stats.compute(ml.resolve(spec), ml.get_task(task), "gram", {**stats.DEFAULTS, "examples": 8},
+                  progress=lambda *_: None)
     for kind, extra in (("gram", {}), ("grad_gram", {}), ("fisher", {"gradients": "per_example"}),
                         ("fisher", {"gradients": "batch_mean"})):
         options = {**stats.DEFAULTS, **settings, **extra}

@@ -1,6 +1,6 @@
 """`python -m merging_core <command>`: the engine from a shell.
 
-Commands: train, eval, zoo build, zoo list, tasks, merge, methods, compare, greedy, curve, plane, permute. Results go to
+Commands: train, eval, zoo build, zoo list, tasks, merge, methods, compare, greedy, curve, plane, align, permute. Results go to
 stdout (JSON with --json; `curve` and `plane` print one JSON line per point as it is computed); progress bars go
 to stderr; a bad input ends with one line `error: ...` on stderr and exit status 2.
 """
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from . import data, tasks, zoo
 from .arch import GROUPS
+from .align import ATTENTION, MERGE_TYPES, RESIDUAL, align, permute_checkpoint
 from .compare import compare, greedy, parse_method
 from .curves import SPACES, curve, plane
 from .paths import PATHS
@@ -140,6 +141,22 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--json", action="store_true", help="one JSON object per line, as computed, then the summary")
 
+    p = commands.add_parser("align", help="permute model B into model A's basis (permutation alignment)")
+    p.add_argument("--a", required=True, help="the model whose basis B is aligned to")
+    p.add_argument("--b", required=True, help="the model that is permuted")
+    p.add_argument("--merge-type", default="ff+attn", choices=list(MERGE_TYPES),
+                   help="which sites are permuted (the rest keep B's order)")
+    p.add_argument("--attention", default="head-perm", choices=list(ATTENTION))
+    p.add_argument("--residual", default="first", choices=list(RESIDUAL),
+                   help="which LayerNorm outputs give the residual order (sep: one per site)")
+    p.add_argument("--qk", action="store_true", help="a separate order for Q and K, from their outputs")
+    p.add_argument("--text", default="wikitext2", help="the task whose inputs give the activations")
+    p.add_argument("--split", default="train")
+    p.add_argument("--examples", type=_positive_int, default=256)
+    p.add_argument("--out", required=True, help="folder for B permuted (HF) + permutation, correlations, summary")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true")
+
     p = commands.add_parser("permute", help="write a randomly permuted copy of a checkpoint (same function)")
     p.add_argument("--model", required=True)
     p.add_argument("--kinds", default="ff,heads,residual", help="comma list of: ff, heads, residual")
@@ -222,9 +239,22 @@ def _run(args: argparse.Namespace) -> None:
             (_print_markdown if getattr(args, "markdown", False) else _print_table)(table, columns)
     elif args.command in ("curve", "plane"):
         _path(args)
+    elif args.command == "align":
+        result = align(args.a, args.b, merge_type=args.merge_type, attention=args.attention, residual=args.residual,
+                       qk=args.qk, text=args.text, split=args.split, examples=args.examples, out=args.out,
+                       overwrite=args.overwrite)
+        summary = result.summary()
+        if args.json:
+            print(json.dumps(summary))
+            return
+        print(f"saved {result.out}: {args.b} in {args.a}'s basis ({args.merge_type}, attention {args.attention}, "
+              f"residual {args.residual}{', separate Q/K' if args.qk else ''}); function-preserving: "
+              f"{'yes' if summary['function_preserving'] else 'no'}")
+        for site, values in summary["sites"].items():
+            if values["permuted"]:
+                print(f"  {site}: mean matched correlation {values['before']:.3f} -> {values['after']:.3f}")
+        print(f"  {summary['text']['tokens']} tokens; seconds: " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
     elif args.command == "permute":
-        from .align import permute_checkpoint
-
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
         out = permute_checkpoint(args.model, args.out, kinds=kinds, seed=args.seed, overwrite=args.overwrite)
         print(f"saved {out}: {args.model} with its {', '.join(kinds)} units permuted (seed {args.seed})")

@@ -140,6 +140,11 @@ def parse_method(text: str) -> tuple[str, dict[str, str]]:
     return name, params
 
 
+def method_label(name: str, params: dict) -> str:
+    """`ties (density=0.2)`: a method with the settings it was given, for tables and plots."""
+    return name + (" (" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")" if params else "")
+
+
 def compare(models: list[str], methods: list[str | tuple[str, dict]], *, base: str | None = None,
             multitask: str | None = None, ensemble: str = "logits", limit: int | None = None, split: str = "dev",
             progress: ProgressFn | None = None) -> Iterator[dict[str, Any]]:
@@ -173,8 +178,7 @@ def compare(models: list[str], methods: list[str | tuple[str, dict]], *, base: s
     for name, params in parsed:
         part = tick(name)
         result = merge(name, models, base=base, params=params, heads="auto", progress=part)
-        label = name + (" (" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")" if params else "")
-        yield _row(label, "merge", {t: scorer.merged(result, t) for t in tasks})
+        yield _row(method_label(name, params), "merge", {t: scorer.merged(result, t) for t in tasks})
 
 
 def greedy(models: list[str], method: str, params: dict | None = None, *, base: str | None = None,

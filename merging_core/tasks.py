@@ -13,7 +13,7 @@ from typing import Literal
 from .errors import MergeLabError
 
 Kind = Literal["classification", "regression", "token", "mlm"]
-Format = Literal["glue", "semicolon", "conll", "text"]
+Format = Literal["glue", "semicolon", "conll", "text", "corpus"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,14 @@ TASKS: dict[str, TaskSpec] = {
             hub=HubSource("Salesforce/wikitext", "wikitext-2-v1",
                           {"train": "train", "dev": "validation", "test": "test"}, ("text",), None),
             aliases=("mlm", "wikitext", "wikitext-2"),
+        ),
+        TaskSpec(
+            # Pretraining text from scratch (the different-initialization zoo): the train split is every
+            # training text in the data root (WikiText-2's test.txt and the sentences of the other tasks'
+            # train splits), the dev split WikiText-2's valid.txt, so its MLM scores compare with wikitext2's.
+            name="corpus", title="Data-root text (MLM)", kind="mlm", format="corpus", directory="wikitext-2",
+            files={"train": "test.txt", "dev": "valid.txt"}, metrics=("loss", "perplexity"),
+            aliases=("text", "pretraining"),
         ),
     ]
 }

@@ -136,8 +136,9 @@ def _mean_headline(tasks: list[str], dev: dict) -> float | None:
 
 
 def pairs() -> list[dict]:
-    """Pairs of zoo checkpoints worth a curve, by what separates them: the seed, the training step, the
-    data partition, or the task. Each: {"kind", "label", "a", "b", "tasks"}."""
+    """Pairs of zoo checkpoints worth a curve, by what separates them: the seed, the initialization (models
+    pretrained from scratch), the training step, the data partition, or the task. Each: {"kind", "label",
+    "a", "b", "tasks"}."""
     rows = [r for r in entries() if r["task"] and len(r["tasks"]) == 1 and r["kind"] in ("full", "lora")]
     found: list[dict] = []
 
@@ -146,10 +147,14 @@ def pairs() -> list[dict]:
                       "tasks": tasks})
 
     finals = [r for r in rows if "/" not in r["name"]]
+    by_name = {r["name"]: r for r in rows}
     for i, a in enumerate(finals):
         for b in finals[i + 1:]:
             same_run_settings = a["kind"] == b["kind"] and a["steps"] == b["steps"]
-            if a["task"] == b["task"] and a["partition"] == b["partition"] and a["seed"] != b["seed"] and same_run_settings:
+            origins = _origin(a, by_name), _origin(b, by_name)
+            if a["task"] == b["task"] and None not in origins and origins[0] != origins[1]:
+                add("different initializations", a, b, [a["task"]])
+            elif a["task"] == b["task"] and a["partition"] == b["partition"] and a["seed"] != b["seed"] and same_run_settings:
                 add("same task, different seeds", a, b, [a["task"]])
             elif a["task"] == b["task"] and a["partition"] != b["partition"]:
                 add("same task, different data partitions", a, b, [a["task"]])
@@ -167,3 +172,15 @@ def pairs() -> list[dict]:
         for b in tasks[i + 1:]:
             add("different tasks", a, b, [a["task"], b["task"]])
     return found
+
+
+def _origin(row: dict, by_name: dict[str, dict]) -> str | None:
+    """The zoo entry pretrained from scratch that a checkpoint descends from (None: from a pretrained model)."""
+    seen = set()
+    while row is not None and row["name"] not in seen:
+        seen.add(row["name"])
+        base = str(row.get("base") or "")
+        if base.startswith("scratch:"):
+            return row["name"]
+        row = by_name.get(base)
+    return None

@@ -47,7 +47,7 @@ def _rows(table: dict) -> list[dict]:
 
 def test_endpoints_are_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/evaluate", "/zoo_list", "/zoo_build", "/merge", "/curve", "/plane"} <= names
+    assert {"/evaluate", "/zoo_list", "/zoo_build", "/merge", "/curve", "/plane", "/align"} <= names
 
 
 def test_zoo_list_and_evaluate(client):
@@ -151,10 +151,13 @@ def test_curve_and_plane_endpoints(pico_cola_entry, client, app_home, pico):
     lines = open(csv).read().strip().splitlines()
     assert lines[0].startswith("path,kind,method,t,task") and len(lines) == 1 + 3 + 1  # 3 points, 1 merge
 
-    figure, status = client.predict("pico-sst2", "pico-sst2-b", "pico-cola", "sst2", 3, 8, [], "", api_name="/plane")
-    assert "Best accuracy on the grid" in status
-    kinds = [t["type"] for t in json.loads(figure["plot"])["data"]]
-    assert kinds[0] == "contour" and "scatter" in kinds
+    for show, title in (("metric", "accuracy"), ("loss", "loss")):
+        figure, status = client.predict("pico-sst2", "pico-sst2-b", "pico-cola", "sst2", 3, 8, [], "", show,
+                                        api_name="/plane")
+        assert "Best accuracy on the grid" in status
+        data = json.loads(figure["plot"])["data"]
+        assert [t["type"] for t in data][0] == "contour" and data[0]["colorbar"]["title"]["text"] == title
+        assert sum(len(row) for row in data[0]["z"]) == 9  # the 3 x 3 grid
 
     with pytest.raises(gradio_client.exceptions.AppError, match="pick two checkpoints"):
         client.predict("pico-sst2", "", ["sst2"], 3, "line", 8, "", "", [], 10, api_name="/curve")
@@ -162,3 +165,28 @@ def test_curve_and_plane_endpoints(pico_cola_entry, client, app_home, pico):
         client.predict("pico-sst2", "pico-sst2-b", ["sst2"], 1, "line", 8, "", "", [], 10, api_name="/curve")
     with pytest.raises(gradio_client.exceptions.AppError, match="none of pico-sst2, pico-sst2-b has a head for task emotion"):
         client.predict("pico-sst2", "pico-sst2-b", ["emotion"], 3, "line", 8, "", "", [], 10, api_name="/curve")
+
+
+def test_align_endpoint(client, app_home, pico):
+    """/align: heatmaps, then vanilla and aligned curves; aligning an exact permuted copy leaves no barrier."""
+    from merging_core.align import permute_checkpoint
+
+    from .conftest import copy_model
+
+    entry = copy_model(pico("wikitext2", seed=0), app_home / "zoo" / "pico-mlm")
+    (entry / "mergelab.json").write_text(json.dumps({"task": "wikitext2", "kind": "full", "seed": 0}))
+    permute_checkpoint("pico-mlm", app_home / "zoo" / "pico-mlm-permuted", seed=2)
+    status, summary, site, heatmap, heads, curves = client.predict(
+        "pico-mlm", "pico-mlm-permuted", "all", "head-perm", "first", True, "wikitext2", 16, [], 3, 4,
+        api_name="/align")
+    assert status.startswith("Done") and "function-preserving" in summary and "→ 1.000" in summary
+    assert site["value"] == "attn.0" and {"ff.0", "res.embeddings", "qk.1"} <= set(c[0] for c in site["choices"])
+    plot = json.loads(curves["plot"])
+    names = {t["name"] for t in plot["data"] if t.get("name")}
+    assert {"wikitext2 (vanilla)", "wikitext2 (aligned)"} <= names
+    aligned = [t for t in plot["data"] if t.get("name") == "wikitext2 (aligned)"]
+    losses = aligned[1]["y"]  # second subplot: the loss along the aligned line is flat (B is A again)
+    assert max(losses) - min(losses) < 1e-5
+    assert json.loads(heatmap["plot"])["data"][0]["type"] == "heatmap"
+    with pytest.raises(gradio_client.exceptions.AppError, match="pick two checkpoints"):
+        client.predict("pico-mlm", "", "all", "head-perm", "first", True, "wikitext2", 16, [], 3, 4, api_name="/align")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 
 
-def test_evaluate_tab_in_chromium(app_home):
+@contextmanager
+def app_page(width: int = 1280, height: int = 900):
+    """The app launched in-process and opened in headless Chromium; yields the page."""
     from views import build_app, launch_kwargs
 
     demo = build_app()
@@ -28,33 +31,38 @@ def test_evaluate_tab_in_chromium(app_home):
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
                 "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = browser.new_page(viewport={"width": width, "height": height})
             page.goto(url)
-            page.wait_for_selector("#zoo-table")
-            assert "pico-sst2" in page.inner_text("#zoo-table")
-            page.screenshot(path=str(ARTIFACTS / "zoo.png"), full_page=True)
-
-            page.get_by_role("tab", name="Evaluate").click()
-            page.locator("#eval-model input").click()
-            page.get_by_role("option", name="pico-sst2").click()
-            # choosing a zoo model preselects its own task (a server round trip)
-            sst2 = page.locator("#eval-tasks label", has_text="sst2").locator("input")
-            playwright.expect(sst2).to_be_checked(timeout=30_000)
-            page.get_by_label("Limit (first N examples; empty = all)").fill("16")
-            page.locator("#eval-run").click()
-            try:
-                page.wait_for_function("document.querySelector('#eval-table').innerText.includes('accuracy')",
-                                       timeout=60_000)
-            except playwright.Error:
-                page.screenshot(path=str(ARTIFACTS / "evaluate-failed.png"), full_page=True)
-                raise
-            page.wait_for_selector("#eval-run:not([disabled])")  # the run has finished
-            page.wait_for_selector("#eval-table .pending", state="detached")
-            assert "sst2" in page.inner_text("#eval-table")
-            page.screenshot(path=str(ARTIFACTS / "evaluate.png"), full_page=True)
+            yield page
             browser.close()
     finally:
         demo.close()
+
+
+def test_evaluate_tab_in_chromium(app_home):
+    with app_page() as page:
+        page.wait_for_selector("#zoo-table")
+        assert "pico-sst2" in page.inner_text("#zoo-table")
+        page.screenshot(path=str(ARTIFACTS / "zoo.png"), full_page=True)
+
+        page.get_by_role("tab", name="Evaluate").click()
+        page.locator("#eval-model input").click()
+        page.get_by_role("option", name="pico-sst2").click()
+        # choosing a zoo model preselects its own task (a server round trip)
+        sst2 = page.locator("#eval-tasks label", has_text="sst2").locator("input")
+        playwright.expect(sst2).to_be_checked(timeout=30_000)
+        page.get_by_label("Limit (first N examples; empty = all)").fill("16")
+        page.locator("#eval-run").click()
+        try:
+            page.wait_for_function("document.querySelector('#eval-table').innerText.includes('accuracy')",
+                                   timeout=60_000)
+        except playwright.Error:
+            page.screenshot(path=str(ARTIFACTS / "evaluate-failed.png"), full_page=True)
+            raise
+        page.wait_for_selector("#eval-run:not([disabled])")  # the run has finished
+        page.wait_for_selector("#eval-table .pending", state="detached")
+        assert "sst2" in page.inner_text("#eval-table")
+        page.screenshot(path=str(ARTIFACTS / "evaluate.png"), full_page=True)
 
 
 @pytest.fixture()
@@ -65,55 +73,37 @@ def pico_cola_entry(app_home, pico):
     return entry
 
 
-def _browser(p):
-    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"])
-
-
 def test_merge_tab_in_chromium(app_home, pico_cola_entry):
-    from views import build_app, launch_kwargs
-
-    demo = build_app()
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs())
-    ARTIFACTS.mkdir(exist_ok=True)
-    try:
-        with playwright.sync_playwright() as p:
-            browser = _browser(p)
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(url)
-            page.get_by_role("tab", name="Merge").click()
-            page.wait_for_selector("#merge-models")
-            for name in ("pico-sst2", "pico-cola"):
-                page.locator("#merge-models input").click()
-                page.get_by_role("option", name=name, exact=True).click()
-            page.locator("#merge-method input").click()
-            page.get_by_role("option", name="TIES · data-free").click()
-            # the method's docs and generated controls follow the dropdown (server round trips)
-            playwright.expect(page.locator("#merge-method-doc")).to_contain_text("Yadav", timeout=30_000)
-            playwright.expect(page.locator("#merge-params")).to_contain_text("density", timeout=30_000)
-            page.locator("#merge-base input").click()
-            page.get_by_role("option", name="pico-sst2", exact=True).click()
-            density = page.locator("#merge-params input[type=number]").first
-            density.fill("0.5")
-            density.press("Enter")
-            page.locator("#merge-limit input").fill("8")
-            page.locator("#merge-run").click()
-            try:
-                page.wait_for_function("document.querySelector('#merge-table').innerText.includes('ensemble')",
-                                       timeout=60_000)
-                playwright.expect(page.locator("#merge-status")).to_contain_text("first 8 examples", timeout=30_000)
-            except (playwright.Error, AssertionError):
-                page.screenshot(path=str(ARTIFACTS / "merge-failed.png"), full_page=True)
-                raise
-            page.wait_for_selector("#merge-table .pending", state="detached")
-            text = page.inner_text("#merge-table")
-            assert "ties-" in text and "pico-cola" in text and "pico-sst2" in text
-            assert "density=0.5" in page.inner_text("#merge-status")
-            page.screenshot(path=str(ARTIFACTS / "merge.png"), full_page=True)
-            browser.close()
-    finally:
-        demo.close()
+    with app_page() as page:
+        page.get_by_role("tab", name="Merge").click()
+        page.wait_for_selector("#merge-models")
+        for name in ("pico-sst2", "pico-cola"):
+            page.locator("#merge-models input").click()
+            page.get_by_role("option", name=name, exact=True).click()
+        page.locator("#merge-method input").click()
+        page.get_by_role("option", name="TIES · data-free").click()
+        # the method's docs and generated controls follow the dropdown (server round trips)
+        playwright.expect(page.locator("#merge-method-doc")).to_contain_text("Yadav", timeout=30_000)
+        playwright.expect(page.locator("#merge-params")).to_contain_text("density", timeout=30_000)
+        page.locator("#merge-base input").click()
+        page.get_by_role("option", name="pico-sst2", exact=True).click()
+        density = page.locator("#merge-params input[type=number]").first
+        density.fill("0.5")
+        density.press("Enter")
+        page.locator("#merge-limit input").fill("8")
+        page.locator("#merge-run").click()
+        try:
+            page.wait_for_function("document.querySelector('#merge-table').innerText.includes('ensemble')",
+                                   timeout=60_000)
+            playwright.expect(page.locator("#merge-status")).to_contain_text("first 8 examples", timeout=30_000)
+        except (playwright.Error, AssertionError):
+            page.screenshot(path=str(ARTIFACTS / "merge-failed.png"), full_page=True)
+            raise
+        page.wait_for_selector("#merge-table .pending", state="detached")
+        text = page.inner_text("#merge-table")
+        assert "ties-" in text and "pico-cola" in text and "pico-sst2" in text
+        assert "density=0.5" in page.inner_text("#merge-status")
+        page.screenshot(path=str(ARTIFACTS / "merge.png"), full_page=True)
 
 
 def test_curves_tab_in_chromium(app_home, pico):
@@ -121,33 +111,21 @@ def test_curves_tab_in_chromium(app_home, pico):
     entry = copy_model(pico("sst2", seed=5), app_home / "zoo" / "pico-sst2-b")
     (entry / "mergelab.json").write_text(json.dumps({"task": "sst2", "kind": "full", "seed": 1, "steps": 0,
                                                      "partition": None}))
-    from views import build_app, launch_kwargs
-
-    demo = build_app()
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs())
-    ARTIFACTS.mkdir(exist_ok=True)
-    try:
-        with playwright.sync_playwright() as p:
-            browser = _browser(p)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.get_by_role("tab", name="Curves").click()
-            page.locator("#curve-pair input").click()
-            page.get_by_role("option", name="same task, different seeds: pico-sst2 ↔ pico-sst2-b").click()
-            sst2 = page.locator("#curve-tasks label", has_text="sst2").locator("input")
-            playwright.expect(sst2).to_be_checked(timeout=30_000)  # the pair fills A, B and the tasks
-            page.locator("#curve-limit input").fill("8")
-            page.locator("#curve-run").click()
-            try:
-                playwright.expect(page.locator("#curve-status")).to_contain_text("Done in", timeout=120_000)
-            except AssertionError:
-                page.screenshot(path=str(ARTIFACTS / "curves-failed.png"), full_page=True)
-                raise
-            page.wait_for_selector("#curve-plot .js-plotly-plot")
-            summary = page.inner_text("#curve-summary")
-            assert "pico-sst2 ↔ pico-sst2-b" in summary and "loss barrier" in summary
-            assert page.locator("#curve-plot .scatterlayer .trace").count() >= 2  # metric and loss curves
-            page.screenshot(path=str(ARTIFACTS / "curves.png"), full_page=True)
-            browser.close()
-    finally:
-        demo.close()
+    with app_page(1400, 1000) as page:
+        page.get_by_role("tab", name="Curves").click()
+        page.locator("#curve-pair input").click()
+        page.get_by_role("option", name="same task, different seeds: pico-sst2 ↔ pico-sst2-b").click()
+        sst2 = page.locator("#curve-tasks label", has_text="sst2").locator("input")
+        playwright.expect(sst2).to_be_checked(timeout=30_000)  # the pair fills A, B and the tasks
+        page.locator("#curve-limit input").fill("8")
+        page.locator("#curve-run").click()
+        try:
+            playwright.expect(page.locator("#curve-status")).to_contain_text("Done in", timeout=120_000)
+        except AssertionError:
+            page.screenshot(path=str(ARTIFACTS / "curves-failed.png"), full_page=True)
+            raise
+        page.wait_for_selector("#curve-plot .js-plotly-plot")
+        summary = page.inner_text("#curve-summary")
+        assert "pico-sst2 ↔ pico-sst2-b" in summary and "loss barrier" in summary
+        assert page.locator("#curve-plot .scatterlayer .trace").count() >= 2  # metric and loss curves
+        page.screenshot(path=str(ARTIFACTS / "curves.png"), full_page=True)

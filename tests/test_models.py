@@ -131,3 +131,21 @@ def test_new_head_takes_the_task_labels_and_keeps_same_shape_weights(pico):
     assert rte.config.id2label == {0: "entailment", 1: "not_entailment"}
     assert torch.equal(rte.classifier.weight, sst2.classifier.weight)  # same shape: transferred, not re-drawn
     models.check_head("rte-from-sst2", models.model_head(rte), tasks.get_task("rte"))  # fits its new task
+
+
+def test_scratch_models_are_random_from_the_seed():
+    import torch
+
+    task = tasks.get_task("wikitext2")
+    torch.manual_seed(0)
+    first = models.load("scratch:tiny", task, new_head=True).model
+    torch.manual_seed(0)
+    again = models.load("scratch:tiny", task, new_head=True).model
+    torch.manual_seed(1)
+    other = models.load("scratch:tiny", task, new_head=True).model
+    name = "bert.encoder.layer.0.output.dense.weight"
+    assert torch.equal(first.state_dict()[name], again.state_dict()[name])
+    assert not torch.equal(first.state_dict()[name], other.state_dict()[name])
+    assert first.config.hidden_size == 128 and first.config.vocab_size == 30522  # MiniLM's tokenizer
+    with pytest.raises(MergeLabError, match="unknown scratch size 'scratch:huge'"):
+        models.resolve("scratch:huge")

@@ -124,3 +124,18 @@ def test_bad_label_names_the_file(data_env, tmp_path):
     data_env(tmp_path)
     with pytest.raises(MergeLabError, match=r"dev.tsv: label '7' is not one of"):
         data.load_split(tasks.get_task("sst2"), "dev")
+
+
+def test_corpus_gathers_every_training_text_and_keeps_wikitext_dev(data_env, rte_root):
+    data_env(rte_root)
+    spec = tasks.get_task("corpus")
+    train = data.load_split(spec, "train")
+    assert train.source.startswith("corpus:") and {"sst2", "emotion", "conll2003", "wikitext2", "rte"} <= set(
+        train.source.removeprefix("corpus:").split(","))
+    assert "The cat sat on the mat in the kitchen." in train.texts  # RTE's first sentence, on its own line
+    assert "A cat is on a mat." in train.texts  # and its second
+    sst2 = data.load_split(tasks.get_task("sst2"), "train")
+    assert sst2.texts[0][0] in train.texts
+    dev = data.load_split(spec, "dev")
+    assert dev.texts == data.load_split(tasks.get_task("wikitext2"), "dev").texts  # held out, comparable
+    assert data.local_fingerprint(spec, "train") != data.local_fingerprint(tasks.get_task("wikitext2"), "train")

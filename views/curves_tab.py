@@ -121,27 +121,35 @@ def _status(item: dict, kind: str, points: int) -> str:
     return f"{kind}: point {item['index'] + 1}/{points} (t = {item['t']:.2f})"
 
 
+def plane_view(plane: dict | None, show: str):
+    """The plane's heatmap from its stored points: the task's headline metric or its loss."""
+    if not plane or not plane.get("items"):
+        return gr.skip()
+    spec = ml.get_task(plane["task"])
+    key = "loss" if show == "loss" else spec.main_metric
+    return figures.plane_figure(plane["items"], spec.name, key, plane["labels"])
+
+
 @engine_errors
 def run_plane(a: str, b: str, c: str, task: str, grid: float, limit: float | None, merges: list[str] | None,
-              base: str | None, progress: gr.Progress = gr.Progress()):
-    """Stream the plane's heatmap: yields (figure, status)."""
+              base: str | None, show: str, progress: gr.Progress = gr.Progress()):
+    """Stream the plane's heatmap: yields (figure, status, the points kept for redrawing)."""
     if not all((m or "").strip() for m in (a, b, c)):
         raise ml.MergeLabError("pick three checkpoints, A, B and C, for a plane")
     if not task:
         raise ml.MergeLabError("pick the task whose scores the plane shows")
     run = ml.plane(a.strip(), b.strip(), c.strip(), [task], grid=int(grid), limit=_limit(limit),
                    merges=list(merges or []), base=(base or "").strip() or None, progress=progress_fn(progress))
-    metric = ml.get_task(task).main_metric
-    labels = {a.strip(): f"A: {a.strip()}", b.strip(): f"B: {b.strip()}", c.strip(): f"C: {c.strip()}"}
-    items = []
+    spec = ml.get_task(task)
+    plane = {"task": spec.name, "items": [],
+             "labels": {a.strip(): f"A: {a.strip()}", b.strip(): f"B: {b.strip()}", c.strip(): f"C: {c.strip()}"}}
     for item in run:
-        items.append(item)
+        plane["items"].append(item)
         if item["kind"] != "cell" or item["col"] == len(run.xs) - 1:  # redraw per row, not per cell
-            yield figures.plane_figure(items, ml.get_task(task).name, metric, labels), f"{len(items)} points scored…"
-    best = run.summary()["best"][ml.get_task(task).name]
-    yield (figures.plane_figure(items, ml.get_task(task).name, metric, labels),
-           f"Done in {run.seconds:.1f} s. Best {metric} on the grid: {best['value']:.4f} at "
-           f"(x {best['x']:.2f}, y {best['y']:.2f}).")
+            yield plane_view(plane, show), f"{len(plane['items'])} points scored…", plane
+    best = run.summary()["best"][spec.name]
+    yield (plane_view(plane, show), f"Done in {run.seconds:.1f} s. Best {best['metric']} on the grid: "
+           f"{best['value']:.4f} at (x {best['x']:.2f}, y {best['y']:.2f}).", plane)
 
 
 def pair_choices() -> list[tuple[str, str]]:
@@ -212,14 +220,18 @@ def build(demo: gr.Blocks) -> dict:
                                 info="the plane passes through A, B and C")
                 plane_task = gr.Dropdown(here, value=None, label="Task", elem_id="plane-task")
                 grid = gr.Slider(3, 15, value=7, step=1, label="Grid points per axis", elem_id="plane-grid")
+                show = gr.Radio(["metric", "loss"], value="metric", label="Heatmap of", elem_id="plane-show")
             plane_run = gr.Button("Run plane", elem_id="plane-run")
+            plane_state = gr.State(None)
             plane_status = gr.Markdown(elem_id="plane-status")
             plane_plot = gr.Plot(label="Plane", elem_id="plane-plot")
 
         pair.change(pick_pair, pair, [a, b, tasks], api_visibility="private")
         run.click(run_curve, [a, b, tasks, points, path, limit, head_from, base, merges, bend_steps],
                   [plot, summary, status, files], api_name="curve", concurrency_id="gpu", show_progress_on=status)
-        plane_run.click(run_plane, [a, b, c, plane_task, grid, limit, merges, base], [plane_plot, plane_status],
-                        api_name="plane", concurrency_id="gpu", show_progress_on=plane_status)
+        plane_run.click(run_plane, [a, b, c, plane_task, grid, limit, merges, base, show],
+                        [plane_plot, plane_status, plane_state], api_name="plane", concurrency_id="gpu",
+                        show_progress_on=plane_status)
+        show.change(plane_view, [plane_state, show], plane_plot, api_visibility="private")
         demo.load(refresh, None, [pair, a, b, c, head_from], api_visibility="private")
     return {"plot": plot, "summary": summary}

@@ -20,25 +20,28 @@ def _color(i: int) -> str:
 def curve_figure(curves: list[dict], tasks: list[tuple[str, str]]) -> go.Figure:
     """Metric (top) and loss (bottom) along one or more paths between the same two checkpoints.
 
-    `curves`: [{"path": "line" | "bezier", "items": [curve items as the engine yields them]}];
+    `curves`: [{"path": "line" | "bezier", "items": [curve items as the engine yields them], "label": optional
+    legend name, e.g. "aligned"}];
     `tasks`: [(task, headline metric)]. The grey dashed line joins each curve's end values: the barrier
     is the largest gap between it and the curve. Merges are markers at their projection on the line.
     """
     metrics = " · ".join(dict.fromkeys(f"{task} {metric}" for task, metric in tasks)) or "headline metric"
     figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                            subplot_titles=(metrics, "loss"))
-    for curve in curves:
+    for index, curve in enumerate(curves):
         points = [i for i in curve["items"] if i["kind"] == "point"]
         if not points:
             continue
+        label = curve.get("label", curve["path"])
+        dash = DASH.get(label, ("solid", "dot", "dash", "dashdot")[index % 4])
         ts = [p["t"] for p in points]
         for k, (task, metric) in enumerate(tasks):
             for row, key in ((1, metric), (2, "loss")):
                 values = [p["scores"][task][key] for p in points]
                 figure.add_trace(go.Scatter(
-                    x=ts, y=values, mode="lines+markers", name=f"{task} ({curve['path']})",
-                    legendgroup=f"{task}-{curve['path']}", showlegend=row == 1,
-                    line={"color": _color(k), "dash": DASH.get(curve["path"], "solid"), "width": 2.5},
+                    x=ts, y=values, mode="lines+markers", name=f"{task} ({label})",
+                    legendgroup=f"{task}-{label}", showlegend=row == 1,
+                    line={"color": _color(k), "dash": dash, "width": 2.5},
                     marker={"size": 6}, hovertemplate=f"{task} {key}: %{{y:.4f}}<br>t = %{{x:.2f}}<extra></extra>"),
                     row=row, col=1)
                 if len(points) > 1 and points[-1]["t"] == 1.0 and curve["path"] == "line":
@@ -62,6 +65,12 @@ def curve_figure(curves: list[dict], tasks: list[tuple[str, str]]) -> go.Figure:
     return figure
 
 
+def _label(figure: go.Figure, x: float, y: float, text: str, *, above: bool) -> None:
+    """A label in a light box, readable over any colour of the heatmap."""
+    figure.add_annotation(x=x, y=y, text=text, showarrow=False, yshift=16 if above else -16, font={"size": 12},
+                          bgcolor="rgba(255, 255, 255, 0.8)", borderpad=2)
+
+
 def plane_figure(items: list[dict], task: str, metric: str, labels: dict[str, str]) -> go.Figure:
     """A heatmap of `task`'s `metric` on the plane through three checkpoints, with the checkpoints and
     the merges marked (merges at their projection, their distance from the plane in the hover text)."""
@@ -78,20 +87,66 @@ def plane_figure(items: list[dict], task: str, metric: str, labels: dict[str, st
                                     hovertemplate=f"x %{{x:.2f}}, y %{{y:.2f}}<br>{metric} %{{z:.4f}}<extra></extra>"))
     vertices = [i for i in items if i["kind"] == "vertex"]
     if vertices:
+        names = [labels.get(v["model"], v["model"]) for v in vertices]
         figure.add_trace(go.Scatter(
-            x=[v["x"] for v in vertices], y=[v["y"] for v in vertices], mode="markers+text",
-            text=[labels.get(v["model"], v["model"]) for v in vertices], textposition="top center",
+            x=[v["x"] for v in vertices], y=[v["y"] for v in vertices], mode="markers", text=names,
             name="checkpoints", marker={"size": 14, "color": "white", "line": {"width": 2, "color": "#111827"}},
             customdata=[v["scores"][task][metric] for v in vertices],
             hovertemplate=f"%{{text}}<br>{metric} %{{customdata:.4f}}<extra></extra>"))
+        for v, name in zip(vertices, names):
+            _label(figure, v["x"], v["y"], name, above=True)
     for j, m in enumerate(i for i in items if i["kind"] == "merge"):
         figure.add_trace(go.Scatter(
-            x=[m["x"]], y=[m["y"]], mode="markers+text", text=[m["method"]], textposition="bottom center",
-            name=m["method"], marker={"symbol": MERGE_SYMBOLS[j % len(MERGE_SYMBOLS)], "size": 13, "color": "#f59e0b",
-                                      "line": {"width": 1.5, "color": "#111827"}},
+            x=[m["x"]], y=[m["y"]], mode="markers", name=m["method"],
+            marker={"symbol": MERGE_SYMBOLS[j % len(MERGE_SYMBOLS)], "size": 13, "color": "#f59e0b",
+                    "line": {"width": 1.5, "color": "#111827"}},
             hovertemplate=(f"{m['method']}<br>{metric} {m['scores'][task][metric]:.4f}<br>distance from the plane "
                            f"{m['off_plane']:.3g}<extra></extra>")))
+        _label(figure, m["x"], m["y"], m["method"], above=False)
     figure.update_layout(height=560, xaxis_title="x (parameter distance along A→B)",
                          yaxis_title="y (parameter distance, orthogonal)", **LAYOUT)
     figure.update_yaxes(scaleanchor="x", scaleratio=1)
+    return figure
+
+
+def alignment_figure(maps: dict) -> go.Figure:
+    """Cross-correlations of A's and B's units at one site, before and after B is permuted, for the first
+    units; the matched pairs (the permutation matrix) are marked on the left panel."""
+    figure = make_subplots(rows=1, cols=2, horizontal_spacing=0.08, subplot_titles=(
+        f"before: mean matched corr. {maps['mean_before']:.3f}", f"after: mean matched corr. {maps['mean_after']:.3f}"))
+    for col, key in ((1, "before"), (2, "after")):
+        figure.add_trace(go.Heatmap(z=maps[key], zmin=-1, zmax=1, colorscale="RdBu", reversescale=True,
+                                    showscale=col == 2, colorbar={"title": "corr."},
+                                    hovertemplate="A unit %{y}, B unit %{x}: %{z:.3f}<extra></extra>"), row=1, col=col)
+    if maps["matches"]:
+        figure.add_trace(go.Scatter(x=[j for _, j in maps["matches"]], y=[i for i, _ in maps["matches"]], mode="markers",
+                                    name="matched pair", marker={"symbol": "square-open", "size": 7, "color": "#111827"},
+                                    hovertemplate="A unit %{y} ↔ B unit %{x}<extra></extra>"), row=1, col=1)
+    shown = f"first {maps['shown']} of {maps['units']} units"
+    figure.update_xaxes(title_text=f"B's units ({shown})", row=1, col=1)
+    figure.update_xaxes(title_text="B's units, permuted", row=1, col=2)
+    figure.update_yaxes(title_text="A's units", autorange="reversed", row=1, col=1)
+    figure.update_yaxes(autorange="reversed", row=1, col=2)
+    figure.update_layout(height=470, **{**LAYOUT, "legend": {"orientation": "h", "y": -0.2, "x": 0}})
+    return figure
+
+
+def head_cost_figure(maps: dict) -> go.Figure:
+    """Head-Perm's cost: the summed matched correlation of every (A head, B head) pair, matches marked."""
+    figure = go.Figure()
+    cost = maps.get("head_cost")
+    if cost:
+        figure.add_trace(go.Heatmap(z=cost, colorscale="Viridis", colorbar={"title": "Σ corr."},
+                                    hovertemplate="A head %{y}, B head %{x}: %{z:.2f}<extra></extra>"))
+        order = maps.get("head_order") or []
+        figure.add_trace(go.Scatter(x=order, y=list(range(len(order))), mode="markers", name="matched heads",
+                                    marker={"symbol": "x", "size": 12, "color": "white",
+                                            "line": {"width": 1, "color": "#111827"}}))
+        figure.update_layout(title=f"head matching, {maps['site']}")
+    else:
+        figure.add_annotation(text="Head-Perm cost: pick an attention site (attn.<layer>) with head-perm matching",
+                              showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    figure.update_xaxes(title_text="B's heads")
+    figure.update_yaxes(title_text="A's heads", autorange="reversed")
+    figure.update_layout(height=470, **{**LAYOUT, "legend": {"orientation": "h", "y": -0.2, "x": 0}})
     return figure

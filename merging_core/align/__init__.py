@@ -1,6 +1,200 @@
 """Permutation alignment of checkpoints trained from different initializations (Verma & Elbayad 2024,
-on ZipIt!; algorithms.md A6). `permute` applies function-preserving permutations to a checkpoint."""
+"Merging Text Transformer Models from Different Initializations", built on ZipIt!; algorithms.md A6).
 
-from .permute import KINDS, Permutation, permute_checkpoint, permute_state, random_permutation
+`align(a, b)` runs both models on the same text, correlates their hidden units at every site
+(`features`), matches them with Hungarian solves (`match`) and writes B permuted into A's basis
+(`permute`). Averaging or interpolating A with that copy (`merging_core.merge`, `merging_core.curve`)
+is then a merge of aligned models; with a function-preserving setting the copy computes exactly what
+B computes.
+"""
 
-__all__ = ["KINDS", "Permutation", "permute_checkpoint", "permute_state", "random_permutation"]
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import settings
+from ..encode import encode
+from ..errors import MergeLabError
+from ..progress import ProgressFn, scaled, track
+from ..tasks import get_task
+from .features import correlations
+from .match import ATTENTION, MERGE_TYPES, RESIDUAL, Matching, check_settings, find_permutation
+from .permute import KINDS, Permutation, permute_checkpoint, permute_state, random_permutation, write_permuted
+
+SEED = 0  # which text examples are read
+ALIGNMENT = "alignment"  # the subfolder of an aligned model that records how it was aligned
+
+
+@dataclass
+class Alignment:
+    """What `align` found: B's permutation, the correlations it came from, where B permuted was written."""
+
+    a: str
+    b: str
+    matching: Matching
+    correlations: dict[str, torch.Tensor]  # site -> A units x B units, before alignment
+    out: Path
+    text: dict
+    seconds: dict[str, float]
+
+    def order(self, site: str) -> torch.Tensor | None:
+        """The order applied to B's units at a correlation site (None: left as they are)."""
+        perm, (kind, _, rest) = self.matching.permutation, site.partition(".")
+        layer = int(rest.split(".")[0]) if kind in ("ff", "attn", "qk") else None
+        return {"ff": perm.ff.get(layer), "attn": perm.vo.get(layer), "qk": perm.qk.get(layer),
+                "res": perm.site(rest)}.get(kind)
+
+    def aligned(self, site: str) -> torch.Tensor:
+        """The site's correlations with B's units in their new order (the diagonal: matched pairs)."""
+        order = self.order(site)
+        corr = self.correlations[site]
+        return corr if order is None else corr[:, order]
+
+    def heatmaps(self, site: str, size: int = 64) -> dict:
+        """Plain lists for a view: the first `size` units' correlations before and after alignment, the
+        matched pairs among them, and the layer's head-matching cost when the site has one."""
+        if site not in self.correlations:
+            raise MergeLabError(f"no correlation site {site!r}; sites: {', '.join(self.correlations)}")
+        corr, after = self.correlations[site], self.aligned(site)
+        n = min(size, corr.shape[0])
+        order = self.order(site)
+        matches = [(i, int(order[i])) for i in range(n) if int(order[i]) < n] if order is not None else []
+        layer = int(site.split(".")[1]) if site.startswith("attn.") else None
+        cost = self.matching.head_costs.get(layer) if layer is not None else None
+        return {"site": site, "units": corr.shape[0], "shown": n, "before": corr[:n, :n].tolist(),
+                "after": after[:n, :n].tolist(), "matches": matches, "permuted": order is not None,
+                "mean_before": float(corr.diagonal().mean()), "mean_after": float(after.diagonal().mean()),
+                "head_cost": cost.tolist() if cost is not None else None,
+                "head_order": self.matching.head_orders[layer].tolist() if layer in self.matching.head_orders else None}
+
+    def summary(self) -> dict:
+        """Settings, timings and, per site, the mean correlation of unit i of A with unit i of B
+        before and after the permutation."""
+        sites = {}
+        for site, corr in self.correlations.items():
+            before = float(corr.diagonal().mean())
+            sites[site] = {"before": before, "after": float(self.aligned(site).diagonal().mean()),
+                           "permuted": self.order(site) is not None}
+        m = self.matching
+        return {"a": self.a, "b": self.b, "out": str(self.out), "merge_type": m.merge_type, "attention": m.attention,
+                "residual": m.residual, "qk": m.qk, "function_preserving": m.function_preserving, "text": self.text,
+                "seconds": self.seconds, "sites": sites,
+                "head_costs": {str(layer): cost.tolist() for layer, cost in m.head_costs.items()},
+                "head_orders": {str(layer): order.tolist() for layer, order in m.head_orders.items()}}
+
+
+def text_batches(task: str, split: str, tokenizer, examples: int, batch_size: int, device) -> list[dict]:
+    """A seeded random subset of a task split's inputs, unmasked, in padded batches on the device."""
+    spec = get_task(task)
+    encoded = encode(spec, split, tokenizer)
+    index = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(SEED))[:examples]
+    pad = tokenizer.pad_token_id or 0
+    return [{k: v.to(device) for k, v in encoded.batch(index[i: i + batch_size], pad).items()}
+            for i in range(0, len(index), batch_size)]
+
+
+def align(a: str, b: str, *, merge_type: str = "ff+attn", attention: str = "head-perm", residual: str = "first",
+          qk: bool = False, text: str = "wikitext2", split: str = "train", examples: int = 256, batch_size: int = 16,
+          out: str | Path | None = None, overwrite: bool = False, progress: ProgressFn | None = None) -> Alignment:
+    """Align model B to model A and write B permuted into A's basis (see the module doc).
+
+    `merge_type` picks what is permuted (`MERGE_TYPES`), `attention` and `residual` how those sites are
+    matched, `qk` a separate order for Q and K; the features come from `examples` inputs of `text`'s
+    `split`. `out` receives B permuted (an HF folder) and, in `out/alignment/`, `permutation.safetensors`,
+    `correlations.safetensors` and `alignment.json`; by default a new folder under $MERGELAB_HOME/aligned.
+    """
+    from ..merge import check_compatible, open_checkpoint
+    from ..models import check_out, load
+
+    if examples < 1:
+        raise MergeLabError(f"examples must be at least 1, got {examples}")
+    check_settings(merge_type, attention, residual)
+    target = Path(out) if out is not None else None
+    if target is not None:
+        check_out(target, overwrite)  # before minutes of work
+    source_a, source_b = open_checkpoint(a), open_checkpoint(b)
+    check_compatible([source_a, source_b], None)
+    if source_b.ref.is_lora:
+        raise MergeLabError(f"model {b!r} is a LoRA module; align full checkpoints")
+    config = source_b.config
+    device = settings.device()
+    timings = {}
+    started = time.perf_counter()
+    model_a, model_b = load(a, device=device).model, load(b, device=device).model
+    batches = text_batches(text, split, source_a.tokenizer, examples, batch_size, device)
+    feature_progress = scaled(progress, 0.0, 0.8, "activations: ")
+    stream = track(batches, len(batches), "activations", feature_progress)
+    corrs = correlations(model_a, model_b, stream)
+    timings["features"] = time.perf_counter() - started
+    del model_a, model_b
+
+    started = time.perf_counter()
+    if progress:
+        progress(0.8, "matching")
+    matching = find_permutation(corrs, layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                                merge_type=merge_type, attention=attention, residual=residual, qk=qk)
+    timings["matching"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    if progress:
+        progress(0.9, "writing B in A's basis")
+    if target is None:
+        root = settings.home() / "aligned"
+        root.mkdir(parents=True, exist_ok=True)
+        stem = f"{Path(source_b.ref.name).name}-to-{Path(source_a.ref.name).name}-{merge_type}".replace("/", "_")
+        target = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=root)) / "model"
+    text_record = {"task": get_task(text).name, "split": split, "examples": sum(len(x["input_ids"]) for x in batches),
+                   "tokens": int(sum(int(x["attention_mask"].sum()) for x in batches))}
+    settings_record = {"merge_type": merge_type, "attention": attention, "residual": residual, "qk": qk}
+    write_permuted(source_b, matching.permutation, target,
+                   {"kind": "aligned", "aligned_from": source_b.ref.spec, "aligned_to": source_a.ref.spec,
+                    "base": source_b.ref.metadata().get("base"), "alignment": settings_record, "text": text_record,
+                    "function_preserving": matching.function_preserving}, overwrite=overwrite)
+    timings["apply"] = time.perf_counter() - started
+    result = Alignment(a, b, matching, corrs, target, text_record, {k: round(v, 3) for k, v in timings.items()})
+    # a subfolder: a model folder's own *.safetensors files are all read as its weights
+    record = target / ALIGNMENT
+    record.mkdir()
+    save_file(matching.permutation.tensors() or {"none": torch.zeros(0, dtype=torch.int64)},
+              record / "permutation.safetensors")
+    save_file({k: v.contiguous() for k, v in corrs.items()}, record / "correlations.safetensors")
+    (record / "alignment.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+    if progress:
+        progress(1.0, "aligned")
+    return result
+
+
+def load_alignment(folder: str | Path) -> Alignment:
+    """An alignment written by `align` (the aligned model's folder), to look at again without recomputing it."""
+    model_folder = Path(folder)
+    folder = model_folder / ALIGNMENT
+    if not (folder / "alignment.json").is_file():
+        raise MergeLabError(f"{model_folder} holds no alignment (no {ALIGNMENT}/alignment.json); "
+                            "run python -m merging_core align")
+    summary = json.loads((folder / "alignment.json").read_text())
+    perm = Permutation()
+    for key, order in load_file(folder / "permutation.safetensors").items():
+        kind, _, rest = key.partition(".")
+        if kind in ("ff", "qk", "vo"):
+            getattr(perm, kind)[int(rest)] = order
+        elif kind == "residual" and rest:
+            perm.residual = {**(perm.residual or {}), rest: order}
+        elif kind == "residual":
+            perm.residual = order
+    matching = Matching(perm, summary["merge_type"], summary["attention"], summary["residual"], summary["qk"],
+                        {int(k): torch.tensor(v) for k, v in summary["head_costs"].items()},
+                        {int(k): torch.tensor(v) for k, v in summary["head_orders"].items()})
+    return Alignment(summary["a"], summary["b"], matching, load_file(folder / "correlations.safetensors"),
+                     model_folder, summary["text"], summary["seconds"])
+
+
+__all__ = ["ATTENTION", "Alignment", "KINDS", "MERGE_TYPES", "Matching", "Permutation", "RESIDUAL", "align",
+           "find_permutation", "load_alignment", "permute_checkpoint", "permute_state", "random_permutation",
+           "text_batches", "write_permuted"]

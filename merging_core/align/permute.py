@@ -1,20 +1,24 @@
-"""Function-preserving permutations of a BERT-family checkpoint (Verma & Elbayad 2024; algorithms.md A6).
+"""Permutations of a BERT-family checkpoint's hidden units (Verma & Elbayad 2024; algorithms.md A6).
 
 A transformer computes the same function after any consistent relabelling of its hidden units:
 
 - **feed-forward** neurons of layer l, P (intermediate size): W1 ← P W1, b1 ← P b1, W2 ← W2 Pᵀ
   (rows of `intermediate.dense`, columns of `output.dense`);
-- **attention heads** of layer l, a head order plus, inside every head, one order of the dimensions
-  shared by Q and K (so every score qᵀk is unchanged) and one shared by V and the columns of W_O
-  (so every head's output is unchanged): rows of Q, K, V (and biases), columns of `attention.output.dense`;
-- **residual stream**, one P_res for the whole model: the hidden columns of the word, position and
-  token-type embeddings, every LayerNorm's γ and β, the rows (and bias) of every residual writer
-  (`attention.output.dense`, `output.dense`), the columns of every reader (Q, K, V, `intermediate.dense`,
-  the pooler, a token classifier, the MLM transform). The MLM transform's output is permuted too, because
-  the decoder is tied to the (column-permuted) word embeddings. LayerNorm statistics do not depend on
-  the order of the units, so the whole model is invariant.
+- **attention**: one row order of Q and K (so every score qᵀk is unchanged) and one of V and the
+  columns of W_O (so the attention output is unchanged), per layer. They preserve the function when
+  they are head-structured (a head order plus an order of the dimensions inside each head, `head_rows`),
+  because the softmax runs per head; an unstructured order (ignore-heads matching) does not;
+- **residual stream**, P_res: the hidden columns of the word, position and token-type embeddings,
+  every LayerNorm's γ and β, the rows (and bias) of every residual writer (`attention.output.dense`,
+  `output.dense`), the columns of every reader (Q, K, V, `intermediate.dense`, the pooler, a token
+  classifier, the MLM transform). The MLM transform's output takes the embeddings' order, because the
+  decoder is tied to the (column-permuted) word embeddings. LayerNorm statistics do not depend on the
+  order of the units, so one P_res for every site preserves the function. One order per LayerNorm site
+  ("sep") does not: the residual additions then mix differently ordered units.
 
-Tensors are canonical state dicts (`merging_core.stats.canonical` names) with their arch roles.
+Residual sites are named after the LayerNorm that closes them: `embeddings`, `attn.<l>` (after the
+attention block of layer l), `ff.<l>` (after its feed-forward block). Tensors are canonical state dicts
+(`merging_core.stats.canonical` names) described by their arch roles.
 """
 
 from __future__ import annotations
@@ -31,78 +35,97 @@ from ..arch import adapter_for
 from ..errors import MergeLabError
 
 KINDS = ("ff", "heads", "residual")
-
-# Roles whose input (columns, dim 1) is the residual stream, and whose output (rows) is.
-READS_RESIDUAL = ("query", "key", "value", "ff_in", "pooler", "mlm_transform", "mlm_decoder")
-WRITES_RESIDUAL = ("attn_out", "ff_out", "mlm_transform")
-EMBEDDINGS = ("word", "position", "token_type")
-LAYER_NORMS = ("ln_embeddings", "ln_attn", "ln_ff", "mlm_layer_norm")
+EMBEDDINGS = ("word", "position", "token_type", "ln_embeddings")
 
 
 @dataclass
 class Permutation:
-    """Index orders (new position i takes old unit order[i]); missing entries mean identity."""
+    """Index orders (new position i takes old unit order[i]); a missing entry means identity."""
 
-    residual: torch.Tensor | None = None  # (hidden,)
+    residual: torch.Tensor | dict[str, torch.Tensor] | None = None  # one order for every site, or one per site
     ff: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (intermediate,)
-    heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (num_heads,)
-    qk: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (num_heads, head_dim), per new head
-    vo: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (num_heads, head_dim), per new head
+    qk: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (hidden,) rows of Q and K
+    vo: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (hidden,) rows of V, columns of W_O
 
-    def attention_rows(self, layer: int, num_heads: int, head_dim: int, which: str) -> torch.Tensor | None:
-        """The row order of Q/K (`which`="qk") or V and W_O's columns ("vo") in one layer."""
-        heads = self.heads.get(layer)
-        inner = (self.qk if which == "qk" else self.vo).get(layer)
-        if heads is None and inner is None:
-            return None
-        heads = heads if heads is not None else torch.arange(num_heads)
-        inner = inner if inner is not None else torch.arange(head_dim).expand(num_heads, head_dim)
-        return (heads[:, None] * head_dim + inner).reshape(-1)
+    def site(self, name: str) -> torch.Tensor | None:
+        """The residual order at one site."""
+        if isinstance(self.residual, dict):
+            return self.residual.get(name)
+        return self.residual
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> order, e.g. for a safetensors file (`ff.3`, `qk.0`, `residual` or `residual.attn.2`)."""
+        out = {f"{kind}.{layer}": order for kind in ("ff", "qk", "vo") for layer, order in getattr(self, kind).items()}
+        if isinstance(self.residual, dict):
+            out.update({f"residual.{site}": order for site, order in self.residual.items()})
+        elif self.residual is not None:
+            out["residual"] = self.residual
+        return {k: v.to(torch.int64).clone() for k, v in out.items()}  # Q/K may share V's order: own copies
 
 
-def permute_state(state: dict[str, torch.Tensor], perm: Permutation, *, num_heads: int, model_type: str = "bert",
+def head_rows(heads: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """A head-structured row order: new head i is old head heads[i], its dimensions in order inner[i]."""
+    head_dim = inner.shape[-1]
+    return (heads[:, None] * head_dim + inner).reshape(-1)
+
+
+def _sites(role: str, layer: int | None, last: int) -> tuple[str | None, str | None]:
+    """(the residual site a parameter reads from, the site it writes to) for its role."""
+    before = "embeddings" if layer == 0 else f"ff.{layer - 1}" if layer is not None else None
+    return {
+        "query": (before, None), "key": (before, None), "value": (before, None),
+        "attn_out": (None, f"attn.{layer}"), "ln_attn": (None, f"attn.{layer}"),
+        "ff_in": (f"attn.{layer}", None), "ff_out": (None, f"ff.{layer}"), "ln_ff": (None, f"ff.{layer}"),
+        "pooler": (f"ff.{last}", None), "classifier": (f"ff.{last}", None),
+        "mlm_transform": (f"ff.{last}", "embeddings"), "mlm_layer_norm": (None, "embeddings"),
+        "mlm_decoder": ("embeddings", None),
+    }.get(role, ("embeddings", "embeddings") if role in EMBEDDINGS else (None, None))
+
+
+def permute_state(state: dict[str, torch.Tensor], perm: Permutation, *, model_type: str = "bert",
                   token_head: bool = False) -> dict[str, torch.Tensor]:
     """A permuted copy of a canonical state dict (see the module doc). `token_head`: the classifier reads
     the hidden states (token classification) rather than the pooled output."""
     adapter = adapter_for(model_type)
+    infos = {name: adapter.describe(name) for name in state}
+    last = max((i.layer for i in infos.values() if i.layer is not None), default=0)
     out = {}
     for name, tensor in state.items():
-        info = adapter.describe(name)
-        t = tensor
+        info, t = infos[name], tensor
         if info.group == "buffer" or not t.is_floating_point():
             out[name] = t
             continue
-        is_weight = name.endswith("weight")
-        layer = info.layer
+        is_weight, layer = name.endswith("weight"), info.layer
         # the layer's own units: rows of producers, columns of consumers
         if info.role == "ff_in" and layer in perm.ff:
             t = t[perm.ff[layer]]
         elif info.role == "ff_out" and layer in perm.ff and is_weight:
             t = t[:, perm.ff[layer]]
-        elif info.role in ("query", "key", "value", "attn_out") and layer is not None:
-            head_dim = (t.shape[0] if info.role != "attn_out" else t.shape[-1]) // num_heads
-            rows = perm.attention_rows(layer, num_heads, head_dim, "qk" if info.role in ("query", "key") else "vo")
-            if rows is not None:
-                if info.role != "attn_out":
-                    t = t[rows]
-                elif is_weight:
-                    t = t[:, rows]
+        elif info.role in ("query", "key") and layer in perm.qk:
+            t = t[perm.qk[layer]]
+        elif info.role == "value" and layer in perm.vo:
+            t = t[perm.vo[layer]]
+        elif info.role == "attn_out" and layer in perm.vo and is_weight:
+            t = t[:, perm.vo[layer]]
         # the residual stream
-        r = perm.residual
-        if r is not None:
-            if info.role in EMBEDDINGS or (info.role in LAYER_NORMS):
-                t = t[..., r]
-            else:
-                if info.role in WRITES_RESIDUAL:
-                    t = t[r]
-                reads = info.role in READS_RESIDUAL or (info.role == "classifier" and token_head)
-                if reads and is_weight:
-                    t = t[:, r]
+        reads, writes = _sites(info.role, layer, last)
+        if info.role == "classifier" and not token_head:
+            reads = None  # a sequence classifier reads the pooled output, not the residual stream
+        if info.role in EMBEDDINGS or info.role in ("ln_attn", "ln_ff", "mlm_layer_norm"):
+            order = perm.site(writes)
+            if order is not None:
+                t = t[..., order]
+            out[name] = t.contiguous()
+            continue
+        if writes is not None and perm.site(writes) is not None:
+            t = t[perm.site(writes)]
+        if reads is not None and is_weight and perm.site(reads) is not None:
+            t = t[:, perm.site(reads)]
         out[name] = t.contiguous()
     return out
 
 
-def random_permutation(config, *, seed: int = 0, kinds: tuple[str, ...] = ("ff", "heads", "residual")) -> Permutation:
+def random_permutation(config, *, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> Permutation:
     """A random function-preserving permutation of a model with this config (`kinds` ⊆ ff, heads, residual)."""
     if not kinds or set(kinds) - set(KINDS):
         raise MergeLabError(f"permutation kinds must be a non-empty subset of {list(KINDS)}, got {list(kinds)}")
@@ -110,38 +133,47 @@ def random_permutation(config, *, seed: int = 0, kinds: tuple[str, ...] = ("ff",
     heads, hidden = config.num_attention_heads, config.hidden_size
     head_dim = hidden // heads
     perm = Permutation()
+
+    def inner() -> torch.Tensor:
+        return torch.stack([torch.randperm(head_dim, generator=generator) for _ in range(heads)])
+
     for layer in range(config.num_hidden_layers):
         if "ff" in kinds:
             perm.ff[layer] = torch.randperm(config.intermediate_size, generator=generator)
         if "heads" in kinds:
-            perm.heads[layer] = torch.randperm(heads, generator=generator)
-            perm.qk[layer] = torch.stack([torch.randperm(head_dim, generator=generator) for _ in range(heads)])
-            perm.vo[layer] = torch.stack([torch.randperm(head_dim, generator=generator) for _ in range(heads)])
+            order = torch.randperm(heads, generator=generator)
+            perm.qk[layer], perm.vo[layer] = head_rows(order, inner()), head_rows(order, inner())
     if "residual" in kinds:
         perm.residual = torch.randperm(hidden, generator=generator)
     return perm
 
 
-def permute_checkpoint(spec: str, out: str | Path, *, kinds: tuple[str, ...] = ("ff", "heads", "residual"),
-                       seed: int = 0, overwrite: bool = False) -> Path:
+def write_permuted(source, perm: Permutation, out: str | Path, metadata: dict, *, overwrite: bool = False) -> Path:
+    """Write `source` (an open merge.Checkpoint) permuted by `perm` as an HF folder, atomically."""
+    from ..models import METADATA, copy_tokenizer, staging
+
+    state = permute_state({n: source.get(n) for n in source.names}, perm, model_type=source.config.model_type,
+                          token_head=source.head.kind == "token")
+    with staging(out, overwrite=overwrite) as tmp:
+        save_file({source.names[n]: t for n, t in state.items()}, tmp / "model.safetensors", {"format": "pt"})
+        source.config.save(tmp)
+        copy_tokenizer(source.ref, tmp)
+        meta = {"task": source.task, "seed": source.ref.metadata().get("seed"),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **metadata}
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out)
+
+
+def permute_checkpoint(spec: str, out: str | Path, *, kinds: tuple[str, ...] = KINDS, seed: int = 0,
+                       overwrite: bool = False) -> Path:
     """Write a randomly permuted copy of a checkpoint: the same function, another point in weight space
     (so the straight line between a model and its permuted copy crosses a loss barrier)."""
     from ..merge import open_checkpoint  # the engine's lazy reader (canonical names)
-    from ..models import METADATA, copy_tokenizer, staging
 
     source = open_checkpoint(spec)
     if source.ref.is_lora:
         raise MergeLabError(f"model {spec!r} is a LoRA module; permute full checkpoints")
-    config = source.config
-    perm = random_permutation(config, seed=seed, kinds=kinds)
-    state = permute_state({n: source.get(n) for n in source.names}, perm, num_heads=config.num_attention_heads,
-                          model_type=config.model_type, token_head=source.head.kind == "token")
-    with staging(out, overwrite=overwrite) as tmp:
-        save_file({source.names[n]: t for n, t in state.items()}, tmp / "model.safetensors", {"format": "pt"})
-        config.save(tmp)
-        copy_tokenizer(source.ref, tmp)
-        metadata = {"kind": "permuted", "task": source.task, "permuted_from": source.ref.spec,
-                    "permutation": {"kinds": list(kinds), "seed": seed}, "seed": source.ref.metadata().get("seed"),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
-    return Path(out)
+    perm = random_permutation(source.config, seed=seed, kinds=kinds)
+    return write_permuted(source, perm, out, {"kind": "permuted", "permuted_from": source.ref.spec,
+                                              "permutation": {"kinds": list(kinds), "seed": seed}},
+                          overwrite=overwrite)

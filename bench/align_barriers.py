@@ -1,0 +1,114 @@
+"""MLM-loss barriers of interpolation between models pretrained from different seeds, vanilla and after
+each kind of permutation alignment (issue 5; Verma & Elbayad 2024, Table 1's setting at small scale).
+
+    MERGELAB_HOME=/tmp/zoo-home python bench/align_barriers.py [--models scratch-s0 scratch-s1 scratch-s2]
+        [--points 11] [--limit 256] [--examples 256] [--glue]
+
+For every pair of the models: the correlations are computed once (`align.features`), then every
+variant is matched, B is written permuted into A's basis, and the line from A to it is scored on
+WikiText-2 dev (MLM loss; `--limit` 128-token blocks). Barrier = max over the line of the loss minus
+the straight line between the end losses; A6's variant (minus the mean of the ends) is kept too.
+`--glue` adds the same for the SST-2 fine-tunes of the models (`<model>-sst2`), on SST-2 dev.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import print_table, write_results
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import merging_core as ml  # noqa: E402
+from merging_core.align import find_permutation, text_batches, write_permuted  # noqa: E402
+from merging_core.align.features import correlations  # noqa: E402
+from merging_core.merge import open_checkpoint  # noqa: E402
+
+# (label, merge type, attention, residual)
+VARIANTS = [
+    ("vanilla averaging", "vanilla", "head-perm", "first"),
+    ("ff only", "ff_only", "head-perm", "first"),
+    ("attention, monotonic", "attn_only", "monotonic", "first"),
+    ("attention, ignore-heads", "attn_only", "ignore-heads", "first"),
+    ("attention, Head-Perm", "attn_only", "head-perm", "first"),
+    ("ff + attention (Head-Perm)", "ff+attn", "head-perm", "first"),
+    ("residual only, first", "res_only", "head-perm", "first"),
+    ("residual only, last", "res_only", "head-perm", "last"),
+    ("residual only, all", "res_only", "head-perm", "all"),
+    ("residual only, sep", "res_only", "head-perm", "sep"),
+    ("ff + residual (first)", "ff+res", "head-perm", "first"),
+    ("all (Head-Perm, residual first)", "all", "head-perm", "first"),
+]
+
+
+def pair_barriers(a: str, b: str, task: str, text: str, args, work: Path) -> dict[str, dict]:
+    """Barrier of every variant for one pair."""
+    source_a, source_b = open_checkpoint(a), open_checkpoint(b)
+    config = source_b.config
+    models = [ml.load(spec).model for spec in (a, b)]
+    batches = text_batches(text, "train", source_a.tokenizer, args.examples, 16, next(models[0].parameters()).device)
+    corrs = correlations(*models, batches)
+    del models
+    out = {}
+    for label, merge_type, attention, residual in VARIANTS:
+        started = time.perf_counter()
+        matching = find_permutation(corrs, layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                                    merge_type=merge_type, attention=attention, residual=residual)
+        folder = write_permuted(source_b, matching.permutation, work / f"{Path(a).name}-{Path(b).name}-{merge_type}"
+                                f"-{attention}-{residual}", {"kind": "aligned"}, overwrite=True)
+        run = ml.curve(a, str(folder), task, points=args.points, limit=args.limit)
+        list(run)
+        barrier = run.summary()["barriers"][ml.get_task(task).name]
+        out[label] = {"loss_barrier": barrier["loss_barrier"], "vs_mean_ends": barrier["loss_barrier_vs_mean_ends"],
+                      "metric_barrier": barrier["metric_barrier"], "midpoint_loss": run.points[len(run.points) // 2][
+                          "scores"][ml.get_task(task).name]["loss"], "ends": barrier["ends"]["loss"],
+                      "function_preserving": matching.function_preserving,
+                      "seconds": round(time.perf_counter() - started, 1)}
+        print(a, b, label, {k: v for k, v in out[label].items() if k != "ends"}, flush=True)
+    return out
+
+
+def table(models: list[str], task: str, text: str, args, work: Path) -> tuple[list[dict], dict]:
+    per_pair = {f"{a} ~ {b}": pair_barriers(a, b, task, text, args, work) for a, b in itertools.combinations(models, 2)}
+    rows = []
+    for label, *_ in VARIANTS:
+        values = [pair[label] for pair in per_pair.values()]
+        barriers = [v["loss_barrier"] for v in values]
+        rows.append({"task": task, "variant": label, "pairs": len(values),
+                     "loss_barrier_mean": statistics.mean(barriers),
+                     "loss_barrier_sd": statistics.stdev(barriers) if len(barriers) > 1 else 0.0,
+                     "vs_mean_ends": statistics.mean(v["vs_mean_ends"] for v in values),
+                     "metric_barrier_mean": statistics.mean(v["metric_barrier"] for v in values),
+                     "function_preserving": values[0]["function_preserving"]})
+    return rows, per_pair
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["scratch-s0", "scratch-s1", "scratch-s2"])
+    parser.add_argument("--points", type=int, default=11)
+    parser.add_argument("--limit", type=int, default=256)
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--glue", action="store_true", help="also the SST-2 fine-tunes, on SST-2")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="align_barriers-"))
+    rows, details = table(args.models, "wikitext2", "wikitext2", args, work)
+    if args.glue:
+        glue_rows, glue_details = table([f"{m}-sst2" for m in args.models], "sst2", "sst2", args, work)
+        rows += glue_rows
+        details.update(glue_details)
+    print_table(rows, ["task", "variant", "pairs", "loss_barrier_mean", "loss_barrier_sd", "vs_mean_ends",
+                       "metric_barrier_mean", "function_preserving"])
+    write_results("align_barriers", {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/align_barriers.py"
+                                     + (" --glue" if args.glue else ""), "models": args.models, "points": args.points,
+                                     "limit": args.limit, "examples": args.examples, "rows": rows, "pairs": details})
+
+
+if __name__ == "__main__":
+    main()
