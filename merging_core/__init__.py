@@ -12,6 +12,7 @@ The public API, shared by the CLI (`python -m merging_core ...`) and the Gradio 
     for point in run: print(point["t"], point["scores"]["sst2"]["accuracy"])
     run.summary()["barriers"]
     ml.align("scratch-s0", "scratch-s1", merge_type="ff+attn", attention="head-perm")  # B permuted into A's basis
+    ml.ensemble("sst2", similarity="loss", shots=32)  # other tasks' LoRA modules, weighted, as a few-shot start
 
 Nothing here downloads at import time, and nothing here imports gradio.
 """
@@ -25,6 +26,7 @@ from .errors import MergeLabError  # noqa: E402
 from .compare import compare, greedy  # noqa: E402
 from .merge import MergeResult, available_methods, merge, merge_from_config  # noqa: E402
 from .align import align  # noqa: E402  (the package `align` and its function: see above)
+from .ensemble import ensemble  # noqa: E402  (likewise)
 
 # Everything else loads on first use (PEP 562), so `python -m merging_core merge` does not pay for
 # training or metrics it does not run.
@@ -53,4 +55,4 @@ def __getattr__(name: str):
 __all__ = ["data", "settings", "stats", "zoo", "MergeLabError", "Evaluator", "evaluate", "Loaded", "load", "resolve",
            "save", "TASKS", "get_task", "TrainConfig", "train", "merge", "merge_from_config", "MergeResult",
            "available_methods", "METHODS", "get_method", "compare", "greedy", "curve", "plane", "Curve", "Plane",
-           "paths", "curves", "align", "__version__"]
+           "paths", "curves", "align", "ensemble", "__version__"]

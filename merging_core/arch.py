@@ -6,8 +6,8 @@ and layer. An adapter knows this for one model family from parameter names alone
 state dicts read lazily from safetensors, without building the model.
 
 Names are matched after stripping wrapper prefixes (`bert.`, `roberta.`, PEFT's `base_model.model.`);
-LoRA factors (`lora_A` / `lora_B`) and PEFT head copies (`modules_to_save`) map to the group of the
-layer they adapt.
+LoRA factors (`lora_A` / `lora_B`), (IA)³ scaling vectors (`ia3_l`) and PEFT head copies
+(`modules_to_save`) map to the group of the layer they adapt.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class ParamInfo:
     group: str  # one of GROUPS, or "buffer" for non-trainable entries such as position ids
     role: str  # finer: word, query, key, value, attn_out, ff_in, ff_out, ln_attn, classifier, ...
     layer: int | None  # transformer layer index, None outside the layer stack
-    lora: str | None = None  # "A" / "B" for LoRA factors
+    factor: str | None = None  # an adapter's own tensor: "A" / "B" (LoRA factors), "ia3" ((IA)³ scaling vector)
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Adapter:
     mlm_head_attr: str  # attribute of the *ForMaskedLM model holding the vocabulary projection
 
     def describe(self, name: str) -> ParamInfo:
-        core, lora = _strip_peft(name)
+        core, factor = _strip_peft(name)
         for prefix in self.prefixes:
             if core.startswith(prefix):
                 core = core[len(prefix):]
@@ -50,7 +50,7 @@ class Adapter:
             match = pattern.fullmatch(core)
             if match:
                 layer = match.groupdict().get("layer")
-                return ParamInfo(name, group, role, int(layer) if layer is not None else None, lora)
+                return ParamInfo(name, group, role, int(layer) if layer is not None else None, factor)
         raise MergeLabError(f"parameter {name!r} is not known to the {self.family} adapter; "
                             "MergeLab cannot tell which component it belongs to")
 
@@ -70,10 +70,18 @@ _PEFT_WRAPPERS = re.compile(
 )
 
 
+# (IA)³: `key.ia3_l.<adapter>` (live) or `key.ia3_l` (file), a vector scaling the layer `key`.
+_IA3 = re.compile(r"\.ia3_l(?:\.[^.]+)?$")
+
+
 def _strip_peft(name: str) -> tuple[str, str | None]:
-    """The name of the base-model parameter behind a PEFT name, and the LoRA factor ("A"/"B") if any."""
+    """The name of the base-model parameter behind a PEFT name, and the adapter factor ("A"/"B" for LoRA,
+    "ia3" for an (IA)³ vector) if any."""
+    core = name.removeprefix("base_model.model.")
+    if _IA3.search(core):
+        return _IA3.sub(".weight", core), "ia3"
     lora = re.search(r"\.lora_([AB])\.", name)
-    return _PEFT_WRAPPERS.sub("", name.removeprefix("base_model.model.")), lora.group(1) if lora else None
+    return _PEFT_WRAPPERS.sub("", core), lora.group(1) if lora else None
 
 
 _LAYER = r"encoder\.layer\.(?P<layer>\d+)\."

@@ -1,6 +1,7 @@
 """`python -m merging_core <command>`: the engine from a shell.
 
-Commands: train, eval, zoo build, zoo list, tasks, merge, methods, compare, greedy, curve, plane, align, permute. Results go to
+Commands: train, eval, zoo build, zoo list, tasks, merge, methods, compare, greedy, curve, plane, align, permute,
+ensemble. Results go to
 stdout (JSON with --json; `curve` and `plane` print one JSON line per point as it is computed); progress bars go
 to stderr; a bad input ends with one line `error: ...` on stderr and exit status 2.
 """
@@ -17,11 +18,13 @@ from .arch import GROUPS
 from .align import ATTENTION, MERGE_TYPES, RESIDUAL, align, permute_checkpoint
 from .compare import compare, greedy, parse_method
 from .curves import SPACES, curve, plane
+from .ensemble import GRANULARITIES, ensemble
+from .ensemble import MEASURES as ENSEMBLE_MEASURES
 from .paths import PATHS
 from .errors import MergeLabError
 from .evaluation import evaluate
 from .merge import FALLBACKS, HEAD_POLICIES, available_methods, merge
-from .training import SAMPLING, TrainConfig, train
+from .training import PEFT_KINDS, SAMPLING, TrainConfig, train
 
 
 def _positive_int(text: str) -> int:
@@ -42,10 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=_positive_int, default=300)
     p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-4 full, 5e-4 LoRA, 1e-3 head-only")
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-4 full, 5e-4 LoRA, 3e-3 (IA)3, 1e-3 head-only")
     p.add_argument("--partition", default="iid", help="iid | iid:K/N | label-skew:K/N[@P]")
     p.add_argument("--save-every", type=_positive_int, default=None, help="also save a checkpoint every N steps")
-    p.add_argument("--peft", choices=["lora"], default=None)
+    p.add_argument("--peft", choices=list(PEFT_KINDS), default=None, help="train a LoRA or (IA)3 module")
     p.add_argument("--head-only", action="store_true", help="freeze the encoder, train the task head only")
     p.add_argument("--eval-limit", type=_positive_int, default=None, help="score on the first N dev examples")
     p.add_argument("--sampling", choices=list(SAMPLING), default="proportional",
@@ -134,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--limit", type=_positive_int, default=None, help="first N examples of each task")
         q.add_argument("--head-from", default=None, help="score tasks neither model has a head for with this model's head")
         q.add_argument("--space", choices=list(SPACES), default="auto",
-                       help="LoRA modules: interpolate the modules (module) or the folded weights (weights)")
+                       help="adapter modules (LoRA, (IA)3): interpolate the modules (module) or the folded weights (weights)")
         q.add_argument("--base", default=None, help="the pretrained model (task-vector cosine; task-vector merges)")
         q.add_argument("--merges", nargs="+", default=[], metavar="METHOD",
                        help="merges to place on the path, e.g. average ties:density=0.2")
@@ -163,6 +166,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = commands.add_parser("ensemble", help="weight adapter modules by similarity to a target; few-shot transfer")
+    p.add_argument("--target", required=True, help="the target task")
+    p.add_argument("--sources", nargs="+", default=None,
+                   help="adapter modules (default: the zoo's modules of --kind trained on other tasks)")
+    p.add_argument("--kind", choices=["lora", "ia3"], default="lora", help="which zoo modules are the default sources")
+    p.add_argument("--similarity", default="loss", choices=list(ENSEMBLE_MEASURES))
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default: the measure's)")
+    p.add_argument("--granularity", choices=list(GRANULARITIES), default="model",
+                   help="one set of weights, one per layer, or one per block (per-layer measures)")
+    p.add_argument("--shots", type=_positive_int, default=32, help="target training examples")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=_positive_int, default=50, help="few-shot tuning steps (batch 8)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N target dev examples")
+    p.add_argument("--json", action="store_true")
 
     p = commands.add_parser("tasks", help="the task registry and which tasks the data root holds")
     p.add_argument("--json", action="store_true")
@@ -254,6 +272,20 @@ def _run(args: argparse.Namespace) -> None:
             if values["permuted"]:
                 print(f"  {site}: mean matched correlation {values['before']:.3f} -> {values['after']:.3f}")
         print(f"  {summary['text']['tokens']} tokens; seconds: " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
+    elif args.command == "ensemble":
+        result = ensemble(args.target, args.sources, similarity=args.similarity, temperature=args.temperature,
+                          shots=args.shots, seeds=args.seeds, granularity=args.granularity, steps=args.steps,
+                          limit=args.limit, kind=args.kind)
+        summary = result.summary()
+        if args.json:
+            print(json.dumps(summary))
+            return
+        print(f"{result.target}: {result.similarity} similarity, temperature {result.temperature}, {result.shots} shots")
+        for source in result.sources:
+            scores = ", ".join(f"{s.scores[result.similarity][source]:.4f}" for s in result.scores)
+            weights = ", ".join(f"{w[source]:.3f}" for w in result.weights)
+            print(f"  {source}: similarity {scores}; weight {weights}")
+        _print_table(result.table(), ["init", "seeds", "metric", "mean", "sd"])
     elif args.command == "permute":
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
         out = permute_checkpoint(args.model, args.out, kinds=kinds, seed=args.seed, overwrite=args.overwrite)

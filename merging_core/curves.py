@@ -15,9 +15,10 @@ too when every checkpoint has a head fitting that task (same task, other seed or
 task is scored with the head of the checkpoint trained on it, held fixed (different tasks), or with the
 head of `head_from` (e.g. the zoo's `mlm-head`, for the MLM loss along a path between two classifiers).
 
-**LoRA.** Between two LoRA modules on one base, the path moves the tuned parameters only, the LoRA
-factors and the task head ("module space", as Qin et al. interpolate adapters); the base stays fixed
-and is never folded. Any other pair, LoRA folded into its base included, moves in weight space.
+**Adapters.** Between two PEFT modules of one kind on one base (LoRA, (IA)³), the path moves the tuned
+parameters only, the LoRA factors or (IA)³ vectors and the task head ("module space", as Qin et al.
+interpolate adapters); the base stays fixed and is never folded. Any other pair, adapters folded into
+their base included, moves in weight space.
 
 **Bezier curves** train their bend θ_C from the midpoint (Garipov et al. 2018, Sec. 3.2): every step
 draws t ~ U(0, 1), takes a training batch at θ(t) and moves θ_C along ∂L/∂θ_C = 2t(1 − t) ∂L/∂θ(t)
@@ -42,7 +43,7 @@ from .compare import load_canonical, method_label, parse_method
 from .errors import MergeLabError
 from .evaluation import Evaluator
 from .merge import Checkpoint, check_compatible, merge, open_checkpoint, recorded_base
-from .models import (ModelRef, check_head, head_info, load, load_lora_module, lora_base, peft_file_name, read_config,
+from .models import (ModelRef, check_head, head_info, load, load_adapter, adapter_base, peft_file_name, read_config,
                      resolve)
 from .progress import ProgressFn, scaled, track
 from .stats import canonical, weights_fingerprint
@@ -53,8 +54,9 @@ from .training import task_loss, train_batches
 HEAD_GROUPS = ("head", "mlm_head")
 SPACES = ("auto", "weights", "module")
 LORA_FILE = "adapter_model.safetensors"
-# LoRA settings that must agree for two modules to share one module space.
-LORA_KEYS = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
+# Adapter settings that must agree for two modules to share one module space.
+ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "feedforward_modules", "use_rslora", "use_dora",
+                "rank_pattern", "alpha_pattern")
 
 
 @dataclass
@@ -73,37 +75,37 @@ class Rig:
 # opening checkpoints in weight or module space
 
 
-def _lora_settings(ref: ModelRef) -> dict:
+def _adapter_settings(ref: ModelRef) -> dict:
     config = json.loads((ref.path / "adapter_config.json").read_text())
-    return {k: (sorted(config[k]) if isinstance(config.get(k), list) else config.get(k)) for k in LORA_KEYS}
+    return {k: (sorted(config[k]) if isinstance(config.get(k), list) else config.get(k)) for k in ADAPTER_KEYS}
 
 
 def _module_space(refs: list[ModelRef], space: str) -> tuple[bool, str | None]:
-    """Whether the path runs in LoRA module space, and a note when `auto` falls back to weight space."""
+    """Whether the path runs in adapter module space, and a note when `auto` falls back to weight space."""
     if space not in SPACES:
         raise MergeLabError(f"space must be one of {list(SPACES)}, got {space!r}")
     if space == "weights":
         return False, None
-    loras = [r.is_lora for r in refs]
+    adapters = [r.is_adapter for r in refs]
     reason = None
-    if not all(loras):
-        reason = "not every checkpoint is a LoRA module"
-    elif len({weights_fingerprint(lora_base(r)) for r in refs}) > 1:
-        reason = "the LoRA modules have different base models"
-    elif any(_lora_settings(r) != _lora_settings(refs[0]) for r in refs[1:]):
-        reason = "the LoRA modules differ in rank, alpha or target modules"
-    elif _lora_settings(refs[0])["use_dora"]:
+    if not all(adapters):
+        reason = "not every checkpoint is an adapter module"
+    elif len({weights_fingerprint(adapter_base(r)) for r in refs}) > 1:
+        reason = "the adapter modules have different base models"
+    elif any(_adapter_settings(r) != _adapter_settings(refs[0]) for r in refs[1:]):
+        reason = "the adapter modules differ in kind, rank, alpha or target modules"
+    elif _adapter_settings(refs[0])["use_dora"]:
         reason = "DoRA modules are not supported in module space"
     if reason is None:
         return True, None
     if space == "module":
-        raise MergeLabError(f"space 'module' needs LoRA modules of one kind on one base, but {reason}; "
-                            "use space 'weights' (LoRA folded into its base)")
-    return False, (f"weight space: {reason} (LoRA modules are folded into their base)" if any(loras) else None)
+        raise MergeLabError(f"space 'module' needs adapter modules of one kind on one base, but {reason}; "
+                            "use space 'weights' (adapters folded into their base)")
+    return False, (f"weight space: {reason} (adapters are folded into their base)" if any(adapters) else None)
 
 
 def _module_checkpoint(ref: ModelRef) -> Checkpoint:
-    """A LoRA module's own tensors (factors and head), named canonically, read lazily."""
+    """An adapter module's own tensors (LoRA factors or (IA)³ vectors, and the head), canonically named, lazily read."""
     config = read_config(ref)
     reader = LazyFiles([ref.path / LORA_FILE])
     adapter = adapter_for(config.model_type)
@@ -161,7 +163,7 @@ class _Path:
         self.merges = [parse_method(m) if isinstance(m, str) else tuple(m) for m in merges]
         if self.merges and self.module_space:
             raise MergeLabError("merge points are placed on weight-space paths; drop the merges or use space "
-                                "'weights' for LoRA modules")
+                                "'weights' for adapter modules")
         self.user_base = base  # merges get it as given (they find a recorded base themselves)
         self.base = base or recorded_base(self.checkpoints)
 
@@ -204,7 +206,7 @@ class _Path:
             owner, how = fitting[0].ref, f"fixed: {fitting[0].ref.spec}'s head"
         elif head_from:
             if self.module_space:
-                raise MergeLabError("head_from works on weight-space paths; use space 'weights' for LoRA modules")
+                raise MergeLabError("head_from works on weight-space paths; use space 'weights' for adapter modules")
             donor = open_checkpoint(head_from)
             check_compatible([self.checkpoints[0], donor], None)
             check_head(head_from, donor.head, spec)
@@ -213,7 +215,7 @@ class _Path:
             raise MergeLabError(f"none of {', '.join(self.specs)} has a head for task {spec.name}; pick one of their "
                                 f"tasks or pass head_from (--head-from) a model with such a head, e.g. mlm-head for MLM")
         if self.module_space:
-            model = load_lora_module(owner).to(self.device).eval()
+            model = load_adapter(owner).to(self.device).eval()
         else:
             model = load(owner, spec, device=self.device).model
         params = _parameters(model, self.module_space)

@@ -35,8 +35,8 @@ from . import __version__, settings
 from .arch import GROUPS, ParamInfo, adapter_for
 from .errors import MergeLabError
 from .methods import METHODS, Method, TensorJob, get_method, sum_weighted
-from .models import (METADATA, ConfigView, HeadInfo, ModelRef, check_out, copy_tokenizer, head_info, load,
-                     load_tokenizer, read_config, resolve, staging, vocabulary_fingerprint)
+from .models import (HEAD_SUFFIXES, METADATA, ConfigView, HeadInfo, ModelRef, check_out, copy_tokenizer, head_info,
+                     load, load_tokenizer, read_config, resolve, staging, vocabulary_fingerprint)
 from .progress import ProgressFn, scaled, track
 from .stats import canonical, load_stats, statistics
 from .tasks import TASKS, TaskSpec, get_task
@@ -91,11 +91,11 @@ def open_checkpoint(spec: str | ModelRef, *, allow_pickle: bool = False) -> Chec
                             "checkpoints, so use the models it came from")
     config = read_config(ref)
     head = head_info(ref, config)
-    files = sorted(ref.path.glob("*.safetensors")) if ref.path is not None and not ref.is_lora else []
+    files = sorted(ref.path.glob("*.safetensors")) if ref.path is not None and not ref.is_adapter else []
     if files:
         reader: LazyFiles | InMemory = LazyFiles(files)
     else:  # LoRA (folded in), opted-in pickle or hub: the whole state dict in memory
-        task = get_task(ref.metadata()["task"]) if ref.is_lora else None
+        task = get_task(ref.metadata()["task"]) if ref.is_adapter else None
         model = load(ref, task, allow_pickle=allow_pickle, device="cpu").model
         reader = InMemory({k: v.detach() for k, v in model.state_dict().items()})
     adapter = adapter_for(config.model_type)
@@ -447,7 +447,7 @@ def _write(folder: Path, plan: Plan, tensors: Iterator[tuple[str, torch.Tensor]]
 def _encoder_class(config: ConfigView) -> str:
     """The bare encoder class of a model family, e.g. BertModel for BertForSequenceClassification."""
     for name in config.get("architectures") or []:
-        for suffix in ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForPreTraining"):
+        for suffix in HEAD_SUFFIXES:
             if name.endswith(suffix):
                 return name.removesuffix(suffix) + "Model"
         if name.endswith("Model"):

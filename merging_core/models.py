@@ -117,7 +117,8 @@ class ModelRef:
         return json.loads((self.path / METADATA).read_text())
 
     @property
-    def is_lora(self) -> bool:
+    def is_adapter(self) -> bool:
+        """A PEFT adapter module (LoRA or (IA)³) trained on a base model, not a full checkpoint."""
         return self.path is not None and (self.path / "adapter_config.json").is_file()
 
 
@@ -155,11 +156,11 @@ def resolve(spec: str) -> ModelRef:
     return ModelRef(spec, "hub", spec)
 
 
-def lora_base(ref: ModelRef) -> ModelRef:
-    """The base model a LoRA module was trained on, as recorded in its metadata."""
+def adapter_base(ref: ModelRef) -> ModelRef:
+    """The base model an adapter module was trained on, as recorded in its metadata."""
     meta = ref.metadata()
     if "base" not in meta:
-        raise MergeLabError(f"LoRA module {ref.spec!r} has no {METADATA} naming its base model")
+        raise MergeLabError(f"adapter module {ref.spec!r} has no {METADATA} naming its base model")
     try:
         return resolve(meta["base"])
     except MergeLabError:  # a relative base path written elsewhere: fall back to where it was found
@@ -184,8 +185,8 @@ def load_config(ref: ModelRef):
         vocab = len(load_tokenizer(ref))
         return hf().BertConfig(vocab_size=vocab, **SCRATCH_SIZES[ref.location[len(SCRATCH):]])
     with _hub_errors(ref):
-        if ref.is_lora:
-            return hf().AutoConfig.from_pretrained(lora_base(ref).location)
+        if ref.is_adapter:
+            return hf().AutoConfig.from_pretrained(adapter_base(ref).location)
         return hf().AutoConfig.from_pretrained(ref.location)
 
 
@@ -213,9 +214,9 @@ class ConfigView(dict):
 
 
 def read_config(ref: ModelRef) -> ConfigView:
-    """The config of a checkpoint (a LoRA module: of its base) as a `ConfigView`; read from the file
+    """The config of a checkpoint (an adapter module: of its base) as a `ConfigView`; read from the file
     when the checkpoint is a local folder, through transformers otherwise (hub ids)."""
-    folder = lora_base(ref).path if ref.is_lora else ref.path
+    folder = adapter_base(ref).path if ref.is_adapter else ref.path
     if folder is not None and (folder / "config.json").is_file():
         try:
             return ConfigView(json.loads((folder / "config.json").read_text()))
@@ -287,12 +288,13 @@ class HeadInfo:
     labels: tuple[str, ...] = ()  # empty when the checkpoint only has generic LABEL_i names
 
 
+# Class-name suffixes of the task models of a family (BertForSequenceClassification, ...) -> head kind.
+HEAD_SUFFIXES = {"ForSequenceClassification": "sequence", "ForTokenClassification": "token", "ForMaskedLM": "mlm",
+                 "ForPreTraining": "mlm"}
+
+
 def _head_kind(class_name: str) -> str | None:
-    for suffix, kind in (("ForSequenceClassification", "sequence"), ("ForTokenClassification", "token"),
-                         ("ForMaskedLM", "mlm"), ("ForPreTraining", "mlm")):
-        if class_name.endswith(suffix):
-            return kind
-    return None
+    return next((kind for suffix, kind in HEAD_SUFFIXES.items() if class_name.endswith(suffix)), None)
 
 
 def _head_from_config(kind: str | None, config) -> HeadInfo:
@@ -304,8 +306,8 @@ def _head_from_config(kind: str | None, config) -> HeadInfo:
 
 
 def head_info(ref: ModelRef, config=None) -> HeadInfo:
-    """What head a checkpoint on disk carries, from its config (or, for LoRA modules, its metadata)."""
-    if ref.is_lora:
+    """What head a checkpoint on disk carries, from its config (or, for adapter modules, its metadata)."""
+    if ref.is_adapter:
         spec = get_task(ref.metadata()["task"])
         return HeadInfo(spec.head, spec.num_labels, spec.labels)
     config = config or load_config(ref)
@@ -398,8 +400,8 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
         for key, value in (task_head_kwargs(task) if task is not None else {}).items():
             setattr(config, key, value)
         model = head_class(task.head if task is not None else None).from_config(config)
-    elif ref.is_lora:
-        model = _load_lora(ref, task, allow_pickle)
+    elif ref.is_adapter:
+        model = _load_adapter(ref, task, allow_pickle)
     else:
         config = load_config(ref)
         head = head_info(ref, config)
@@ -460,20 +462,21 @@ def write_multihead(folder: Path, encoder: torch.nn.Module, heads: dict[str, dic
     (folder / METADATA).write_text(json.dumps({**metadata, "heads": files}, indent=2) + "\n")
 
 
-def _load_lora(ref: ModelRef, task: TaskSpec | None, allow_pickle: bool) -> torch.nn.Module:
-    """A LoRA module on its base model, with the adapted weights folded in (plain modules run faster)."""
+def _load_adapter(ref: ModelRef, task: TaskSpec | None, allow_pickle: bool) -> torch.nn.Module:
+    """An adapter module on its base model, folded into the weights (plain modules run faster)."""
     if task is not None:
         check_head(ref.spec, head_info(ref), task)
-    return load_lora_module(ref, allow_pickle=allow_pickle).merge_and_unload()
+    return load_adapter(ref, allow_pickle=allow_pickle).merge_and_unload()
 
 
-def load_lora_module(ref: ModelRef, *, allow_pickle: bool = False) -> torch.nn.Module:
-    """A LoRA module as a live `PeftModel` on its base (on the CPU, not folded in): its LoRA factors and
-    task head are parameters of their own, named as in the module's file plus PEFT's adapter name."""
+def load_adapter(ref: ModelRef, *, allow_pickle: bool = False) -> torch.nn.Module:
+    """An adapter module (LoRA, (IA)³) as a live `PeftModel` on its base (on the CPU, not folded in): its
+    factors or scaling vectors and its task head are parameters of their own, named as in the module's
+    file plus PEFT's adapter name."""
     from peft import PeftModel
 
     own_task = get_task(ref.metadata()["task"])
-    base = load(lora_base(ref), own_task, new_head=True, allow_pickle=allow_pickle, device="cpu").model
+    base = load(adapter_base(ref), own_task, new_head=True, allow_pickle=allow_pickle, device="cpu").model
     return PeftModel.from_pretrained(base, ref.location)
 
 
@@ -482,6 +485,8 @@ def peft_file_name(parameter: str, adapter: str = "default") -> str | None:
     layer kept beside a trained head copy)."""
     if ".original_module." in parameter or ".base_layer." in parameter:
         return None
+    if parameter.endswith(f".ia3_l.{adapter}"):  # (IA)³ vectors: the adapter name is the last part
+        return parameter[: -len(adapter) - 1]
     for wrapper in (f".modules_to_save.{adapter}.", f".lora_A.{adapter}.", f".lora_B.{adapter}."):
         parameter = parameter.replace(wrapper, "." if "modules_to_save" in wrapper else wrapper[: -len(adapter) - 1])
     return parameter

@@ -1,6 +1,6 @@
 """Fine-tune one checkpoint on one task: the models of the zoo.
 
-Full fine-tuning, LoRA (via `peft`), or head-only training (the encoder frozen; this is how the MLM
+Full fine-tuning, parameter-efficient modules (LoRA or (IA)³, via `peft`), or head-only training (the encoder frozen; this is how the MLM
 head of the packaged MiniLM, which ships without one, is trained). AdamW with linear warm-up and
 decay, gradient clipping at 1.0, batches of similar lengths (less padding, same examples per epoch).
 MLM batches are masked on the fly from a generator seeded by the run's seed.
@@ -45,6 +45,9 @@ from .tasks import TaskSpec, get_task
 
 
 SAMPLING = ("proportional", "sqrt", "round-robin")
+PEFT_KINDS = ("lora", "ia3")
+IA3_TARGETS = r".*(attention\.self\.(key|value)|layer\.\d+\.output\.dense)$"
+IA3_FEEDFORWARD = r".*layer\.\d+\.output\.dense$"
 
 
 @dataclass
@@ -60,7 +63,7 @@ class TrainConfig:
     max_length: int = 128
     partition: str = "iid"
     save_every: int | None = None  # also keep a checkpoint every N steps
-    peft: str | None = None  # "lora"
+    peft: str | None = None  # "lora" | "ia3" (parameter-efficient modules; see PEFT_KINDS)
     lora_r: int = 8
     lora_alpha: int = 16
     head_only: bool = False
@@ -71,7 +74,7 @@ class TrainConfig:
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 1e-3 if self.head_only else 5e-4 if self.peft else 1e-4
+        return 1e-3 if self.head_only else {"lora": 5e-4, "ia3": 3e-3}.get(self.peft, 1e-4)
 
     @property
     def task_specs(self) -> tuple[TaskSpec, ...]:
@@ -123,15 +126,21 @@ def _trainable(model: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Par
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _wrap_lora(model: torch.nn.Module, spec: TaskSpec, config: TrainConfig) -> torch.nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model
+def wrap_peft(model: torch.nn.Module, spec: TaskSpec, config: TrainConfig) -> torch.nn.Module:
+    """LoRA on the attention query and value (Hu et al. 2022), or (IA)³ scaling keys, values and the
+    feed-forward activations (Liu et al. 2022); the task type keeps the classifier trainable and saved."""
+    from peft import IA3Config, LoraConfig, TaskType, get_peft_model
 
     if spec.kind == "mlm":
-        raise MergeLabError("--peft lora is for tasks with a classification head; train MLM heads with --head-only")
+        raise MergeLabError(f"--peft {config.peft} is for tasks with a classification head; train MLM heads with "
+                            "--head-only")
     task_type = TaskType.TOKEN_CLS if spec.kind == "token" else TaskType.SEQ_CLS
-    lora = LoraConfig(task_type=task_type, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.1,
-                      target_modules=["query", "value"])
-    return get_peft_model(model, lora)  # the task type keeps the classifier trainable and saved
+    if config.peft == "lora":
+        adapter = LoraConfig(task_type=task_type, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.1,
+                             target_modules=["query", "value"])
+    else:  # regexes: a plain "output.dense" would also catch the attention's output layer
+        adapter = IA3Config(task_type=task_type, target_modules=IA3_TARGETS, feedforward_modules=IA3_FEEDFORWARD)
+    return get_peft_model(model, adapter)
 
 
 def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
@@ -143,8 +152,8 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     specs = config.task_specs
     if config.steps < 1:
         raise MergeLabError(f"--steps must be at least 1, got {config.steps}")
-    if config.peft not in (None, "lora"):
-        raise MergeLabError(f"--peft {config.peft!r} is not supported; use --peft lora")
+    if config.peft not in (None, *PEFT_KINDS):
+        raise MergeLabError(f"--peft {config.peft!r} is not supported; use one of: {', '.join(PEFT_KINDS)}")
     if config.sampling not in SAMPLING:
         raise MergeLabError(f"sampling {config.sampling!r} is not known; use one of: {', '.join(SAMPLING)}")
     if len(specs) > 1:
@@ -157,7 +166,7 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     loaded = load(config.base, spec, new_head=True, device=device)
     model, tokenizer = loaded.model, loaded.tokenizer
     if config.peft:
-        model = _wrap_lora(model, spec, config)
+        model = wrap_peft(model, spec, config)
 
     train_data = _partitioned(encode(spec, "train", tokenizer, config.max_length), part, spec)
     dev = Evaluator(spec, tokenizer, "dev", config.eval_limit, device=device, max_length=config.max_length)
@@ -168,7 +177,7 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     batches = _length_grouped_batches(train_data.lengths, config.batch_size, generator)
 
     base_meta = {
-        "mergelab": __version__, "kind": "lora" if config.peft else "full", "base": loaded.ref.spec,
+        "mergelab": __version__, "kind": config.peft or "full", "base": loaded.ref.spec,
         "base_location": loaded.ref.location, "task": spec.name, "seed": config.seed,
         "partition": str(part), "train_examples": len(train_data), "train": asdict(config),
         "learning_rate": config.learning_rate, "head": spec.head, "labels": list(spec.labels),

@@ -139,7 +139,7 @@ def pairs() -> list[dict]:
     """Pairs of zoo checkpoints worth a curve, by what separates them: the seed, the initialization (models
     pretrained from scratch), the training step, the data partition, or the task. Each: {"kind", "label",
     "a", "b", "tasks"}."""
-    rows = [r for r in entries() if r["task"] and len(r["tasks"]) == 1 and r["kind"] in ("full", "lora")]
+    rows = [r for r in entries() if r["task"] and len(r["tasks"]) == 1 and r["kind"] in ("full", "lora", "ia3")]
     found: list[dict] = []
 
     def add(kind: str, a: dict, b: dict, tasks: list[str]) -> None:

@@ -39,7 +39,8 @@ def mergelab_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    return Path(os.environ["MERGELAB_DATA"])
+    # absolute, so that fixtures may symlink into it from elsewhere (CI sets a relative path)
+    return Path(os.environ["MERGELAB_DATA"]).resolve()
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ def _rows(table: dict) -> list[dict]:
 
 def test_endpoints_are_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/evaluate", "/zoo_list", "/zoo_build", "/merge", "/curve", "/plane", "/align"} <= names
+    assert {"/evaluate", "/zoo_list", "/zoo_build", "/merge", "/curve", "/plane", "/align", "/ensemble"} <= names
 
 
 def test_zoo_list_and_evaluate(client):
@@ -190,3 +190,23 @@ def test_align_endpoint(client, app_home, pico):
     assert json.loads(heatmap["plot"])["data"][0]["type"] == "heatmap"
     with pytest.raises(gradio_client.exceptions.AppError, match="pick two checkpoints"):
         client.predict("pico-mlm", "", "all", "head-perm", "first", True, "wikitext2", 16, [], 3, 4, api_name="/align")
+
+
+def test_ensemble_endpoint(client, app_home, pico):
+    """/ensemble: the zoo's modules of other tasks weighted by similarity, and the few-shot comparison."""
+    import merging_core as ml
+
+    for task in ("cola", "emotion"):
+        ml.train(ml.TrainConfig(task=task, base=str(pico(None)), steps=2, batch_size=4, peft="lora", eval_limit=8),
+                 app_home / "zoo" / f"lora-{task}")
+    plot, table, status = client.predict("sst2", "lora", [], "loss", -1.0, "model", 8, "0,1", 5, 8,
+                                         api_name="/ensemble")
+    assert "best start" in status and "--set weights=" in status
+    rows = _rows(table)
+    assert [r["init"] for r in rows] == ["fresh", "uniform", "weighted"] and all(r["seeds"] == 2 for r in rows)
+    bars = [t for t in json.loads(plot["plot"])["data"] if t["type"] == "bar"]
+    assert {tuple(t["x"]) for t in bars} == {("lora-cola", "lora-emotion")}
+    weights = [t["y"] for t in bars if t.get("showlegend") is False]  # the right panel: weights, one bar set per seed
+    assert all(sum(w) == pytest.approx(1.0) for w in weights)
+    with pytest.raises(gradio_client.exceptions.AppError, match="seeds must be integers"):
+        client.predict("sst2", "lora", [], "loss", -1.0, "model", 8, "zero", 5, 8, api_name="/ensemble")

@@ -41,9 +41,9 @@ def test_roberta_head_and_prefix():
 
 def test_peft_names_map_to_the_adapted_layer():
     info = arch.BERT.describe("base_model.model.bert.encoder.layer.3.attention.self.value.lora_B.default.weight")
-    assert (info.group, info.role, info.layer, info.lora) == ("attention", "value", 3, "B")
+    assert (info.group, info.role, info.layer, info.factor) == ("attention", "value", 3, "B")
     head = arch.BERT.describe("base_model.model.classifier.modules_to_save.default.weight")
-    assert (head.group, head.lora) == ("head", None)
+    assert (head.group, head.factor) == ("head", None)
 
 
 def test_unknown_names_and_types_are_errors():

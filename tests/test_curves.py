@@ -198,7 +198,7 @@ def test_lora_modules_move_in_module_space(pico, tmp_path):
         assert _scores(item, "sst2")["loss"] == pytest.approx(own["loss"], abs=1e-5)
     folded = curve(*modules, "sst2", points=3, limit=LIMIT, space="weights")
     assert folded.space == "weights" and "encoder.layer.0.attention.self.query.weight" in folded.names
-    with pytest.raises(ml.MergeLabError, match="space 'module' needs LoRA modules"):
+    with pytest.raises(ml.MergeLabError, match="space .module. needs adapter modules"):
         curve(modules[0], str(pico("sst2", 0)), "sst2", space="module")
 
 

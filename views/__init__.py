@@ -11,7 +11,7 @@ import gradio as gr
 
 import merging_core as ml
 
-from . import curves_tab, evaluate_tab, merge_tab, permute_tab, zoo_tab
+from . import curves_tab, ensemble_tab, evaluate_tab, merge_tab, permute_tab, zoo_tab
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -32,6 +32,7 @@ def build_app() -> gr.Blocks:
             merge_tab.build(demo)
             curves_tab.build(demo)
             permute_tab.build(demo)
+            ensemble_tab.build(demo)
     demo.queue(max_size=32)
     return demo
 

@@ -150,3 +150,36 @@ def head_cost_figure(maps: dict) -> go.Figure:
     figure.update_yaxes(title_text="A's heads", autorange="reversed")
     figure.update_layout(height=470, **{**LAYOUT, "legend": {"orientation": "h", "y": -0.2, "x": 0}})
     return figure
+
+
+def similarity_figure(scores: list[dict[str, float]], weights: list[dict[str, float]], measure: str,
+                      temperature: float) -> go.Figure:
+    """Each source module's similarity to the target and its weight at this temperature (one bar per seed)."""
+    figure = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                           subplot_titles=(f"similarity ({measure}; higher = closer)", f"weight, T = {temperature:.3g}"))
+    for seed, (s, w) in enumerate(zip(scores, weights)):
+        names = list(s)
+        figure.add_trace(go.Bar(x=names, y=[s[n] for n in names], name=f"seed {seed + 1}", marker_color=_color(seed),
+                                legendgroup=str(seed), hovertemplate="%{x}: %{y:.4f}<extra></extra>"), row=1, col=1)
+        figure.add_trace(go.Bar(x=names, y=[w[n] for n in names], name=f"seed {seed + 1}", marker_color=_color(seed),
+                                legendgroup=str(seed), showlegend=False,
+                                hovertemplate="%{x}: weight %{y:.3f}<extra></extra>"), row=1, col=2)
+    figure.update_yaxes(range=[0, 1], row=1, col=2)
+    figure.update_layout(height=420, barmode="group", **LAYOUT)
+    return figure
+
+
+def matrix_figure(matrix: dict, weights: dict[str, dict[str, float]], temperature: float) -> go.Figure:
+    """Leave-one-out heatmaps: similarity and weight of every task's module (columns) for every target (rows)."""
+    targets, modules = matrix["tasks"], matrix["modules"]
+    sim = [[matrix["scores"][t].get(m) for m in modules] for t in targets]
+    wts = [[weights[t].get(m) for m in modules] for t in targets]
+    figure = make_subplots(rows=1, cols=2, horizontal_spacing=0.14, subplot_titles=(
+        f"similarity ({matrix['measure']})", f"weight, T = {temperature:.3g}"))
+    figure.add_trace(go.Heatmap(z=sim, x=modules, y=targets, colorscale="Viridis", colorbar={"x": 0.43},
+                                hovertemplate="target %{y}, module %{x}: %{z:.4f}<extra></extra>"), row=1, col=1)
+    figure.add_trace(go.Heatmap(z=wts, x=modules, y=targets, colorscale="Blues", zmin=0, zmax=1,
+                                hovertemplate="target %{y}, module %{x}: weight %{z:.3f}<extra></extra>"), row=1, col=2)
+    figure.update_yaxes(title_text="target task", row=1, col=1)
+    figure.update_layout(height=460, **LAYOUT)
+    return figure

@@ -121,8 +121,8 @@ def align(a: str, b: str, *, merge_type: str = "ff+attn", attention: str = "head
         check_out(target, overwrite)  # before minutes of work
     source_a, source_b = open_checkpoint(a), open_checkpoint(b)
     check_compatible([source_a, source_b], None)
-    if source_b.ref.is_lora:
-        raise MergeLabError(f"model {b!r} is a LoRA module; align full checkpoints")
+    if source_b.ref.is_adapter:
+        raise MergeLabError(f"model {b!r} is an adapter module (LoRA, (IA)3); align full checkpoints")
     config = source_b.config
     device = settings.device()
     timings = {}
@@ -154,8 +154,9 @@ def align(a: str, b: str, *, merge_type: str = "ff+attn", attention: str = "head
                    "tokens": int(sum(int(x["attention_mask"].sum()) for x in batches))}
     settings_record = {"merge_type": merge_type, "attention": attention, "residual": residual, "qk": qk}
     write_permuted(source_b, matching.permutation, target,
+                   # no "base": B permuted is no fine-tune of B's base in weight space (no task vector)
                    {"kind": "aligned", "aligned_from": source_b.ref.spec, "aligned_to": source_a.ref.spec,
-                    "base": source_b.ref.metadata().get("base"), "alignment": settings_record, "text": text_record,
+                    "alignment": settings_record, "text": text_record,
                     "function_preserving": matching.function_preserving}, overwrite=overwrite)
     timings["apply"] = time.perf_counter() - started
     result = Alignment(a, b, matching, corrs, target, text_record, {k: round(v, 3) for k, v in timings.items()})

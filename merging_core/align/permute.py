@@ -171,8 +171,8 @@ def permute_checkpoint(spec: str, out: str | Path, *, kinds: tuple[str, ...] = K
     from ..merge import open_checkpoint  # the engine's lazy reader (canonical names)
 
     source = open_checkpoint(spec)
-    if source.ref.is_lora:
-        raise MergeLabError(f"model {spec!r} is a LoRA module; permute full checkpoints")
+    if source.ref.is_adapter:
+        raise MergeLabError(f"model {spec!r} is an adapter module (LoRA, (IA)3); permute full checkpoints")
     perm = random_permutation(source.config, seed=seed, kinds=kinds)
     return write_permuted(source, perm, out, {"kind": "permuted", "permuted_from": source.ref.spec,
                                               "permutation": {"kinds": list(kinds), "seed": seed}},

@@ -1,0 +1,127 @@
+"""Few-shot tuning of an adapter module on a target task (Lv et al. 2023, Sec. 3: the weighted module
+initialises few-shot tuning; lr 5e-4, batch 8 in the paper).
+
+The k shots and a disjoint probe set are drawn from the target's train split with a seed; the model is
+the base with a fresh head for the target (seeded) and an adapter of the sources' kind and rank,
+initialised from given module tensors (module space) or left as PEFT initialises it (a fresh module:
+LoRA's B = 0, (IA)³'s l = 1). Scores come from the target's dev split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import settings
+from ..encode import Encoded, encode
+from ..errors import MergeLabError
+from ..evaluation import Evaluator
+from ..models import ModelRef, adapter_base, load, load_tokenizer, peft_file_name
+from ..tasks import TaskSpec
+from ..training import TrainConfig, wrap_peft, task_loss
+from .modules import Module
+
+PROBE = 64  # held-out train examples the similarity measures score on
+
+
+@dataclass
+class Shots:
+    """A target's k-shot training examples and probe examples (disjoint), as padded batches on the device."""
+
+    spec: TaskSpec
+    seed: int
+    train: Encoded
+    probe: Encoded
+    pad_id: int
+    device: torch.device
+
+    def batches(self, which: str, size: int) -> list[dict[str, torch.Tensor]]:
+        data = self.train if which == "train" else self.probe
+        return [{k: v.to(self.device) for k, v in data.batch(torch.arange(i, min(i + size, len(data))),
+                                                               self.pad_id).items()}
+                for i in range(0, len(data), size)]
+
+
+def draw_shots(spec: TaskSpec, tokenizer, k: int, seed: int, probe: int = PROBE) -> Shots:
+    """`k` seeded train examples of `spec` (every label represented when k allows) and `probe` others."""
+    if spec.kind not in ("classification", "regression"):
+        raise MergeLabError(f"task {spec.name} is a {spec.kind} task; few-shot ensembling takes classification and "
+                            "regression tasks")
+    if k < 1:
+        raise MergeLabError(f"shots must be at least 1, got {k}")
+    data = encode(spec, "train", tokenizer)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen: list[int] = []
+    if spec.kind == "classification":  # one of each label first, so a 16-shot emotion set sees every class
+        labels = data.labels.tolist()
+        for label in range(min(spec.num_labels, k)):
+            hit = next((i for i in order if labels[i] == label), None)
+            if hit is not None:
+                chosen.append(hit)
+    taken = set(chosen)
+    chosen += [i for i in order if i not in taken][: k - len(chosen)]
+    taken = set(chosen)
+    rest = [i for i in order if i not in taken][:probe]
+    return Shots(spec, seed, data.subset(torch.tensor(chosen)), data.subset(torch.tensor(rest)),
+                 tokenizer.pad_token_id or 0, settings.device())
+
+
+def adapter_model(template: Module, spec: TaskSpec, seed: int, init: dict[str, torch.Tensor] | None = None):
+    """The base with a fresh `spec` head (from `seed`) and an adapter shaped like `template`'s, holding
+    `init` (module-space tensors by file key) or PEFT's fresh initialisation."""
+    torch.manual_seed(seed)
+    base = load(adapter_base(template.ref), spec, new_head=True, device="cpu").model
+    config = TrainConfig(task=spec.name, peft=template.kind, lora_r=template.config.get("r") or 8,
+                         lora_alpha=template.config.get("lora_alpha") or 16)
+    model = wrap_peft(base, spec, config)
+    if init:
+        live = {peft_file_name(n): p for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for key, tensor in init.items():
+                if key not in live:
+                    raise MergeLabError(f"module tensor {key} has no place in a {template.kind} adapter of this base")
+                live[key].copy_(tensor)
+    return model.to(settings.device())
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def tune(model: torch.nn.Module, shots: Shots, *, steps: int, lr: float = 5e-4, batch_size: int = 8,
+         params: list[torch.nn.Parameter] | None = None) -> list[float]:
+    """`steps` AdamW steps on the shots (reshuffled every epoch, seeded); returns the losses."""
+    params = params if params is not None else trainable(model)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(shots.seed)
+    model.train()
+    losses = []
+    step = 0
+    while step < steps:
+        order = torch.randperm(len(shots.train), generator=generator)
+        for i in range(0, len(order), batch_size):
+            batch = {k: v.to(shots.device) for k, v in shots.train.batch(order[i: i + batch_size], shots.pad_id).items()}
+            loss = task_loss(model, batch, shots.spec)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            if step >= steps:
+                break
+    model.eval()
+    return losses
+
+
+def few_shot_score(template: Module, shots: Shots, init: dict[str, torch.Tensor] | None, *, steps: int,
+                   lr: float, evaluator: Evaluator, seed: int) -> dict:
+    """Tune an adapter (initialised from `init`, or fresh) on the shots and score it on the target's dev split."""
+    model = adapter_model(template, shots.spec, seed, init)
+    losses = tune(model, shots, steps=steps, lr=lr)
+    result = evaluator(model)
+    return {**result, "train_loss_first": losses[0], "train_loss_last": losses[-1]}
+
+
+def evaluator_for(spec: TaskSpec, ref: ModelRef, limit: int | None) -> Evaluator:
+    return Evaluator(spec, load_tokenizer(ref), "dev", limit)

@@ -1,0 +1,146 @@
+"""Ensemble tab: weight parameter-efficient modules of other tasks by their similarity to a target
+(Lv et al. 2023), see the similarities and weights (the temperature slider re-weights without
+recomputing anything), the leave-one-out similarity and weight heatmaps, and the few-shot result of
+starting from the weighted module vs a fresh one and the uniform average."""
+
+from __future__ import annotations
+
+import math
+
+import gradio as gr
+import pandas as pd
+
+import merging_core as ml
+from merging_core.ensemble import GRANULARITIES, MEASURES, similarity_matrix, softmax_weights
+
+from . import figures
+from .common import engine_errors, progress_fn
+
+KINDS = ("lora", "ia3")
+
+
+def temperature(log10: float) -> float:
+    return 10.0 ** float(log10)
+
+
+def module_choices(kind: str) -> list[str]:
+    return [row["name"] for row in ml.zoo.entries() if row["kind"] == kind and "/" not in row["name"]]
+
+
+def target_choices() -> list[str]:
+    here = ml.data.available_tasks() or list(ml.TASKS)
+    return [t for t in here if ml.get_task(t).kind in ("classification", "regression")]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(text).replace(" ", ",").split(",") if s.strip()]
+    except ValueError:
+        raise ml.MergeLabError(f"seeds must be integers separated by commas, e.g. 0,1,2; got {text!r}") from None
+    if not seeds:
+        raise ml.MergeLabError("give at least one seed, e.g. 0")
+    return seeds
+
+
+def weights_view(state: dict | None, log10_t: float):
+    """Similarities and weights at this temperature, from stored similarity scores (no recomputation)."""
+    if not state:
+        return gr.skip()
+    t = temperature(log10_t)
+    weights = [softmax_weights(scores, t) for scores in state["scores"]]
+    return figures.similarity_figure(state["scores"], weights, state["measure"], t)
+
+
+def matrix_view(state: dict | None, log10_t: float):
+    if not state:
+        return gr.skip()
+    t = temperature(log10_t)
+    rows = {target: softmax_weights(scores, t) for target, scores in state["scores"].items()}
+    return figures.matrix_figure(state, rows, t)
+
+
+def few_shot_table(result) -> pd.DataFrame:
+    return pd.DataFrame(result.table()).round(4)
+
+
+@engine_errors
+def run_ensemble(target: str, kind: str, sources: list[str] | None, similarity: str, log10_t: float, granularity: str,
+                 shots: float, seeds: str, steps: float, limit: float | None, progress: gr.Progress = gr.Progress()):
+    """Similarity, weights and few-shot transfer. Returns (similarity figure, few-shot table, status, state)."""
+    if not target:
+        raise ml.MergeLabError("pick a target task")
+    limit_n = int(limit) if limit and not math.isnan(limit) else None
+    result = ml.ensemble(target, sources or None, similarity=similarity, temperature=temperature(log10_t),
+                         shots=int(shots), seeds=_seeds(seeds), granularity=granularity, steps=int(steps),
+                         limit=limit_n, kind=kind, progress=progress_fn(progress))
+    state = {"measure": similarity, "scores": [s.scores[similarity] for s in result.scores]}
+    best = max(result.table(), key=lambda row: row["mean"])
+    status = (f"{result.target}: {len(result.sources)} source modules, {result.shots} shots, "
+              f"{len(result.scores)} seed(s); best start: **{best['init']}** ({best['metric']} {best['mean']:.4f}). "
+              f"The same weights in any merge method: `{result.merge_command()}`")
+    return weights_view(state, log10_t), few_shot_table(result), status, state
+
+
+@engine_errors
+def run_matrix(kind: str, similarity: str, log10_t: float, shots: float, progress: gr.Progress = gr.Progress()):
+    """Leave-one-out similarities over every zoo module of `kind`; returns (heatmaps, state)."""
+    specs = module_choices(kind)
+    if len(specs) < 3:
+        raise ml.MergeLabError(f"the zoo has {len(specs)} {kind} modules; build them with: "
+                               "python -m merging_core zoo build --recipe peft")
+    state = similarity_matrix(specs, similarity, shots=int(shots), progress=progress_fn(progress))
+    return matrix_view(state, log10_t), state
+
+
+def refresh_sources(kind: str, target: str | None):
+    names = module_choices(kind)
+    keep = [n for n in names if target is None or ml.resolve(n).metadata().get("task") != target]
+    return gr.Dropdown(choices=names, value=keep)
+
+
+def build(demo: gr.Blocks) -> dict:
+    with gr.Tab("Ensemble", id="ensemble"):
+        gr.Markdown("Transfer to a target task by averaging parameter-efficient modules trained on other tasks, "
+                    "weighted by softmax(similarity / temperature), and fine-tune that average on a few target "
+                    "examples (Lv et al. 2023).")
+        with gr.Row():
+            targets = target_choices()
+            target = gr.Dropdown(targets, value=targets[0] if targets else None, label="Target task",
+                                 elem_id="ens-target")
+            kind = gr.Radio(list(KINDS), value="lora", label="Module kind", elem_id="ens-kind")
+            sources = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, scale=3,
+                                  label="Source modules", elem_id="ens-sources",
+                                  info="default: the zoo's modules of this kind trained on other tasks")
+        with gr.Row(equal_height=True):
+            similarity = gr.Dropdown(list(MEASURES), value="loss", label="Similarity", elem_id="ens-similarity")
+            granularity = gr.Radio(list(GRANULARITIES), value="model", label="Weights per",
+                                   info="layer / block: weight cosine and Euclidean have per-layer scores")
+            shots = gr.Slider(4, 128, value=32, step=4, label="Shots", info="target training examples")
+            seeds = gr.Textbox("0", label="Seeds", info="e.g. 0,1,2")
+            steps = gr.Slider(5, 200, value=50, step=5, label="Few-shot steps (batch 8)")
+            limit = gr.Number(value=200, precision=0, minimum=1, label="Dev limit")
+        log10_t = gr.Slider(-3, 2, value=-1, step=0.05, label="log10 temperature", elem_id="ens-temperature",
+                            info="-1 = 0.1 (loss, KL, EL2N, GraNd, Euclidean), -3 = 0.001 (weight cosine, "
+                                 "performance); moving it re-weights instantly")
+        run = gr.Button("Measure and transfer", variant="primary", elem_id="ens-run")
+        status = gr.Markdown(elem_id="ens-status")
+        with gr.Row(equal_height=False):
+            plot = gr.Plot(label="Similarity and weights", elem_id="ens-plot", scale=3)
+            table = gr.Dataframe(label="Few-shot target score (dev) by starting module", interactive=False,
+                                 elem_id="ens-table", scale=2)
+        with gr.Accordion("Leave-one-out heatmaps (every task as the target)", open=False):
+            matrix_run = gr.Button("Compute the matrix", elem_id="ens-matrix-run")
+            matrix_plot = gr.Plot(label="Similarity and weights, sources x targets", elem_id="ens-matrix")
+        state, matrix_state = gr.State(None), gr.State(None)
+
+        run.click(run_ensemble, [target, kind, sources, similarity, log10_t, granularity, shots, seeds, steps, limit],
+                  [plot, table, status, state], api_name="ensemble", concurrency_id="gpu", show_progress_on=status)
+        matrix_run.click(run_matrix, [kind, similarity, log10_t, shots], [matrix_plot, matrix_state],
+                         api_name="ensemble_matrix", concurrency_id="gpu")
+        log10_t.change(weights_view, [state, log10_t], plot, api_visibility="private", show_progress="hidden")
+        log10_t.change(matrix_view, [matrix_state, log10_t], matrix_plot, api_visibility="private",
+                       show_progress="hidden")
+        for trigger in (kind.change, target.change):
+            trigger(refresh_sources, [kind, target], sources, api_visibility="private")
+        demo.load(refresh_sources, [kind, target], sources, api_visibility="private")
+    return {"plot": plot, "table": table}
