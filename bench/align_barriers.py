@@ -2,7 +2,7 @@
 each kind of permutation alignment (issue 5; Verma & Elbayad 2024, Table 1's setting at small scale).
 
     MERGELAB_HOME=/tmp/zoo-home python bench/align_barriers.py [--models scratch-s0 scratch-s1 scratch-s2]
-        [--points 11] [--limit 256] [--examples 256] [--glue]
+        [--points 11] [--limit 256] [--examples 256] [--glue [--glue-limit N]]
 
 For every pair of the models: the correlations are computed once (`align.features`), then every
 variant is matched, B is written permuted into A's basis, and the line from A to it is scored on
@@ -17,6 +17,7 @@ import argparse
 import itertools
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +48,7 @@ VARIANTS = [
 ]
 
 
-def pair_barriers(a: str, b: str, task: str, text: str, args, work: Path) -> dict[str, dict]:
+def pair_barriers(a: str, b: str, task: str, text: str, limit: int | None, args, work: Path) -> dict[str, dict]:
     """Barrier of every variant for one pair."""
     source_a, source_b = open_checkpoint(a), open_checkpoint(b)
     config = source_b.config
@@ -62,7 +63,7 @@ def pair_barriers(a: str, b: str, task: str, text: str, args, work: Path) -> dic
                                     merge_type=merge_type, attention=attention, residual=residual)
         folder = write_permuted(source_b, matching.permutation, work / f"{Path(a).name}-{Path(b).name}-{merge_type}"
                                 f"-{attention}-{residual}", {"kind": "aligned"}, overwrite=True)
-        run = ml.curve(a, str(folder), task, points=args.points, limit=args.limit)
+        run = ml.curve(a, str(folder), task, points=args.points, limit=limit)
         list(run)
         barrier = run.summary()["barriers"][ml.get_task(task).name]
         out[label] = {"loss_barrier": barrier["loss_barrier"], "vs_mean_ends": barrier["loss_barrier_vs_mean_ends"],
@@ -74,8 +75,9 @@ def pair_barriers(a: str, b: str, task: str, text: str, args, work: Path) -> dic
     return out
 
 
-def table(models: list[str], task: str, text: str, args, work: Path) -> tuple[list[dict], dict]:
-    per_pair = {f"{a} ~ {b}": pair_barriers(a, b, task, text, args, work) for a, b in itertools.combinations(models, 2)}
+def table(models: list[str], task: str, text: str, limit: int | None, args, work: Path) -> tuple[list[dict], dict]:
+    per_pair = {f"{a} ~ {b}": pair_barriers(a, b, task, text, limit, args, work)
+                for a, b in itertools.combinations(models, 2)}
     rows = []
     for label, *_ in VARIANTS:
         values = [pair[label] for pair in per_pair.values()]
@@ -96,18 +98,21 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=256)
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--glue", action="store_true", help="also the SST-2 fine-tunes, on SST-2")
+    parser.add_argument("--glue-limit", type=int, default=None, help="first N SST-2 dev examples (default: all)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="align_barriers-"))
-    rows, details = table(args.models, "wikitext2", "wikitext2", args, work)
+    rows, details = table(args.models, "wikitext2", "wikitext2", args.limit, args, work)
     if args.glue:
-        glue_rows, glue_details = table([f"{m}-sst2" for m in args.models], "sst2", "sst2", args, work)
+        glue_rows, glue_details = table([f"{m}-sst2" for m in args.models], "sst2", "sst2", args.glue_limit, args,
+                                        work)
         rows += glue_rows
         details.update(glue_details)
     print_table(rows, ["task", "variant", "pairs", "loss_barrier_mean", "loss_barrier_sd", "vs_mean_ends",
                        "metric_barrier_mean", "function_preserving"])
-    write_results("align_barriers", {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/align_barriers.py"
-                                     + (" --glue" if args.glue else ""), "models": args.models, "points": args.points,
-                                     "limit": args.limit, "examples": args.examples, "rows": rows, "pairs": details})
+    write_results("align_barriers", {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/align_barriers.py "
+                                     + " ".join(sys.argv[1:]), "models": args.models, "points": args.points,
+                                     "limit": args.limit, "glue_limit": args.glue_limit, "examples": args.examples,
+                                     "rows": rows, "pairs": details})
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ def test_align_endpoint(client, app_home, pico):
     names = {t["name"] for t in plot["data"] if t.get("name")}
     assert {"wikitext2 (vanilla)", "wikitext2 (aligned)"} <= names
     aligned = [t for t in plot["data"] if t.get("name") == "wikitext2 (aligned)"]
-    losses = aligned[1]["y"]  # second subplot: the loss along the aligned line is flat (B is A again)
+    assert len(aligned) == 1  # MLM's metric is its loss: one panel, not the same curve twice
+    losses = aligned[0]["y"]  # the loss along the aligned line is flat (B is A again)
     assert max(losses) - min(losses) < 1e-5
     assert json.loads(heatmap["plot"])["data"][0]["type"] == "heatmap"
     with pytest.raises(gradio_client.exceptions.AppError, match="pick two checkpoints"):

@@ -74,9 +74,11 @@ def run_ensemble(target: str, kind: str, sources: list[str] | None, similarity: 
                          shots=int(shots), seeds=_seeds(seeds), granularity=granularity, steps=int(steps),
                          limit=limit_n, kind=kind, progress=progress_fn(progress))
     state = {"measure": similarity, "scores": [s.scores[similarity] for s in result.scores]}
-    best = max(result.table(), key=lambda row: row["mean"])
+    rows = result.table()
+    top = max(row["mean"] for row in rows)
+    best = [row["init"] for row in rows if row["mean"] == top]  # ties are common when every start learns the prior
     status = (f"{result.target}: {len(result.sources)} source modules, {result.shots} shots, "
-              f"{len(result.scores)} seed(s); best start: **{best['init']}** ({best['metric']} {best['mean']:.4f}). "
+              f"{len(result.scores)} seed(s); best start: **{' = '.join(best)}** ({rows[0]['metric']} {top:.4f}). "
               f"The same weights in any merge method: `{result.merge_command()}`")
     return weights_view(state, log10_t), few_shot_table(result), status, state
 
@@ -117,7 +119,7 @@ def build(demo: gr.Blocks) -> dict:
                                    info="layer / block: weight cosine and Euclidean have per-layer scores")
             shots = gr.Slider(4, 128, value=32, step=4, label="Shots", info="target training examples")
             seeds = gr.Textbox("0", label="Seeds", info="e.g. 0,1,2")
-            steps = gr.Slider(5, 200, value=50, step=5, label="Few-shot steps (batch 8)")
+            steps = gr.Slider(5, 200, value=50, step=5, label="Steps", info="few-shot tuning, batch 8")
             limit = gr.Number(value=200, precision=0, minimum=1, label="Dev limit")
         log10_t = gr.Slider(-3, 2, value=-1, step=0.05, label="log10 temperature", elem_id="ens-temperature",
                             info="-1 = 0.1 (loss, KL, EL2N, GraNd, Euclidean), -3 = 0.001 (weight cosine, "

@@ -11,6 +11,8 @@ DASH = {"line": "solid", "bezier": "dot"}
 MERGE_SYMBOLS = ("diamond", "star", "square", "triangle-up", "x", "cross", "pentagon", "hexagon")
 LAYOUT = {"template": "plotly_white", "font": {"size": 13}, "margin": {"l": 60, "r": 20, "t": 40, "b": 40},
           "legend": {"orientation": "h", "yanchor": "top", "y": -0.12, "x": 0}}
+# figures with panel titles: the extra top margin keeps them clear of the Plot component's label
+TITLED = {**LAYOUT, "margin": {**LAYOUT["margin"], "t": 70}}
 
 
 def _color(i: int) -> str:
@@ -26,8 +28,11 @@ def curve_figure(curves: list[dict], tasks: list[tuple[str, str]]) -> go.Figure:
     is the largest gap between it and the curve. Merges are markers at their projection on the line.
     """
     metrics = " · ".join(dict.fromkeys(f"{task} {metric}" for task, metric in tasks)) or "headline metric"
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                           subplot_titles=(metrics, "loss"))
+    # MLM's headline metric is the loss itself: one panel, not the same curve twice
+    loss_only = bool(tasks) and all(metric == "loss" for _, metric in tasks)
+    panels = ((1, "loss"),) if loss_only else ((1, None), (2, "loss"))
+    figure = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                           subplot_titles=("loss",) if loss_only else (metrics, "loss"))
     for index, curve in enumerate(curves):
         points = [i for i in curve["items"] if i["kind"] == "point"]
         if not points:
@@ -36,7 +41,7 @@ def curve_figure(curves: list[dict], tasks: list[tuple[str, str]]) -> go.Figure:
         dash = DASH.get(label, ("solid", "dot", "dash", "dashdot")[index % 4])
         ts = [p["t"] for p in points]
         for k, (task, metric) in enumerate(tasks):
-            for row, key in ((1, metric), (2, "loss")):
+            for row, key in ((row, key or metric) for row, key in panels):
                 values = [p["scores"][task][key] for p in points]
                 figure.add_trace(go.Scatter(
                     x=ts, y=values, mode="lines+markers", name=f"{task} ({label})",
@@ -51,7 +56,7 @@ def curve_figure(curves: list[dict], tasks: list[tuple[str, str]]) -> go.Figure:
         merges = [i for i in curve["items"] if i["kind"] == "merge"]
         for j, m in enumerate(merges):
             for k, (task, metric) in enumerate(tasks):
-                for row, key in ((1, metric), (2, "loss")):
+                for row, key in ((row, key or metric) for row, key in panels):
                     figure.add_trace(go.Scatter(
                         x=[m["t"]], y=[m["scores"][task][key]], mode="markers", name=m["method"],
                         legendgroup=f"merge-{m['method']}", showlegend=row == 1 and k == 0,
@@ -60,8 +65,8 @@ def curve_figure(curves: list[dict], tasks: list[tuple[str, str]]) -> go.Figure:
                         hovertemplate=(f"{m['method']}<br>{task} {key}: %{{y:.4f}}<br>projection t = %{{x:.3f}}"
                                        f"<br>distance from the line: {m['off_line']:.3g}<extra></extra>")),
                         row=row, col=1)
-    figure.update_xaxes(title_text="t (0 = A, 1 = B)", row=2, col=1)
-    figure.update_layout(height=600, **LAYOUT)
+    figure.update_xaxes(title_text="t (0 = A, 1 = B)", row=len(panels), col=1)
+    figure.update_layout(height=200 + 200 * len(panels), **LAYOUT)
     return figure
 
 
@@ -127,7 +132,7 @@ def alignment_figure(maps: dict) -> go.Figure:
     figure.update_xaxes(title_text="B's units, permuted", row=1, col=2)
     figure.update_yaxes(title_text="A's units", autorange="reversed", row=1, col=1)
     figure.update_yaxes(autorange="reversed", row=1, col=2)
-    figure.update_layout(height=470, **{**LAYOUT, "legend": {"orientation": "h", "y": -0.2, "x": 0}})
+    figure.update_layout(height=490, **{**TITLED, "legend": {"orientation": "h", "y": -0.2, "x": 0}})
     return figure
 
 
@@ -146,9 +151,9 @@ def head_cost_figure(maps: dict) -> go.Figure:
     else:
         figure.add_annotation(text="Head-Perm cost: pick an attention site (attn.<layer>) with head-perm matching",
                               showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    figure.update_xaxes(title_text="B's heads")
-    figure.update_yaxes(title_text="A's heads", autorange="reversed")
-    figure.update_layout(height=470, **{**LAYOUT, "legend": {"orientation": "h", "y": -0.2, "x": 0}})
+    figure.update_xaxes(title_text="B's heads", dtick=1)
+    figure.update_yaxes(title_text="A's heads", autorange="reversed", dtick=1)
+    figure.update_layout(height=490, **{**TITLED, "legend": {"orientation": "h", "y": -0.2, "x": 0}})
     return figure
 
 
@@ -165,7 +170,7 @@ def similarity_figure(scores: list[dict[str, float]], weights: list[dict[str, fl
                                 legendgroup=str(seed), showlegend=False,
                                 hovertemplate="%{x}: weight %{y:.3f}<extra></extra>"), row=1, col=2)
     figure.update_yaxes(range=[0, 1], row=1, col=2)
-    figure.update_layout(height=420, barmode="group", **LAYOUT)
+    figure.update_layout(height=450, barmode="group", **TITLED)
     return figure
 
 
@@ -181,5 +186,6 @@ def matrix_figure(matrix: dict, weights: dict[str, dict[str, float]], temperatur
     figure.add_trace(go.Heatmap(z=wts, x=modules, y=targets, colorscale="Blues", zmin=0, zmax=1,
                                 hovertemplate="target %{y}, module %{x}: weight %{z:.3f}<extra></extra>"), row=1, col=2)
     figure.update_yaxes(title_text="target task", row=1, col=1)
-    figure.update_layout(height=460, **LAYOUT)
+    figure.update_xaxes(title_text="source module")
+    figure.update_layout(height=490, **TITLED)
     return figure
