@@ -22,6 +22,7 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "invocation": " ".join(["python", *sys.argv]),  # the exact arguments of this run
     }
 
 

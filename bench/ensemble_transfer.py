@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 from common import print_table, write_results
@@ -71,7 +72,8 @@ def main() -> None:
         rows.append({"target": "all", "init": init, "metric": "mean", "mean": statistics.mean(means), "sd": None,
                      "seeds": len(args.seeds)})
     print_table(rows, ["target", "init", "metric", "mean", "sd", "seeds"])
-    write_results("ensemble_transfer", {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/ensemble_transfer.py",
+    write_results("ensemble_transfer", {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/ensemble_transfer.py "
+                                        + " ".join(sys.argv[1:]),
                                         "kind": args.kind, "shots": args.shots, "seeds": args.seeds,
                                         "measures": args.measures, "steps": args.steps, "limit": args.limit,
                                         "rows": rows, "runs": raw})
