@@ -5,7 +5,8 @@
 Each measure runs alone (so work two measures share, e.g. the module tuned on the shots, is counted for
 each), over the zoo's modules of other tasks; seconds per source. The re-weighting time is what the
 Ensemble tab's temperature slider runs: softmax over the stored similarities of every seed plus the
-plotly figure (median of 50 calls); the goal is under 50 ms, so the slider feels instant.
+plotly figure (median and max of 50 calls after the first figure, which the tab draws when the
+similarities arrive); the goal is under 50 ms, so the slider feels instant.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     softmax_ms = []
     view_ms = []
+    started = time.perf_counter()
+    weights_view(state, -1.0)  # the first figure pays plotly's one-off set-up; the tab draws it on "Measure"
+    first_ms = (time.perf_counter() - started) * 1e3
     for i in range(50):
         t = 10 ** (-3 + 4 * i / 49)
         started = time.perf_counter()
@@ -60,7 +64,8 @@ def main() -> None:
         view_ms.append((time.perf_counter() - started) * 1e3)
     rebuild = {"softmax_ms_median": round(statistics.median(softmax_ms), 3),
                "slider_callback_ms_median": round(statistics.median(view_ms), 2),
-               "slider_callback_ms_max": round(max(view_ms), 2), "goal_ms": 50}
+               "slider_callback_ms_max": round(max(view_ms), 2), "first_figure_ms": round(first_ms, 1),
+               "goal_ms": 50}
     print_table(rows, ["measure", "sources", "seconds", "s_per_source"])
     print(rebuild)
     write_results("ensemble_speed", {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/ensemble_speed.py",

@@ -39,7 +39,7 @@ from .models import (HEAD_SUFFIXES, METADATA, ConfigView, HeadInfo, ModelRef, ch
                      load, load_tokenizer, read_config, resolve, staging, vocabulary_fingerprint)
 from .progress import ProgressFn, scaled, track
 from .stats import canonical, load_stats, statistics
-from .tasks import TASKS, TaskSpec, get_task
+from .tasks import TASKS, get_task
 from .tensorio import InMemory, LazyFiles, StreamingWriter
 
 HEAD_GROUPS = ("head", "mlm_head")

@@ -34,7 +34,7 @@ from .. import metrics
 from ..models import peft_file_name
 from ..tasks import TaskSpec
 from ..training import task_loss
-from .fewshot import Shots, adapter_model, trainable, tune
+from .fewshot import Shots, adapter_model, tune
 from .modules import Module, deltas
 
 # Default temperatures: the paper's (0.1 for loss, KL, EL2N, GraNd, Euclidean; 0.001 for weight cosine
