@@ -2,13 +2,14 @@
 (issue 6; Lv et al. 2023, Table 2's protocol at small scale).
 
     MERGELAB_HOME=/tmp/zoo-home python bench/ensemble_transfer.py [--kind lora] [--shots 32]
-        [--seeds 0 1 2] [--measures loss kl el2n weight_cosine] [--steps 50] [--limit N]
+        [--seeds 0 1 2] [--measures loss kl el2n weight_cosine] [--steps 50] [--limit N] [--lr 5e-4]
 
 For every target task with a module in the zoo (recipe `peft`), the sources are the other tasks'
 modules. Per seed: the k shots are drawn, every measure scores every source, and the same few-shot
 tuning (same shots, head and seed) starts from (a) a fresh module, (b) the uniform average of the
 sources, (c) the average weighted by softmax(similarity / T) for each measure (T: the measure's
-default). Score: the target's headline dev metric. Writes bench/results/ensemble_transfer-<device>.json.
+default). Score: the target's headline dev metric. Writes bench/results/ensemble_transfer-<device>.json
+(ensemble_transfer_<kind>-<device>.json for another --kind).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--measures", nargs="+", default=["loss", "kl", "el2n", "weight_cosine"])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=5e-4, help="few-shot learning rate (the paper's 5e-4)")
     args = parser.parse_args()
     targets = [row["task"] for row in ml.zoo.entries() if row["kind"] == args.kind and "/" not in row["name"]]
     raw, rows = [], []
@@ -48,14 +50,14 @@ def main() -> None:
         for seed in args.seeds:
             shots = draw_shots(spec, tokenizer, args.shots, seed)
             started = time.perf_counter()
-            scores = measure(modules, shots, measures=tuple(args.measures), steps=args.steps)
+            scores = measure(modules, shots, measures=tuple(args.measures), steps=args.steps, lr=args.lr)
             print(f"{target} seed {seed}: similarities in {time.perf_counter() - started:.1f} s", flush=True)
             weights = {name: softmax_weights(scores.scores[name], MEASURES[name]) for name in args.measures}
             starts = {"fresh": None, "uniform": combine(modules, [1.0] * len(modules))}
             for name in args.measures:
                 starts[f"weighted by {name}"] = combine(modules, [weights[name][m.ref.spec] for m in modules])
             for init, tensors in starts.items():
-                found = few_shot_score(modules[0], shots, tensors, steps=args.steps, lr=5e-4, evaluator=evaluator,
+                found = few_shot_score(modules[0], shots, tensors, steps=args.steps, lr=args.lr, evaluator=evaluator,
                                        seed=seed)
                 raw.append({"target": target, "seed": seed, "init": init, "metric": spec.main_metric,
                             "score": found[spec.main_metric], "loss": found["loss"],
@@ -72,10 +74,12 @@ def main() -> None:
         rows.append({"target": "all", "init": init, "metric": "mean", "mean": statistics.mean(means), "sd": None,
                      "seeds": len(args.seeds)})
     print_table(rows, ["target", "init", "metric", "mean", "sd", "seeds"])
-    write_results("ensemble_transfer", {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/ensemble_transfer.py "
+    name = "ensemble_transfer" if args.kind == "lora" else f"ensemble_transfer_{args.kind}"
+    write_results(name, {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/ensemble_transfer.py "
                                         + " ".join(sys.argv[1:]),
                                         "kind": args.kind, "shots": args.shots, "seeds": args.seeds,
                                         "measures": args.measures, "steps": args.steps, "limit": args.limit,
+                                        "lr": args.lr,
                                         "rows": rows, "runs": raw})
 
 
