@@ -129,3 +129,46 @@ def test_curves_tab_in_chromium(app_home, pico):
         assert "pico-sst2 ↔ pico-sst2-b" in summary and "loss barrier" in summary
         assert page.locator("#curve-plot .scatterlayer .trace").count() >= 2  # metric and loss curves
         page.screenshot(path=str(ARTIFACTS / "curves.png"), full_page=True)
+
+
+def test_ensemble_tab_reweights_live_in_chromium(app_home, pico):
+    """Measure once, then move the temperature: the weights redraw from the stored similarities."""
+    import merging_core as ml
+
+    for task in ("cola", "emotion"):
+        ml.train(ml.TrainConfig(task=task, base=str(pico(None)), steps=2, batch_size=4, peft="lora", eval_limit=8),
+                 app_home / "zoo" / f"lora-{task}")
+    weights_js = """() => {
+        const plot = document.querySelector('#ens-plot .js-plotly-plot');
+        const bars = plot ? plot.data.filter(t => t.type === 'bar' && t.showlegend === false) : [];
+        return bars.length ? bars[0].y : null;
+    }"""
+    with app_page(1400, 1000) as page:
+        page.get_by_role("tab", name="Ensemble").click()
+        page.locator("#ens-target input").click()
+        page.locator("#ens-target").get_by_role("option", name="sst2", exact=True).click()
+        playwright.expect(page.locator("#ens-sources")).to_contain_text("lora-emotion", timeout=30_000)
+        page.locator("#ens-similarity input").click()  # its scores spread widely even on pico modules
+        page.locator("#ens-similarity").get_by_role("option", name="weight_cosine", exact=True).click()
+        number = page.locator("#ens-temperature input[type=number]")
+        number.fill("-3")
+        number.press("Enter")
+        page.get_by_role("spinbutton", name="number input for Steps").fill("5")
+        page.get_by_label("Dev limit").fill("8")
+        page.locator("#ens-run").click()
+        try:
+            playwright.expect(page.locator("#ens-status")).to_contain_text("best start", timeout=120_000)
+        except AssertionError:
+            page.screenshot(path=str(ARTIFACTS / "ensemble-failed.png"), full_page=True)
+            raise
+        assert "weighted" in page.inner_text("#ens-table")
+        page.wait_for_function(f"({weights_js})() !== null")
+        before = page.evaluate(weights_js)
+        assert sum(before) == pytest.approx(1.0)
+        assert max(before) > 0.9  # T = 0.001: nearly all weight on the most similar module
+        # T = 100: the weights must move to the uniform average, without another "Measure" click
+        number.fill("2")
+        number.press("Enter")
+        uniform = f"(() => {{ const w = ({weights_js})(); return w && w.every(x => Math.abs(x - 1 / w.length) < 0.02); }})()"
+        page.wait_for_function(uniform, timeout=10_000)
+        page.screenshot(path=str(ARTIFACTS / "ensemble.png"), full_page=True)

@@ -79,7 +79,7 @@ def run_ensemble(target: str, kind: str, sources: list[str] | None, similarity: 
     best = [row["init"] for row in rows if row["mean"] == top]  # ties are common when every start learns the prior
     status = (f"{result.target}: {len(result.sources)} source modules, {result.shots} shots, "
               f"{len(result.scores)} seed(s); best start: **{' = '.join(best)}** ({rows[0]['metric']} {top:.4f}). "
-              f"The same weights in any merge method: `{result.merge_command()}`")
+              f"The same weights (T = {result.temperature:.3g}) in any merge method: `{result.merge_command()}`")
     return weights_view(state, log10_t), few_shot_table(result), status, state
 
 
