@@ -39,6 +39,16 @@ def app_page(width: int = 1280, height: int = 900):
         demo.close()
 
 
+@contextmanager
+def screenshot_on_failure(page, name: str):
+    """A failed wait saves what the page showed (tests/artifacts/<name>-failed.png), then fails."""
+    try:
+        yield
+    except (playwright.Error, AssertionError):
+        page.screenshot(path=str(ARTIFACTS / f"{name}-failed.png"), full_page=True)
+        raise
+
+
 def test_evaluate_tab_in_chromium(app_home):
     with app_page() as page:
         page.wait_for_selector("#zoo-table")
@@ -53,12 +63,9 @@ def test_evaluate_tab_in_chromium(app_home):
         playwright.expect(sst2).to_be_checked(timeout=30_000)
         page.get_by_label("Limit (first N examples; empty = all)").fill("16")
         page.locator("#eval-run").click()
-        try:
+        with screenshot_on_failure(page, "evaluate"):
             page.wait_for_function("document.querySelector('#eval-table').innerText.includes('accuracy')",
                                    timeout=60_000)
-        except playwright.Error:
-            page.screenshot(path=str(ARTIFACTS / "evaluate-failed.png"), full_page=True)
-            raise
         page.wait_for_selector("#eval-run:not([disabled])")  # the run has finished
         page.wait_for_selector("#eval-table .pending", state="detached")
         assert "sst2" in page.inner_text("#eval-table")
@@ -92,13 +99,10 @@ def test_merge_tab_in_chromium(app_home, pico_cola_entry):
         density.press("Enter")
         page.locator("#merge-limit input").fill("8")
         page.locator("#merge-run").click()
-        try:
+        with screenshot_on_failure(page, "merge"):
             page.wait_for_function("document.querySelector('#merge-table').innerText.includes('ensemble')",
                                    timeout=60_000)
             playwright.expect(page.locator("#merge-status")).to_contain_text("first 8 examples", timeout=30_000)
-        except (playwright.Error, AssertionError):
-            page.screenshot(path=str(ARTIFACTS / "merge-failed.png"), full_page=True)
-            raise
         page.wait_for_selector("#merge-table .pending", state="detached")
         text = page.inner_text("#merge-table")
         assert "ties-" in text and "pico-cola" in text and "pico-sst2" in text
@@ -119,11 +123,8 @@ def test_curves_tab_in_chromium(app_home, pico):
         playwright.expect(sst2).to_be_checked(timeout=30_000)  # the pair fills A, B and the tasks
         page.locator("#curve-limit input").fill("8")
         page.locator("#curve-run").click()
-        try:
+        with screenshot_on_failure(page, "curves"):
             playwright.expect(page.locator("#curve-status")).to_contain_text("Done in", timeout=120_000)
-        except AssertionError:
-            page.screenshot(path=str(ARTIFACTS / "curves-failed.png"), full_page=True)
-            raise
         page.wait_for_selector("#curve-plot .js-plotly-plot")
         summary = page.inner_text("#curve-summary")
         assert "pico-sst2 ↔ pico-sst2-b" in summary and "loss barrier" in summary
@@ -156,11 +157,8 @@ def test_ensemble_tab_reweights_live_in_chromium(app_home, pico):
         page.get_by_role("spinbutton", name="number input for Steps").fill("5")
         page.get_by_label("Dev limit").fill("8")
         page.locator("#ens-run").click()
-        try:
+        with screenshot_on_failure(page, "ensemble"):
             playwright.expect(page.locator("#ens-status")).to_contain_text("best start", timeout=120_000)
-        except AssertionError:
-            page.screenshot(path=str(ARTIFACTS / "ensemble-failed.png"), full_page=True)
-            raise
         assert "weighted" in page.inner_text("#ens-table")
         page.wait_for_function(f"({weights_js})() !== null")
         before = page.evaluate(weights_js)
