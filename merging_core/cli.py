@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="the target task")
     p.add_argument("--sources", nargs="+", default=None,
                    help="adapter modules (default: the zoo's modules of --kind trained on other tasks)")
-    p.add_argument("--kind", choices=["lora", "ia3"], default="lora", help="which zoo modules are the default sources")
+    p.add_argument("--kind", choices=list(PEFT_KINDS), default="lora", help="which zoo modules are the default sources")
     p.add_argument("--similarity", default="loss", choices=list(ENSEMBLE_MEASURES))
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default: the measure's)")
     p.add_argument("--granularity", choices=list(GRANULARITIES), default="model",

@@ -43,8 +43,8 @@ from .compare import load_canonical, method_label, parse_method
 from .errors import MergeLabError
 from .evaluation import Evaluator
 from .merge import Checkpoint, check_compatible, merge, open_checkpoint, recorded_base
-from .models import (ModelRef, check_head, head_info, load, load_adapter, adapter_base, peft_file_name, read_config,
-                     resolve)
+from .models import (ADAPTER_FILE, ModelRef, adapter_base, check_head, head_info, load, load_adapter, peft_file_name,
+                     read_config, resolve)
 from .progress import ProgressFn, scaled, track
 from .stats import canonical, weights_fingerprint
 from .tasks import TaskSpec, get_task
@@ -53,7 +53,6 @@ from .training import task_loss, train_batches
 
 HEAD_GROUPS = ("head", "mlm_head")
 SPACES = ("auto", "weights", "module")
-LORA_FILE = "adapter_model.safetensors"
 # Adapter settings that must agree for two modules to share one module space.
 ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "feedforward_modules", "use_rslora", "use_dora",
                 "rank_pattern", "alpha_pattern")
@@ -107,7 +106,7 @@ def _module_space(refs: list[ModelRef], space: str) -> tuple[bool, str | None]:
 def _module_checkpoint(ref: ModelRef) -> Checkpoint:
     """An adapter module's own tensors (LoRA factors or (IA)³ vectors, and the head), canonically named, lazily read."""
     config = read_config(ref)
-    reader = LazyFiles([ref.path / LORA_FILE])
+    reader = LazyFiles([ref.path / ADAPTER_FILE])
     adapter = adapter_for(config.model_type)
     names, infos = {}, {}
     for key in reader.keys():

@@ -73,14 +73,10 @@ class Evaluator:
         logits = torch.cat(outputs).cpu()[torch.argsort(self.order)]  # back to dataset order
         labels = self.encoded.labels
         if self.spec.kind == "regression":
-            predictions = logits.squeeze(-1)
-            loss = F.mse_loss(predictions, labels).item()
-            values = metrics.regression_metrics(predictions.numpy(), labels.numpy())
+            loss = F.mse_loss(logits.squeeze(-1), labels).item()
         else:
             loss = F.cross_entropy(logits, labels).item()
-            values = metrics.classification_metrics(logits.argmax(-1).numpy(), labels.numpy(),
-                                                          self.spec.num_labels)
-        return {**metrics.select(self.spec, values), "loss": loss}
+        return {**metrics.sequence_metrics(self.spec, logits.numpy(), labels.numpy()), "loss": loss}
 
     def _token(self, model, progress) -> dict:
         predicted_tags: list[list[int]] = [[] for _ in range(self.n)]

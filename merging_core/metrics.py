@@ -62,6 +62,15 @@ def mlm_metrics(loss: float) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def sequence_metrics(spec: TaskSpec, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The task's own metrics of a sequence-level head's outputs (regression: one output per example)."""
+    if spec.kind == "regression":
+        values = regression_metrics(np.squeeze(logits, -1), labels)
+    else:
+        values = classification_metrics(logits.argmax(-1), labels, spec.num_labels)
+    return select(spec, values)
+
+
 def select(spec: TaskSpec, values: dict[str, float]) -> dict[str, float]:
     """Keep the task's own metrics, in its order (headline first)."""
     return {name: values[name] for name in spec.metrics if name in values}

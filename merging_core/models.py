@@ -156,6 +156,9 @@ def resolve(spec: str) -> ModelRef:
     return ModelRef(spec, "hub", spec)
 
 
+ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's file of an adapter module's own tensors (and head)
+
+
 def adapter_base(ref: ModelRef) -> ModelRef:
     """The base model an adapter module was trained on, as recorded in its metadata."""
     meta = ref.metadata()

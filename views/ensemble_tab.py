@@ -12,19 +12,21 @@ import pandas as pd
 
 import merging_core as ml
 from merging_core.ensemble import GRANULARITIES, MEASURES, similarity_matrix, softmax_weights
+from merging_core.training import PEFT_KINDS
 
 from . import figures
 from .common import engine_errors, progress_fn
-
-KINDS = ("lora", "ia3")
-
 
 def temperature(log10: float) -> float:
     return 10.0 ** float(log10)
 
 
+def _modules(kind: str) -> list[dict]:
+    return [row for row in ml.zoo.entries() if row["kind"] == kind and "/" not in row["name"]]
+
+
 def module_choices(kind: str) -> list[str]:
-    return [row["name"] for row in ml.zoo.entries() if row["kind"] == kind and "/" not in row["name"]]
+    return [row["name"] for row in _modules(kind)]
 
 
 def target_choices() -> list[str]:
@@ -95,9 +97,9 @@ def run_matrix(kind: str, similarity: str, log10_t: float, shots: float, progres
 
 
 def refresh_sources(kind: str, target: str | None):
-    names = module_choices(kind)
-    keep = [n for n in names if target is None or ml.resolve(n).metadata().get("task") != target]
-    return gr.Dropdown(choices=names, value=keep)
+    rows = _modules(kind)
+    keep = [row["name"] for row in rows if row["task"] != target]
+    return gr.Dropdown(choices=[row["name"] for row in rows], value=keep)
 
 
 def build(demo: gr.Blocks) -> dict:
@@ -109,7 +111,7 @@ def build(demo: gr.Blocks) -> dict:
             targets = target_choices()
             target = gr.Dropdown(targets, value=targets[0] if targets else None, label="Target task",
                                  elem_id="ens-target")
-            kind = gr.Radio(list(KINDS), value="lora", label="Module kind", elem_id="ens-kind")
+            kind = gr.Radio(list(PEFT_KINDS), value="lora", label="Module kind", elem_id="ens-kind")
             sources = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, scale=3,
                                   label="Source modules", elem_id="ens-sources",
                                   info="default: the zoo's modules of this kind trained on other tasks")

@@ -31,11 +31,10 @@ from safetensors.torch import save_file
 
 from ..arch import adapter_for
 from ..errors import MergeLabError
-from ..models import METADATA, ModelRef, adapter_base, copy_tokenizer, read_config, resolve, staging
+from ..models import ADAPTER_FILE, METADATA, ModelRef, adapter_base, copy_tokenizer, read_config, resolve, staging
 from ..stats import canonical
 from ..tensorio import LazyFiles
 
-FILE = "adapter_model.safetensors"
 SPACES = ("module", "weights")
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
 
@@ -80,7 +79,7 @@ def read_module(spec: str | ModelRef) -> Module:
     if kind is None:
         raise MergeLabError(f"module {ref.spec!r} is a {config.get('peft_type')} module; MergeLab combines LoRA and "
                             "(IA)3 modules")
-    reader = LazyFiles([ref.path / FILE])
+    reader = LazyFiles([ref.path / ADAPTER_FILE])
     adapter = adapter_for(read_config(ref).model_type)
     roles = {}
     for key in reader.keys():
@@ -166,7 +165,7 @@ def deltas(module: Module, base: dict[str, torch.Tensor] | None = None) -> dict[
         from ..merge import open_checkpoint
 
         ckpt = open_checkpoint(adapter_base(module.ref))
-        base = {name: ckpt.get(name) for name in ckpt.names}
+        base = {layer: ckpt.get(layer) for layer in map(module.layer_of, module.body)}
     feedforward = re.compile(module.config.get("feedforward_modules") or r"$^")
     for key in module.body:
         layer = module.layer_of(key)
@@ -198,7 +197,7 @@ def write_module(template: Module, tensors: dict[str, torch.Tensor], out: str | 
     """Write combined module tensors (module space) as an adapter folder loadable by PEFT and MergeLab,
     for `task` (the head is left to the task: a fresh one for a new task)."""
     with staging(out, overwrite=overwrite) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / FILE)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / ADAPTER_FILE)
         (tmp / "adapter_config.json").write_text(json.dumps(template.config, indent=2) + "\n")
         copy_tokenizer(template.ref, tmp)
         base = template.ref.metadata()

@@ -76,12 +76,7 @@ def _outputs(model: torch.nn.Module, shots: Shots) -> torch.Tensor:
 
 
 def _headline(spec: TaskSpec, outputs: torch.Tensor, labels: torch.Tensor) -> float:
-    if spec.kind == "regression":
-        values = metrics.regression_metrics(outputs.squeeze(-1).cpu().numpy(), labels.cpu().numpy())
-    else:
-        values = metrics.classification_metrics(outputs.argmax(-1).cpu().numpy(), labels.cpu().numpy(),
-                                                spec.num_labels)
-    return float(metrics.select(spec, values)[spec.main_metric])
+    return metrics.sequence_metrics(spec, outputs.cpu().numpy(), labels.cpu().numpy())[spec.main_metric]
 
 
 def _module_of(template: Module, model: torch.nn.Module) -> Module:
