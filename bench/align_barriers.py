@@ -1,5 +1,5 @@
 """MLM-loss barriers of interpolation between models pretrained from different seeds, vanilla and after
-each kind of permutation alignment (issue 5; Verma & Elbayad 2024, Table 1's setting at small scale).
+each kind of permutation alignment (Verma & Elbayad 2024, arXiv:2403.00986, Table 1's setting at small scale).
 
     MERGELAB_HOME=/tmp/zoo-home python bench/align_barriers.py [--models scratch-s0 scratch-s1 scratch-s2]
         [--points 11] [--limit 256] [--examples 256] [--glue [--glue-limit N]]
@@ -7,7 +7,7 @@ each kind of permutation alignment (issue 5; Verma & Elbayad 2024, Table 1's set
 For every pair of the models: the correlations are computed once (`align.features`), then every
 variant is matched, B is written permuted into A's basis, and the line from A to it is scored on
 WikiText-2 dev (MLM loss; `--limit` 128-token blocks). Barrier = max over the line of the loss minus
-the straight line between the end losses; A6's variant (minus the mean of the ends) is kept too.
+the straight line between the end losses; the variant against the mean of the end losses is kept too.
 `--glue` adds the same for the SST-2 fine-tunes of the models (`<model>-sst2`), on SST-2 dev.
 """
 
@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import merging_core as ml  # noqa: E402
 from merging_core.align import find_permutation, text_batches, write_permuted  # noqa: E402
 from merging_core.align.features import correlations  # noqa: E402
-from merging_core.merge import open_checkpoint  # noqa: E402
+from merging_core.checkpoint import open_checkpoint  # noqa: E402
 
 # (label, merge type, attention, residual)
 VARIANTS = [

@@ -1,4 +1,4 @@
-"""Permutation alignment time, phase by phase, at growing model sizes (issue 5).
+"""Permutation alignment time, phase by phase, at growing model sizes.
 
     python bench/align_speed.py [--examples 128] [--sizes tiny mini small base4]
 

@@ -5,7 +5,7 @@
 - MergeLab: `merging_core.curve(a, b, "sst2", points=26)`, iterated to the end: the two checkpoints'
   tensors on the device, one model whose weights are overwritten in place per point, the dev split
   tokenized once and scored in length-sorted, dynamically padded batches. Set-up (loading) included.
-- naive (the loop of the mode-connectivity scripts, as issue 4 defines it): for every point, build the
+- naive (the loop of the mode-connectivity papers' scripts): for every point, build the
   interpolated state dict, load a fresh model (`from_pretrained` + `load_state_dict`), evaluate it with
   the usual loop (batches padded to 128 in data order). The tokenized data is shared with MergeLab, so
   tokenization is not what is measured.

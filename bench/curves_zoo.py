@@ -1,5 +1,5 @@
-"""The README's mode-connectivity table: 26-point curves between default-zoo checkpoints on the full
-SST-2 dev set (issue 4).
+"""The mode-connectivity table (docs/results/curves.md): 26-point curves between default-zoo checkpoints
+on the full SST-2 dev set.
 
     MERGELAB_HOME=/tmp/zoo-home python bench/curves_zoo.py [--points 26] [--bend-steps 1000] [--limit N]
 

@@ -1,4 +1,4 @@
-"""Similarity measures' cost per source module, and re-weighting after a temperature change (issue 6).
+"""Similarity measures' cost per source module, and re-weighting after a temperature change.
 
     MERGELAB_HOME=/tmp/zoo-home python bench/ensemble_speed.py [--target sst2] [--kind lora] [--shots 32]
 

@@ -1,5 +1,6 @@
 """Few-shot transfer by similarity-weighted module ensembling, leave-one-out over the zoo's tasks
-(issue 6; Lv et al. 2023, Table 2's protocol at small scale).
+(Lv et al. 2023, "Parameter-efficient Weight Ensembling Facilitates Task-level Knowledge Transfer",
+ACL 2023: Table 2's protocol at small scale).
 
     MERGELAB_HOME=/tmp/zoo-home python bench/ensemble_transfer.py [--kind lora] [--shots 32]
         [--seeds 0 1 2] [--measures loss kl el2n weight_cosine] [--steps 50] [--limit N] [--lr 5e-4]
@@ -52,7 +53,8 @@ def main() -> None:
             started = time.perf_counter()
             scores = measure(modules, shots, measures=tuple(args.measures), steps=args.steps, lr=args.lr)
             print(f"{target} seed {seed}: similarities in {time.perf_counter() - started:.1f} s", flush=True)
-            weights = {name: softmax_weights(scores.scores[name], MEASURES[name]) for name in args.measures}
+            weights = {name: softmax_weights(scores.scores[name], MEASURES[name].default_temperature)
+                       for name in args.measures}
             starts = {"fresh": None, "uniform": combine(modules, [1.0] * len(modules))}
             for name in args.measures:
                 starts[f"weighted by {name}"] = combine(modules, [weights[name][m.ref.spec] for m in modules])

@@ -1,4 +1,4 @@
-"""The different-initialization zoo (recipe `scratch`, issue 5): each model's MLM loss on WikiText-2 dev
+"""The different-initialization zoo (recipe `scratch`): each model's MLM loss on WikiText-2 dev
 before pretraining (the same seeded random initialization) and after, its training time, and the SST-2
 accuracy of its fine-tune.
 

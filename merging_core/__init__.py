@@ -7,6 +7,8 @@ The public API, shared by the CLI (`python -m merging_core ...`) and the Gradio 
     ml.train(ml.TrainConfig(task="rte", seed=0), out="runs/rte-s0")
     ml.zoo.build("default"); ml.zoo.entries()
     ml.merge("ties", ["sst2-s0", "sst2-s1"], base="minilm", params={"density": 0.2}, out="merges/ties")
+    spec = ml.MergeSpec("ties", ("sst2-s0", "sst2-s1"), base="minilm", params={"density": 0.2})
+    ml.merge(spec, out="merges/ties2"); ml.merge_from_config("merges/ties2", out="merges/again")
     for row in ml.compare(["sst2-s0", "cola-s0"], ["average", "regmean"]): print(row)
     run = ml.curve("sst2-s0", "sst2-s1", "sst2", points=26)   # iterate to stream the points
     for point in run: print(point["t"], point["scores"]["sst2"]["accuracy"])
@@ -17,7 +19,7 @@ The public API, shared by the CLI (`python -m merging_core ...`) and the Gradio 
 Nothing here downloads at import time, and nothing here imports gradio.
 """
 
-__version__ = "0.2.0"
+from ._version import __version__  # noqa: F401  (the one source of the version)
 
 from .errors import MergeLabError  # noqa: E402
 
@@ -25,6 +27,7 @@ from .errors import MergeLabError  # noqa: E402
 # package attribute the function for good (a later `import merging_core.merge` does not reset it).
 from .compare import compare, greedy  # noqa: E402
 from .merge import MergeResult, available_methods, merge, merge_from_config  # noqa: E402
+from .spec import MergeSpec  # noqa: E402
 from .align import align  # noqa: E402  (the package `align` and its function: see above)
 from .ensemble import ensemble  # noqa: E402  (likewise)
 
@@ -33,10 +36,11 @@ from .ensemble import ensemble  # noqa: E402  (likewise)
 _LAZY = {
     "Evaluator": "evaluation", "evaluate": "evaluation", "METHODS": "methods", "get_method": "methods", "Loaded": "models", "load": "models", "resolve": "models",
     "save": "models", "TASKS": "tasks", "get_task": "tasks", "TrainConfig": "training", "train": "training",
-    "curve": "curves", "plane": "curves", "Curve": "curves", "Plane": "curves",
+    "curve": "curves", "plane": "curves", "Curve": "curves", "Plane": "curves", "CurveSpec": "curves",
+    "PlaneSpec": "curves", "open_checkpoint": "checkpoint",
 }
 _MODULES = ("arch", "data", "settings", "stats", "zoo", "models", "evaluation", "training", "tasks", "metrics",
-            "encode", "progress", "partition", "losses", "tensorio", "paths", "curves")
+            "encode", "progress", "partition", "losses", "tensorio", "paths", "curves", "checkpoint", "spec", "params")
 
 
 def __getattr__(name: str):
@@ -55,4 +59,5 @@ def __getattr__(name: str):
 __all__ = ["data", "settings", "stats", "zoo", "MergeLabError", "Evaluator", "evaluate", "Loaded", "load", "resolve",
            "save", "TASKS", "get_task", "TrainConfig", "train", "merge", "merge_from_config", "MergeResult",
            "available_methods", "METHODS", "get_method", "compare", "greedy", "curve", "plane", "Curve", "Plane",
+           "MergeSpec", "CurveSpec", "PlaneSpec", "open_checkpoint", "checkpoint", "spec", "params",
            "paths", "curves", "align", "ensemble", "__version__"]

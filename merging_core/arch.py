@@ -40,12 +40,17 @@ class Adapter:
     rules: tuple[tuple[str, str, str], ...]  # (regex on the stripped name, group, role)
     mlm_head_attr: str  # attribute of the *ForMaskedLM model holding the vocabulary projection
 
+    def canonical(self, name: str) -> str:
+        """A parameter's name without the task wrapper's prefix (`bert.encoder...` -> `encoder...`), so a
+        classifier, a token tagger and the bare encoder of one family name their shared tensors alike."""
+        for prefix in self.prefixes:
+            if name.startswith(prefix):
+                return name[len(prefix):]
+        return name
+
     def describe(self, name: str) -> ParamInfo:
         core, factor = _strip_peft(name)
-        for prefix in self.prefixes:
-            if core.startswith(prefix):
-                core = core[len(prefix):]
-                break
+        core = self.canonical(core)
         for pattern, group, role in self._compiled:
             match = pattern.fullmatch(core)
             if match:
@@ -125,6 +130,11 @@ def adapter_for(model_type: str) -> Adapter:
             return adapter
     known = ", ".join(t for a in ADAPTERS for t in a.model_types)
     raise MergeLabError(f"model type {model_type!r} is not supported yet (supported: {known})")
+
+
+def canonical(name: str, model_type: str = "bert") -> str:
+    """`name` in canonical form for its family (see `Adapter.canonical`)."""
+    return adapter_for(model_type).canonical(name)
 
 
 def group_params(names: list[str], model_type: str = "bert") -> dict[str, list[str]]:

@@ -16,14 +16,17 @@ from collections.abc import Sequence
 from . import data, tasks, zoo
 from .arch import GROUPS
 from .align import ATTENTION, MERGE_TYPES, RESIDUAL, align, permute_checkpoint
-from .compare import compare, greedy, parse_method
-from .curves import SPACES, curve, plane
+from .compare import compare, greedy
+from .curves import SPACES, CurveSpec, PlaneSpec, curve, plane
 from .ensemble import GRANULARITIES, ensemble
 from .ensemble import MEASURES as ENSEMBLE_MEASURES
-from .paths import PATHS
 from .errors import MergeLabError
 from .evaluation import evaluate
-from .merge import FALLBACKS, HEAD_POLICIES, available_methods, merge
+from .merge import available_methods, merge
+from .methods import METHODS
+from .params import parse_assignments
+from .paths import PATHS
+from .spec import FALLBACKS, HEAD_POLICIES, MergeSpec, parse_method_text
 from .training import PEFT_KINDS, SAMPLING, TrainConfig, train
 
 
@@ -77,10 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     li.add_argument("--json", action="store_true")
 
     p = commands.add_parser("merge", help="merge two or more models with one method")
-    p.add_argument("--method", required=True, help="a merge method (python -m merging_core methods)")
+    p.add_argument("--method", required=True, choices=list(METHODS),
+                   help="a merge method (python -m merging_core methods)")
     p.add_argument("--models", nargs="+", required=True, help="the models to merge (zoo names, folders, hub ids)")
     p.add_argument("--base", default=None, help="the model they were fine-tuned from (task vectors)")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="method parameters, e.g. lambda=0.5")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="method parameters, e.g. lambda=0.5 (repeat --set, or comma-separate; each key once)")
     p.add_argument("--components", default=None,
                    help="comma list of groups the method merges: " + ",".join(GROUPS) + " (default: all)")
     p.add_argument("--fallback", choices=list(FALLBACKS), default="average",
@@ -106,12 +111,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--models", nargs="+", required=True)
         if name == "compare":
             p.add_argument("--methods", nargs="+", required=True,
-                           help="methods with settings, e.g. average ties:density=0.2 regmean:alpha=0.9")
+                           help="methods with settings, e.g. average ties:density=0.2 regmean:alpha=0.9 "
+                                f"(methods: {', '.join(METHODS)})")
             p.add_argument("--multitask", default=None, help="a multi-task model to show beside the merges")
             p.add_argument("--ensemble", choices=["logits", "probabilities"], default="logits")
             p.add_argument("--markdown", action="store_true", help="print a Markdown table")
         else:
-            p.add_argument("--method", required=True, help="a method with settings, e.g. regmean:alpha=0.9")
+            p.add_argument("--method", required=True, help="a method with settings, e.g. regmean:alpha=0.9 "
+                                                                 f"(methods: {', '.join(METHODS)})")
         p.add_argument("--base", default=None)
         p.add_argument("--limit", type=_positive_int, default=None, help="first N dev examples of each task")
         p.add_argument("--json", action="store_true", help="one JSON object per row, as it is computed")
@@ -140,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="adapter modules (LoRA, (IA)3): interpolate the modules (module) or the folded weights (weights)")
         q.add_argument("--base", default=None, help="the pretrained model (task-vector cosine; task-vector merges)")
         q.add_argument("--merges", nargs="+", default=[], metavar="METHOD",
-                       help="merges to place on the path, e.g. average ties:density=0.2")
+                       help=f"merges to place on the path, e.g. average ties:density=0.2 (methods: {', '.join(METHODS)})")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--json", action="store_true", help="one JSON object per line, as computed, then the summary")
 
@@ -244,7 +251,7 @@ def _run(args: argparse.Namespace) -> None:
             rows = compare(args.models, args.methods, base=args.base, multitask=args.multitask,
                            ensemble=args.ensemble, limit=args.limit)
         else:
-            name, params = parse_method(args.method)
+            name, params = parse_method_text(args.method)
             rows = greedy(args.models, name, params, base=args.base, limit=args.limit)
         table = []
         for row in rows:
@@ -301,17 +308,11 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    params = {}
-    for item in args.set:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise MergeLabError(f"--set {item!r} is not KEY=VALUE (e.g. --set lambda=0.5)")
-        params[key] = value
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
-    result = merge(args.method, args.models, out=args.out, base=args.base, params=params, components=components,
-                   fallback=args.fallback, heads=args.heads, stats_tasks=args.stats_task,
-                   stats_files=args.stats_file, seed=args.seed, overwrite=args.overwrite,
-                   allow_pickle=args.allow_pickle)
+    spec = MergeSpec(args.method, tuple(args.models), base=args.base, params=parse_assignments(args.set, "--set"),
+                     components=components, fallback=args.fallback, heads=args.heads, stats_tasks=args.stats_task,
+                     stats_files=args.stats_file, seed=args.seed, allow_pickle=args.allow_pickle)
+    result = merge(spec, out=args.out, overwrite=args.overwrite)
     summary = {"out": str(result.out), "method": args.method, "tasks": result.tasks,
                "seconds": round(result.seconds, 2), "notes": result.notes}
     if args.eval:
@@ -328,14 +329,14 @@ def _merge(args: argparse.Namespace) -> None:
 
 def _path(args: argparse.Namespace) -> None:
     """`curve` / `plane`: stream the items as they are computed, then the summary."""
-    tasks = [t for item in args.task or [] for t in item.split(",") if t.strip()]
-    common = {"split": args.split, "limit": args.limit, "head_from": args.head_from, "space": args.space,
-              "base": args.base, "merges": args.merges}
+    tasks = tuple(t for item in args.task or [] for t in item.split(",") if t.strip())
+    common = {"tasks": tasks, "split": args.split, "limit": args.limit, "head_from": args.head_from,
+              "space": args.space, "base": args.base, "merges": tuple(args.merges)}
     if args.command == "curve":
-        run = curve(args.a, args.b, tasks, points=args.points, path=args.path, bend_steps=args.bend_steps,
-                    bend_lr=args.bend_lr, seed=args.seed, **common)
+        run = curve(CurveSpec((args.a, args.b), points=args.points, path=args.path, bend_steps=args.bend_steps,
+                              bend_lr=args.bend_lr, seed=args.seed, **common))
     else:
-        run = plane(args.a, args.b, args.c, tasks, grid=args.grid, margin=args.margin, **common)
+        run = plane(PlaneSpec((args.a, args.b, args.c), grid=args.grid, margin=args.margin, **common))
     for item in run:
         if args.json:
             print(json.dumps(item), flush=True)
@@ -377,11 +378,33 @@ def _scores(result: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items() if k not in skip)
 
 
+# Engine inputs whose flag is not simply --<name> (`param` of a MergeLabError -> the option's dest).
+_DESTS = {"stats_tasks": "stats_task", "stats_files": "stats_file", "tasks": "task", "similarity": "similarity",
+          "models": ("models", "a"), "params": "set"}
+
+
+def _flag(parser: argparse.ArgumentParser, args: argparse.Namespace, param: str) -> str:
+    """How a shell user names the engine input `param` in this command: its flag, or --set KEY=..."""
+    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    if args.command == "zoo":
+        command = next(a for a in command._actions if isinstance(a, argparse._SubParsersAction)).choices[
+            args.zoo_command]
+    options = {a.dest: a.option_strings[-1] for a in command._actions if a.option_strings}
+    wanted = _DESTS.get(param, param)
+    for dest in (wanted if isinstance(wanted, tuple) else (wanted,)):
+        if dest in options:
+            return options[dest] + ("/--b" if dest == "a" and "b" in options else "")
+    if "set" in options and getattr(args, "method", None) in METHODS:
+        return f"--set {param}=..."
+    return param
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
         _run(args)
     except MergeLabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.render(lambda param: _flag(parser, args, param))}", file=sys.stderr)
         return 2
     return 0

@@ -12,34 +12,22 @@ tokenizations.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from .arch import canonical
+from .checkpoint import load_canonical, open_checkpoint
 from .errors import MergeLabError
 from .evaluation import Evaluator, headline
-from .merge import MergeResult, merge, open_checkpoint
-from .methods import get_method
+from .merge import MergeResult, merge
 from .models import Loaded, head_tasks, load, resolve
 from .progress import ProgressFn, scaled
-from .stats import canonical
+from .spec import MergeSpec, specs_from_texts
 from .tasks import get_task
-
-
-def load_canonical(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> int:
-    """Copy tensors named canonically (no `bert.` prefix) into `model`; returns how many were set."""
-    own = model.state_dict()
-    count = 0
-    with torch.no_grad():
-        for key, tensor in own.items():
-            name = canonical(key, model.config.model_type)
-            if name in state:
-                tensor.copy_(state[name].to(tensor))
-                count += 1
-    return count
 
 
 class Ensemble(torch.nn.Module):
@@ -127,36 +115,18 @@ def _row(label: str, kind: str, results: dict[str, dict]) -> dict[str, Any]:
     return row
 
 
-def parse_method(text: str) -> tuple[str, dict[str, str]]:
-    """`ties:density=0.2,scope=tensor` -> ("ties", {"density": "0.2", "scope": "tensor"})."""
-    name, _, rest = text.partition(":")
-    params = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise MergeLabError(f"method setting {item!r} in {text!r} is not key=value")
-        params[key.strip()] = value.strip()
-    get_method(name).parse(params)  # fail early on a bad name or value
-    return name, params
-
-
-def method_label(name: str, params: dict) -> str:
-    """`ties (density=0.2)`: a method with the settings it was given, for tables and plots."""
-    return name + (" (" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")" if params else "")
-
-
 def compare(models: list[str], methods: list[str | tuple[str, dict]], *, base: str | None = None,
             multitask: str | None = None, ensemble: str = "logits", limit: int | None = None, split: str = "dev",
             progress: ProgressFn | None = None) -> Iterator[dict[str, Any]]:
     """Rows of the comparison table, yielded as they are computed: each individual model (on its own
     task), the ensemble, the multi-task model (when given), then one row per merge method."""
     if len(models) < 2:
-        raise MergeLabError("compare needs at least two models")
-    parsed = [parse_method(m) if isinstance(m, str) else m for m in methods]
+        raise MergeLabError("compare needs at least two models", param="models")
+    merges = specs_from_texts(methods, models, base=base, heads="auto")
     inputs = Inputs.open(models)
     scorer = Scorer(inputs, limit, split)
     tasks = list(dict.fromkeys(inputs.tasks))
-    steps = len(models) + 1 + bool(multitask) + len(parsed)
+    steps = len(models) + 1 + bool(multitask) + len(merges)
     step = 0
 
     def tick(label: str) -> ProgressFn | None:
@@ -175,16 +145,16 @@ def compare(models: list[str], methods: list[str | tuple[str, dict]], *, base: s
         have = set(head_tasks(resolve(multitask))) or {None}
         yield _row(multitask, "multi-task", {t: scorer.score(t, load(multitask, get_task(t)).model)
                                              for t in tasks if t in have})
-    for name, params in parsed:
-        part = tick(name)
-        result = merge(name, models, base=base, params=params, heads="auto", progress=part)
-        yield _row(method_label(name, params), "merge", {t: scorer.merged(result, t) for t in tasks})
+    for label, spec in merges:
+        result = merge(spec, progress=tick(spec.method))
+        yield _row(label, "merge", {t: scorer.merged(result, t) for t in tasks})
 
 
 def greedy(models: list[str], method: str, params: dict | None = None, *, base: str | None = None,
            limit: int | None = None, progress: ProgressFn | None = None) -> Iterator[dict[str, Any]]:
     """Greedy incremental merging: rank models by their own-task score, merge the top k for k = 2..N,
     and score each merge on the tasks of the models in it."""
+    template = MergeSpec(method, tuple(models), base=base, params=params or {})  # checked before any work
     inputs = Inputs.open(models)
     scorer = Scorer(inputs, limit)
     own = {spec: headline(scorer.score(task, load(spec, get_task(task)).model))[1]
@@ -193,7 +163,7 @@ def greedy(models: list[str], method: str, params: dict | None = None, *, base: 
     for k in range(2, len(order) + 1):
         chosen = order[:k]
         part = scaled(progress, (k - 2) / (len(order) - 1), (k - 1) / (len(order) - 1), f"top {k}: ")
-        result = merge(method, chosen, base=base, params=params, progress=part)
+        result = merge(replace(template, models=tuple(chosen)), progress=part)
         tasks = list(dict.fromkeys(inputs.tasks[models.index(s)] for s in chosen))
         row = _row(f"top {k}", "greedy", {t: scorer.merged(result, t) for t in tasks})
         yield {**row, "added": order[k - 1], "models": chosen}

@@ -1,7 +1,7 @@
 """Interpolation curves and planes between checkpoints, scored on tasks and streamed point by point.
 
-Mode connectivity (Qin et al. 2022, "Exploring Mode Connectivity for Pre-trained Language Models";
-algorithms.md A7): walk a path between two checkpoints and record every task's loss and metric at
+Mode connectivity (Qin et al. 2022, "Exploring Mode Connectivity for Pre-trained Language Models",
+arXiv:2210.14102): walk a path between two checkpoints and record every task's loss and metric at
 each point. A path whose loss never rises above the line through its end values (barrier 0) joins the
 two in one basin. The geometry (paths, barriers, distances) is `merging_core.paths`; this module scores it.
 
@@ -20,9 +20,13 @@ parameters only, the LoRA factors or (IA)³ vectors and the task head ("module s
 interpolate adapters); the base stays fixed and is never folded. Any other pair, adapters folded into
 their base included, moves in weight space.
 
-**Bezier curves** train their bend θ_C from the midpoint (Garipov et al. 2018, Sec. 3.2): every step
+**Bezier curves** train their bend θ_C from the midpoint (Garipov et al. 2018, "Loss surfaces, mode
+connectivity, and fast ensembling of DNNs", arXiv:1802.10026, Sec. 3.2): every step
 draws t ~ U(0, 1), takes a training batch at θ(t) and moves θ_C along ∂L/∂θ_C = 2t(1 − t) ∂L/∂θ(t)
 (Adam, learning rate decaying linearly to 0).
+
+**Requests.** A `CurveSpec` / `PlaneSpec` describes one run (checked on construction, JSON-ready);
+merges placed on the path are `MergeSpec`s of the same checkpoints.
 """
 
 from __future__ import annotations
@@ -31,31 +35,109 @@ import copy
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import paths, settings
-from .arch import adapter_for
-from .compare import load_canonical, method_label, parse_method
+from .arch import adapter_for, canonical
+from .checkpoint import HEAD_GROUPS, Checkpoint, check_compatible, load_canonical, open_checkpoint, recorded_base
 from .errors import MergeLabError
 from .evaluation import Evaluator
-from .merge import Checkpoint, check_compatible, merge, open_checkpoint, recorded_base
+from .losses import task_loss
+from .merge import merge
 from .models import (ADAPTER_FILE, ModelRef, adapter_base, check_head, head_info, load, load_adapter, peft_file_name,
                      read_config, resolve)
 from .progress import ProgressFn, scaled, track
-from .stats import canonical, weights_fingerprint
+from .spec import MergeSpec, parse_method_text, specs_from_texts
+from .stats import weights_fingerprint
 from .tasks import TaskSpec, get_task
 from .tensorio import LazyFiles
-from .training import task_loss, train_batches
+from .training import train_batches
 
-HEAD_GROUPS = ("head", "mlm_head")
 SPACES = ("auto", "weights", "module")
 # Adapter settings that must agree for two modules to share one module space.
 ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "feedforward_modules", "use_rslora", "use_dora",
                 "rank_pattern", "alpha_pattern")
+
+
+def _merge_text(item: str | tuple[str, dict]) -> str:
+    """A merge to place on a path as text (`ties:density=0.2`), checked against the registry."""
+    if not isinstance(item, str):
+        name, params = item
+        item = name + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
+    parse_method_text(item)
+    return item
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """What every path run shares: the checkpoints, the tasks and data it is scored on, merges to place."""
+
+    models: tuple[str, ...]
+    tasks: tuple[str, ...] = ()  # default: the checkpoints' own tasks
+    split: str = "dev"
+    limit: int | None = None  # first N examples of each task
+    head_from: str | None = None  # score tasks neither checkpoint has a head for with this model's head
+    space: str = "auto"  # adapters: "module" (interpolate the modules) or "weights" (folded)
+    base: str | None = None  # the pretrained model (task-vector cosine; task-vector merges)
+    merges: tuple[str, ...] = ()  # merges of the checkpoints to place on the path, e.g. "ties:density=0.2"
+
+    def __post_init__(self) -> None:
+        setter = object.__setattr__.__get__(self)
+        setter("models", tuple(str(m).strip() for m in self.models))
+        tasks = self.tasks.split(",") if isinstance(self.tasks, str) else (self.tasks or ())
+        setter("tasks", tuple(t.strip() for t in tasks if t and t.strip()))
+        if self.space not in SPACES:
+            raise MergeLabError(f"space must be one of {list(SPACES)}, got {self.space!r}", param="space")
+        if self.limit is not None and int(self.limit) < 1:
+            raise MergeLabError(f"limit must be at least 1, got {self.limit}", param="limit")
+        setter("head_from", self.head_from or None)
+        setter("base", self.base or None)
+        setter("merges", tuple(_merge_text(m) for m in self.merges))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class CurveSpec(PathSpec):
+    """A path between two checkpoints (`models` = (A, B))."""
+
+    points: int = 26  # evenly spaced in t, both ends included
+    path: str = "line"  # "line" or "bezier" (a trained bend)
+    bend_steps: int = 200  # Bezier: training steps of the bend
+    bend_lr: float = 1e-3  # Bezier: Adam learning rate of the bend
+    batch_size: int = 32  # Bezier: training batch size
+    seed: int = 0  # Bezier: batches and t draws
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.models) != 2:
+            raise MergeLabError(f"a curve joins two checkpoints, got {len(self.models)}", param="models")
+        if self.path not in paths.PATHS:
+            raise MergeLabError(f"path must be one of {list(paths.PATHS)}, got {self.path!r}", param="path")
+        paths.positions(self.points)  # checks the count
+        if self.path == "bezier" and self.bend_steps < 1:
+            raise MergeLabError(f"a Bezier curve needs at least 1 bend training step, got {self.bend_steps}",
+                                param="bend_steps")
+
+
+@dataclass(frozen=True)
+class PlaneSpec(PathSpec):
+    """The plane through three checkpoints (`models` = (A, B, C)), scored on a grid."""
+
+    grid: int = 7  # grid points per axis
+    margin: float = 0.25  # room around the three models, as a share of the span
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.models) != 3:
+            raise MergeLabError(f"a plane passes through three checkpoints, got {len(self.models)}", param="models")
+        if not self.margin >= 0:  # NaN fails too
+            raise MergeLabError(f"margin must be at least 0, got {self.margin}", param="margin")
 
 
 @dataclass
@@ -142,29 +224,28 @@ def _parameters(model: torch.nn.Module, module_space: bool) -> dict[str, torch.n
 class _Path:
     """Shared set-up of curves and planes: vertices on the device, one rig per task, geometry."""
 
-    def __init__(self, specs: Sequence[str], tasks: Sequence[str] | str | None, *, split: str, limit: int | None,
-                 head_from: str | None, space: str, base: str | None, merges: Sequence[str | tuple[str, dict]],
-                 progress: ProgressFn | None):
+    def __init__(self, spec: PathSpec, progress: ProgressFn | None):
         started = time.perf_counter()
-        self.specs = [str(s) for s in specs]
+        self.spec = spec
+        self.specs = list(spec.models)
         self.notes: list[str] = []
         self.progress = progress
-        self.split, self.limit = split, limit
+        self.split, self.limit = spec.split, spec.limit
         self.device = settings.device()
         refs = [resolve(s) for s in self.specs]
-        self.module_space, note = _module_space(refs, space)
+        self.module_space, note = _module_space(refs, spec.space)
         if note:
             self.notes.append(note)
         self.space = "module" if self.module_space else "weights"
         self.checkpoints = [(_module_checkpoint if self.module_space else open_checkpoint)(r) for r in refs]
         check_compatible(self.checkpoints, None)
-        self.tasks = self._tasks(tasks)
-        self.merges = [parse_method(m) if isinstance(m, str) else tuple(m) for m in merges]
+        self.tasks = self._tasks(spec.tasks)
+        # merges get the base as given (they find a recorded base themselves)
+        self.merges = specs_from_texts(spec.merges, self.specs, base=spec.base)
         if self.merges and self.module_space:
             raise MergeLabError("merge points are placed on weight-space paths; drop the merges or use space "
-                                "'weights' for adapter modules")
-        self.user_base = base  # merges get it as given (they find a recorded base themselves)
-        self.base = base or recorded_base(self.checkpoints)
+                                "'weights' for adapter modules", param="merges")
+        self.base = spec.base or recorded_base(self.checkpoints)
 
         first = self.checkpoints[0]
         shared = [n for n in first.names if first.meta(n)[0].is_floating_point
@@ -177,7 +258,7 @@ class _Path:
                 self.notes.append(f"{c.ref.spec} has {len(fixed)} parameter(s) the others lack ({fixed[0]}, ...): "
                                   "held at its own values where its head scores a task")
         self.vertices = [{n: c.get(n).to(self.device, torch.float32) for n in shared} for c in self.checkpoints]
-        self.rigs = [self._rig(spec, head_from) for spec in self.tasks]
+        self.rigs = [self._rig(task, spec.head_from) for task in self.tasks]
         moving = set(self.encoder) | {n for rig in self.rigs for n in rig.params}
         self.names = [n for n in shared if n in moving]
         self.geometry = paths.geometry(self.vertices, self.names)
@@ -186,12 +267,12 @@ class _Path:
         self.seconds = 0.0
         self.setup_seconds = time.perf_counter() - started
 
-    def _tasks(self, tasks: Sequence[str] | str | None) -> list[TaskSpec]:
-        names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks or []) if t.strip()]
+    def _tasks(self, names: Sequence[str]) -> list[TaskSpec]:
         if not names:  # default: the checkpoints' own tasks
             names = [c.task for c in self.checkpoints if c.task]
             if not names:
-                raise MergeLabError("no task given and the checkpoints have no task heads; pass --task TASK")
+                raise MergeLabError("no task given and the checkpoints have no task heads; name the tasks to score",
+                                    param="tasks")
         specs = [get_task(t) for t in names]
         return list({s.name: s for s in specs}.values())
 
@@ -212,7 +293,8 @@ class _Path:
             owner, how = donor.ref, f"fixed: {head_from}'s head"
         else:
             raise MergeLabError(f"none of {', '.join(self.specs)} has a head for task {spec.name}; pick one of their "
-                                f"tasks or pass head_from (--head-from) a model with such a head, e.g. mlm-head for MLM")
+                                "tasks, or score it with the head of a model that has one", param="head_from",
+                                hint="e.g. mlm-head for MLM")
         if self.module_space:
             model = load_adapter(owner).to(self.device).eval()
         else:
@@ -242,9 +324,9 @@ class _Path:
             out[rig.spec.name] = rig.evaluator(rig.model)
         return out
 
-    def merged(self, method: str, params: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    def merged(self, spec: MergeSpec) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
         """A merge of the checkpoints (kept in memory): its moving tensors, and its scores on every task."""
-        result = merge(method, self.specs, base=self.user_base, params=params)
+        result = merge(spec)
         point = {n: result.state[n].to(self.device, torch.float32) for n in self.names if n in result.state}
         scores = {}
         for rig in self.rigs:
@@ -291,20 +373,12 @@ class Curve(_Path):
     a "bend" item (Bezier: the trained bend), one "point" per position, one "merge" per merge method.
     `summary()` then holds the barriers and distances; `distances` is known before the first point."""
 
-    def __init__(self, a: str, b: str, tasks: Sequence[str] | str | None = None, *, points: int = 26,
-                 path: str = "line", split: str = "dev", limit: int | None = None, head_from: str | None = None,
-                 space: str = "auto", base: str | None = None, merges: Sequence[str | tuple[str, dict]] = (),
-                 bend_steps: int = 200, bend_lr: float = 1e-3, batch_size: int = 32, seed: int = 0,
-                 progress: ProgressFn | None = None):
-        if path not in paths.PATHS:
-            raise MergeLabError(f"path must be one of {list(paths.PATHS)}, got {path!r}")
-        self.ts = paths.positions(points)
-        if path == "bezier" and bend_steps < 1:
-            raise MergeLabError(f"a Bezier curve needs at least 1 bend training step, got {bend_steps}")
-        self.path = path
-        self.bend_settings = {"steps": bend_steps, "lr": bend_lr, "batch_size": batch_size, "seed": seed}
-        super().__init__([a, b], tasks, split=split, limit=limit, head_from=head_from, space=space, base=base,
-                         merges=merges, progress=progress)
+    def __init__(self, spec: CurveSpec, progress: ProgressFn | None = None):
+        self.ts = paths.positions(spec.points)
+        self.path = spec.path
+        self.bend_settings = {"steps": spec.bend_steps, "lr": spec.bend_lr, "batch_size": spec.batch_size,
+                              "seed": spec.seed}
+        super().__init__(spec, progress)
         self.distances = self._distances()
         self.bend: dict | None = None
 
@@ -327,12 +401,12 @@ class Curve(_Path):
         for i, t in enumerate(self.ts):
             self._report(bend_share + (1 - bend_share) * i / steps, f"point {i + 1}/{len(self.ts)} (t = {t:.2f})")
             yield {"kind": "point", "index": i, "t": t, "scores": self.score(coefficients(t))}
-        for j, (method, params) in enumerate(self.merges):
-            self._report(bend_share + (1 - bend_share) * (len(self.ts) + j) / steps, f"merge {method}")
-            point, scores = self.merged(method, params)
+        for j, (label, merge_spec) in enumerate(self.merges):
+            self._report(bend_share + (1 - bend_share) * (len(self.ts) + j) / steps, f"merge {merge_spec.method}")
+            point, scores = self.merged(merge_spec)
             geo = paths.geometry([self.vertices[0], self.vertices[1], point], list(point))
             alpha, off = paths.project_on_line(geo, 2)
-            yield {"kind": "merge", "method": method_label(method, params), "t": alpha, "off_line": off,
+            yield {"kind": "merge", "method": label, "t": alpha, "off_line": off,
                    "scores": scores}
 
     @property
@@ -414,9 +488,12 @@ def task_barriers(spec: TaskSpec, ts: Sequence[float], results: Sequence[dict]) 
             "path_mean": {"loss": float(np.mean(losses)), metric: float(np.mean(values))}}
 
 
-def curve(a: str, b: str, tasks: Sequence[str] | str | None = None, **options: Any) -> Curve:
-    """The path from `a` to `b` scored on `tasks`; iterate it to stream the points (see `Curve`)."""
-    return Curve(a, b, tasks, **options)
+def curve(a: str | CurveSpec, b: str | None = None, tasks: Sequence[str] | str | None = None, *,
+          progress: ProgressFn | None = None, **options: Any) -> Curve:
+    """The path from `a` to `b` scored on `tasks`; iterate it to stream the points (see `Curve`).
+    Takes a `CurveSpec`, or its fields: `curve("sst2-s0", "sst2-s1", "sst2", points=11)`."""
+    spec = a if isinstance(a, CurveSpec) else CurveSpec((a, b), tasks or (), **options)
+    return Curve(spec, progress)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,16 +507,10 @@ class Plane(_Path):
     "cell" per grid point, row by row, then one "merge" per merge method of the three (its projection
     onto the plane and its distance from it)."""
 
-    def __init__(self, a: str, b: str, c: str, tasks: Sequence[str] | str | None = None, *, grid: int = 7,
-                 margin: float = 0.25, split: str = "dev", limit: int | None = None, head_from: str | None = None,
-                 space: str = "auto", base: str | None = None, merges: Sequence[str | tuple[str, dict]] = (),
-                 progress: ProgressFn | None = None):
-        if margin < 0:
-            raise MergeLabError(f"margin must be at least 0, got {margin}")
-        super().__init__([a, b, c], tasks, split=split, limit=limit, head_from=head_from, space=space, base=base,
-                         merges=merges, progress=progress)
+    def __init__(self, spec: PlaneSpec, progress: ProgressFn | None = None):
+        super().__init__(spec, progress)
         self.frame = paths.PlaneFrame.through(self.geometry)
-        self.xs, self.ys = self.frame.grid(grid, margin)
+        self.xs, self.ys = self.frame.grid(spec.grid, spec.margin)
 
     def _compute(self) -> Iterator[dict]:
         cells = len(self.xs) * len(self.ys)
@@ -455,13 +526,13 @@ class Plane(_Path):
                 done += 1
                 yield {"kind": "cell", "row": i, "col": j, "x": x, "y": y,
                        "scores": self.score(self.frame.coefficients(x, y))}
-        for method, params in self.merges:
-            self._report(done / total, f"merge {method}")
+        for label, merge_spec in self.merges:
+            self._report(done / total, f"merge {merge_spec.method}")
             done += 1
-            point, scores = self.merged(method, params)
+            point, scores = self.merged(merge_spec)
             geo = paths.geometry([*self.vertices, point], list(point))
             x, y, off = self.frame.project(geo.dot(3, 1), geo.dot(3, 2), geo.dot(3, 3))
-            yield {"kind": "merge", "method": method_label(method, params), "x": x, "y": y, "off_plane": off,
+            yield {"kind": "merge", "method": label, "x": x, "y": y, "off_plane": off,
                    "scores": scores}
 
     def summary(self) -> dict:
@@ -476,6 +547,9 @@ class Plane(_Path):
                 "seconds": round(self.seconds, 2)}
 
 
-def plane(a: str, b: str, c: str, tasks: Sequence[str] | str | None = None, **options: Any) -> Plane:
-    """The plane through `a`, `b`, `c` scored on a grid; iterate it to stream the cells (see `Plane`)."""
-    return Plane(a, b, c, tasks, **options)
+def plane(a: str | PlaneSpec, b: str | None = None, c: str | None = None,
+          tasks: Sequence[str] | str | None = None, *, progress: ProgressFn | None = None, **options: Any) -> Plane:
+    """The plane through `a`, `b`, `c` scored on a grid; iterate it to stream the cells (see `Plane`).
+    Takes a `PlaneSpec`, or its fields."""
+    spec = a if isinstance(a, PlaneSpec) else PlaneSpec((a, b, c), tasks or (), **options)
+    return Plane(spec, progress)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import settings
 from .errors import MergeLabError
-from .tasks import TaskSpec
+from .tasks import TASKS, TaskSpec
 
 
 @dataclass
@@ -70,8 +70,6 @@ def local_fingerprint(spec: TaskSpec, split: str) -> str | None:
 
 def _corpus_sources() -> list[tuple[TaskSpec, Path]]:
     """The train file of every task the data root holds (WikiText-2's falls back to test.txt)."""
-    from .tasks import TASKS
-
     found = [(spec, _local_file(spec, "train")) for spec in TASKS.values() if spec.format != "corpus"]
     return [(spec, path) for spec, path in found if path is not None]
 
@@ -217,8 +215,6 @@ def _read_hub(spec: TaskSpec, split: str) -> RawSplit:
 
 def available_tasks() -> list[str]:
     """Tasks whose dev split is present in the data root (the hub is not probed)."""
-    from .tasks import TASKS
-
     try:
         root_ok = settings.data_root().is_dir()
     except MergeLabError:

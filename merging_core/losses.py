@@ -1,4 +1,6 @@
-"""Losses shared by training and evaluation.
+"""Losses shared by training, evaluation, statistics, curves and ensembling.
+
+`task_loss` is the training loss of one batch: the head's own loss, or masked-only MLM cross-entropy.
 
 `masked_lm_logits` runs the encoder, then the vocabulary projection on the masked positions only.
 A *ForMaskedLM forward projects every position (batch x length x 30k logits), which costs far more
@@ -8,9 +10,11 @@ than the encoder at small scale; predicting ~15% of the tokens is what the loss 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .arch import adapter_for
 from .encode import IGNORE
+from .tasks import TaskSpec
 
 
 def masked_lm_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
@@ -23,3 +27,12 @@ def masked_lm_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     masked = batch["labels"] != IGNORE
     head = adapter_for(model.config.model_type).mlm_head(model)
     return head(hidden[masked]).float(), batch["labels"][masked]
+
+
+def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TaskSpec, *,
+              encoder_grad: bool = True) -> torch.Tensor:
+    """The training loss of one batch: the head's own loss, or masked-only MLM cross-entropy."""
+    if spec.kind == "mlm":
+        logits, targets = masked_lm_logits(model, batch, encoder_grad=encoder_grad)
+        return F.cross_entropy(logits, targets)
+    return model(**batch).loss

@@ -24,118 +24,25 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors.torch import save_file
 
-from . import __version__, settings
-from .arch import GROUPS, ParamInfo, adapter_for
+from . import settings
+from ._version import __version__
+from .arch import GROUPS, ParamInfo
+from .checkpoint import HEAD_GROUPS, Checkpoint, check_compatible, open_checkpoint, recorded_base
 from .errors import MergeLabError
 from .methods import METHODS, Method, TensorJob, get_method, sum_weighted
-from .models import (HEAD_SUFFIXES, METADATA, ConfigView, HeadInfo, ModelRef, check_out, copy_tokenizer, head_info,
-                     load, load_tokenizer, read_config, resolve, staging, vocabulary_fingerprint)
+from .models import HEAD_SUFFIXES, METADATA, ConfigView, check_out, copy_tokenizer, resolve, staging
 from .progress import ProgressFn, scaled, track
-from .stats import canonical, load_stats, statistics
-from .tasks import TASKS, get_task
-from .tensorio import InMemory, LazyFiles, StreamingWriter
-
-HEAD_GROUPS = ("head", "mlm_head")
-FALLBACKS = ("average", "first")
-HEAD_POLICIES = ("auto", "merge", "separate")
-
-
-@dataclass
-class Checkpoint:
-    """One input model, read lazily: canonical name -> tensor on demand."""
-
-    ref: ModelRef
-    config: ConfigView
-    head: HeadInfo
-    task: str | None  # the task its head was trained for
-    reader: LazyFiles | InMemory
-    names: dict[str, str]  # canonical -> name in the file
-    infos: dict[str, ParamInfo]  # canonical -> group / role / layer
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.reader.get(self.names[name])
-
-    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        return self.reader.meta(self.names[name])
-
-    @property
-    def tokenizer(self):
-        """The checkpoint's tokenizer, loaded on first use (a data-free merge only copies its files)."""
-        return load_tokenizer(self.ref)
-
-
-def head_task(ref: ModelRef, head: HeadInfo) -> str | None:
-    """The task a checkpoint's head belongs to: its metadata, else the one task whose labels it has."""
-    if head.kind is None:
-        return None
-    recorded = ref.metadata().get("task")
-    if recorded:
-        return get_task(recorded).name
-    fits = [t.name for t in TASKS.values() if t.head == head.kind and (
-        head.kind == "mlm" or (t.num_labels == head.num_labels and [l.lower() for l in t.labels] ==
-                               [l.lower() for l in head.labels]))]
-    return fits[0] if len(fits) == 1 else None
-
-
-def open_checkpoint(spec: str | ModelRef, *, allow_pickle: bool = False) -> Checkpoint:
-    ref = spec if isinstance(spec, ModelRef) else resolve(spec)
-    if ref.metadata().get("heads"):
-        raise MergeLabError(f"model {ref.spec!r} is a multi-head checkpoint; merges and curves take single-task "
-                            "checkpoints, so use the models it came from")
-    config = read_config(ref)
-    head = head_info(ref, config)
-    files = sorted(ref.path.glob("*.safetensors")) if ref.path is not None and not ref.is_adapter else []
-    if files:
-        reader: LazyFiles | InMemory = LazyFiles(files)
-    else:  # LoRA (folded in), opted-in pickle or hub: the whole state dict in memory
-        task = get_task(ref.metadata()["task"]) if ref.is_adapter else None
-        model = load(ref, task, allow_pickle=allow_pickle, device="cpu").model
-        reader = InMemory({k: v.detach() for k, v in model.state_dict().items()})
-    adapter = adapter_for(config.model_type)
-    names, infos = {}, {}
-    for key in reader.keys():
-        info = adapter.describe(key)
-        if info.group == "buffer":
-            continue
-        name = canonical(key, config.model_type)
-        names[name], infos[name] = key, info
-    return Checkpoint(ref, config, head, head_task(ref, head), reader, names, infos)
-
-
-# ----------------------------------------------------------------------------------------------------
-# checks
-
-
-def check_compatible(models: list[Checkpoint], base: Checkpoint | None) -> None:
-    first = models[0]
-    for other in models[1:] + ([base] if base else []):
-        role = "base model" if other is base else "model"
-        if other.config.model_type != first.config.model_type:
-            raise MergeLabError(f"{role} {other.ref.spec!r} is a {other.config.model_type} model but "
-                                f"{first.ref.spec!r} is {first.config.model_type}; merge models of one architecture")
-        if (vocabulary_fingerprint(other.ref) != vocabulary_fingerprint(first.ref)
-                or other.config.vocab_size != first.config.vocab_size):
-            raise MergeLabError(f"{role} {other.ref.spec!r} uses a different vocabulary from {first.ref.spec!r}; "
-                                "merged embeddings would mix unrelated tokens")
-        for name, info in first.infos.items():
-            if info.group in HEAD_GROUPS or name not in other.names:
-                continue
-            if other.meta(name)[1] != first.meta(name)[1]:
-                raise MergeLabError(f"{role} {other.ref.spec!r} has {name} of shape {list(other.meta(name)[1])}, "
-                                    f"{first.ref.spec!r} of shape {list(first.meta(name)[1])}: the architectures "
-                                    "differ (hidden size, layers or heads)")
-        missing = [n for n, i in first.infos.items() if i.group not in HEAD_GROUPS + ("pooler",)
-                   and n not in other.names]
-        if missing:
-            raise MergeLabError(f"{role} {other.ref.spec!r} has no parameter {missing[0]} that "
-                                f"{first.ref.spec!r} has: the architectures differ")
+from .spec import MergeSpec
+from .stats import load_stats, settings_of, statistics
+from .tasks import get_task
+from .tensorio import StreamingWriter
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,7 +128,8 @@ def _seed(seed: int, name: str) -> int:
 @dataclass
 class MergeResult:
     out: Path | None
-    config: dict  # what merge_config.json holds
+    spec: MergeSpec  # what ran, resolved (recorded base, statistics tasks, head policy)
+    config: dict  # what merge_config.json holds: the spec, the statistics' records, the version
     report: dict[str, dict]  # per-parameter diagnostics (e.g. CG residuals)
     notes: list[str]
     tasks: list[str]  # tasks the merged model has heads for
@@ -230,76 +138,62 @@ class MergeResult:
     heads: dict[str, dict[str, torch.Tensor]] | None = None
 
 
-def merge(method: str, models: list[str], *, out: str | Path | None = None, base: str | None = None,
-          params: dict[str, Any] | None = None, components: list[str] | tuple[str, ...] | None = None,
-          fallback: str = "average", heads: str = "auto", stats_tasks: list[str] | None = None,
-          stats_files: list[str] | None = None, seed: int = 0, overwrite: bool = False,
-          allow_pickle: bool = False, device: str | None = None,
-          progress: ProgressFn | None = None) -> MergeResult:
-    """Merge `models` with `method` and write the result to `out` (or keep it in memory when None).
+def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: str | Path | None = None,
+          overwrite: bool = False, progress: ProgressFn | None = None, **fields: Any) -> MergeResult:
+    """Run the merge `spec` describes and write it to `out` (or keep it in memory when None).
 
-    `params` are the method's parameters (see `merging_core.methods.METHODS[name].params`),
-    `components` the parameter groups the method applies to (default: all), the rest following
-    `fallback`. `stats_tasks` names the data each model's statistics come from (default: its own
-    task); `stats_files` gives precomputed statistics files instead (one per model, or none).
+    `spec` is a `MergeSpec`, or a method name with `models` and the spec's other fields as keywords:
+    `merge("ties", ["sst2-s0", "sst2-s1"], base="minilm", params={"density": 0.2})`. Every front end
+    (CLI, app, compare, greedy, curves) ends here.
     """
     started = time.perf_counter()
-    spec = get_method(method)
-    params = spec.parse(params)
-    if "seed" in params:
-        seed = params["seed"]
-    components = tuple(components) if components else GROUPS
-    unknown = [c for c in components if c not in GROUPS]
-    if unknown:
-        raise MergeLabError(f"unknown component {unknown[0]!r}; choose from: {', '.join(GROUPS)}")
-    if fallback not in FALLBACKS:
-        raise MergeLabError(f"fallback must be one of {list(FALLBACKS)}, got {fallback!r}")
-    if heads not in HEAD_POLICIES:
-        raise MergeLabError(f"heads must be one of {list(HEAD_POLICIES)}, got {heads!r}")
-    models = list(models)
-    if len(models) < spec.min_models or (spec.max_models and len(models) > spec.max_models):
-        need = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models else f"at least {spec.min_models}")
-        raise MergeLabError(f"method {method!r} needs {need} models, got {len(models)}")
+    if not isinstance(spec, MergeSpec):
+        spec = MergeSpec(spec, tuple(models or ()), **fields)
+    elif models is not None or fields:
+        raise TypeError("merge(spec) takes the whole request in the MergeSpec; pass no models or fields beside it")
+    method = get_method(spec.method)
+    params = dict(spec.params)
     if out is not None:
         out = check_out(out, overwrite)
 
-    checkpoints = [open_checkpoint(m, allow_pickle=allow_pickle) for m in models]
-    base_spec = base or (recorded_base(checkpoints) if spec.base_required(params) else None)
-    if spec.base_required(params) and base_spec is None:
-        raise MergeLabError(f"method {method!r} adds task vectors to a base model; pass --base "
-                            "(e.g. --base minilm), the model the inputs were fine-tuned from")
-    base_ckpt = open_checkpoint(base_spec, allow_pickle=allow_pickle) if base_spec else None
+    checkpoints = [open_checkpoint(m, allow_pickle=spec.allow_pickle) for m in spec.models]
+    base_spec = spec.base or (recorded_base(checkpoints) if method.base_required(params) else None)
+    if method.base_required(params) and base_spec is None:
+        raise MergeLabError(f"method {spec.method!r} adds task vectors to a base model, and the inputs record "
+                            "none; give the model they were fine-tuned from", param="base", hint="e.g. minilm")
+    base_ckpt = open_checkpoint(base_spec, allow_pickle=spec.allow_pickle) if base_spec else None
     check_compatible(checkpoints, base_ckpt)
-    plan = _plan(spec, params, checkpoints, base_ckpt, components, fallback, heads)
-    device = torch.device(device) if device else settings.device()
+    plan = _plan(method, params, checkpoints, base_ckpt, spec.components, spec.fallback, spec.heads)
+    device = torch.device(spec.device) if spec.device else settings.device()
 
-    kinds = spec.stats_required(params)
-    stats, stats_records = _gather_stats(plan, kinds, params, stats_tasks, stats_files,
+    kinds = method.stats_required(params)
+    stats, stats_records = _gather_stats(plan, kinds, params, spec.stats_tasks, spec.stats_files,
                                          scaled(progress, 0.0, 0.5 if kinds else 0.0, "statistics: "))
     weights = _weights(params, len(checkpoints), device)
     context = {}
-    if spec.prepare is not None:
-        context = spec.prepare(lambda: _method_tensors(plan, device), params)
+    if method.prepare is not None:
+        context = method.prepare(lambda: _method_tensors(plan, device), params)
 
     merged_progress = scaled(progress, 0.5 if kinds else 0.0, 0.95, "merging: ")
     report: dict[str, dict] = {}
 
     def merged_tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for name in track(plan.encoder, len(plan.encoder), f"{method} merge", merged_progress):
-            yield name, _merge_one(plan, name, weights, stats, context, report, seed, device)
+        for name in track(plan.encoder, len(plan.encoder), f"{spec.method} merge", merged_progress):
+            yield name, _merge_one(plan, name, weights, stats, context, report, spec.seed, device)
 
-    config = {
-        "method": method, "models": [c.ref.spec for c in checkpoints], "base": base_spec, "params": params,
-        "components": list(components), "fallback": fallback, "heads": plan.heads, "seed": seed,
-        "stats_tasks": [r["task"] for r in stats_records] if stats_records else None, "stats": stats_records,
-        "mergelab_version": __version__,
-    }
+    # What ran, fully resolved (recorded base, per-model statistics tasks, the head policy chosen), so
+    # that merge_config.json re-runs exactly this merge.
+    resolved = replace(spec, models=tuple(c.ref.spec for c in checkpoints), base=base_spec, heads=plan.heads,
+                       stats_tasks=(tuple(r.get("task") for r in stats_records)
+                                    if stats_records and not spec.stats_files else None))
+    config = {**resolved.to_dict(), "stats": stats_records, "mergelab_version": __version__}
     head_tensors = {task: _head(plan, members) for task, members in plan.head_groups.items()}
     tasks = sorted(head_tensors) if plan.heads == "separate" else (
         [checkpoints[0].task] if plan.heads == "merge" and checkpoints[0].task else [])
     if out is None:
         state = dict(merged_tensors())
-        return MergeResult(None, config, report, plan.notes, tasks, time.perf_counter() - started, state, head_tensors)
+        return MergeResult(None, resolved, config, report, plan.notes, tasks, time.perf_counter() - started, state,
+                           head_tensors)
     with staging(out, overwrite=overwrite) as tmp:
         _write(tmp, plan, merged_tensors(), head_tensors)
         config["seconds"] = round(time.perf_counter() - started, 2)
@@ -311,7 +205,7 @@ def merge(method: str, models: list[str], *, out: str | Path | None = None, base
             "a data-aware method, or a base of another architecture class)")
         (tmp / "merge_config.json").write_text(json.dumps({**config, "report": report, "notes": plan.notes},
                                                           indent=2) + "\n")
-        metadata = {"kind": "merge", "method": method, "models": config["models"], "base": base_spec,
+        metadata = {"kind": "merge", "method": spec.method, "models": config["models"], "base": base_spec,
                     "task": tasks[0] if plan.heads == "merge" and tasks else None,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if plan.heads == "separate":
@@ -319,7 +213,7 @@ def merge(method: str, models: list[str], *, out: str | Path | None = None, base
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
     if progress:
         progress(1.0, "merged")
-    return MergeResult(out, config, report, plan.notes, tasks, time.perf_counter() - started)
+    return MergeResult(out, resolved, config, report, plan.notes, tasks, time.perf_counter() - started)
 
 
 def _head(plan: Plan, members: list[int]) -> dict[str, torch.Tensor]:
@@ -328,12 +222,6 @@ def _head(plan: Plan, members: list[int]) -> dict[str, torch.Tensor]:
     names = [n for n, info in first.infos.items() if info.group in HEAD_GROUPS]
     return {first.names[n]: torch.stack([plan.models[i].get(n).float() for i in members]).mean(0).to(first.meta(n)[0])
             for n in names}
-
-
-def recorded_base(models: list[Checkpoint]) -> str | None:
-    """The base every input records in its metadata, when they agree."""
-    bases = {m.ref.metadata().get("base") for m in models}
-    return bases.pop() if len(bases) == 1 else None
 
 
 def _method_tensors(plan: Plan, device) -> Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]:
@@ -398,27 +286,23 @@ def _gather_stats(plan: Plan, kinds: tuple[str, ...], params: dict, stats_tasks:
         return None, []
     n = len(plan.models)
     if stats_files:
-        if len(stats_files) != n:
-            raise MergeLabError(f"{len(stats_files)} statistics files for {n} models; give one per model")
         loaded = [load_stats(p) for p in stats_files]
         for (values, rec), path in zip(loaded, stats_files):
             missing = [k for k in kinds if not any(k in v for v in values.values())]
             if missing:
-                raise MergeLabError(f"statistics file {path} holds {rec.get('kind')}, but the merge needs {missing[0]}")
+                raise MergeLabError(f"statistics file {path} holds {rec.get('kind')}, but the merge needs {missing[0]}",
+                                    param="stats_files")
         return [values for values, _ in loaded], [rec for _, rec in loaded]
-    if stats_tasks and len(stats_tasks) not in (1, n):
-        raise MergeLabError(f"{len(stats_tasks)} statistics tasks for {n} models; give one, or one per model")
     results, records = [], []
     for i, m in enumerate(plan.models):
         task = (stats_tasks[i] if stats_tasks and len(stats_tasks) == n else stats_tasks[0] if stats_tasks else m.task)
         if task is None:
-            raise MergeLabError(f"model {m.ref.spec!r} has no recorded task to compute statistics on; "
-                                "pass --stats-task TASK")
+            raise MergeLabError(f"model {m.ref.spec!r} has no recorded task to compute statistics on; name the "
+                                "task whose data to use", param="stats_tasks")
         part = scaled(progress, i / n, (i + 1) / n, f"{m.ref.name}: ")
         results.append(statistics(m.ref, task, kinds, params, progress=part))
         records.append({"model": m.ref.spec, "task": get_task(task).name, "kinds": list(kinds),
-                        **{k: params[k] for k in ("examples", "mask_padding", "fisher_labels", "gradients")
-                           if k in params}})
+                        **settings_of(kinds, params)})
     return results, records
 
 
@@ -499,13 +383,13 @@ def _location(spec: str) -> str:
     return resolve(spec).location
 
 
-def merge_from_config(path: str | Path, out: str | Path | None = None, **overrides: Any) -> MergeResult:
-    """Re-run the merge a `merge_config.json` (or its folder) describes."""
+def merge_from_config(path: str | Path, out: str | Path | None = None, *, overwrite: bool = False,
+                      progress: ProgressFn | None = None, **changes: Any) -> MergeResult:
+    """Re-run the merge a `merge_config.json` (or its folder) describes; `changes` replace spec fields."""
     path = Path(path)
     config = json.loads((path / "merge_config.json" if path.is_dir() else path).read_text())
-    kwargs = {k: config[k] for k in ("models", "base", "params", "components", "fallback", "heads", "seed")}
-    kwargs["stats_tasks"] = config.get("stats_tasks")
-    return merge(config["method"], out=out, **{**kwargs, **overrides})
+    spec = MergeSpec.from_dict(config)
+    return merge(replace(spec, **changes) if changes else spec, out=out, overwrite=overwrite, progress=progress)
 
 
 def available_methods() -> list[dict]:

@@ -149,7 +149,7 @@ def resolve(spec: str) -> ModelRef:
         return ModelRef(spec, "local", str(local.resolve()))
     if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
         raise MergeLabError(f"model path {spec!r} does not exist; give an existing folder, a zoo name "
-                            "(python -m merging_core zoo list) or 'minilm'")
+                            "(see the zoo's list) or 'minilm'")
     if not settings.hub_allowed():
         raise MergeLabError(f"model {spec!r} is not a zoo name, a local folder or an alias, and the hub is "
                             "disabled (HF_HUB_OFFLINE=1); use a local folder or 'minilm'")
@@ -324,11 +324,11 @@ def model_head(model: torch.nn.Module) -> HeadInfo:
 
 def check_head(name: str, head: HeadInfo, task: TaskSpec) -> None:
     """Fail clearly when a model (called `name` in the message) has no head that can score `task`."""
-    retrain = f"fine-tune it first: python -m merging_core train --base {name} --task {task.name} --out DIR"
+    retrain = f"fine-tune it first (on {task.name}, starting from this model)"
     if head.kind is None:
         if task.kind == "mlm":
             raise MergeLabError(f"model {name!r} has no MLM head, so it cannot be scored on {task.name}; "
-                                "use a model with one (the zoo's mlm-head, or train one with --head-only)")
+                                "use a model with one (the zoo's mlm-head, or train an MLM head alone)")
         raise MergeLabError(f"model {name!r} is a bare encoder with no head for task {task.name}; {retrain}")
     if head.kind != task.head:
         raise MergeLabError(f"model {name!r} has a {head.kind} head but task {task.name} needs a {task.head} "
@@ -355,8 +355,8 @@ def _weights_kwargs(ref: ModelRef, allow_pickle: bool) -> dict:
         raise MergeLabError(f"model folder {folder} holds no weights (no *.safetensors, no pytorch_model.bin)")
     if not allow_pickle:
         raise MergeLabError(f"model {ref.spec!r} has only pickle weights ({pickles[0].name}), which can run code "
-                            "when loaded; convert it to safetensors, or pass --allow-pickle (allow_pickle=True) "
-                            "to load it with weights_only=True")
+                            "when loaded; convert it to safetensors, or opt in to loading pickle files (with "
+                            "weights_only=True)", param="allow_pickle")
     state_dict: dict[str, torch.Tensor] = {}
     for shard in pickles:
         state_dict.update(torch.load(shard, map_location="cpu", weights_only=True))
@@ -512,8 +512,8 @@ def write_into(folder: Path, model: torch.nn.Module, tokenizer, metadata: dict) 
 def check_out(out: str | Path, overwrite: bool) -> Path:
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise MergeLabError(f"output folder {out} already exists and is not empty; choose a new --out "
-                            "or pass --overwrite")
+        raise MergeLabError(f"output folder {out} already exists and is not empty; choose a new one, or allow "
+                            "overwriting it", param="out")
     return out
 
 

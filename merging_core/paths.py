@@ -3,10 +3,10 @@
 Every point of a path is an affine combination θ = Σ_k c_k θ_k of a few *vertices* (the checkpoints,
 plus a trained bend for a Bezier curve), applied parameter by parameter:
 
-- **line** (Qin et al. 2022, "Exploring Mode Connectivity for Pre-trained Language Models", Sec. 3;
-  algorithms.md A7): θ(α) = (1 − α) θ_A + α θ_B, α ∈ [0, 1];
+- **line** (Qin et al. 2022, "Exploring Mode Connectivity for Pre-trained Language Models",
+  arXiv:2210.14102, Sec. 3): θ(α) = (1 − α) θ_A + α θ_B, α ∈ [0, 1];
 - **quadratic Bezier curve** with one bend θ_C (Garipov et al. 2018, "Loss Surfaces, Mode Connectivity,
-  and Fast Ensembling of DNNs", eq. 3 with one bend; A7 with n = 1):
+  and Fast Ensembling of DNNs", arXiv:1802.10026, eq. 3 with one bend):
   θ(t) = (1 − t)² θ_A + 2t(1 − t) θ_C + t² θ_B;
 - **plane** through three checkpoints (Garipov et al. 2018, Sec. 4): an orthonormal basis (u, v) of
   span{θ_B − θ_A, θ_C − θ_A} by Gram–Schmidt, θ(x, y) = θ_A + x u + y v, with x and y in units of
@@ -15,12 +15,12 @@ plus a trained bend for a Bezier curve), applied parameter by parameter:
 Coefficients of 1 and 0 are exact in floating point, so the endpoints of a path are the checkpoints bit
 for bit, and scoring them reproduces each model's own scores.
 
-**Barrier** of a path (issue 4; A6): the height of the worst point above the straight line through the
+**Barrier** of a path (Qin et al. 2022): the height of the worst point above the straight line through the
 end values, max_α [L(α) − ((1 − α) L_A + α L_B)] for a loss, with the sign flipped for a metric where
-higher is better (0 for a path that never rises above that line); also A6's variant against the mean
-of the ends, max_α L(α) − ½ (L_A + L_B) (Verma & Elbayad 2024).
+higher is better (0 for a path that never rises above that line); also the variant against the mean
+of the ends, max_α L(α) − ½ (L_A + L_B) (Verma & Elbayad 2024, arXiv:2403.00986).
 
-**Distances** (A7): ‖θ_A − θ_B‖₂, the RMS distance √(‖θ_A − θ_B‖² / n) over the n scalar parameters,
+**Distances** (Qin et al. 2022): ‖θ_A − θ_B‖₂, the RMS distance √(‖θ_A − θ_B‖² / n) over the n scalar parameters,
 the cosine of θ_A and θ_B, and the cosine of the task vectors θ − θ_0 when the base θ_0 is known.
 All inner products are accumulated in float64 relative to one origin vertex, so a distance between
 identical checkpoints is exactly zero.
@@ -43,7 +43,7 @@ PATHS = ("line", "bezier")
 def positions(points: int) -> list[float]:
     """`points` evenly spaced positions in [0, 1], both ends included exactly."""
     if points < 2:
-        raise MergeLabError(f"a curve needs at least 2 points (its two ends), got {points}")
+        raise MergeLabError(f"a curve needs at least 2 points (its two ends), got {points}", param="points")
     return [i / (points - 1) for i in range(points)]
 
 
@@ -126,7 +126,7 @@ def geometry(points: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str])
 
 def distances(geo: Geometry, a: int = 0, b: int = 1, base: Geometry | None = None,
               base_index: int = 2) -> dict[str, float | int | None]:
-    """The A7 distances between points a and b (and their task vectors' cosine when `base` holds θ_0 too)."""
+    """The distances between points a and b (and their task vectors' cosine when `base` holds θ_0 too)."""
     out: dict[str, float | int | None] = {
         "l2": geo.distance(a, b), "rms": geo.rms(a, b), "cosine": _finite(geo.cosine(a, b)), "params": geo.count,
         "task_cosine": None, "task_params": None,
@@ -228,6 +228,6 @@ def barrier(ts: Sequence[float], values: Sequence[float], *, higher_is_better: b
 
 
 def barrier_vs_mean_ends(values: Sequence[float], *, higher_is_better: bool) -> float:
-    """A6's barrier: max_t L(t) − ½ (L_0 + L_1) (for a higher-is-better metric: ½ (M_0 + M_1) − min_t M(t))."""
+    """The barrier against the mean of the ends: max_t L(t) − ½ (L_0 + L_1) (for a higher-is-better metric: ½ (M_0 + M_1) − min_t M(t))."""
     mean_ends = 0.5 * (values[0] + values[-1])
     return float(mean_ends - min(values)) if higher_is_better else float(max(values) - mean_ends)

@@ -33,31 +33,42 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import data, settings
-from .arch import adapter_for
+from .arch import canonical
 from .encode import IGNORE, encode, mlm_mask
 from .errors import MergeLabError
 from .losses import masked_lm_logits
 from .models import ModelRef, load, resolve
+from .params import Param
 from .progress import ProgressFn, track
 from .tasks import TaskSpec, get_task
 
 FORMAT_VERSION = 1
 KINDS = ("gram", "grad_gram", "fisher")
 SEED = 0  # example subset, MLM masks and sampled labels
-# Which method parameters shape each statistic (the rest do not change it, so do not split the cache).
-SETTINGS = {"gram": ("examples", "mask_padding"),
-            "grad_gram": ("examples", "mask_padding", "fisher_labels"),
-            "fisher": ("examples", "fisher_labels", "gradients")}
-DEFAULTS = {"examples": 256, "mask_padding": True, "fisher_labels": "empirical", "gradients": "per_example"}
 BATCH = 16
 
+# The settings that shape each statistic, declared once: the methods that need a statistic offer these
+# as their parameters, and the cache key holds exactly these (the rest do not change the statistic).
+EXAMPLES = Param("examples", "int", 256, "examples per model used to estimate the statistic", low=1, high=100_000)
+MASK_PADDING = Param("mask_padding", "bool", True, "leave padding tokens out of the statistics")
+FISHER_LABELS = Param("fisher_labels", "choice", "empirical", "labels in log p(y|x): gold (empirical), sampled "
+                      "from the model (true), or its argmax (hard)", choices=("empirical", "true", "hard"))
+GRADIENTS = Param("gradients", "choice", "per_example", "square per-example gradients (a true diagonal Fisher) "
+                  "or the gradient of a batch-mean loss (RegMean codebase)", choices=("per_example", "batch_mean"))
+SETTINGS: dict[str, tuple[Param, ...]] = {"gram": (EXAMPLES, MASK_PADDING),
+                                          "grad_gram": (EXAMPLES, MASK_PADDING, FISHER_LABELS),
+                                          "fisher": (EXAMPLES, FISHER_LABELS, GRADIENTS)}
+DEFAULTS = {p.name: p.default for params in SETTINGS.values() for p in params}
 
-def canonical(name: str, model_type: str = "bert") -> str:
-    """A parameter's name without the task wrapper's prefix (`bert.encoder...` -> `encoder...`)."""
-    for prefix in adapter_for(model_type).prefixes:
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
+
+def setting_params(*kinds: str) -> tuple[Param, ...]:
+    """The settings of these statistics, each once, in declaration order (a method's parameters)."""
+    return tuple({p.name: p for kind in kinds for p in SETTINGS[kind]}.values())
+
+
+def settings_of(kinds: tuple[str, ...], params: dict[str, Any]) -> dict[str, Any]:
+    """The values of the settings these statistics depend on (defaults where `params` has none)."""
+    return {p.name: params.get(p.name, p.default) for p in setting_params(*kinds)}
 
 
 def weights_fingerprint(ref: ModelRef) -> str:
@@ -73,7 +84,7 @@ def record(ref: ModelRef, task: TaskSpec, kind: str, options: dict[str, Any]) ->
     return {"format": FORMAT_VERSION, "kind": kind, "model": ref.spec, "model_location": ref.location,
             "weights": weights_fingerprint(ref), "task": task.name, "split": "train",
             "data": data.local_fingerprint(task, "train") or "hub",
-            **{k: options[k] for k in SETTINGS[kind]}, "seed": SEED}
+            **{p.name: options[p.name] for p in SETTINGS[kind]}, "seed": SEED}
 
 
 def cache_path(rec: dict[str, Any]) -> Path:

@@ -31,14 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import __version__, partition, settings
+from . import partition, settings
+from ._version import __version__
 from .arch import adapter_for
 from .encode import Encoded, encode, mlm_mask
 from .errors import MergeLabError
 from .evaluation import Evaluator
-from .losses import masked_lm_logits
+from .losses import task_loss
 from .models import check_out, load, staging, write_into, write_multihead
 from .progress import ProgressFn
 from .tasks import TaskSpec, get_task
@@ -132,8 +132,8 @@ def wrap_peft(model: torch.nn.Module, spec: TaskSpec, config: TrainConfig) -> to
     from peft import IA3Config, LoraConfig, TaskType, get_peft_model
 
     if spec.kind == "mlm":
-        raise MergeLabError(f"--peft {config.peft} is for tasks with a classification head; train MLM heads with "
-                            "--head-only")
+        raise MergeLabError(f"{config.peft} modules are for tasks with a classification head; train an MLM head "
+                            "alone instead (head only)", param="peft")
     task_type = TaskType.TOKEN_CLS if spec.kind == "token" else TaskType.SEQ_CLS
     if config.peft == "lora":
         adapter = LoraConfig(task_type=task_type, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.1,
@@ -151,11 +151,13 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     """
     specs = config.task_specs
     if config.steps < 1:
-        raise MergeLabError(f"--steps must be at least 1, got {config.steps}")
+        raise MergeLabError(f"steps must be at least 1, got {config.steps}", param="steps")
     if config.peft not in (None, *PEFT_KINDS):
-        raise MergeLabError(f"--peft {config.peft!r} is not supported; use one of: {', '.join(PEFT_KINDS)}")
+        raise MergeLabError(f"{config.peft!r} is not a supported module kind; use one of: {', '.join(PEFT_KINDS)}",
+                            param="peft")
     if config.sampling not in SAMPLING:
-        raise MergeLabError(f"sampling {config.sampling!r} is not known; use one of: {', '.join(SAMPLING)}")
+        raise MergeLabError(f"sampling {config.sampling!r} is not known; use one of: {', '.join(SAMPLING)}",
+                            param="sampling")
     if len(specs) > 1:
         return _train_multitask(config, specs, out, overwrite=overwrite, progress=progress)
     spec = specs[0]
@@ -192,7 +194,8 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
             batch = _next_batch(train_data, next(batches), tokenizer, generator, spec, device)
             loss = task_loss(model, batch, spec, encoder_grad=not config.head_only)
             if not torch.isfinite(loss):
-                raise MergeLabError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
+                raise MergeLabError(f"training diverged at step {step} (loss {loss.item()}); lower the learning rate",
+                                    param="lr")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -248,11 +251,11 @@ def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str 
     names = [s.name for s in specs]
     if config.peft or config.head_only:
         raise MergeLabError("multi-task training is full fine-tuning of the shared encoder and the heads; "
-                            "drop --peft / --head-only, or train one task at a time")
+                            "train no adapter module and not the head alone, or train one task at a time", param="task")
     for spec in specs:
         if spec.kind == "mlm":
             raise MergeLabError(f"multi-task training takes classification, regression and token tasks, not "
-                                f"{spec.name} (MLM); train an MLM head alone with --head-only")
+                                f"{spec.name} (MLM); train an MLM head alone (head only)", param="task")
     check_out(out, overwrite)  # fail before spending minutes on training
     part = partition.parse(config.partition)
     _seed_everything(config.seed)
@@ -303,7 +306,7 @@ def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str 
             loss = job.model(**batch).loss
             if not torch.isfinite(loss):
                 raise MergeLabError(f"training diverged at step {step} on {job.spec.name} (loss {loss.item()}); "
-                                    "lower --lr")
+                                    "lower the learning rate", param="lr")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)  # heads of the other tasks have no gradient: untouched
             optimizer.step()
@@ -352,15 +355,6 @@ def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig):
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (config.steps - step) / (config.steps - warmup + 1e-9))))
     return optimizer, schedule
-
-
-def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TaskSpec, *,
-              encoder_grad: bool = True) -> torch.Tensor:
-    """The training loss of one batch: the head's own loss, or masked-only MLM cross-entropy."""
-    if spec.kind == "mlm":
-        logits, targets = masked_lm_logits(model, batch, encoder_grad=encoder_grad)
-        return F.cross_entropy(logits, targets)
-    return model(**batch).loss
 
 
 def train_batches(spec: TaskSpec, tokenizer, batch_size: int, seed: int, device, *,

@@ -29,6 +29,18 @@ def pytest_configure(config):
         raise pytest.UsageError(f"MERGELAB_DATA={os.environ['MERGELAB_DATA']} does not exist; point it at shared/data")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked `gpu` (e.g. the "cuda" case of `helpers.DEVICES`) where CUDA is not available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs CUDA, and torch.cuda.is_available() is False here")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def mergelab_home(tmp_path_factory) -> Path:
     """One MergeLab home for the session (tokenization cache shared across tests)."""

@@ -1,4 +1,4 @@
-"""Permutation alignment (issue 5): features, Hungarian matching, merge types, the written copy of B."""
+"""Permutation alignment: features, Hungarian matching, merge types, the written copy of B, the request."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import merging_core as ml
-from merging_core.align import MERGE_TYPES, align, find_permutation, load_alignment, permute_checkpoint
+from merging_core.align import MERGE_TYPES, AlignSpec, align, find_permutation, load_alignment, permute_checkpoint
 from merging_core.align.match import match, match_attention
 from merging_core.align.permute import head_rows
 
@@ -67,12 +67,23 @@ def test_aligning_a_permuted_copy_recovers_the_original_exactly(mlm_pair, tmp_pa
     again = load_alignment(result.out)  # read back, as the app does to redraw a heatmap
     assert again.summary()["sites"] == summary["sites"] and torch.equal(again.order("ff.1"), result.order("ff.1"))
     assert sorted(p.name for p in result.out.glob("*.safetensors")) == ["model.safetensors"]  # only the weights
+    # the request is recorded (summary and model metadata) and re-creates the run
+    spec = AlignSpec(str(a), str(permuted), merge_type="all", attention="head-perm", residual="first", qk=True,
+                     examples=EXAMPLES)
+    assert result.spec == again.spec == spec and summary["spec"] == spec.to_dict()
+    assert ml.models.resolve(str(result.out)).metadata()["alignment"] == spec.to_dict()
+    recorded = json.loads((result.out / "alignment" / "alignment.json").read_text())["spec"]
+    rerun = align(AlignSpec.from_dict(recorded), out=tmp_path / "again")
+    assert rerun.summary()["sites"] == summary["sites"]
+    assert all(torch.equal(x, rerun.matching.permutation.tensors()[k])
+               for k, x in result.matching.permutation.tensors().items())
 
 
 def test_aligned_copy_computes_what_b_computes(mlm_pair, tmp_path):
     a, permuted = mlm_pair
     other = permute_checkpoint(str(a), tmp_path / "other", seed=11)  # another B: same function, other order
-    result = align(str(permuted), str(other), merge_type="ff+attn", examples=EXAMPLES, out=tmp_path / "aligned")
+    result = align(AlignSpec(str(permuted), str(other), merge_type="ff+attn", examples=EXAMPLES),
+                   out=tmp_path / "aligned")
     theirs, ours = ml.evaluate(str(other), "wikitext2", limit=8), ml.evaluate(str(result.out), "wikitext2", limit=8)
     assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
 
@@ -121,3 +132,32 @@ def test_align_errors_are_clear(mlm_pair, pico, tmp_path):
     (tmp_path / "taken" / "x").write_text("")
     with pytest.raises(ml.MergeLabError, match="already exists"):
         align(str(a), str(permuted), out=tmp_path / "taken")
+
+
+def test_align_spec_round_trips_and_checks_its_choices(tmp_path):
+    spec = AlignSpec("scratch-s0", "scratch-s1", merge_type="all", qk=True, text="sst2", split="dev", examples=8)
+    assert AlignSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert AlignSpec.from_dict({"a": "x", "b": "y"}) == AlignSpec("x", "y")  # defaults filled in
+    assert AlignSpec(tmp_path, "y").a == str(tmp_path)  # a path is kept as text
+    bad = {"a": "", "b": " ", "merge_type": "everything", "attention": "sideways", "residual": "middle", "qk": "yes",
+           "text": "vibes", "split": "holdout", "examples": 0, "batch_size": 2.5}
+    for field, value in bad.items():
+        with pytest.raises(ml.MergeLabError) as caught:
+            AlignSpec(**{"a": "x", "b": "y", field: value})
+        assert caught.value.param == field, field
+    with pytest.raises(ml.MergeLabError, match="no field 'colour'") as caught:
+        AlignSpec.from_dict({"a": "x", "b": "y", "colour": "red"})
+    assert caught.value.param == "colour"
+    with pytest.raises(TypeError, match="the spec holds the options"):
+        align(spec, merge_type="vanilla")
+
+
+def test_permute_tab_builds_one_spec():
+    pytest.importorskip("gradio")
+    from views.permute_tab import align_spec
+
+    spec = align_spec(" scratch-s0 ", "scratch-s1", "ff+attn", "monotonic", "last", True, "wikitext2", 64.0)
+    assert spec == AlignSpec("scratch-s0", "scratch-s1", merge_type="ff+attn", attention="monotonic",
+                             residual="last", qk=True, text="wikitext2", examples=64)
+    with pytest.raises(ml.MergeLabError, match="pick two checkpoints"):
+        align_spec("scratch-s0", None, "ff+attn", "head-perm", "first", False, "wikitext2", 64)

@@ -38,6 +38,7 @@ def minilm_mrpc(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.mark.integration  # fine-tunes (fixture) and scores the packaged MiniLM
 def test_eval_json_matches_training_record(minilm_mrpc):
     process = run_cli("eval", "--model", minilm_mrpc, "--task", "mrpc", "--limit", "32", "--json")
     assert process.returncode == 0, process.stderr
@@ -47,6 +48,7 @@ def test_eval_json_matches_training_record(minilm_mrpc):
     assert result["f1"] == recorded["f1"] and result["loss"] == pytest.approx(recorded["loss"], rel=1e-5)
 
 
+@pytest.mark.integration  # needs the MiniLM fine-tuned by the fixture
 def test_errors_are_one_line(minilm_mrpc):
     assert "bare encoder with no head for task sst2" in one_line_error(
         run_cli("eval", "--model", "minilm", "--task", "sst2", "--limit", "4"))
@@ -56,11 +58,13 @@ def test_errors_are_one_line(minilm_mrpc):
         run_cli("eval", "--model", minilm_mrpc, "--task", "mrpc", env={"MERGELAB_DATA": "/no/such/root"}))
 
 
+@pytest.mark.integration  # needs the MiniLM fine-tuned by the fixture
 def test_head_that_does_not_fit(minilm_mrpc, capsys):
     assert main(["eval", "--model", minilm_mrpc, "--task", "emotion"]) == 2
     assert "has a head with 2 outputs but task emotion has 6" in capsys.readouterr().err
 
 
+@pytest.mark.integration  # `train` with the default base: fine-tunes and scores the packaged MiniLM
 def test_rte_trains_and_evaluates_with_no_task_code(rte_root, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MERGELAB_DATA", str(rte_root))
     out = tmp_path / "rte"

@@ -1,4 +1,4 @@
-"""Interpolation curves, planes and their geometry (issue 4), on pico checkpoints."""
+"""Interpolation curves, planes and their geometry, on pico checkpoints."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from merging_core import paths
 from merging_core.curves import curve, plane
 
 from .conftest import make_pico
+from .helpers import DEVICES, assert_close
 
 LIMIT = 24
 
@@ -34,7 +35,7 @@ def test_path_coefficients_sum_to_one_and_hit_the_vertices():
     target = torch.empty(3)
     a, b, c = torch.randn(3), torch.randn(3), torch.randn(3)
     paths.combine_into(target, [a, b, c], (0.0, 1.0, 0.0))
-    assert torch.equal(target, b)
+    assert_close(target, b, atol=0, rtol=0)
     paths.combine_into(target, [a, b, c], (0.25, 0.25, 0.5))
     torch.testing.assert_close(target, 0.25 * a + 0.25 * b + 0.5 * c)
 
@@ -84,7 +85,9 @@ def test_geometry_distances_and_plane_frame():
 # curves on pico checkpoints
 
 
-def test_endpoints_reproduce_each_models_own_scores_exactly(pico):
+@pytest.mark.parametrize("device", DEVICES)
+def test_endpoints_reproduce_each_models_own_scores_exactly(pico, device, monkeypatch):
+    monkeypatch.setenv("MERGELAB_DEVICE", device)  # the curve and the evaluations it is checked against
     a, b = str(pico("sst2", 0)), str(pico("sst2", 1))
     run = curve(a, b, "sst2", points=4, limit=LIMIT)
     items = list(run)
@@ -93,7 +96,9 @@ def test_endpoints_reproduce_each_models_own_scores_exactly(pico):
     assert run.summary()["heads"]["sst2"].startswith("interpolated")
 
 
-def test_different_tasks_keep_their_own_heads(pico):
+@pytest.mark.parametrize("device", DEVICES)
+def test_different_tasks_keep_their_own_heads(pico, device, monkeypatch):
+    monkeypatch.setenv("MERGELAB_DEVICE", device)
     a, b = str(pico("sst2", 0)), str(pico("cola", 2))
     run = curve(a, b, ["sst2", "cola"], points=3, limit=LIMIT)
     items = list(run)
@@ -105,7 +110,9 @@ def test_different_tasks_keep_their_own_heads(pico):
     assert "classifier.weight" not in run.names and run.distances["params"] == run.geometry.count
 
 
-def test_a_curve_from_a_model_to_itself_is_flat(pico):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_curve_from_a_model_to_itself_is_flat(pico, device, monkeypatch):
+    monkeypatch.setenv("MERGELAB_DEVICE", device)
     a = str(pico("sst2", 0))
     run = curve(a, a, "sst2", points=5, limit=LIMIT)
     first, *rest = [_scores(p, "sst2") for p in run]
@@ -145,7 +152,9 @@ def test_merges_land_where_they_should(pico):
     assert run.summary()["merges"] == [average, slerp]
 
 
-def test_bezier_curve_trains_its_bend_and_keeps_the_ends(pico):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bezier_curve_trains_its_bend_and_keeps_the_ends(pico, device, monkeypatch):
+    monkeypatch.setenv("MERGELAB_DEVICE", device)
     a, b = str(pico("sst2", 0)), str(pico("sst2", 1))
     run = curve(a, b, "sst2", points=3, limit=LIMIT, path="bezier", bend_steps=6, bend_lr=1e-2, batch_size=8)
     items = list(run)
@@ -202,7 +211,9 @@ def test_lora_modules_move_in_module_space(pico, tmp_path):
         curve(modules[0], str(pico("sst2", 0)), "sst2", space="module")
 
 
-def test_plane_through_three_checkpoints(pico):
+@pytest.mark.parametrize("device", DEVICES)
+def test_plane_through_three_checkpoints(pico, device, monkeypatch):
+    monkeypatch.setenv("MERGELAB_DEVICE", device)  # the vertices reproduce each model's own scores
     a, b, c = (str(pico("sst2", s)) for s in (0, 1, 4))
     run = plane(a, b, c, "sst2", grid=3, limit=LIMIT, merges=["average"])
     items = list(run)

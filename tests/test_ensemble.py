@@ -1,7 +1,8 @@
-"""Similarity-weighted ensembling of adapter modules (issue 6), on pico LoRA / (IA)³ modules."""
+"""Similarity-weighted ensembling of adapter modules, on pico LoRA / (IA)³ modules."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -9,10 +10,11 @@ import pytest
 import torch
 
 import merging_core as ml
-from merging_core.ensemble import (MEASURES, combine, deltas, layer_weights, read_module, similarity_matrix,
-                                   softmax_weights, write_module)
+from merging_core.checkpoint import open_checkpoint
+from merging_core.ensemble import (MEASURES, Measure, combine, deltas, get_measure, layer_weights, read_module,
+                                   register_measure, similarity_matrix, softmax_weights, write_module)
 from merging_core.ensemble.fewshot import draw_shots
-from merging_core.ensemble.similarity import measure
+from merging_core.ensemble.similarity import NEEDS, WEIGHTS, measure
 
 TASKS = ("sst2", "cola", "emotion")
 
@@ -60,8 +62,6 @@ def test_one_module_with_weight_one_comes_back_exactly(modules, kind, tmp_path):
 @pytest.mark.parametrize("kind", ["lora", "ia3"])
 def test_deltas_are_the_folded_update(modules, kind):
     """ΔW from the module's own tensors equals the folded model minus its base (checks the (IA)³ formula)."""
-    from merging_core.merge import open_checkpoint
-
     module = read_module(modules[(kind, "sst2")])
     folded, base = open_checkpoint(module.ref), open_checkpoint(ml.models.adapter_base(module.ref))
     for layer, delta in deltas(module).items():
@@ -128,6 +128,46 @@ def test_every_measure_is_signed_and_finite(modules, tokenizer):
     assert all(sum(w) == pytest.approx(1.0) for w in per_layer.values()) and len(per_layer) == 4
 
 
+def test_registry_describes_every_measure():
+    assert list(MEASURES) == ["loss", "kl", "el2n", "grand", "cosine", "weight_cosine", "euclidean", "performance"]
+    assert {n: m.default_temperature for n, m in MEASURES.items()} == {  # the paper's temperatures
+        "loss": 0.1, "kl": 0.1, "el2n": 0.1, "grand": 0.1, "cosine": 0.1, "weight_cosine": 0.001, "euclidean": 0.1,
+        "performance": 0.001}
+    for name, m in MEASURES.items():
+        assert m.name == name and m.title and m.direction and m.doc and m.needs and set(m.needs) <= set(NEEDS)
+        assert "Lv et al. 2023" in m.paper and "Sec. 3.2" in m.paper
+    assert get_measure("kl") is MEASURES["kl"]
+    with pytest.raises(ml.MergeLabError, match="unknown similarity 'vibes'") as caught:
+        get_measure("vibes")
+    assert caught.value.param == "similarity"
+    with pytest.raises(RuntimeError, match="registered twice"):
+        register_measure(MEASURES["loss"])
+    with pytest.raises(ValueError, match="needs"):
+        Measure("odd", "Odd", "+", ("vibes",), "none", lambda ctx: 0.0)
+
+
+@pytest.fixture()
+def toy_measure():
+    """A measure registered for one test (the number of the source module's own tensors), then removed."""
+    toy = register_measure(Measure("toy", "Toy: tensor count", "+tensors: more is more similar", (WEIGHTS,),
+                                   "none (a test)", lambda ctx: float(len(ctx.source.body)), 1.0,
+                                   "Counts the module's own tensors."))
+    yield toy
+    MEASURES.pop("toy", None)
+
+
+def test_a_registered_measure_reaches_the_picker_and_the_engine(toy_measure, modules, tokenizer):
+    pytest.importorskip("gradio")
+    from views.ensemble_tab import measure_choices, measure_info, temperature_info
+
+    assert "toy" in importlib.import_module("merging_core.ensemble").MEASURES
+    assert measure_choices() == list(MEASURES) and measure_choices()[-1] == "toy"
+    assert "Toy: tensor count" in measure_info("toy") and "toy)" in temperature_info()
+    sources = [read_module(modules[("lora", t)]) for t in ("cola", "emotion")]
+    found = measure(sources, draw_shots(ml.get_task("sst2"), tokenizer, 8, seed=0), measures=("toy",), steps=1)
+    assert found.scores == {"toy": {m.ref.spec: float(len(m.body)) for m in sources}}
+
+
 def test_ensemble_end_to_end_and_errors(modules):
     sources = [modules[("lora", t)] for t in ("cola", "emotion")]
     result = ml.ensemble("sst2", sources, similarity="el2n", shots=8, seeds=(0, 1), steps=3, limit=16)
@@ -140,8 +180,9 @@ def test_ensemble_end_to_end_and_errors(modules):
         ml.ensemble("sst2", [modules[("lora", "sst2")], sources[0]], shots=8, steps=1)
     with pytest.raises(ml.MergeLabError, match="unknown similarity"):
         ml.ensemble("sst2", sources, similarity="vibes")
-    with pytest.raises(ml.MergeLabError, match="not an adapter module"):
+    with pytest.raises(ml.MergeLabError, match="not an adapter module") as caught:
         ml.ensemble("sst2", [str(ml.resolve("minilm").location)])
+    assert caught.value.param == "sources" and "python -m" not in str(caught.value)
 
 
 def test_similarity_matrix_leaves_each_task_out(modules):

@@ -29,6 +29,8 @@ with warnings.catch_warnings():  # mergekit's lazy_unpickle touches the deprecat
 
 from merging_core.merge import merge  # noqa: E402
 
+from .helpers import assert_close  # noqa: E402
+
 TOLERANCE = 1e-5
 
 
@@ -59,9 +61,7 @@ def assert_same(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) 
     ours, theirs = canonical(ours), canonical(theirs)
     assert set(ours) == set(theirs), (sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours)))
     assert len(ours) == 41  # 5 embeddings + 2 layers x 16 + pooler 2 + classifier 2
-    diffs = {n: (ours[n].float() - theirs[n].float()).abs().max().item() for n in ours}
-    worst = max(diffs, key=diffs.get)
-    assert diffs[worst] <= TOLERANCE, f"{worst}: max |MergeLab - mergekit| = {diffs[worst]:.3g}"
+    assert_close(ours, theirs, atol=TOLERANCE, msg="MergeLab vs mergekit")  # |diff| <= TOLERANCE everywhere
 
 
 def mk_models(models: list[str], **per_model) -> list[dict]:
@@ -125,7 +125,7 @@ def test_yaml_with_bare_encoder_base(models, pico, tmp_path):
         theirs = canonical(run_mergekit((out / "mergekit.yaml").read_text(), tmp_path / "mk"))
         ours = canonical(load_file(out / "model.safetensors"))
         encoder = [n for n in ours if not n.startswith("classifier.")]
-        assert max((ours[n] - theirs[n]).abs().max().item() for n in encoder) <= TOLERANCE
+        assert_close({n: ours[n] for n in encoder}, {n: theirs[n] for n in encoder}, atol=TOLERANCE)
 
 
 @pytest.fixture(scope="module")

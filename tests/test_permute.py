@@ -9,7 +9,7 @@ import torch
 
 import merging_core as ml
 from merging_core.align import KINDS, permute_checkpoint, permute_state, random_permutation
-from merging_core.stats import canonical
+from merging_core.arch import canonical
 
 COMBINATIONS = [("ff",), ("heads",), ("residual",), ("ff", "heads"), ("ff", "residual"), ("heads", "residual"), KINDS]
 

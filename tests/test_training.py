@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from merging_core import TrainConfig, evaluate, models, partition, tasks, train
 from merging_core.errors import MergeLabError
 
+from .helpers import assert_close
+
 
 def test_training_learns_and_records_provenance(pico, tmp_path):
     config = TrainConfig(task="stsb", base=str(pico(None)), seed=3, steps=30, batch_size=16, lr=1e-2,
@@ -40,7 +42,7 @@ def test_same_seed_same_weights(pico, tmp_path):
     other = TrainConfig(task="stsb", base=str(pico(None)), seed=2, steps=4, batch_size=8, eval_limit=8)
     train(other, tmp_path / "c")
     a, b, c = (load_file(tmp_path / x / "model.safetensors") for x in "abc")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_close(a, b, atol=0, rtol=0)  # bit-identical weights (and the same names)
     assert not torch.equal(a["classifier.weight"], c["classifier.weight"])
 
 
@@ -159,7 +161,8 @@ def test_multitask_training_writes_a_multihead_checkpoint(multitask_run, pico):
             assert name.startswith("pooler.") and task == "conll2003" or torch.equal(state[f"bert.{name}"], tensor), name
         head = load_file(out / "heads" / f"{task}.safetensors")
         assert set(head) == {"classifier.weight", "classifier.bias"}
-        assert all(torch.equal(state[k], v) for k, v in head.items())
+        for k, v in head.items():
+            assert_close(state[k], v, atol=0, rtol=0, msg=k)
         scored = evaluate(str(out), task, limit=8)
         recorded = meta["scores"]["dev"][task]
         assert scored["n"] == recorded["n"] == 8

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gradio as gr
@@ -12,8 +12,14 @@ import gradio as gr
 import merging_core as ml
 
 
-def engine_errors(handler: Callable) -> Callable:
-    """Show a bad input as a one-line `gr.Error` (also reaches gradio_client as AppError)."""
+def engine_errors(handler: Callable | None = None, *, labels: Mapping[str, str] | None = None) -> Callable:
+    """Show a bad input as a one-line `gr.Error` (also reaches gradio_client as AppError), naming the
+    offending input by its control's label (`labels`: engine name -> label, e.g. "base" -> "Base model")."""
+    if handler is None:
+        return functools.partial(engine_errors, labels=labels)
+
+    def ui_error(exc: ml.MergeLabError) -> gr.Error:
+        return gr.Error(exc.render(labels or {}), print_exception=False)
 
     if inspect.isgeneratorfunction(handler):  # a streaming handler fails while it is iterated
 
@@ -22,7 +28,7 @@ def engine_errors(handler: Callable) -> Callable:
             try:
                 yield from handler(*args, **kwargs)
             except ml.MergeLabError as exc:
-                raise gr.Error(str(exc), print_exception=False) from exc
+                raise ui_error(exc) from exc
 
         return streaming
 
@@ -31,7 +37,7 @@ def engine_errors(handler: Callable) -> Callable:
         try:
             return handler(*args, **kwargs)
         except ml.MergeLabError as exc:
-            raise gr.Error(str(exc), print_exception=False) from exc
+            raise ui_error(exc) from exc
 
     return wrapper
 

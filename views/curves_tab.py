@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 import merging_core as ml
+from merging_core.curves import CurveSpec, PlaneSpec
 from merging_core.paths import PATHS
 
 from . import figures
@@ -21,7 +23,10 @@ from .common import engine_errors, model_choices, progress_fn
 BOTH = "line + bezier"
 DEFAULT_LIMIT = 200
 NONE = ("(none)", "")
-MERGE_METHODS = ("average", "task_arithmetic", "ties", "dare", "slerp", "fisher", "regmean")
+# Engine inputs named in errors -> this tab's control labels.
+LABELS = {"models": "Checkpoints (A, B, C)", "tasks": "Tasks", "points": "Points", "limit": "Limit",
+          "head_from": "Head from", "base": "Base model", "merges": "Merges to place on the line", "path": "Path",
+          "bend_steps": "Bezier bend steps", "grid": "Grid points per axis", "space": "Space"}
 
 
 def _limit(limit: float | None) -> int | None:
@@ -83,32 +88,31 @@ def export(curves: list[dict], summaries: list[dict]) -> list[str]:
     return [str(csv), str(js)]
 
 
-@engine_errors
+@engine_errors(labels=LABELS)
 def run_curve(a: str, b: str, tasks: list[str] | None, points: float, path: str, limit: float | None,
               head_from: str | None, base: str | None, merges: list[str] | None, bend_steps: float,
               progress: gr.Progress = gr.Progress()):
     """Stream the curve(s): yields (figure, summary markdown, status, files)."""
     if not (a or "").strip() or not (b or "").strip():
-        raise ml.MergeLabError("pick two checkpoints, A and B (or a suggested pair)")
+        raise ml.MergeLabError("pick two checkpoints, A and B (or a suggested pair)", param="models")
     kinds = list(PATHS) if path == BOTH else [path]
     report = progress_fn(progress)
-    options = {"points": int(points), "limit": _limit(limit), "head_from": (head_from or "").strip() or None,
-               "base": (base or "").strip() or None, "bend_steps": int(bend_steps)}
+    spec = CurveSpec((a, b), tuple(tasks or ()), points=int(points), limit=_limit(limit), head_from=head_from,
+                     base=base, merges=tuple(merges or ()), bend_steps=int(bend_steps))
     curves, summaries = [], []
     yield figures.curve_figure([], _tasks(tasks)), "", "Loading the checkpoints…", None
     for n, kind in enumerate(kinds):
         part = ml.progress.scaled(report, n / len(kinds), (n + 1) / len(kinds), f"{kind}: ")
-        run = ml.curve(a.strip(), b.strip(), tasks or None, path=kind, progress=part,
-                       merges=list(merges or []) if n == 0 else [], **options)
+        run = ml.curve(replace(spec, path=kind, merges=spec.merges if n == 0 else ()), progress=part)
         shown = [(r.spec.name, r.spec.main_metric) for r in run.rigs]
         current = {"path": kind, "items": []}
         curves.append(current)
         for item in run:
             current["items"].append(item)
-            status = _status(item, kind, options["points"])
+            status = _status(item, kind, spec.points)
             yield figures.curve_figure(curves, shown), curve_summary(summaries), status, None
         summaries.append(run.summary())
-    scope = f"first {options['limit']} examples" if options["limit"] else "full split"
+    scope = f"first {spec.limit} examples" if spec.limit else "full split"
     done = f"Done in {sum(s['seconds'] for s in summaries):.1f} s ({scope} of each task's dev set)."
     yield figures.curve_figure(curves, shown), curve_summary(summaries), done, export(curves, summaries)
 
@@ -130,16 +134,16 @@ def plane_view(plane: dict | None, show: str):
     return figures.plane_figure(plane["items"], spec.name, key, plane["labels"])
 
 
-@engine_errors
+@engine_errors(labels=LABELS)
 def run_plane(a: str, b: str, c: str, task: str, grid: float, limit: float | None, merges: list[str] | None,
               base: str | None, show: str, progress: gr.Progress = gr.Progress()):
     """Stream the plane's heatmap: yields (figure, status, the points kept for redrawing)."""
     if not all((m or "").strip() for m in (a, b, c)):
-        raise ml.MergeLabError("pick three checkpoints, A, B and C, for a plane")
+        raise ml.MergeLabError("pick three checkpoints, A, B and C, for a plane", param="models")
     if not task:
-        raise ml.MergeLabError("pick the task whose scores the plane shows")
-    run = ml.plane(a.strip(), b.strip(), c.strip(), [task], grid=int(grid), limit=_limit(limit),
-                   merges=list(merges or []), base=(base or "").strip() or None, progress=progress_fn(progress))
+        raise ml.MergeLabError("pick the task whose scores the plane shows", param="tasks")
+    run = ml.plane(PlaneSpec((a, b, c), (task,), grid=int(grid), limit=_limit(limit), merges=tuple(merges or ()),
+                             base=base), progress=progress_fn(progress))
     spec = ml.get_task(task)
     plane = {"task": spec.name, "items": [],
              "labels": {a.strip(): f"A: {a.strip()}", b.strip(): f"B: {b.strip()}", c.strip(): f"C: {c.strip()}"}}
@@ -150,6 +154,11 @@ def run_plane(a: str, b: str, c: str, task: str, grid: float, limit: float | Non
     best = run.summary()["best"][spec.name]
     yield (plane_view(plane, show), f"Done in {run.seconds:.1f} s. Best {best['metric']} on the grid: "
            f"{best['value']:.4f} at (x {best['x']:.2f}, y {best['y']:.2f}).", plane)
+
+
+def merge_choices() -> list[tuple[str, str]]:
+    """Every registered merge method, by title (the registry is the only list of methods)."""
+    return [(m.title, name) for name, m in ml.METHODS.items()]
 
 
 def pair_choices() -> list[tuple[str, str]]:
@@ -203,7 +212,7 @@ def build(demo: gr.Blocks) -> dict:
                 base = gr.Dropdown([NONE, *choices], value="", allow_custom_value=True, label="Base model",
                                    info="for the task-vector cosine and task-vector merges; default: the "
                                         "checkpoints' recorded base")
-            merges = gr.CheckboxGroup(list(MERGE_METHODS), value=[], label="Merges to place on the line",
+            merges = gr.CheckboxGroup(merge_choices(), value=[], label="Merges to place on the line",
                                       elem_id="curve-merges",
                                       info="each merge of A and B is scored and drawn at its projection on the line")
         run = gr.Button("Run curve", variant="primary", elem_id="curve-run")

@@ -11,14 +11,44 @@ import gradio as gr
 import pandas as pd
 
 import merging_core as ml
-from merging_core.ensemble import GRANULARITIES, MEASURES, similarity_matrix, softmax_weights
+from merging_core.ensemble import GRANULARITIES, MEASURES, get_measure, similarity_matrix, softmax_weights
 from merging_core.training import PEFT_KINDS
 
 from . import figures
 from .common import engine_errors, progress_fn
 
+DEFAULT_MEASURE = "loss"
+# Engine inputs named in errors -> this tab's control labels.
+LABELS = {"target": "Target task", "kind": "Module kind", "sources": "Source modules", "similarity": "Similarity",
+          "granularity": "Weights per", "shots": "Shots", "seeds": "Seeds", "steps": "Steps", "limit": "Dev limit",
+          "temperature": "log10 temperature"}
+
+
 def temperature(log10: float) -> float:
     return 10.0 ** float(log10)
+
+
+def measure_choices() -> list[str]:
+    """The similarity picker's choices: every registered measure, in registry order."""
+    return list(MEASURES)
+
+
+def measure_info(name: str | None) -> str:
+    """Markdown for one measure, from the registry: title, sign, what it reads, default temperature, source."""
+    if not name or name not in MEASURES:
+        return ""
+    m = get_measure(name)
+    return (f"**{m.title}** (`{m.name}`): {m.direction}. {m.doc} Reads: {', '.join(m.needs)}. "
+            f"Default temperature {m.default_temperature:g}. {m.paper}.")
+
+
+def temperature_info() -> str:
+    """The temperature slider's help: the registry's default temperatures, with the measures that use each."""
+    by_t: dict[float, list[str]] = {}
+    for m in MEASURES.values():
+        by_t.setdefault(m.default_temperature, []).append(m.name)
+    defaults = ", ".join(f"{math.log10(t):g} = {t:g} ({', '.join(names)})" for t, names in by_t.items())
+    return f"{defaults}; moving it re-weights instantly"
 
 
 def _modules(kind: str) -> list[dict]:
@@ -38,9 +68,10 @@ def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in str(text).replace(" ", ",").split(",") if s.strip()]
     except ValueError:
-        raise ml.MergeLabError(f"seeds must be integers separated by commas, e.g. 0,1,2; got {text!r}") from None
+        raise ml.MergeLabError(f"seeds must be integers separated by commas, e.g. 0,1,2; got {text!r}",
+                               param="seeds") from None
     if not seeds:
-        raise ml.MergeLabError("give at least one seed, e.g. 0")
+        raise ml.MergeLabError("give at least one seed, e.g. 0", param="seeds")
     return seeds
 
 
@@ -65,12 +96,12 @@ def few_shot_table(result) -> pd.DataFrame:
     return pd.DataFrame(result.table()).round(4)
 
 
-@engine_errors
+@engine_errors(labels=LABELS)
 def run_ensemble(target: str, kind: str, sources: list[str] | None, similarity: str, log10_t: float, granularity: str,
                  shots: float, seeds: str, steps: float, limit: float | None, progress: gr.Progress = gr.Progress()):
     """Similarity, weights and few-shot transfer. Returns (similarity figure, few-shot table, status, state)."""
     if not target:
-        raise ml.MergeLabError("pick a target task")
+        raise ml.MergeLabError("pick a target task", param="target")
     limit_n = int(limit) if limit and not math.isnan(limit) else None
     result = ml.ensemble(target, sources or None, similarity=similarity, temperature=temperature(log10_t),
                          shots=int(shots), seeds=_seeds(seeds), granularity=granularity, steps=int(steps),
@@ -85,13 +116,13 @@ def run_ensemble(target: str, kind: str, sources: list[str] | None, similarity: 
     return weights_view(state, log10_t), few_shot_table(result), status, state
 
 
-@engine_errors
+@engine_errors(labels=LABELS)
 def run_matrix(kind: str, similarity: str, log10_t: float, shots: float, progress: gr.Progress = gr.Progress()):
     """Leave-one-out similarities over every zoo module of `kind`; returns (heatmaps, state)."""
     specs = module_choices(kind)
     if len(specs) < 3:
-        raise ml.MergeLabError(f"the zoo has {len(specs)} {kind} modules; build them with: "
-                               "python -m merging_core zoo build --recipe peft")
+        raise ml.MergeLabError(f"the zoo has {len(specs)} {kind} modules; the matrix needs at least 3", param="kind",
+                               hint="build the zoo's PEFT recipe (peft)")
     state = similarity_matrix(specs, similarity, shots=int(shots), progress=progress_fn(progress))
     return matrix_view(state, log10_t), state
 
@@ -109,23 +140,24 @@ def build(demo: gr.Blocks) -> dict:
                     "examples (Lv et al. 2023).")
         with gr.Row():
             targets = target_choices()
-            target = gr.Dropdown(targets, value=targets[0] if targets else None, label="Target task",
+            target = gr.Dropdown(targets, value=targets[0] if targets else None, label=LABELS["target"],
                                  elem_id="ens-target")
-            kind = gr.Radio(list(PEFT_KINDS), value="lora", label="Module kind", elem_id="ens-kind")
+            kind = gr.Radio(list(PEFT_KINDS), value="lora", label=LABELS["kind"], elem_id="ens-kind")
             sources = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, scale=3,
-                                  label="Source modules", elem_id="ens-sources",
+                                  label=LABELS["sources"], elem_id="ens-sources",
                                   info="default: the zoo's modules of this kind trained on other tasks")
         with gr.Row(equal_height=True):
-            similarity = gr.Dropdown(list(MEASURES), value="loss", label="Similarity", elem_id="ens-similarity")
-            granularity = gr.Radio(list(GRANULARITIES), value="model", label="Weights per",
+            similarity = gr.Dropdown(measure_choices(), value=DEFAULT_MEASURE, label=LABELS["similarity"],
+                                     elem_id="ens-similarity", info="higher = more similar to the target")
+            granularity = gr.Radio(list(GRANULARITIES), value="model", label=LABELS["granularity"],
                                    info="layer / block: weight cosine and Euclidean have per-layer scores")
-            shots = gr.Slider(4, 128, value=32, step=4, label="Shots", info="target training examples")
-            seeds = gr.Textbox("0", label="Seeds", info="e.g. 0,1,2")
-            steps = gr.Slider(5, 200, value=50, step=5, label="Steps", info="few-shot tuning, batch 8")
-            limit = gr.Number(value=200, precision=0, minimum=1, label="Dev limit")
-        log10_t = gr.Slider(-3, 2, value=-1, step=0.05, label="log10 temperature", elem_id="ens-temperature",
-                            info="-1 = 0.1 (loss, KL, EL2N, GraNd, Euclidean), -3 = 0.001 (weight cosine, "
-                                 "performance); moving it re-weights instantly")
+            shots = gr.Slider(4, 128, value=32, step=4, label=LABELS["shots"], info="target training examples")
+            seeds = gr.Textbox("0", label=LABELS["seeds"], info="e.g. 0,1,2")
+            steps = gr.Slider(5, 200, value=50, step=5, label=LABELS["steps"], info="few-shot tuning, batch 8")
+            limit = gr.Number(value=200, precision=0, minimum=1, label=LABELS["limit"])
+        about = gr.Markdown(measure_info(DEFAULT_MEASURE), elem_id="ens-measure-info")
+        log10_t = gr.Slider(-3, 2, value=math.log10(get_measure(DEFAULT_MEASURE).default_temperature), step=0.05,
+                            label=LABELS["temperature"], elem_id="ens-temperature", info=temperature_info())
         run = gr.Button("Measure and transfer", variant="primary", elem_id="ens-run")
         status = gr.Markdown(elem_id="ens-status")
         with gr.Row(equal_height=False):
@@ -141,6 +173,7 @@ def build(demo: gr.Blocks) -> dict:
                   [plot, table, status, state], api_name="ensemble", concurrency_id="gpu", show_progress_on=status)
         matrix_run.click(run_matrix, [kind, similarity, log10_t, shots], [matrix_plot, matrix_state],
                          api_name="ensemble_matrix", concurrency_id="gpu")
+        similarity.change(measure_info, similarity, about, api_visibility="private", show_progress="hidden")
         log10_t.change(weights_view, [state, log10_t], plot, api_visibility="private", show_progress="hidden")
         log10_t.change(matrix_view, [matrix_state, log10_t], matrix_plot, api_visibility="private",
                        show_progress="hidden")

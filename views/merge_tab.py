@@ -23,9 +23,9 @@ import pandas as pd
 
 import merging_core as ml
 from merging_core.arch import GROUPS
-from merging_core.compare import parse_method
-from merging_core.merge import FALLBACKS, HEAD_POLICIES
+from merging_core.params import parse_assignments
 from merging_core.progress import scaled
+from merging_core.spec import FALLBACKS, HEAD_POLICIES, MergeSpec
 
 from .common import engine_errors, model_choices, multitask_choices, progress_fn
 
@@ -36,12 +36,10 @@ ROW_KEYS = ("model", "kind", "mean")
 # Slider for a bounded number whose range has at most this many integer steps (else a number box).
 MAX_INT_SLIDER = 1000
 PER_ROW = 3  # parameter controls per row (they wrap on narrow screens)
-# The engine's messages name CLI flags; the tab names its own controls instead.
-UI_WORDS = {
-    "pass --base (e.g. --base minilm)": "choose a Base model (e.g. minilm)",
-    "choose a new --out or pass --overwrite": "choose another Output folder (the app never overwrites one)",
-    "pass --stats-task TASK": "merge models with a recorded task (zoo models have one)",
-}
+# Engine inputs named in errors -> this tab's control labels (a method's parameters keep their names).
+LABELS = {"models": "Checkpoints", "base": "Base model", "method": "Method", "params": "Parameters",
+          "components": "Components", "fallback": "Fallback", "heads": "Heads", "out": "Output folder",
+          "stats_tasks": "Checkpoints (each needs a recorded task)", "limit": "Limit", "multitask": "Multi-task model"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,20 +221,14 @@ def _params(method: str, params: dict | str | None) -> dict:
         try:
             params = json.loads(params)
         except json.JSONDecodeError:
-            return parse_method(f"{method}:{params}")[1]
+            return parse_assignments([params], where="method parameters")
     if not isinstance(params, dict):
-        raise ml.MergeLabError(f"method parameters must be a dict such as {{\"lambda\": 0.3}}, got {params!r}")
+        raise ml.MergeLabError(f"method parameters must be a dict such as {{\"lambda\": 0.3}}, got {params!r}",
+                               param="params")
     return params
 
 
-def _ui_error(exc: ml.MergeLabError) -> ml.MergeLabError:
-    text = str(exc)
-    for cli, ui in UI_WORDS.items():
-        text = text.replace(cli, ui)
-    return ml.MergeLabError(text)
-
-
-@engine_errors
+@engine_errors(labels=LABELS)
 def run_merge(models: list[str] | None, base: str | None, method: str, params: dict | str | None,
               components: list[str] | None, fallback: str, heads: str, limit: float | None, compare: bool,
               multitask: str | None, out: str | None, progress: gr.Progress = gr.Progress()):
@@ -244,21 +236,19 @@ def run_merge(models: list[str] | None, base: str | None, method: str, params: d
     model, the ensemble and the multi-task model. Yields (table, status, downloadable files)."""
     models = [m.strip() for m in models or [] if m and m.strip()]
     if not models:
-        raise ml.MergeLabError("pick the checkpoints to merge (at least one; two or more to compare)")
+        raise ml.MergeLabError("pick the checkpoints to merge (at least one; two or more to compare)",
+                               param="models")
     if not components:
-        raise ml.MergeLabError("pick at least one component for the method to merge")
+        raise ml.MergeLabError("pick at least one component for the method to merge", param="components")
     base = (base or "").strip() or None
     multitask = (multitask or "").strip() or None
     limit = _limit(limit)
     report = progress_fn(progress)
+    spec = MergeSpec(method, tuple(models), base=base, params=_params(method, params), components=tuple(components),
+                     fallback=fallback, heads=heads)
     folder = output_folder(out, method)
     yield score_table([]), "", None
-    try:
-        result = ml.merge(method, models, out=folder, base=base, params=_params(method, params), components=components,
-                          fallback=fallback, heads=heads,
-                          progress=scaled(report, 0.0, 0.4 if compare else 0.7, "merge: "))
-    except ml.MergeLabError as exc:
-        raise _ui_error(exc) from exc
+    result = ml.merge(spec, out=folder, progress=scaled(report, 0.0, 0.4 if compare else 0.7, "merge: "))
     files = downloads(result.out)
     extra = [] if result.tasks else ["The merged model has no task head, so there is nothing to score."]
     yield score_table([]), summary(result, extra + ["Scoring…"]), files

@@ -11,17 +11,30 @@ from collections import defaultdict
 import gradio as gr
 
 import merging_core as ml
-from merging_core.align import ATTENTION, MERGE_TYPES, RESIDUAL, load_alignment
+from merging_core.align import ATTENTION, MERGE_TYPES, RESIDUAL, AlignSpec, load_alignment
 
 from . import figures
 from .common import engine_errors, model_choices, progress_fn
 
 DEFAULT_LIMIT = 64
 TEXTS = ("wikitext2", "corpus", "sst2")
+# Engine inputs named in errors -> this tab's control labels.
+LABELS = {"a": "A (reference basis)", "b": "B (permuted into A's basis)", "merge_type": "Merge type",
+          "attention": "Attention matching", "residual": "Residual order from", "qk": "Separate Q/K order",
+          "text": "Text for activations", "examples": "Examples", "tasks": "Curve tasks", "points": "Points per curve",
+          "limit": "Limit", "site": "Site"}
 
 
 def _limit(limit: float | None) -> int | None:
     return int(limit) if limit and not math.isnan(limit) else None
+
+
+def align_spec(a: str | None, b: str | None, merge_type: str, attention: str, residual: str, qk: bool,
+               text: str, examples: float | None) -> AlignSpec:
+    """The alignment request of the tab's controls (the spec checks every choice)."""
+    count = int(examples) if isinstance(examples, (int, float)) and math.isfinite(examples) else examples
+    return AlignSpec((a or "").strip(), (b or "").strip(), merge_type=merge_type, attention=attention,
+                     residual=residual, qk=bool(qk), text=text, examples=count)
 
 
 def alignment_summary(summary: dict, barriers: dict[str, dict]) -> str:
@@ -65,18 +78,15 @@ def _first_site(alignment) -> str:
     return (attention or permuted or list(alignment.correlations))[0]
 
 
-@engine_errors
+@engine_errors(labels=LABELS)
 def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk: bool, text: str,
               examples: float, tasks: list[str] | None, points: float, limit: float | None,
               progress: gr.Progress = gr.Progress()):
     """Align, show the heatmaps, then stream vanilla and aligned interpolation curves.
     Yields (status, summary, site choices, heatmaps, head cost, curves, the alignment's folder)."""
-    a, b = (a or "").strip(), (b or "").strip()
-    if not a or not b:
-        raise ml.MergeLabError("pick two checkpoints: A (the reference basis) and B (the model to permute)")
+    spec = align_spec(a, b, merge_type, attention, residual, qk, text, examples)
     report = progress_fn(progress)
-    result = ml.align(a, b, merge_type=merge_type, attention=attention, residual=residual, qk=qk, text=text,
-                      examples=int(examples), progress=ml.progress.scaled(report, 0.0, 0.3, "align: "))
+    result = ml.align(spec, progress=ml.progress.scaled(report, 0.0, 0.3, "align: "))
     folder, site = str(result.out), _first_site(result)
     maps = result.heatmaps(site)
     sites = gr.Dropdown(choices=list(result.correlations), value=site)
@@ -87,9 +97,9 @@ def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk
 
     curves, barriers = [], {}
     options = {"points": int(points), "limit": _limit(limit)}
-    for n, (label, other) in enumerate((("vanilla", b), ("aligned", folder))):
+    for n, (label, other) in enumerate((("vanilla", spec.b), ("aligned", folder))):
         part = ml.progress.scaled(report, 0.3 + 0.35 * n, 0.65 + 0.35 * n, f"{label}: ")
-        run = ml.curve(a, other, tasks or None, progress=part, **options)
+        run = ml.curve(spec.a, other, tasks or None, progress=part, **options)
         shown = [(r.spec.name, r.spec.main_metric) for r in run.rigs]
         current = {"path": "line", "label": label, "items": []}
         curves.append(current)
@@ -117,32 +127,34 @@ def build(demo: gr.Blocks) -> dict:
                     "then compare plain interpolation with interpolation after alignment.")
         choices = model_choices()
         with gr.Row():
-            a = gr.Dropdown(choices, value=None, allow_custom_value=True, label="A (reference basis)",
+            a = gr.Dropdown(choices, value=None, allow_custom_value=True, label=LABELS["a"],
                             elem_id="align-a", info="e.g. scratch-s0 (recipe `scratch`)")
-            b = gr.Dropdown(choices, value=None, allow_custom_value=True, label="B (permuted into A's basis)",
+            b = gr.Dropdown(choices, value=None, allow_custom_value=True, label=LABELS["b"],
                             elem_id="align-b", info="e.g. scratch-s1")
         with gr.Row(equal_height=True):
-            merge_type = gr.Dropdown(list(MERGE_TYPES), value="ff+attn", label="Merge type", elem_id="align-type",
-                                     info="what is permuted; the rest is averaged as it is")
-            attention = gr.Radio(list(ATTENTION), value="head-perm", label="Attention matching",
+            merge_type = gr.Dropdown(list(MERGE_TYPES), value=AlignSpec.merge_type, label=LABELS["merge_type"],
+                                     elem_id="align-type", info="what is permuted; the rest is averaged as it is")
+            attention = gr.Radio(list(ATTENTION), value=AlignSpec.attention, label=LABELS["attention"],
                                  elem_id="align-attention")
-            residual = gr.Radio(list(RESIDUAL), value="first", label="Residual order from",
-                                elem_id="align-residual", info="LayerNorm sites; sep: one per site (not function-preserving)")
-            qk = gr.Checkbox(value=False, label="Separate Q/K order", elem_id="align-qk")
+            residual = gr.Radio(list(RESIDUAL), value=AlignSpec.residual, label=LABELS["residual"],
+                                elem_id="align-residual",
+                                info="LayerNorm sites; sep: one per site (not function-preserving)")
+            qk = gr.Checkbox(value=AlignSpec.qk, label=LABELS["qk"], elem_id="align-qk")
         with gr.Row(equal_height=True):
-            text = gr.Dropdown(list(TEXTS), value="wikitext2", label="Text for activations", allow_custom_value=True)
-            examples = gr.Number(value=128, precision=0, minimum=1, label="Examples", info="inputs read (train split)")
+            text = gr.Dropdown(list(TEXTS), value=AlignSpec.text, label=LABELS["text"], allow_custom_value=True)
+            examples = gr.Number(value=128, precision=0, minimum=1, label=LABELS["examples"],
+                                 info="inputs read (train split)")
             here = ml.data.available_tasks() or list(ml.TASKS)
-            tasks = gr.CheckboxGroup(here, value=[], label="Curve tasks", elem_id="align-tasks",
+            tasks = gr.CheckboxGroup(here, value=[], label=LABELS["tasks"], elem_id="align-tasks",
                                      info="empty: the models' own tasks (MLM loss for pretrained models)")
         with gr.Row(equal_height=True):
-            points = gr.Slider(2, 26, value=11, step=1, label="Points per curve")
-            limit = gr.Number(value=DEFAULT_LIMIT, precision=0, minimum=1, label="Limit",
+            points = gr.Slider(2, 26, value=11, step=1, label=LABELS["points"])
+            limit = gr.Number(value=DEFAULT_LIMIT, precision=0, minimum=1, label=LABELS["limit"],
                               info="first N dev examples per task; empty = all")
         run = gr.Button("Align and compare", variant="primary", elem_id="align-run")
         status = gr.Markdown(elem_id="align-status")
         summary = gr.Markdown(elem_id="align-summary")
-        site = gr.Dropdown([], label="Site", elem_id="align-site",
+        site = gr.Dropdown([], label=LABELS["site"], elem_id="align-site",
                            info="ff.<l>: feed-forward, attn.<l>: attention output, qk.<l>: Q/K, res.*: residual")
         with gr.Row(equal_height=False):
             heatmap = gr.Plot(label="Correlations", elem_id="align-heatmap", scale=3)

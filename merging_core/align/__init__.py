@@ -1,11 +1,12 @@
 """Permutation alignment of checkpoints trained from different initializations (Verma & Elbayad 2024,
-"Merging Text Transformer Models from Different Initializations", built on ZipIt!; algorithms.md A6).
+"Merging Text Transformer Models from Different Initializations", arXiv:2403.00986; built on ZipIt!,
+Stoica et al. 2023, "ZipIt! Merging Models from Different Tasks without Training", arXiv:2305.03053).
 
-`align(a, b)` runs both models on the same text, correlates their hidden units at every site
-(`features`), matches them with Hungarian solves (`match`) and writes B permuted into A's basis
-(`permute`). Averaging or interpolating A with that copy (`merging_core.merge`, `merging_core.curve`)
-is then a merge of aligned models; with a function-preserving setting the copy computes exactly what
-B computes.
+`align(a, b)` (or `align(AlignSpec(a, b, ...))`: one request as a value, `spec`) runs both models on
+the same text, correlates their hidden units at every site (`features`), matches them with Hungarian
+solves (`match`) and writes B permuted into A's basis (`permute`). Averaging or interpolating A with
+that copy (`merging_core.merge`, `merging_core.curve`) is then a merge of aligned models; with a
+function-preserving setting the copy computes exactly what B computes.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import settings
+from ..checkpoint import check_compatible, open_checkpoint
 from ..encode import encode
 from ..errors import MergeLabError
+from ..models import check_out, load
 from ..progress import ProgressFn, scaled, track
 from ..tasks import get_task
 from .features import correlations
-from .match import ATTENTION, MERGE_TYPES, RESIDUAL, Matching, check_settings, find_permutation
+from .match import ATTENTION, MERGE_TYPES, RESIDUAL, Matching, find_permutation
 from .permute import KINDS, Permutation, permute_checkpoint, permute_state, random_permutation, write_permuted
+from .spec import AlignSpec
 
 SEED = 0  # which text examples are read
 ALIGNMENT = "alignment"  # the subfolder of an aligned model that records how it was aligned
@@ -43,6 +47,7 @@ class Alignment:
     out: Path
     text: dict
     seconds: dict[str, float]
+    spec: AlignSpec | None = None  # the request it answers (None: written before specs were recorded)
 
     def order(self, site: str) -> torch.Tensor | None:
         """The order applied to B's units at a correlation site (None: left as they are)."""
@@ -61,7 +66,7 @@ class Alignment:
         """Plain lists for a view: the first `size` units' correlations before and after alignment, the
         matched pairs among them, and the layer's head-matching cost when the site has one."""
         if site not in self.correlations:
-            raise MergeLabError(f"no correlation site {site!r}; sites: {', '.join(self.correlations)}")
+            raise MergeLabError(f"no correlation site {site!r}; sites: {', '.join(self.correlations)}", param="site")
         corr, after = self.correlations[site], self.aligned(site)
         n = min(size, corr.shape[0])
         order = self.order(site)
@@ -76,7 +81,7 @@ class Alignment:
 
     def summary(self) -> dict:
         """Settings, timings and, per site, the mean correlation of unit i of A with unit i of B
-        before and after the permutation."""
+        before and after the permutation; `spec`: the request (`AlignSpec.to_dict`), to re-create the run."""
         sites = {}
         for site, corr in self.correlations.items():
             before = float(corr.diagonal().mean())
@@ -87,7 +92,8 @@ class Alignment:
                 "residual": m.residual, "qk": m.qk, "function_preserving": m.function_preserving, "text": self.text,
                 "seconds": self.seconds, "sites": sites,
                 "head_costs": {str(layer): cost.tolist() for layer, cost in m.head_costs.items()},
-                "head_orders": {str(layer): order.tolist() for layer, order in m.head_orders.items()}}
+                "head_orders": {str(layer): order.tolist() for layer, order in m.head_orders.items()},
+                "spec": self.spec.to_dict() if self.spec is not None else None}
 
 
 def text_batches(task: str, split: str, tokenizer, examples: int, batch_size: int, device) -> list[dict]:
@@ -100,35 +106,57 @@ def text_batches(task: str, split: str, tokenizer, examples: int, batch_size: in
             for i in range(0, len(index), batch_size)]
 
 
-def align(a: str, b: str, *, merge_type: str = "ff+attn", attention: str = "head-perm", residual: str = "first",
-          qk: bool = False, text: str = "wikitext2", split: str = "train", examples: int = 256, batch_size: int = 16,
-          out: str | Path | None = None, overwrite: bool = False, progress: ProgressFn | None = None) -> Alignment:
+def align(a: str | AlignSpec, b: str | None = None, *, merge_type: str = AlignSpec.merge_type,
+          attention: str = AlignSpec.attention, residual: str = AlignSpec.residual, qk: bool = AlignSpec.qk,
+          text: str = AlignSpec.text, split: str = AlignSpec.split, examples: int = AlignSpec.examples,
+          batch_size: int = AlignSpec.batch_size, out: str | Path | None = None, overwrite: bool = False,
+          progress: ProgressFn | None = None) -> Alignment:
     """Align model B to model A and write B permuted into A's basis (see the module doc).
 
     `merge_type` picks what is permuted (`MERGE_TYPES`), `attention` and `residual` how those sites are
     matched, `qk` a separate order for Q and K; the features come from `examples` inputs of `text`'s
-    `split`. `out` receives B permuted (an HF folder) and, in `out/alignment/`, `permutation.safetensors`,
-    `correlations.safetensors` and `alignment.json`; by default a new folder under $MERGELAB_HOME/aligned.
+    `split`. These make one `AlignSpec`; an `AlignSpec` may be given instead, as the first argument.
+    `out` receives B permuted (an HF folder) and, in `out/alignment/`, `permutation.safetensors`,
+    `correlations.safetensors` and `alignment.json` (which records the spec); by default a new folder
+    under $MERGELAB_HOME/aligned.
     """
-    from ..merge import check_compatible, open_checkpoint
-    from ..models import check_out, load
+    options = {"merge_type": merge_type, "attention": attention, "residual": residual, "qk": qk, "text": text,
+               "split": split, "examples": examples, "batch_size": batch_size}
+    if isinstance(a, AlignSpec):
+        given = [name for name, value in options.items() if value != getattr(AlignSpec, name)]
+        if b is not None or given:
+            raise TypeError(f"align(spec): the spec holds the options; got {'b' if b is not None else given[0]} too")
+        spec = a
+    else:
+        spec = AlignSpec(a, b, **options)
+    return _run(spec, out=out, overwrite=overwrite, progress=progress)
 
-    if examples < 1:
-        raise MergeLabError(f"examples must be at least 1, got {examples}")
-    check_settings(merge_type, attention, residual)
+
+def _blaming(param: str, fn, *args):
+    """fn(*args), with a bad input blamed on this alignment's `param` (the checkpoint layer says "models")."""
+    try:
+        return fn(*args)
+    except MergeLabError as exc:
+        if exc.param not in (None, "model", "models"):
+            raise
+        raise MergeLabError(exc.message, param=param, hint=exc.hint) from exc
+
+
+def _run(spec: AlignSpec, *, out: str | Path | None, overwrite: bool, progress: ProgressFn | None) -> Alignment:
+    """Features, matching, B written in A's basis, and the record of how (see `align`)."""
     target = Path(out) if out is not None else None
     if target is not None:
         check_out(target, overwrite)  # before minutes of work
-    source_a, source_b = open_checkpoint(a), open_checkpoint(b)
-    check_compatible([source_a, source_b], None)
+    source_a, source_b = _blaming("a", open_checkpoint, spec.a), _blaming("b", open_checkpoint, spec.b)
+    _blaming("b", check_compatible, [source_a, source_b], None)
     if source_b.ref.is_adapter:
-        raise MergeLabError(f"model {b!r} is an adapter module (LoRA, (IA)3); align full checkpoints")
+        raise MergeLabError(f"model {spec.b!r} is an adapter module (LoRA, (IA)3); align full checkpoints", param="b")
     config = source_b.config
     device = settings.device()
     timings = {}
     started = time.perf_counter()
-    model_a, model_b = load(a, device=device).model, load(b, device=device).model
-    batches = text_batches(text, split, source_a.tokenizer, examples, batch_size, device)
+    model_a, model_b = load(spec.a, device=device).model, load(spec.b, device=device).model
+    batches = text_batches(spec.text, spec.split, source_a.tokenizer, spec.examples, spec.batch_size, device)
     feature_progress = scaled(progress, 0.0, 0.8, "activations: ")
     stream = track(batches, len(batches), "activations", feature_progress)
     corrs = correlations(model_a, model_b, stream)
@@ -139,7 +167,8 @@ def align(a: str, b: str, *, merge_type: str = "ff+attn", attention: str = "head
     if progress:
         progress(0.8, "matching")
     matching = find_permutation(corrs, layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
-                                merge_type=merge_type, attention=attention, residual=residual, qk=qk)
+                                merge_type=spec.merge_type, attention=spec.attention, residual=spec.residual,
+                                qk=spec.qk)
     timings["matching"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -148,18 +177,19 @@ def align(a: str, b: str, *, merge_type: str = "ff+attn", attention: str = "head
     if target is None:
         root = settings.home() / "aligned"
         root.mkdir(parents=True, exist_ok=True)
-        stem = f"{Path(source_b.ref.name).name}-to-{Path(source_a.ref.name).name}-{merge_type}".replace("/", "_")
+        stem = f"{Path(source_b.ref.name).name}-to-{Path(source_a.ref.name).name}-{spec.merge_type}".replace("/", "_")
         target = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=root)) / "model"
-    text_record = {"task": get_task(text).name, "split": split, "examples": sum(len(x["input_ids"]) for x in batches),
+    text_record = {"task": get_task(spec.text).name, "split": spec.split,
+                   "examples": sum(len(x["input_ids"]) for x in batches),
                    "tokens": int(sum(int(x["attention_mask"].sum()) for x in batches))}
-    settings_record = {"merge_type": merge_type, "attention": attention, "residual": residual, "qk": qk}
     write_permuted(source_b, matching.permutation, target,
                    # no "base": B permuted is no fine-tune of B's base in weight space (no task vector)
                    {"kind": "aligned", "aligned_from": source_b.ref.spec, "aligned_to": source_a.ref.spec,
-                    "alignment": settings_record, "text": text_record,
+                    "alignment": spec.to_dict(), "text": text_record,
                     "function_preserving": matching.function_preserving}, overwrite=overwrite)
     timings["apply"] = time.perf_counter() - started
-    result = Alignment(a, b, matching, corrs, target, text_record, {k: round(v, 3) for k, v in timings.items()})
+    result = Alignment(spec.a, spec.b, matching, corrs, target, text_record,
+                       {k: round(v, 3) for k, v in timings.items()}, spec)
     # a subfolder: a model folder's own *.safetensors files are all read as its weights
     record = target / ALIGNMENT
     record.mkdir()
@@ -177,8 +207,8 @@ def load_alignment(folder: str | Path) -> Alignment:
     model_folder = Path(folder)
     folder = model_folder / ALIGNMENT
     if not (folder / "alignment.json").is_file():
-        raise MergeLabError(f"{model_folder} holds no alignment (no {ALIGNMENT}/alignment.json); "
-                            "run python -m merging_core align")
+        raise MergeLabError(f"{model_folder} holds no alignment (no {ALIGNMENT}/alignment.json)", param="folder",
+                            hint="name the output folder of an alignment")
     summary = json.loads((folder / "alignment.json").read_text())
     perm = Permutation()
     for key, order in load_file(folder / "permutation.safetensors").items():
@@ -192,10 +222,11 @@ def load_alignment(folder: str | Path) -> Alignment:
     matching = Matching(perm, summary["merge_type"], summary["attention"], summary["residual"], summary["qk"],
                         {int(k): torch.tensor(v) for k, v in summary["head_costs"].items()},
                         {int(k): torch.tensor(v) for k, v in summary["head_orders"].items()})
+    spec = AlignSpec.from_dict(summary["spec"]) if summary.get("spec") else None
     return Alignment(summary["a"], summary["b"], matching, load_file(folder / "correlations.safetensors"),
-                     model_folder, summary["text"], summary["seconds"])
+                     model_folder, summary["text"], summary["seconds"], spec)
 
 
-__all__ = ["ATTENTION", "Alignment", "KINDS", "MERGE_TYPES", "Matching", "Permutation", "RESIDUAL", "align",
-           "find_permutation", "load_alignment", "permute_checkpoint", "permute_state", "random_permutation",
+__all__ = ["ATTENTION", "KINDS", "MERGE_TYPES", "RESIDUAL", "AlignSpec", "Alignment", "Matching", "Permutation",
+           "align", "find_permutation", "load_alignment", "permute_checkpoint", "permute_state", "random_permutation",
            "text_batches", "write_permuted"]

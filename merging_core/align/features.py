@@ -1,5 +1,6 @@
-"""Cross-correlations of two models' hidden units on the same text (ZipIt!, Stoica et al. 2024; Verma &
-Elbayad 2024, Sec. 3; algorithms.md A6).
+"""Cross-correlations of two models' hidden units on the same text (ZipIt!, Stoica et al. 2023, "ZipIt!
+Merging Models from Different Tasks without Training", arXiv:2305.03053; Verma & Elbayad 2024, "Merging
+Text Transformer Models from Different Initializations", arXiv:2403.00986, Sec. 3).
 
 Both models read the same batches; forward hooks capture, at every matching site, the features of
 every non-padding token ([CLS] and [SEP] included):
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..stats import canonical
+from ..arch import canonical
 
 
 class _Sums:

@@ -1,6 +1,8 @@
 """Hungarian matching of two models' hidden units from their cross-correlations (Verma & Elbayad 2024,
-Sec. 3; algorithms.md A6). Every solve is `scipy.optimize.linear_sum_assignment(corr, maximize=True)`
-on the signed correlation; the result is an order for model B: its unit order[i] goes where A has unit i.
+"Merging Text Transformer Models from Different Initializations", arXiv:2403.00986, Sec. 3; after
+ZipIt!, Stoica et al. 2023, arXiv:2305.03053). Every solve is
+`scipy.optimize.linear_sum_assignment(corr, maximize=True)` on the signed correlation; the result is an
+order for model B: its unit order[i] goes where A has unit i.
 
 - **Feed-forward** (`ff.<l>`): one solve over the intermediate neurons.
 - **Attention** (`attn.<l>`, the heads' outputs): `head-perm` solves every head pair (j, k) on its
@@ -52,7 +54,7 @@ def match_attention(corr: torch.Tensor, num_heads: int, mode: str, qk_corr: torc
                     ) -> AttentionMatch:
     """Orders for one layer's attention from the heads' output correlation (and Q/K's, when given)."""
     if mode not in ATTENTION:
-        raise MergeLabError(f"attention matching must be one of {list(ATTENTION)}, got {mode!r}")
+        raise MergeLabError(f"attention matching must be one of {list(ATTENTION)}, got {mode!r}", param="attention")
     if mode == "ignore-heads":
         vo = match(corr)
         return AttentionMatch(vo, match(qk_corr) if qk_corr is not None else vo, None, None)
@@ -83,7 +85,7 @@ def residual_sites(layers: int) -> list[str]:
 def match_residual(corrs: dict[str, torch.Tensor], layers: int, mode: str) -> torch.Tensor | dict[str, torch.Tensor]:
     """One residual order from the `first` / `last` / `all` sites, or one per site (`sep`)."""
     if mode not in RESIDUAL:
-        raise MergeLabError(f"residual matching must be one of {list(RESIDUAL)}, got {mode!r}")
+        raise MergeLabError(f"residual matching must be one of {list(RESIDUAL)}, got {mode!r}", param="residual")
     sites = residual_sites(layers)
     if mode == "sep":
         return {site: match(corrs[f"res.{site}"]) for site in sites}
@@ -115,10 +117,11 @@ class Matching:
 
 def check_settings(merge_type: str, attention: str, residual: str) -> None:
     """Fail clearly on an unknown merge type or matching mode."""
-    for value, known, what in ((merge_type, MERGE_TYPES, "merge type"), (attention, ATTENTION, "attention matching"),
-                               (residual, RESIDUAL, "residual matching")):
+    for value, known, what, param in ((merge_type, MERGE_TYPES, "merge type", "merge_type"),
+                                      (attention, ATTENTION, "attention matching", "attention"),
+                                      (residual, RESIDUAL, "residual matching", "residual")):
         if value not in known:
-            raise MergeLabError(f"{what} must be one of {list(known)}, got {value!r}")
+            raise MergeLabError(f"{what} must be one of {list(known)}, got {value!r}", param=param)
 
 
 def find_permutation(corrs: dict[str, torch.Tensor], *, layers: int, num_heads: int, merge_type: str = "ff+attn",

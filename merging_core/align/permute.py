@@ -1,4 +1,5 @@
-"""Permutations of a BERT-family checkpoint's hidden units (Verma & Elbayad 2024; algorithms.md A6).
+"""Permutations of a BERT-family checkpoint's hidden units (Verma & Elbayad 2024, "Merging Text
+Transformer Models from Different Initializations", arXiv:2403.00986, Sec. 3).
 
 A transformer computes the same function after any consistent relabelling of its hidden units:
 
@@ -18,7 +19,7 @@ A transformer computes the same function after any consistent relabelling of its
 
 Residual sites are named after the LayerNorm that closes them: `embeddings`, `attn.<l>` (after the
 attention block of layer l), `ff.<l>` (after its feed-forward block). Tensors are canonical state dicts
-(`merging_core.stats.canonical` names) described by their arch roles.
+(`merging_core.arch.canonical` names) described by their arch roles.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..arch import adapter_for
+from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import MergeLabError
+from ..models import METADATA, copy_tokenizer, staging
 
 KINDS = ("ff", "heads", "residual")
 EMBEDDINGS = ("word", "position", "token_type", "ln_embeddings")
@@ -128,7 +131,8 @@ def permute_state(state: dict[str, torch.Tensor], perm: Permutation, *, model_ty
 def random_permutation(config, *, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> Permutation:
     """A random function-preserving permutation of a model with this config (`kinds` ⊆ ff, heads, residual)."""
     if not kinds or set(kinds) - set(KINDS):
-        raise MergeLabError(f"permutation kinds must be a non-empty subset of {list(KINDS)}, got {list(kinds)}")
+        raise MergeLabError(f"permutation kinds must be a non-empty subset of {list(KINDS)}, got {list(kinds)}",
+                            param="kinds")
     generator = torch.Generator().manual_seed(seed)
     heads, hidden = config.num_attention_heads, config.hidden_size
     head_dim = hidden // heads
@@ -148,10 +152,9 @@ def random_permutation(config, *, seed: int = 0, kinds: tuple[str, ...] = KINDS)
     return perm
 
 
-def write_permuted(source, perm: Permutation, out: str | Path, metadata: dict, *, overwrite: bool = False) -> Path:
-    """Write `source` (an open merge.Checkpoint) permuted by `perm` as an HF folder, atomically."""
-    from ..models import METADATA, copy_tokenizer, staging
-
+def write_permuted(source: Checkpoint, perm: Permutation, out: str | Path, metadata: dict, *,
+                   overwrite: bool = False) -> Path:
+    """Write `source` (an open checkpoint) permuted by `perm` as an HF folder, atomically."""
     state = permute_state({n: source.get(n) for n in source.names}, perm, model_type=source.config.model_type,
                           token_head=source.head.kind == "token")
     with staging(out, overwrite=overwrite) as tmp:
@@ -168,11 +171,10 @@ def permute_checkpoint(spec: str, out: str | Path, *, kinds: tuple[str, ...] = K
                        overwrite: bool = False) -> Path:
     """Write a randomly permuted copy of a checkpoint: the same function, another point in weight space
     (so the straight line between a model and its permuted copy crosses a loss barrier)."""
-    from ..merge import open_checkpoint  # the engine's lazy reader (canonical names)
-
     source = open_checkpoint(spec)
     if source.ref.is_adapter:
-        raise MergeLabError(f"model {spec!r} is an adapter module (LoRA, (IA)3); permute full checkpoints")
+        raise MergeLabError(f"model {spec!r} is an adapter module (LoRA, (IA)3); permute full checkpoints",
+                            param="model")
     perm = random_permutation(source.config, seed=seed, kinds=kinds)
     return write_permuted(source, perm, out, {"kind": "permuted", "permuted_from": source.ref.spec,
                                               "permutation": {"kinds": list(kinds), "seed": seed}},

@@ -1,11 +1,12 @@
-"""Similarity-weighted ensembling of parameter-efficient modules (Lv et al. 2023, "Parameter-efficient
-weight ensembling facilitates task-level knowledge transfer"; algorithms.md A8).
+"""Similarity-weighted ensembling of parameter-efficient modules (Lv et al. 2023, "Parameter-Efficient
+Weight Ensembling Facilitates Task-Level Knowledge Transfer", ACL 2023).
 
 To transfer to a target task, average modules (LoRA, (IA)³) trained on other tasks, weighted by
-w = softmax(s / T) of their similarity s to the target, and use the average as the starting point of
-few-shot tuning on the target. `similarity.py` has the measures, `modules.py` the combination (module
-space, the paper's; or weight space, exact), `fewshot.py` the tuning protocol. The weights can also be
-the model weights of any merge method (`merging_core.merge(..., params={"weights": ...})`).
+w = softmax(s / T) of their similarity s to the target (Sec. 3.2), and use the average as the starting
+point of few-shot tuning on the target (Sec. 3). `similarity.py` has the measures (the registry
+`MEASURES`), `modules.py` the combination (module space, the paper's; or weight space, exact),
+`fewshot.py` the tuning protocol. The weights can also be the model weights of any merge method
+(`merging_core.merge(..., params={"weights": ...})`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import zoo
 from ..errors import MergeLabError
 from ..models import load_tokenizer
 from ..progress import ProgressFn, scaled
 from ..tasks import get_task
 from .fewshot import draw_shots, evaluator_for, few_shot_score
 from .modules import SPACES, Module, check_combinable, combine, deltas, layer_groups, read_module, write_module
-from .similarity import MEASURES, Scores, measure
+from .similarity import MEASURES, Measure, Scores, get_measure, measure, register_measure
 
 GRANULARITIES = ("model", "layer", "block")
 INITS = ("fresh", "uniform", "weighted")
@@ -34,9 +36,9 @@ def softmax_weights(scores: dict[str, float], temperature: float) -> dict[str, f
     """w = softmax(s / T) over the sources, summing to 1. T = 0: all weight on the most similar source
     (shared on a tie); T = ∞: the uniform average."""
     if math.isnan(temperature) or temperature < 0:
-        raise MergeLabError(f"temperature must be at least 0, got {temperature}")
+        raise MergeLabError(f"temperature must be at least 0, got {temperature}", param="temperature")
     if not scores:
-        raise MergeLabError("no similarity scores to weight; pick at least one source module")
+        raise MergeLabError("no similarity scores to weight; pick at least one source module", param="sources")
     names = list(scores)
     s = torch.tensor([scores[n] for n in names], dtype=torch.float64)
     if math.isinf(temperature):
@@ -55,7 +57,8 @@ def layer_weights(result: Scores, name: str, temperature: float, granularity: st
     layers (the whole model, each transformer layer, or each block), from the measure's per-layer scores
     when it has them (weight cosine, Euclidean), its whole-model score otherwise."""
     if granularity not in GRANULARITIES:
-        raise MergeLabError(f"granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
+        raise MergeLabError(f"granularity must be one of {list(GRANULARITIES)}, got {granularity!r}",
+                            param="granularity")
     layers = list(deltas(modules[0]))
     groups = layer_groups(layers, granularity)
     specs = [m.ref.spec for m in modules]
@@ -75,14 +78,12 @@ def layer_weights(result: Scores, name: str, temperature: float, granularity: st
 
 def default_sources(target: str, kind: str = "lora") -> list[str]:
     """The zoo's modules of `kind` trained on tasks other than the target (leave-one-out)."""
-    from .. import zoo
-
     spec = get_task(target)
     found = [row["name"] for row in zoo.entries() if row["kind"] == kind and row["task"] and row["task"] != spec.name
              and "/" not in row["name"] and get_task(row["task"]).kind in ("classification", "regression")]
     if not found:
-        raise MergeLabError(f"the zoo has no {kind} modules of tasks other than {spec.name}; build them with "
-                            "python -m merging_core zoo build --recipe peft")
+        raise MergeLabError(f"the zoo has no {kind} modules of tasks other than {spec.name}", param="sources",
+                            hint="build the zoo's PEFT recipe (peft), or name the source modules")
     return found
 
 
@@ -129,18 +130,18 @@ def ensemble(target: str, sources: Sequence[str] | None = None, *, similarity: s
     """Weight `sources` (default: the zoo's `kind` modules of other tasks) by their `similarity` to
     `target`, and compare few-shot tuning on `shots` target examples from the weighted average with a
     fresh module and the uniform average (`inits`), for each seed; scores on the target's dev split."""
-    if similarity not in MEASURES:
-        raise MergeLabError(f"unknown similarity {similarity!r}; choose one of: {', '.join(MEASURES)}")
+    chosen = get_measure(similarity)
     unknown = [i for i in inits if i not in INITS]
     if unknown:
-        raise MergeLabError(f"unknown initialisation {unknown[0]!r}; choose from {list(INITS)}")
+        raise MergeLabError(f"unknown initialisation {unknown[0]!r}; choose from {list(INITS)}", param="inits")
     spec = get_task(target)
-    temperature = MEASURES[similarity] if temperature is None else float(temperature)
+    temperature = chosen.default_temperature if temperature is None else float(temperature)
     modules = [read_module(s) for s in (sources or default_sources(spec.name, kind))]
     check_combinable(modules)
     mine = [m.ref.spec for m in modules if m.task == spec.name]
     if mine:
-        raise MergeLabError(f"source {mine[0]!r} was trained on the target task {spec.name}; leave it out")
+        raise MergeLabError(f"source {mine[0]!r} was trained on the target task {spec.name}; leave it out",
+                            param="sources")
     tokenizer = load_tokenizer(modules[0].ref)
     evaluator = evaluator_for(spec, modules[0].ref, limit)
     result = EnsembleResult(spec.name, [m.ref.spec for m in modules], similarity, temperature, granularity, shots)
@@ -169,8 +170,7 @@ def similarity_matrix(modules: Sequence[str], measure_name: str, *, shots: int =
                       progress: ProgressFn | None = None) -> dict:
     """Leave-one-out over the modules' tasks: for each task as the target, the similarity of every other
     task's module to it. {"tasks", "modules", "scores": {target: {module: score}}}."""
-    if measure_name not in MEASURES:
-        raise MergeLabError(f"unknown similarity {measure_name!r}; choose one of: {', '.join(MEASURES)}")
+    get_measure(measure_name)
     loaded = [read_module(s) for s in modules]
     check_combinable(loaded)
     tokenizer = load_tokenizer(loaded[0].ref)
@@ -185,6 +185,6 @@ def similarity_matrix(modules: Sequence[str], measure_name: str, *, shots: int =
     return {"tasks": tasks, "modules": [m.ref.spec for m in loaded], "measure": measure_name, "scores": out}
 
 
-__all__ = ["GRANULARITIES", "INITS", "MEASURES", "SPACES", "EnsembleResult", "Module", "combine", "default_sources",
-           "deltas", "ensemble", "layer_weights", "read_module", "similarity_matrix", "softmax_weights",
-           "write_module"]
+__all__ = ["GRANULARITIES", "INITS", "MEASURES", "SPACES", "EnsembleResult", "Measure", "Module", "combine",
+           "default_sources", "deltas", "ensemble", "get_measure", "layer_weights", "read_module", "register_measure",
+           "similarity_matrix", "softmax_weights", "write_module"]

@@ -19,7 +19,8 @@ from ..errors import MergeLabError
 from ..evaluation import Evaluator
 from ..models import ModelRef, adapter_base, load, load_tokenizer, peft_file_name
 from ..tasks import TaskSpec
-from ..training import TrainConfig, wrap_peft, task_loss
+from ..losses import task_loss
+from ..training import TrainConfig, wrap_peft
 from .modules import Module
 
 PROBE = 64  # held-out train examples the similarity measures score on
@@ -47,9 +48,9 @@ def draw_shots(spec: TaskSpec, tokenizer, k: int, seed: int, probe: int = PROBE)
     """`k` seeded train examples of `spec` (every label represented when k allows) and `probe` others."""
     if spec.kind not in ("classification", "regression"):
         raise MergeLabError(f"task {spec.name} is a {spec.kind} task; few-shot ensembling takes classification and "
-                            "regression tasks")
+                            "regression tasks", param="target")
     if k < 1:
-        raise MergeLabError(f"shots must be at least 1, got {k}")
+        raise MergeLabError(f"shots must be at least 1, got {k}", param="shots")
     data = encode(spec, "train", tokenizer)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
     chosen: list[int] = []

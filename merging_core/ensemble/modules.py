@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..arch import adapter_for
+from ..arch import adapter_for, canonical
+from ..checkpoint import open_checkpoint
 from ..errors import MergeLabError
 from ..models import ADAPTER_FILE, METADATA, ModelRef, adapter_base, copy_tokenizer, read_config, resolve, staging
-from ..stats import canonical
 from ..tensorio import LazyFiles
 
 SPACES = ("module", "weights")
@@ -72,13 +72,13 @@ def read_module(spec: str | ModelRef) -> Module:
     """An adapter module's tensors, read from its file."""
     ref = spec if isinstance(spec, ModelRef) else resolve(spec)
     if not ref.is_adapter:
-        raise MergeLabError(f"model {ref.spec!r} is not an adapter module (no adapter_config.json); train one with "
-                            "python -m merging_core train --peft lora")
+        raise MergeLabError(f"model {ref.spec!r} is not an adapter module (no adapter_config.json)", param="sources",
+                            hint="train a LoRA or (IA)3 module (PEFT training) and name that")
     config = json.loads((ref.path / "adapter_config.json").read_text())
     kind = {"LORA": "lora", "IA3": "ia3"}.get(config.get("peft_type"))
     if kind is None:
         raise MergeLabError(f"module {ref.spec!r} is a {config.get('peft_type')} module; MergeLab combines LoRA and "
-                            "(IA)3 modules")
+                            "(IA)3 modules", param="sources")
     reader = LazyFiles([ref.path / ADAPTER_FILE])
     adapter = adapter_for(read_config(ref).model_type)
     roles = {}
@@ -162,8 +162,6 @@ def deltas(module: Module, base: dict[str, torch.Tensor] | None = None) -> dict[
             out[module.layer_of(key)] = module.scale * (module.tensors[b_key].float() @ module.tensors[key].float())
         return out
     if base is None:
-        from ..merge import open_checkpoint
-
         ckpt = open_checkpoint(adapter_base(module.ref))
         base = {layer: ckpt.get(layer) for layer in map(module.layer_of, module.body)}
     feedforward = re.compile(module.config.get("feedforward_modules") or r"$^")

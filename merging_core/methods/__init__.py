@@ -4,8 +4,9 @@ A method merges one parameter at a time: it receives the aligned tensors of ever
 the base model, and per-model statistics, when it declared it needs them) and returns the merged
 tensor. Everything else (reading checkpoints lazily, choosing components, heads, writing the result)
 is the engine's job (`merging_core.merge`), so adding a method is one new file here that calls
-`register`. Each method declares its typed parameters; the CLI's `--set key=value`, the Python API and
-the app's controls are all generated from that spec.
+`register`. Each method declares its typed parameters (`merging_core.params.Param`); the CLI's `--set
+key=value`, the Python API and the app's controls are all generated from that spec, and every method
+picker (CLI choices, `compare --methods`, the Merge and Curves tabs) reads `METHODS`.
 
 Following MaTS (Tam et al.), a merge is a statistic (none / diagonal Fisher / Gram / K-FAC) x a solver
 (closed form / conjugate gradient) x an initialisation; `needs_stats` names the statistic.
@@ -13,62 +14,17 @@ Following MaTS (Tam et al.), a merge is a statistic (none / diagonal Fisher / Gr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..arch import ParamInfo
 from ..errors import MergeLabError
+from ..params import Param
 
-
-@dataclass(frozen=True)
-class Param:
-    """One typed, bounded method parameter."""
-
-    name: str
-    kind: str  # "float" | "int" | "bool" | "choice" | "floats" (a comma list, one value per model)
-    default: Any
-    doc: str
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[str, ...] = ()
-
-    def parse(self, value: Any, method: str) -> Any:
-        """Check and convert a value (given as text or as a Python value)."""
-        where = f"parameter {self.name!r} of method {method!r}"
-        try:
-            if self.kind == "bool":
-                if isinstance(value, str):
-                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                        raise ValueError(value)
-                    return value.lower() in ("true", "1", "yes")
-                return bool(value)
-            if self.kind == "choice":
-                if str(value) not in self.choices:
-                    raise MergeLabError(f"{where} must be one of {list(self.choices)}, got {value!r}")
-                return str(value)
-            if self.kind == "floats":
-                if value is None or value == "":
-                    return None
-                items = value.split(",") if isinstance(value, str) else list(value)
-                values = [float(v) for v in items]
-                for v in values:
-                    self._check_range(v, where)
-                return values
-            number = int(value) if self.kind == "int" else float(value)
-            if self.kind == "int" and float(value) != number:
-                raise ValueError(value)
-        except (TypeError, ValueError):
-            raise MergeLabError(f"{where} must be a {self.kind}, got {value!r}") from None
-        self._check_range(number, where)
-        return number
-
-    def _check_range(self, number: float, where: str) -> None:
-        if math.isnan(number) or (self.low is not None and number < self.low) or (
-                self.high is not None and number > self.high):
-            raise MergeLabError(f"{where} must be in [{self.low}, {self.high}], got {number}")
+# Shared by every method that weights its models (declared once).
+WEIGHTS = Param("weights", "floats", None, "one weight per model (normalised to sum 1); empty = uniform", low=0.0)
 
 
 @dataclass
@@ -106,6 +62,9 @@ class Method:
     prepare: Callable[[Callable, dict[str, Any]], dict[str, Any]] | None = None
     mergekit: Callable[[dict[str, Any]], dict | None] | None = None  # mergekit YAML pieces, when expressible
     doc: str = ""
+    # Parameters under which merging one model (or N copies of it) returns that model: the values the
+    # invariant tests use, declared by the method itself.
+    neutral: Mapping[str, Any] = field(default_factory=dict)
 
     def base_required(self, params: dict[str, Any]) -> bool:
         return self.needs_base(params) if callable(self.needs_base) else self.needs_base
@@ -120,8 +79,8 @@ class Method:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise MergeLabError(f"method {self.name!r} has no parameter {unknown[0]!r}; "
-                                f"its parameters are: {', '.join(known) or 'none'}")
-        return {name: (p.parse(values[name], self.name) if name in values else p.default)
+                                f"its parameters are: {', '.join(known) or 'none'}", param=unknown[0])
+        return {name: (p.parse(values[name], f"method {self.name!r}") if name in values else p.default)
                 for name, p in known.items()}
 
 
@@ -139,7 +98,8 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise MergeLabError(f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}") from None
+        raise MergeLabError(f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}",
+                            param="method") from None
 
 
 def stack(job: TensorJob) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Averaging, task arithmetic and spherical interpolation.
 
-- `average`: θ = Σ_i c_i θ_i with Σ c_i = 1 (model soups, Wortsman et al. 2022; algorithms.md A1).
+- `average`: θ = Σ_i c_i θ_i with Σ c_i = 1 (Wortsman et al. 2022, "Model soups",
+  arXiv:2203.05482).
   Weights are normalised, as mergekit's `linear` does by default.
 - `task_arithmetic`: θ = θ_pre + λ Σ_i τ_i, τ_i = θ_i − θ_pre (Ilharco et al. 2023, "Editing models
-  with task arithmetic", eq. 1; A1). Equals mergekit's `task_arithmetic` with every weight = λ.
+  with task arithmetic", arXiv:2212.04089, eq. 1). Equals mergekit's `task_arithmetic` with every weight = λ.
 - `slerp`: θ = sin((1−t)Ω)/sin Ω · θ_A + sin(tΩ)/sin Ω · θ_B with cos Ω the cosine of the two
   flattened tensors (Shoemake 1985), falling back to linear interpolation when they are (anti)parallel.
 """
@@ -12,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from . import Method, Param, TensorJob, register, stack, sum_weighted
+from . import WEIGHTS, Method, Param, TensorJob, register, stack, sum_weighted
 
-WEIGHTS = Param("weights", "floats", None, "one weight per model (normalised to sum 1); empty = uniform", low=0.0)
 LAMBDA = Param("lambda", "float", 0.3, "scale λ of the summed task vectors", low=0.0, high=3.0)
 
 
@@ -57,14 +57,15 @@ def _slerp_yaml(params: dict) -> dict:
 
 register(Method(
     name="average", title="Average", family="data-free",
-    paper="Wortsman et al. 2022 (model soups); algorithms.md A1: θ = Σ c_i θ_i",
-    params=(WEIGHTS,), merge_tensor=average, mergekit=_linear_yaml,
+    paper="Wortsman et al. 2022, Model soups, arXiv:2203.05482: θ = Σ c_i θ_i",
+    params=(WEIGHTS,), merge_tensor=average, mergekit=_linear_yaml, neutral={},
     doc="Uniform or weighted mean of the parameters."))
 
 register(Method(
     name="task_arithmetic", title="Task arithmetic", family="data-free",
-    paper="Ilharco et al. 2023, eq. 1; algorithms.md A1: θ = θ_pre + λ Σ τ_i",
+    paper="Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089, eq. 1: θ = θ_pre + λ Σ τ_i",
     params=(LAMBDA,), merge_tensor=task_arithmetic, needs_base=True, mergekit=_task_arithmetic_yaml,
+    neutral={"lambda": 1.0},
     doc="Add the scaled sum of task vectors to the base model."))
 
 register(Method(
@@ -73,5 +74,5 @@ register(Method(
     params=(Param("t", "float", 0.5, "position between model A (0) and model B (1)", low=0.0, high=1.0),
             Param("dot_threshold", "float", 0.9995, "|cos| above which to interpolate linearly", low=0.0,
                   high=1.0)),
-    merge_tensor=slerp, min_models=2, max_models=2, mergekit=_slerp_yaml,
+    merge_tensor=slerp, min_models=2, max_models=2, mergekit=_slerp_yaml, neutral={},
     doc="Spherical interpolation between exactly two models."))

@@ -1,7 +1,7 @@
 """MaTS: merging as matching in task parameter subspaces, solved by conjugate gradient.
 
 Tam et al. 2024, "Merging by matching models in task parameter subspaces", eq. 6 (the merge solves
-(Σ_i F_i) θ = Σ_i F_i θ_i) and Table 1 (the objectives); algorithms.md A4. Every objective is solved
+(Σ_i F_i) θ = Σ_i F_i θ_i) and Table 1 (the objectives), arXiv:2312.04339. Every objective is solved
 per parameter, matrix-free, with conjugate gradient from an initialisation:
 
 | objective       | operator A(X)          | right-hand side b       |
@@ -21,8 +21,9 @@ from typing import Callable
 
 import torch
 
-from . import Method, Param, TensorJob, register, stack, weighted_mean
-from .fisher import FISHER_PARAMS, STAT_PARAMS, WEIGHTS, fisher_weights
+from . import WEIGHTS, Method, Param, TensorJob, register, stack, weighted_mean
+from ..stats import setting_params
+from .fisher import fisher_weights
 from .regmean import ALPHA, scale_off_diagonal, weighted_grams
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
@@ -109,7 +110,7 @@ OBJECTIVE_STATS = {"average": (), "diagonal_fisher": ("fisher",), "regmean": ("g
 
 register(Method(
     name="mats", title="MaTS (conjugate gradient)", family="data-aware",
-    paper="Tam et al. 2024, MaTS eq. 6 and Table 1, solved by conjugate gradient; algorithms.md A4",
+    paper="Tam et al. 2024, Merging by matching models in task parameter subspaces (MaTS), arXiv:2312.04339, eq. 6 and Table 1, solved by conjugate gradient",
     params=(Param("objective", "choice", "regmean", "the merging objective whose linear system is solved",
                   choices=("average", "diagonal_fisher", "regmean", "kfac")),
             Param("init", "choice", "task_arithmetic", "where conjugate gradient starts (first = model A)",
@@ -117,8 +118,9 @@ register(Method(
             Param("init_lambda", "float", 0.3, "λ of the task-arithmetic initialisation", low=0.0, high=3.0),
             Param("iterations", "int", 100, "conjugate-gradient iterations per parameter", low=0, high=10_000),
             Param("tolerance", "float", 1e-6, "stop when ‖Ax − b‖ ≤ tolerance · ‖b‖", low=0.0, high=1.0),
-            WEIGHTS, ALPHA, *STAT_PARAMS, *FISHER_PARAMS,
+            WEIGHTS, ALPHA, *setting_params("gram", "grad_gram", "fisher"),
             Param("normalize", "bool", False, "diagonal_fisher: divide each model's coefficient by ‖F_i‖"),
             Param("epsilon", "float", 1e-8, "diagonal_fisher: floor of the Fisher values", low=0.0, high=1.0)),
     merge_tensor=mats, needs_stats=lambda params: OBJECTIVE_STATS[params["objective"]], needs_base=_needs_base,
+    neutral={"examples": 8, "objective": "regmean", "init": "average", "tolerance": 1e-10, "iterations": 300},
     doc="Solve the merge objective's linear system per parameter with conjugate gradient."))

@@ -1,7 +1,7 @@
 """RegMean: merge every linear layer so its outputs best match each model's on that model's data.
 
 Jin et al. 2023, "Dataless knowledge fusion by merging weights of language models", eq. 2 and the
-closed form of Sec. 3.2; algorithms.md A3: W_Mᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ with G_i = X_iᵀX_i the Gram
+closed form of Sec. 3.2 (arXiv:2212.09849): W_Mᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ with G_i = X_iᵀX_i the Gram
 of the layer's inputs and G̃ = αG + (1−α)·diag(G) (off-diagonals scaled by α). Model weights enter as
 G̃_i ← c_i N_i G̃_i (N_i tokens behind the mean Gram). Only `nn.Linear` weights are solved; biases,
 layer norms and embeddings are averaged. α = 0 reduces to a per-input-feature weighted average by
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import Method, Param, TensorJob, register, stack, weighted_mean
-from .fisher import STAT_PARAMS, WEIGHTS
+from . import WEIGHTS, Method, Param, TensorJob, register, stack, weighted_mean
+from ..stats import setting_params
 
 ALPHA = Param("alpha", "float", 0.9, "scale α of the Grams' off-diagonal entries (1 = full Gram)", low=0.0,
               high=1.0)
@@ -48,7 +48,7 @@ def regmean(job: TensorJob) -> torch.Tensor:
 
 register(Method(
     name="regmean", title="RegMean", family="data-aware",
-    paper="Jin et al. 2023, eq. 2 closed form W = (Σ G_i)^-1 Σ G_i W_i; algorithms.md A3",
-    params=(WEIGHTS, ALPHA, *STAT_PARAMS),
-    merge_tensor=regmean, needs_stats=("gram",),
+    paper="Jin et al. 2023, Dataless knowledge fusion (RegMean), arXiv:2212.09849, eq. 2: W = (Σ G_i)^-1 Σ G_i W_i",
+    params=(WEIGHTS, ALPHA, *setting_params("gram")),
+    merge_tensor=regmean, needs_stats=("gram",), neutral={"examples": 8},
     doc="Solve each linear layer for the weights whose outputs match every model's on its own data."))

@@ -1,12 +1,14 @@
 """TIES and DARE: sparsify task vectors before combining them.
 
-- `ties` (Yadav et al. 2023, "TIES-Merging", Algorithm 1; algorithms.md A5): trim each task vector to
+- `ties` (Yadav et al. 2023, "TIES-Merging: resolving interference when merging
+  models", arXiv:2306.01708, Algorithm 1): trim each task vector to
   its top-`density` entries by magnitude, elect a sign per entry γ = sign(Σ_i τ̂_i), take the mean of
   the surviving entries whose sign agrees with γ (disjoint mean), and θ = θ_pre + λ τ_m.
   Trim scope `model` ranks magnitudes over the whole model (the paper; a zero elected sign takes the
   sign of the grand total); scope `tensor` ranks within each tensor and breaks a zero sum towards +,
   exactly as mergekit's `ties` (so the two agree to float precision).
-- `dare` (Yu et al. 2024, "Language models are Super Mario", eq. 2-3): drop each entry of every task
+- `dare` (Yu et al. 2024, "Language models are Super Mario", arXiv:2311.03099,
+  eq. 2-3): drop each entry of every task
   vector with probability p and rescale the survivors by 1/(1−p); then combine linearly
   (θ_pre + λ Σ τ̃_i) or TIES-style (elected sign, disjoint mean, λ). The drop masks come from a seed.
 
@@ -157,18 +159,19 @@ def _dare_yaml(params: dict) -> dict | None:
 
 register(Method(
     name="ties", title="TIES", family="data-free",
-    paper="Yadav et al. 2023, TIES-Merging, Algorithm 1 (trim, elect sign, disjoint merge); algorithms.md A5",
+    paper="Yadav et al. 2023, TIES-Merging, arXiv:2306.01708, Algorithm 1 (trim, elect sign, disjoint merge)",
     params=(Param("density", "float", 0.2, "fraction of each task vector kept (top by magnitude)", low=0.0,
                   high=1.0),
             Param("scope", "choice", "model", "rank magnitudes over the whole model (paper) or per tensor "
                   "(mergekit)", choices=("model", "tensor")),
             Param("lambda", "float", 1.0, "scale λ of the merged task vector", low=0.0, high=3.0)),
     merge_tensor=ties, needs_base=True, prepare=_model_thresholds, mergekit=_ties_yaml,
+    neutral={"density": 1.0, "lambda": 1.0},
     doc="Trim small task-vector entries, elect a sign, average the agreeing ones."))
 
 register(Method(
     name="dare", title="DARE", family="data-free",
-    paper="Yu et al. 2024, DARE (drop and rescale), eq. 2-3; algorithms.md A5",
+    paper="Yu et al. 2024, Language models are Super Mario (DARE), arXiv:2311.03099, eq. 2-3",
     params=(Param("drop_rate", "float", 0.5, "probability p of dropping each task-vector entry", low=0.0,
                   high=1.0),
             Param("rescale", "bool", True, "rescale survivors by 1/(1−p)"),
@@ -176,5 +179,5 @@ register(Method(
                   choices=("linear", "ties")),
             Param("lambda", "float", 0.3, "scale λ of the combined task vectors", low=0.0, high=3.0),
             Param("seed", "int", 0, "seed of the random drop masks", low=0)),
-    merge_tensor=dare, needs_base=True, mergekit=_dare_yaml,
+    merge_tensor=dare, needs_base=True, mergekit=_dare_yaml, neutral={"drop_rate": 0.0, "lambda": 1.0},
     doc="Randomly drop and rescale task-vector entries, then combine."))

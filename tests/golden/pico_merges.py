@@ -1,8 +1,9 @@
 """Merges of pico checkpoints whose every output tensor is pinned by a digest.
 
 The digests in `pico_merges.json` were written by this module (`python -m tests.golden.pico_merges`)
-from the engine as it was before the merge request object and the checkpoint layer were introduced;
-`tests/test_golden.py` re-runs every case and requires the same bits. Data-aware cases read seeded
+from the engine as it was before `MergeSpec` and the checkpoint layer were introduced;
+`tests/test_golden.py` re-runs every case and requires the same bits. Regenerate them only for a
+change that is meant to alter merged weights, and say so in its commit. Data-aware cases read seeded
 synthetic statistics files, so the digests do not depend on forward passes (whose float reductions
 vary with the CPU and its thread count).
 """
@@ -56,7 +57,7 @@ def make_models(root: Path) -> dict[str, str]:
 def synthetic_stats(model: str, kinds: list[str], folder: Path, seed: int) -> Path:
     """A statistics file for `model` with seeded Grams / Fishers of the right shapes."""
     from merging_core import stats
-    from merging_core.merge import open_checkpoint  # noqa: the pre-refactor location; see test_golden
+    from merging_core.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(model)
     g = torch.Generator().manual_seed(seed)
