@@ -37,6 +37,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _methods() -> str:
+    """The registered methods, for a flag's help (read when the parser is built: the registry is the list)."""
+    return f"(methods: {', '.join(METHODS)})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m merging_core", description="MergeLab engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,8 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     li.add_argument("--json", action="store_true")
 
     p = commands.add_parser("merge", help="merge two or more models with one method")
-    p.add_argument("--method", required=True, choices=list(METHODS),
-                   help="a merge method (python -m merging_core methods)")
+    p.add_argument("--method", required=True, help=f"a merge method {_methods()}")
     p.add_argument("--models", nargs="+", required=True, help="the models to merge (zoo names, folders, hub ids)")
     p.add_argument("--base", default=None, help="the model they were fine-tuned from (task vectors)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -111,14 +115,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--models", nargs="+", required=True)
         if name == "compare":
             p.add_argument("--methods", nargs="+", required=True,
-                           help="methods with settings, e.g. average ties:density=0.2 regmean:alpha=0.9 "
-                                f"(methods: {', '.join(METHODS)})")
+                           help=f"methods with settings, e.g. average ties:density=0.2 {_methods()}")
             p.add_argument("--multitask", default=None, help="a multi-task model to show beside the merges")
             p.add_argument("--ensemble", choices=["logits", "probabilities"], default="logits")
             p.add_argument("--markdown", action="store_true", help="print a Markdown table")
         else:
-            p.add_argument("--method", required=True, help="a method with settings, e.g. regmean:alpha=0.9 "
-                                                                 f"(methods: {', '.join(METHODS)})")
+            p.add_argument("--method", required=True, help=f"a method with settings, e.g. regmean:alpha=0.9 "
+                                                                 f"{_methods()}")
         p.add_argument("--base", default=None)
         p.add_argument("--limit", type=_positive_int, default=None, help="first N dev examples of each task")
         p.add_argument("--json", action="store_true", help="one JSON object per row, as it is computed")
@@ -147,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="adapter modules (LoRA, (IA)3): interpolate the modules (module) or the folded weights (weights)")
         q.add_argument("--base", default=None, help="the pretrained model (task-vector cosine; task-vector merges)")
         q.add_argument("--merges", nargs="+", default=[], metavar="METHOD",
-                       help=f"merges to place on the path, e.g. average ties:density=0.2 (methods: {', '.join(METHODS)})")
+                       help=f"merges to place on the path, e.g. average ties:density=0.2 {_methods()}")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--json", action="store_true", help="one JSON object per line, as computed, then the summary")
 

@@ -47,11 +47,13 @@ def pickers() -> dict[str, set[str]]:
     from views import curves_tab, merge_tab
 
     parser = _parser()
-    merge_cli = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
-    method_flag = next(a for a in merge_cli.choices["merge"]._actions if a.dest == "method")
+    commands = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)).choices
+    listed = {}  # the methods each CLI flag's help offers
+    for command, dest in (("merge", "method"), ("compare", "methods"), ("greedy", "method"), ("curve", "merges")):
+        flag = next(a for a in commands[command]._actions if a.dest == dest)
+        listed[f"{command} --{dest}"] = set(flag.help.split("(methods: ")[1].rstrip(")").split(", "))
     return {"Merge tab": {value for _, value in merge_tab.method_choices()},
-            "Curves tab": {value for _, value in curves_tab.merge_choices()},
-            "merge --method": set(method_flag.choices)}
+            "Curves tab": {value for _, value in curves_tab.merge_choices()}, **listed}
 
 
 def test_every_registered_method_is_in_every_picker():
@@ -79,3 +81,11 @@ def test_a_method_added_in_one_file_reaches_every_picker_and_merges(toy_method, 
     key = "bert.encoder.layer.0.attention.self.query.weight"
     assert torch.equal(merged[key], torch.stack([s[key] for s in inputs]).median(0).values)
     assert merge(toy_method, models[:1] * 2).state  # the registry's checks apply to it too
+
+
+def test_an_unknown_method_is_one_line_naming_the_flag(pico, capsys):
+    from merging_core.cli import main
+
+    assert main(["merge", "--method", "magic", "--models", str(pico("sst2", 0)), "--out", "/tmp/never"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --method: unknown merge method 'magic'; choose one of: average") and "\n" not in err
