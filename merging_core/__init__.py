@@ -40,7 +40,8 @@ _LAZY = {
     "PlaneSpec": "curves", "open_checkpoint": "checkpoint",
 }
 _MODULES = ("arch", "data", "settings", "stats", "zoo", "models", "evaluation", "training", "tasks", "metrics",
-            "encode", "progress", "partition", "losses", "tensorio", "paths", "curves", "checkpoint", "spec", "params")
+            "encode", "progress", "partition", "losses", "tensorio", "paths", "curves", "checkpoint", "spec", "params",
+            "outputs", "uploads")
 
 
 def __getattr__(name: str):

@@ -69,7 +69,7 @@ def open_checkpoint(spec: str | ModelRef, *, allow_pickle: bool = False) -> Chec
     head = head_info(ref, config)
     files = sorted(ref.path.glob("*.safetensors")) if ref.path is not None and not ref.is_adapter else []
     if files:
-        reader: LazyFiles | InMemory = LazyFiles(files)
+        reader: LazyFiles | InMemory = LazyFiles(files, f"model {ref.spec!r}")
     else:  # LoRA (folded in), opted-in pickle or hub: the whole state dict in memory
         task = get_task(ref.metadata()["task"]) if ref.is_adapter else None
         model = load(ref, task, allow_pickle=allow_pickle, device="cpu").model
@@ -105,11 +105,17 @@ def check_compatible(models: list[Checkpoint], base: Checkpoint | None) -> None:
                 raise MergeLabError(f"{role} {other.ref.spec!r} has {name} of shape {list(other.meta(name)[1])}, "
                                     f"{first.ref.spec!r} of shape {list(first.meta(name)[1])}: the architectures "
                                     "differ (hidden size, layers or heads)", param=param)
-        missing = [n for n, i in first.infos.items() if i.group not in HEAD_GROUPS + ("pooler",)
-                   and n not in other.names]
-        if missing:
-            raise MergeLabError(f"{role} {other.ref.spec!r} has no parameter {missing[0]} that "
-                                f"{first.ref.spec!r} has: the architectures differ", param=param)
+        # The same parameters in both directions: a model missing a layer must fail whichever place it has
+        # (the merge walks the first model's parameters, so a gap there would silently drop them).
+        for has, lacks in ((first, other), (other, first)):
+            missing = [n for n, i in has.infos.items() if i.group not in HEAD_GROUPS + ("pooler",)
+                       and n not in lacks.names]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                who = f"{role} {other.ref.spec!r}" if lacks is other else f"model {first.ref.spec!r}"
+                raise MergeLabError(f"{who} has no parameter {missing[0]}{more} that "
+                                    f"{has.ref.spec!r} has: every model must hold the same parameters (the "
+                                    "architectures differ, or a checkpoint file is incomplete)", param=param)
 
 
 def recorded_base(models: list[Checkpoint]) -> str | None:

@@ -408,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _run(args)
     except MergeLabError as exc:
-        print(f"error: {exc.render(lambda param: _flag(parser, args, param))}", file=sys.stderr)
+        text = exc.render(lambda param: _flag(parser, args, param))
+        print("error: " + " ".join(text.split()), file=sys.stderr)  # one line, always
         return 2
     return 0

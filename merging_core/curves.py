@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -123,6 +124,9 @@ class CurveSpec(PathSpec):
         if self.path == "bezier" and self.bend_steps < 1:
             raise MergeLabError(f"a Bezier curve needs at least 1 bend training step, got {self.bend_steps}",
                                 param="bend_steps")
+        if not 0 < self.bend_lr < math.inf:  # NaN fails too
+            raise MergeLabError(f"the bend's learning rate must be a finite number above 0, got {self.bend_lr}",
+                                param="bend_lr")
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,8 @@ class PlaneSpec(PathSpec):
         super().__post_init__()
         if len(self.models) != 3:
             raise MergeLabError(f"a plane passes through three checkpoints, got {len(self.models)}", param="models")
-        if not self.margin >= 0:  # NaN fails too
-            raise MergeLabError(f"margin must be at least 0, got {self.margin}", param="margin")
+        if not 0 <= self.margin < math.inf:  # NaN fails too
+            raise MergeLabError(f"margin must be a finite number of at least 0, got {self.margin}", param="margin")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import settings
 from .errors import MergeLabError
+from .fingerprint import digest
 from .tasks import TASKS, TaskSpec
 
 
@@ -99,8 +100,15 @@ def _read_corpus() -> RawSplit:
 
 
 def _fingerprint_file(path: Path) -> str:
-    stat = path.stat()
-    return hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    """A hash of the file's content (not its name, size and mtime, which survive a same-size edit with the
+    mtime restored). The digest is remembered under the cache (`fingerprint`), never beside the data: the
+    data root is not ours to write into."""
+    try:
+        folder = path.resolve().parent
+        record = settings.cache_dir("fingerprints") / f"data-{hashlib.sha1(str(folder).encode()).hexdigest()[:16]}.json"
+    except OSError:  # no writable home: hash without remembering
+        return digest(path, remember=False)[:16]
+    return digest(path, record=record)[:16]
 
 
 def _read_local(spec: TaskSpec, path: Path) -> RawSplit:

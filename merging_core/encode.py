@@ -1,6 +1,6 @@
 """Tokenize a task split once, cache it, and cut it into padded batches.
 
-A split is tokenized once per (tokenizer, task, split, max length, data file) and kept in memory and
+A split is tokenized once per (tokenizer, task, split, max length, data file content) and kept in memory and
 on disk under `$MERGELAB_HOME/cache/tokenized` as safetensors (ragged sequences stored flat with
 offsets; no pickle). Token tasks label the first sub-word of every word (others get -100) and keep
 the word-level gold tags, so span F1 is computed on whole sentences even when one is truncated.
@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import data, settings
@@ -26,7 +27,7 @@ FORMAT_VERSION = 1
 IGNORE = -100
 _MEMORY: OrderedDict[str, "Encoded"] = OrderedDict()
 _MEMORY_SLOTS = 24
-_TOKENIZER_FP: dict[int, str] = {}
+_TOKENIZER_FP: dict[int, tuple[object, str]] = {}  # id -> (the tokenizer, kept alive so its id is not reused; hash)
 
 
 @dataclass
@@ -106,10 +107,11 @@ class Encoded:
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of the tokenizer's full definition (vocabulary, normalizer, special tokens)."""
     key = id(tokenizer)
-    if key not in _TOKENIZER_FP:
+    known = _TOKENIZER_FP.get(key)
+    if known is None or known[0] is not tokenizer:
         definition = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else json.dumps(tokenizer.get_vocab())
-        _TOKENIZER_FP[key] = hashlib.sha1(definition.encode()).hexdigest()[:16]
-    return _TOKENIZER_FP[key]
+        known = _TOKENIZER_FP[key] = (tokenizer, hashlib.sha1(definition.encode()).hexdigest()[:16])
+    return known[1]
 
 
 def encode(spec: TaskSpec, split: str, tokenizer, max_length: int = 128) -> Encoded:
@@ -125,9 +127,13 @@ def encode(spec: TaskSpec, split: str, tokenizer, max_length: int = 128) -> Enco
         _MEMORY.move_to_end(key)
         return _MEMORY[key]
     path = settings.cache_dir("tokenized") / f"{spec.name}-{split}-{key}.safetensors"
+    encoded = None
     if path.is_file():
-        encoded = Encoded(**load_file(path))
-    else:
+        try:
+            encoded = Encoded(**load_file(path))
+        except (SafetensorError, OSError, TypeError, ValueError):  # a damaged cache entry: tokenize again
+            encoded = None
+    if encoded is None:
         raw = raw or data.load_split(spec, split)
         encoded = _tokenize(spec, raw, tokenizer, max_length)
         tmp = path.with_suffix(".tmp")

@@ -10,7 +10,8 @@ exits with status 2; the app raises it as `gr.Error`. Anything else is a bug and
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping
 
 
 class MergeLabError(Exception):
@@ -35,3 +36,14 @@ class MergeLabError(Exception):
 
     def __str__(self) -> str:
         return self.render()
+
+
+@contextmanager
+def writing(target: object, param: str | None = "out") -> Iterator[None]:
+    """Turn an OSError raised while writing `target` (a full disk, a read-only or refused path) into one
+    line naming it; the caller's staging removes what was half written."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise MergeLabError(f"could not write {target}: {reason}", param=param) from None

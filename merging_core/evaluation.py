@@ -13,6 +13,7 @@ through the vocabulary projection, which saves most of the head's compute and me
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -28,6 +29,10 @@ from .progress import ProgressFn, scaled, track
 from .tasks import TaskSpec, get_task
 
 MASK_SEED = 0  # the fixed MLM masking seed: changing it changes every MLM score
+
+
+class _NonFinite(Exception):
+    """Raised inside a scoring pass at the first NaN/inf logit; `Evaluator.__call__` explains it."""
 
 
 class Evaluator:
@@ -57,16 +62,34 @@ class Evaluator:
         ]
 
     @torch.inference_mode()
-    def __call__(self, model: torch.nn.Module, progress: ProgressFn | None = None) -> dict:
-        """{"task", "split", "n", <metrics>..., "loss"} for `model` (already on this evaluator's device)."""
+    def __call__(self, model: torch.nn.Module, progress: ProgressFn | None = None, *, name: str | None = None) -> dict:
+        """{"task", "split", "n", <metrics>..., "loss"} for `model` (already on this evaluator's device).
+
+        A model whose logits or loss are not finite (NaN/inf weights, an overflow) fails with a
+        `MergeLabError` (`name` names it) instead of getting a meaningless score."""
         model.eval()
         score = {"mlm": self._mlm, "token": self._token}.get(self.spec.kind, self._sequence)
-        values = score(model, progress)
+        who = f"model {name!r}" if name else "the model"
+        try:
+            values = score(model, progress)
+        except _NonFinite:
+            raise MergeLabError(f"{who} gives non-finite logits (NaN/inf) on {self._desc}: the checkpoint has NaN/inf "
+                                "weights (or overflows), so it cannot be scored; retrain or re-export it") from None
+        if not math.isfinite(values["loss"]):
+            raise MergeLabError(f"{who} has a non-finite loss ({values['loss']}) on {self._desc} although its logits "
+                                "are finite: its outputs overflow; check the checkpoint's weights")
         return {"task": self.spec.name, "split": self.split, "n": self.n, **values}
+
+    @staticmethod
+    def _finite(logits: torch.Tensor) -> torch.Tensor:
+        """`logits`, checked: a NaN would score as an arbitrary class, silently."""
+        if not bool(torch.isfinite(logits).all()):
+            raise _NonFinite
+        return logits
 
     def _forward(self, model, batch) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return model(**inputs).logits.float()
+        return self._finite(model(**inputs).logits.float())
 
     def _sequence(self, model, progress) -> dict:
         outputs = [self._forward(model, b) for b in track(self.batches, len(self.batches), self._desc, progress)]
@@ -103,6 +126,7 @@ class Evaluator:
         loss_sum, count = 0.0, 0
         for batch in track(self.batches, len(self.batches), self._desc, progress):
             logits, targets = masked_lm_logits(model, batch)
+            self._finite(logits)
             loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
             count += len(targets)
         return {**metrics.mlm_metrics(loss_sum / max(count, 1)), "masked_tokens": count}
@@ -127,7 +151,7 @@ def evaluate(model: str | ModelRef | Loaded, task: str | TaskSpec, split: str = 
         loaded = load(model, spec, allow_pickle=allow_pickle)
     device = next(loaded.model.parameters()).device
     evaluator = Evaluator(spec, loaded.tokenizer, split, limit, batch_size=batch_size, device=device)
-    return evaluator(loaded.model, progress)
+    return evaluator(loaded.model, progress, name=loaded.ref.spec)
 
 
 def headline(result: dict) -> tuple[str, float]:

@@ -22,6 +22,7 @@ can express the merge.
 from __future__ import annotations
 
 import json
+import math
 import time
 import zlib
 from dataclasses import dataclass, field, replace
@@ -35,9 +36,10 @@ from . import settings
 from ._version import __version__
 from .arch import GROUPS, ParamInfo
 from .checkpoint import HEAD_GROUPS, Checkpoint, check_compatible, open_checkpoint, recorded_base
-from .errors import MergeLabError
+from .errors import MergeLabError, writing
 from .methods import METHODS, Method, TensorJob, get_method, sum_weighted
-from .models import HEAD_SUFFIXES, METADATA, ConfigView, check_out, copy_tokenizer, resolve, staging
+from .models import HEAD_SUFFIXES, METADATA, ConfigView, copy_tokenizer, resolve
+from .outputs import check_out, staging
 from .progress import ProgressFn, scaled, track
 from .spec import MergeSpec
 from .stats import load_stats, settings_of, statistics
@@ -111,10 +113,13 @@ def _weights(params: dict, n: int, device) -> torch.Tensor:
         return torch.full((n,), 1.0 / n, device=device)
     if len(raw) != n:
         raise MergeLabError(f"parameter 'weights' has {len(raw)} values for {n} models; give one per model")
-    w = torch.tensor(raw, dtype=torch.float32, device=device)
-    if w.sum() <= 0:
-        raise MergeLabError("parameter 'weights' must not be all zero")
-    return w / w.sum()
+    # Normalised in float64: in float32, weights such as 3e38 sum to inf and every weight becomes 0.
+    w = torch.tensor(raw, dtype=torch.float64)
+    total = float(w.sum())
+    if not math.isfinite(total) or total <= 0:
+        raise MergeLabError(f"parameter 'weights' ({', '.join(f'{v:g}' for v in raw)}) must have a finite, "
+                            "positive sum", param="weights", hint="e.g. weights=3,1")
+    return (w / total).to(torch.float32).to(device)
 
 
 def _seed(seed: int, name: str) -> int:
@@ -186,7 +191,9 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     resolved = replace(spec, models=tuple(c.ref.spec for c in checkpoints), base=base_spec, heads=plan.heads,
                        stats_tasks=(tuple(r.get("task") for r in stats_records)
                                     if stats_records and not spec.stats_files else None))
-    config = {**resolved.to_dict(), "stats": stats_records, "mergelab_version": __version__}
+    records = [{k: v for k, v in r.items() if k != "model_location"} if settings.public_mode() else r
+               for r in stats_records]  # no server paths in what a public user downloads
+    config = {**resolved.to_dict(), "stats": records, "mergelab_version": __version__}
     head_tensors = {task: _head(plan, members) for task, members in plan.head_groups.items()}
     tasks = sorted(head_tensors) if plan.heads == "separate" else (
         [checkpoints[0].task] if plan.heads == "merge" and checkpoints[0].task else [])
@@ -194,7 +201,7 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
         state = dict(merged_tensors())
         return MergeResult(None, resolved, config, report, plan.notes, tasks, time.perf_counter() - started, state,
                            head_tensors)
-    with staging(out, overwrite=overwrite) as tmp:
+    with writing(out), staging(out, overwrite=overwrite) as tmp:  # a full disk: one line naming `out`
         _write(tmp, plan, merged_tensors(), head_tensors)
         config["seconds"] = round(time.perf_counter() - started, 2)
         yaml_text = mergekit_yaml(plan, base_spec)
@@ -364,31 +371,41 @@ def mergekit_yaml(plan: Plan, base: str | None) -> str | None:
     if pieces.get("note"):
         lines.insert(1, f"# note: {pieces['note']}")
     if base and plan.method.base_required(plan.params):
-        lines.append(f"base_model: {_location(base)}")
+        lines.append(f"base_model: {resolve(base).shown}")
     lines.append("models:")
     per_model = pieces.get("per_model") or [{"weight": pieces.get("default_weight", 1.0)}] * len(plan.models)
     for m, extra in zip(plan.models, per_model):
-        lines.append(f"  - model: {m.ref.location}")
+        lines.append(f"  - model: {m.ref.shown}")
         values = {**extra, **pieces.get("model_parameters", {})}
         lines.append("    parameters: {" + ", ".join(f"{k}: {v}" for k, v in values.items()) + "}")
     if pieces.get("parameters"):
         lines.append("parameters: {" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in pieces["parameters"].items()) + "}")
     if pieces.get("first_is_base"):
-        lines.append(f"base_model: {plan.models[0].ref.location}")
+        lines.append(f"base_model: {plan.models[0].ref.shown}")
     lines.append("dtype: float32")
     return "\n".join(lines) + "\n"
-
-
-def _location(spec: str) -> str:
-    return resolve(spec).location
 
 
 def merge_from_config(path: str | Path, out: str | Path | None = None, *, overwrite: bool = False,
                       progress: ProgressFn | None = None, **changes: Any) -> MergeResult:
     """Re-run the merge a `merge_config.json` (or its folder) describes; `changes` replace spec fields."""
     path = Path(path)
-    config = json.loads((path / "merge_config.json" if path.is_dir() else path).read_text())
-    spec = MergeSpec.from_dict(config)
+    source = path / "merge_config.json" if path.is_dir() or not path.suffix else path
+    try:
+        config = json.loads(source.read_text())
+    except FileNotFoundError:
+        raise MergeLabError(f"{source} does not exist; give a merge's output folder or its merge_config.json",
+                            param="config") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MergeLabError(f"{source} is not a merge_config.json MergeLab can read ({exc})", param="config") from None
+    try:
+        if not isinstance(config, dict):
+            raise TypeError(f"a JSON {type(config).__name__}, not an object")
+        spec = MergeSpec.from_dict(config)
+    except MergeLabError as exc:  # MergeSpec's own checks: say which file holds the bad value
+        raise MergeLabError(f"{source}: {exc.message}", param=exc.param, hint=exc.hint) from None
+    except (TypeError, KeyError, ValueError) as exc:
+        raise MergeLabError(f"{source} does not describe a merge ({exc})", param="config") from None
     return merge(replace(spec, **changes) if changes else spec, out=out, overwrite=overwrite, progress=progress)
 
 

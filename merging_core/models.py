@@ -29,20 +29,27 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import pickle
 import re
 import shutil
-import tempfile
+import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from . import settings
-from .errors import MergeLabError
+from .arch import adapter_for
+from .errors import MergeLabError, writing
+from .fingerprint import digests
+from .outputs import staging
 from .tasks import TaskSpec, get_task
+from .tensorio import check_safetensors, open_safetensors
 
 METADATA = "mergelab.json"
 MINILM = "minilm"
@@ -63,7 +70,11 @@ SCRATCH_SIZES = {
 }
 SCRATCH = "scratch:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_TOKENIZERS: dict[str, object] = {}
+# Loaded tokenizers, keyed by folder and file contents; bounded (least recently used dropped first), so
+# a long-running app that scores many result folders does not keep every tokenizer it ever loaded.
+_TOKENIZERS: OrderedDict[tuple, object] = OrderedDict()
+_TOKENIZERS_KEPT = 16
+_TOKENIZERS_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -111,10 +122,22 @@ class ModelRef:
     def name(self) -> str:
         return self.spec if self.kind in ("alias", "zoo", "hub") else Path(self.location).name
 
+    @property
+    def shown(self) -> str:
+        """Where it is, as written into files a user gets: the location, or in public mode only its name
+        (a server path is never shown)."""
+        return self.spec if settings.public_mode() else self.location
+
     def metadata(self) -> dict:
         if self.path is None or not (self.path / METADATA).is_file():
             return {}
-        return json.loads((self.path / METADATA).read_text())
+        try:
+            found = json.loads((self.path / METADATA).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MergeLabError(f"could not read model {self.spec!r}: its {METADATA} is not valid JSON ({exc})") from None
+        if not isinstance(found, dict):
+            raise MergeLabError(f"could not read model {self.spec!r}: its {METADATA} is not a JSON object")
+        return found
 
     @property
     def is_adapter(self) -> bool:
@@ -131,6 +154,8 @@ def resolve(spec: str) -> ModelRef:
     spec = str(spec).strip()
     if not spec:
         raise MergeLabError("no model given; pass a zoo name, a local directory, 'minilm' or a hub id")
+    if settings.public_mode():
+        return _resolve_public(spec)
     alias = _alias_path(spec)
     if alias is not None:
         return ModelRef(spec, "alias", str(alias))
@@ -156,6 +181,32 @@ def resolve(spec: str) -> ModelRef:
     return ModelRef(spec, "hub", spec)
 
 
+_ZOO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _resolve_public(spec: str) -> ModelRef:
+    """Public mode: names only. A zoo entry, an alias, a scratch spec, a hub id on the allowlist, or a
+    folder inside the sessions folder (the app passes a session's own results that way; their names are
+    unguessable and never shown). One message for everything else, so that a refusal reveals nothing
+    about what exists on the server."""
+    alias = _alias_path(spec)
+    if alias is not None:
+        return ModelRef(spec, "alias", str(alias))
+    if spec.startswith(SCRATCH) and spec[len(SCRATCH):] in SCRATCH_SIZES:
+        return ModelRef(spec, "scratch", spec)
+    if _ZOO_NAME.fullmatch(spec) and _is_model_dir(settings.zoo_dir() / spec):
+        return ModelRef(spec, "zoo", str(settings.zoo_dir() / spec))
+    if spec in settings.hub_allowlist() and _HUB_ID.match(spec):
+        return ModelRef(spec, "hub", spec)
+    if spec.startswith("/"):
+        sessions = settings.sessions_dir().resolve()
+        real = Path(spec).resolve()
+        if real.is_relative_to(sessions) and real != sessions and _is_model_dir(real):
+            return ModelRef(real.name, "local", str(real))
+    raise MergeLabError(f"model {Path(spec).name[:80]!r} is not available here; pick a zoo model, one of your "
+                        "results or uploads, or an allowed hub model", param="models")
+
+
 ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's file of an adapter module's own tensors (and head)
 
 
@@ -175,10 +226,10 @@ def _hub_errors(ref: ModelRef) -> Iterator[None]:
     """Turn the hub's many failure types into one clear message."""
     try:
         yield
-    except (OSError, ValueError) as exc:
-        if ref.kind != "hub":
-            raise MergeLabError(f"could not read model {ref.spec!r} from {ref.location}: {exc}") from exc
+    except (OSError, ValueError, SafetensorError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if ref.kind != "hub":  # one line: library messages can run over many
+            raise MergeLabError(f"could not read model {ref.spec!r} from {ref.location}: {reason}") from exc
         raise MergeLabError(f"model {ref.spec!r} is not a zoo name or local folder, and the hub could not "
                             f"provide it ({reason}); use a local folder or 'minilm'") from exc
 
@@ -187,6 +238,9 @@ def load_config(ref: ModelRef):
     if ref.kind == "scratch":
         vocab = len(load_tokenizer(ref))
         return hf().BertConfig(vocab_size=vocab, **SCRATCH_SIZES[ref.location[len(SCRATCH):]])
+    folder = adapter_base(ref).path if ref.is_adapter else ref.path
+    if folder is not None and (folder / "config.json").is_file():
+        _config_json(ref, folder / "config.json")  # a damaged file: one line naming it, not transformers' error
     with _hub_errors(ref):
         if ref.is_adapter:
             return hf().AutoConfig.from_pretrained(adapter_base(ref).location)
@@ -221,31 +275,73 @@ def read_config(ref: ModelRef) -> ConfigView:
     when the checkpoint is a local folder, through transformers otherwise (hub ids)."""
     folder = adapter_base(ref).path if ref.is_adapter else ref.path
     if folder is not None and (folder / "config.json").is_file():
-        try:
-            return ConfigView(json.loads((folder / "config.json").read_text()))
-        except json.JSONDecodeError as exc:
-            raise MergeLabError(f"could not read model {ref.spec!r}: {folder / 'config.json'} is not valid JSON "
-                                f"({exc})") from exc
+        return _config_json(ref, folder / "config.json")
     return ConfigView(load_config(ref).to_dict())
 
 
+def _config_json(ref: ModelRef, path: Path) -> ConfigView:
+    """A config.json read as plain JSON, or one line saying what is wrong with it."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MergeLabError(f"could not read model {ref.spec!r}: {path} is not valid JSON ({exc})") from None
+    if not isinstance(found, dict) or not isinstance(found.get("model_type"), str):
+        raise MergeLabError(f"could not read model {ref.spec!r}: {path} is not a model config (a JSON object "
+                            "with a model_type)")
+    return ConfigView(found)
+
+
+def tokenizer_files(ref: ModelRef) -> dict[str, str]:
+    """{file name: sha256} of the tokenizer files a local checkpoint holds (empty for hub ids): what its
+    tokenizer is made of, by content."""
+    folder = ref.path
+    if folder is None or not folder.is_dir():
+        return {}
+    return digests([folder / n for n in TOKENIZER_FILES if (folder / n).is_file()], root=folder, remember=False)
+
+
 def load_tokenizer(ref: ModelRef):
-    """The tokenizer saved with a checkpoint (shared between loads of the same folder)."""
+    """The tokenizer saved with a checkpoint (shared between loads of the same folder while its files are
+    unchanged: keyed by their content, so an edited tokenizer is loaded again)."""
     if ref.kind == "scratch":
         return load_tokenizer(resolve(MINILM))
-    if ref.location not in _TOKENIZERS:
-        with _hub_errors(ref):
-            _TOKENIZERS[ref.location] = hf().AutoTokenizer.from_pretrained(ref.location)
-    return _TOKENIZERS[ref.location]
+    files = tokenizer_files(ref)
+    key = (ref.location, tuple(sorted(files.items())))
+    with _TOKENIZERS_LOCK:
+        if key in _TOKENIZERS:
+            _TOKENIZERS.move_to_end(key)
+            return _TOKENIZERS[key]
+    # loaded outside the lock: a slow load does not block other sessions
+    with _hub_errors(ref):
+        try:
+            tokenizer = hf().AutoTokenizer.from_pretrained(ref.location)
+        except Exception as exc:  # noqa: BLE001 - reading a user's files; the tokenizers library raises plain Exception
+            if ref.kind == "hub" or isinstance(exc, (MergeLabError, OSError)):
+                raise
+            # a damaged local tokenizer file; the tokenizers library raises plain Exceptions
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise MergeLabError(f"could not load the tokenizer of model {ref.spec!r} from its files "
+                                f"({', '.join(sorted(files)) or 'none found'}): {reason}; re-export the "
+                                "checkpoint's tokenizer") from None
+    with _TOKENIZERS_LOCK:
+        _TOKENIZERS.setdefault(key, tokenizer)
+        _TOKENIZERS.move_to_end(key)
+        while len(_TOKENIZERS) > _TOKENIZERS_KEPT:
+            _TOKENIZERS.popitem(last=False)
+        return _TOKENIZERS[key]
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)
 def _vocabulary_fingerprint(location: str, stamp: tuple) -> str:
     folder = Path(location)
     if (folder / "tokenizer.json").is_file():
-        definition = json.loads((folder / "tokenizer.json").read_text())
-        added = sorted((t["content"], t["id"]) for t in definition.get("added_tokens", []))
-        vocab = definition.get("model", {}).get("vocab")
+        try:
+            definition = json.loads((folder / "tokenizer.json").read_text())
+            added = sorted((t["content"], t["id"]) for t in definition.get("added_tokens", []))
+            vocab = definition.get("model", {}).get("vocab")
+        except (UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError) as exc:
+            raise MergeLabError(f"{folder / 'tokenizer.json'} is not a valid tokenizer file "
+                                f"({type(exc).__name__}: {str(exc)[:120]}); re-export the checkpoint's tokenizer") from None
         if isinstance(vocab, dict):  # WordPiece / BPE: token -> id
             items = sorted(vocab.items())
         elif isinstance(vocab, list):  # Unigram: [token, score] in id order
@@ -264,8 +360,7 @@ def vocabulary_fingerprint(ref: ModelRef) -> str:
     transformers import), else from the loaded tokenizer. Equal maps give equal fingerprints."""
     folder = ref.path
     if folder is not None and folder.is_dir():
-        files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
-        stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        stamp = tuple(sorted(tokenizer_files(ref).items()))  # content, not size and mtime
         found = _vocabulary_fingerprint(str(folder), stamp)
         if found:
             return found
@@ -348,7 +443,9 @@ def _weights_kwargs(ref: ModelRef, allow_pickle: bool) -> dict:
     if ref.kind == "hub":
         return {"use_safetensors": None if allow_pickle else True}
     folder = ref.path
-    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+    files = sorted(folder.glob("*.safetensors"))
+    if files or any(folder.glob("*.safetensors.index.json")):
+        check_safetensors(files, f"model {ref.spec!r}")  # a truncated or garbage file: one line, not a traceback
         return {"use_safetensors": True}
     pickles = sorted(folder.glob("pytorch_model*.bin"))
     if not pickles:
@@ -359,8 +456,30 @@ def _weights_kwargs(ref: ModelRef, allow_pickle: bool) -> dict:
                             "weights_only=True)", param="allow_pickle")
     state_dict: dict[str, torch.Tensor] = {}
     for shard in pickles:
-        state_dict.update(torch.load(shard, map_location="cpu", weights_only=True))
+        state_dict.update(_load_pickle(ref, shard))
     return {"state_dict": state_dict, "use_safetensors": False}
+
+
+def _load_pickle(ref: ModelRef, shard: Path) -> dict[str, torch.Tensor]:
+    """One pickle shard with `weights_only=True`: tensors only, or one clear line (a pickled custom object,
+    which weights_only refuses, a truncated or non-pickle file)."""
+    try:
+        state = torch.load(shard, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message runs over many lines; what matters is the object it refused ("GLOBAL x.Y").
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"a pickled {found.group(1)}" if found else "objects other than tensors"
+        raise MergeLabError(f"{shard.name} of model {ref.spec!r} holds {what}, which loading with weights_only=True "
+                            "refuses (it could run code); convert it to safetensors where you trust its source") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise MergeLabError(f"{shard.name} of model {ref.spec!r} is not a readable PyTorch weights file ({reason}); "
+                            "it is truncated or corrupt: re-download or re-export it") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise MergeLabError(f"{shard.name} of model {ref.spec!r} is not a state dict (names -> tensors); "
+                            "re-export it with model.save_pretrained")
+    return state
 
 
 def task_head_kwargs(task: TaskSpec) -> dict:
@@ -385,6 +504,56 @@ class Loaded:
     tokenizer: object
     ref: ModelRef
     metadata: dict = field(default_factory=dict)
+
+
+OPTIONAL_GROUPS = ("head", "mlm_head", "pooler")  # what a model class may leave unused in a file
+
+
+def _group(model_type: str, name: str) -> str | None:
+    """The component group of a parameter name (None: not known to the family's adapter)."""
+    try:
+        return adapter_for(model_type).describe(name).group
+    except MergeLabError:  # another family (hub), or a head this adapter does not list (NSP: cls.seq_relationship)
+        if re.match(r"(?:\w+\.)?(?:cls|lm_head|classifier|qa_outputs|score)\.", name):
+            return "head"
+        return "pooler" if ".pooler." in f".{name}" else None
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:shown]) + (f" (and {len(names) - shown} more)" if len(names) > shown else "")
+
+
+def check_loading(ref: ModelRef, model: torch.nn.Module, info: dict, *, fresh: tuple[str, ...] = (),
+                  supplied: set[str] = frozenset()) -> None:
+    """Fail when a checkpoint's weights do not fill the model built from its config: tensors the model needs
+    that the file lacks (transformers would leave them randomly initialised, silently), or tensors of the
+    file the model has no place for (a layer the config does not know). Legitimate: missing tensors of the
+    groups in `fresh` (a new task head, its pooler), tensors loaded separately (`supplied`, a head file),
+    and unused heads or poolers in the file (a token model's file read by a sequence model, or back)."""
+    model_type = model.config.model_type
+    missing = [k for k in info.get("missing_keys", ()) if k not in supplied and _group(model_type, k) not in fresh]
+    unexpected = [k for k in info.get("unexpected_keys", ()) if _group(model_type, k) not in OPTIONAL_GROUPS + ("buffer",)]
+    mismatched = [k for k, *_ in info.get("mismatched_keys", ()) if _group(model_type, k) not in fresh]
+    problems = [f"{what} {_some(names)}" for what, names in (("missing tensors", missing), ("unexpected tensors",
+                unexpected), ("tensors of the wrong shape", mismatched)) if names]
+    if problems:
+        raise MergeLabError(f"model {ref.spec!r} does not fit its config.json ({type(model).__name__}): its weights "
+                            f"have {'; '.join(problems)}; the checkpoint is incomplete or belongs to another "
+                            "architecture, re-export it")
+
+
+@contextmanager
+def _shape_errors(ref: ModelRef) -> Iterator[None]:
+    """transformers refuses weights whose shapes differ from the config's with a RuntimeError."""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc)
+        if "size mismatch" not in text and "ignore_mismatched_sizes" not in text:
+            raise
+        raise MergeLabError(f"model {ref.spec!r} has weights whose shapes differ from its config.json (hidden size, "
+                            "layers, heads or vocabulary); the checkpoint is inconsistent, re-export it") from None
 
 
 def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool = False,
@@ -412,17 +581,23 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
             check_head(ref.spec, head, task)
         kind = task.head if task is not None else head.kind
         kwargs = _weights_kwargs(ref, allow_pickle)
-        with _hub_errors(ref):
-            if task is not None and new_head:
+        fresh = task is not None and new_head
+        with _hub_errors(ref), _shape_errors(ref):
+            if fresh:
                 # The task's labels always replace the checkpoint's; weights of a head of the same shape
                 # are kept (intermediate-task transfer), of another shape re-initialised.
                 config = hf().AutoConfig.from_pretrained(ref.location, **task_head_kwargs(task))
                 kwargs["ignore_mismatched_sizes"] = head.kind != task.head or head.num_labels != task.num_labels
             if "state_dict" in kwargs:  # opted-in pickle: the concrete class takes weights without a path
                 concrete = head_class(kind)._model_mapping[type(config)]
-                model = concrete.from_pretrained(None, config=config, **kwargs)
+                model, info = concrete.from_pretrained(None, config=config, output_loading_info=True, **kwargs)
             else:
-                model = head_class(kind).from_pretrained(ref.location, config=config, **kwargs)
+                model, info = head_class(kind).from_pretrained(ref.location, config=config, output_loading_info=True,
+                                                               **kwargs)
+        # A fresh head (and the pooler under it) is what training a new task starts from; a bare encoder's
+        # pooler may be absent (token models have none). Anything else missing would be random weights.
+        check_loading(ref, model, info, fresh=("head", "mlm_head", "pooler") if fresh else
+                      ("pooler",) if kind is None else ())
     model.to(device or settings.device()).eval()
     return Loaded(model, tokenizer, ref, ref.metadata())
 
@@ -435,14 +610,22 @@ def head_tasks(ref: ModelRef) -> list[str]:
 def _load_multihead(ref: ModelRef, task: TaskSpec | None) -> torch.nn.Module:
     """The encoder of a multi-head checkpoint with the head of `task` (none: the bare encoder)."""
     heads = ref.metadata()["heads"]
+    check_safetensors(sorted(ref.path.glob("*.safetensors")), f"model {ref.spec!r}")
     if task is None:
-        return head_class(None).from_pretrained(ref.location, use_safetensors=True)
+        with _hub_errors(ref), _shape_errors(ref):
+            model, info = head_class(None).from_pretrained(ref.location, use_safetensors=True, output_loading_info=True)
+        check_loading(ref, model, info, fresh=("pooler",))
+        return model
     if task.name not in heads:
         raise MergeLabError(f"model {ref.spec!r} has heads for {sorted(heads)}, not for task {task.name}; "
                             "pick one of those tasks")
-    config = hf().AutoConfig.from_pretrained(ref.location, **task_head_kwargs(task))
-    model = head_class(task.head).from_pretrained(ref.location, config=config, use_safetensors=True)
-    head = load_file(ref.path / heads[task.name])
+    with _hub_errors(ref), _shape_errors(ref):
+        config = hf().AutoConfig.from_pretrained(ref.location, **task_head_kwargs(task))
+        model, info = head_class(task.head).from_pretrained(ref.location, config=config, use_safetensors=True,
+                                                            output_loading_info=True)
+    with open_safetensors(ref.path / heads[task.name], f"model {ref.spec!r}") as f:
+        head = {k: f.get_tensor(k) for k in f.keys()}
+    check_loading(ref, model, info, supplied=set(head))
     missing = set(head) - set(model.state_dict())
     if missing:
         raise MergeLabError(f"head file {heads[task.name]} of model {ref.spec!r} has tensors the "
@@ -497,7 +680,7 @@ def peft_file_name(parameter: str, adapter: str = "default") -> str | None:
 
 def save(model: torch.nn.Module, tokenizer, out: str | Path, metadata: dict, *, overwrite: bool = False) -> Path:
     """Write an HF folder (safetensors) plus mergelab.json, atomically."""
-    with staging(out, overwrite=overwrite) as tmp:
+    with writing(out), staging(out, overwrite=overwrite) as tmp:
         write_into(tmp, model, tokenizer, metadata)
     return Path(out)
 
@@ -507,28 +690,3 @@ def write_into(folder: Path, model: torch.nn.Module, tokenizer, metadata: dict) 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n")
-
-
-def check_out(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise MergeLabError(f"output folder {out} already exists and is not empty; choose a new one, or allow "
-                            "overwriting it", param="out")
-    return out
-
-
-@contextmanager
-def staging(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary sibling folder that replaces `out` only when the block succeeds."""
-    out = check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared folder
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)

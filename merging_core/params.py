@@ -54,14 +54,15 @@ class Param:
             number = int(value) if self.kind == "int" else float(value)
             if self.kind == "int" and float(value) != number:
                 raise ValueError(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             raise MergeLabError(f"{where} must be a {self.kind}, got {value!r}", param=self.name) from None
         self._check_range(number, where)
         return number
 
     def _check_range(self, number: float, where: str) -> None:
-        if math.isnan(number) or (self.low is not None and number < self.low) or (
-                self.high is not None and number > self.high):
+        if not math.isfinite(number):  # NaN and ±inf: never a meaningful setting, and they poison sums
+            raise MergeLabError(f"{where} must be a finite number, got {number}", param=self.name)
+        if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
             raise MergeLabError(f"{where} must be in [{self.low}, {self.high}], got {number}", param=self.name)
 
 
@@ -77,7 +78,7 @@ def parse_assignments(texts: Iterable[str], where: str = "parameters") -> dict[s
             if eq:
                 key = name.strip()
                 if not key:
-                    raise MergeLabError(f"{where}: {piece!r} has no name before '='")
+                    raise MergeLabError(f"{where}: {piece[:80]!r} has no name before '='")
                 if key in params:
                     raise MergeLabError(f"{key!r} is given twice ({params[key]!r} and {value.strip()!r}); "
                                         "give each parameter once", param=key)
@@ -85,6 +86,6 @@ def parse_assignments(texts: Iterable[str], where: str = "parameters") -> dict[s
             elif key is not None and piece.strip():
                 params[key] += "," + piece.strip()  # a list value: weights=3,1
             elif piece.strip():
-                raise MergeLabError(f"{where}: {piece.strip()!r} is not key=value (e.g. lambda=0.5)")
+                raise MergeLabError(f"{where}: {piece.strip()[:80]!r} is not key=value (e.g. lambda=0.5)")
         key = None  # a new argument starts with a key
     return params

@@ -2,6 +2,10 @@
 
 Engine functions take `progress: ProgressFn | None`, a callable `(fraction in [0, 1], description)`.
 With None, long loops draw a tqdm bar on stderr when it is a terminal and stay silent otherwise.
+
+Every long loop reports progress at least once per step (a tensor, a batch, a point, a training step),
+so the callback is also how work is stopped: a callback that raises `Cancelled` ends the job there,
+and the engine's atomic writers leave nothing half-written behind.
 """
 
 from __future__ import annotations
@@ -11,8 +15,17 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from .errors import MergeLabError
+
 ProgressFn = Callable[[float, str], None]
 T = TypeVar("T")
+
+
+class Cancelled(MergeLabError):
+    """The job was stopped by its user (raised from a progress callback)."""
+
+    def __init__(self, message: str = "stopped before it finished; nothing was saved from this run"):
+        super().__init__(message)
 
 
 def track(items: Iterable[T], total: int, desc: str, progress: ProgressFn | None) -> Iterator[T]:

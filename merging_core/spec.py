@@ -123,7 +123,7 @@ def parse_method_text(text: str) -> tuple[str, dict[str, str]]:
     the method's parameters (a bad name or value fails here, before any work)."""
     name, _, rest = str(text).partition(":")
     name = name.strip()
-    params = parse_assignments([rest], where=f"method settings {text!r}") if rest.strip() else {}
+    params = parse_assignments([rest], where=f"method settings {str(text)[:80]!r}") if rest.strip() else {}
     get_method(name).parse(params)
     return name, params
 

@@ -14,14 +14,16 @@ gradients, so it uses the gold score, as the RegMean codebase does.
 
 Examples are a seeded random subset of the task's train split. Each statistic is saved under
 `$MERGELAB_HOME/cache/stats` as safetensors whose metadata (and a `.json` beside it) records how it
-was computed: model, its weights' fingerprint, task, split, examples, settings, data fingerprint,
-seconds. `load_stats(path)` reads such a file back, so statistics computed elsewhere can be used.
+was computed: model, the content fingerprints of its weights, config and tokenizer files (see
+`fingerprint`: a same-size rewrite with the mtime restored still changes the key), task, split, examples,
+settings, the data file's content fingerprint, seconds. `load_stats(path)` reads such a file back, so statistics computed elsewhere can be used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import data, settings
@@ -37,7 +39,9 @@ from .arch import canonical
 from .encode import IGNORE, encode, mlm_mask
 from .errors import MergeLabError
 from .losses import masked_lm_logits
-from .models import ModelRef, load, resolve
+from .fingerprint import combined, digests
+from .models import ModelRef, adapter_base, load, resolve, tokenizer_files
+from .outputs import staging_file
 from .params import Param
 from .progress import ProgressFn, track
 from .tasks import TaskSpec, get_task
@@ -71,19 +75,41 @@ def settings_of(kinds: tuple[str, ...], params: dict[str, Any]) -> dict[str, Any
     return {p.name: params.get(p.name, p.default) for p in setting_params(*kinds)}
 
 
+WEIGHT_FILES = ("*.safetensors", "heads/*.safetensors", "pytorch_model*.bin")
+CONFIG_FILES = ("config.json", "adapter_config.json")
+
+
 def weights_fingerprint(ref: ModelRef) -> str:
-    """Changes whenever the checkpoint's weight files change."""
+    """A hash of the *content* of the checkpoint's weight files (an adapter module's: and of its base's), so
+    it changes with any rewrite, even one that keeps the size and mtime. The files' SHA-256 digests are
+    recorded beside the checkpoint (`fingerprint.RECORD`), so an unchanged multi-GB file is hashed once."""
+    if ref.path is None:
+        return ref.location  # hub ids, scratch specs
+    files = sorted({p for pattern in WEIGHT_FILES for p in ref.path.glob(pattern) if p.is_file()})
+    parts = digests(files, root=ref.path) if files else {"location": ref.location}
+    if ref.is_adapter:
+        parts["base"] = weights_fingerprint(adapter_base(ref))
+    return combined(parts)
+
+
+def config_fingerprint(ref: ModelRef) -> str:
+    """A hash of the content of the checkpoint's config (an adapter module's: and of its base's)."""
     if ref.path is None:
         return ref.location
-    parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(ref.path.glob("*.safetensors"))]
-    return hashlib.sha1("|".join(parts or [ref.location]).encode()).hexdigest()[:16]
+    files = [ref.path / n for n in CONFIG_FILES if (ref.path / n).is_file()]
+    parts = digests(files, root=ref.path, remember=False)
+    if ref.is_adapter:
+        parts["base"] = config_fingerprint(adapter_base(ref))
+    return combined(parts)
 
 
 def record(ref: ModelRef, task: TaskSpec, kind: str, options: dict[str, Any]) -> dict[str, Any]:
-    """How a statistic is computed: everything its cache key depends on."""
+    """How a statistic is computed: everything its cache key depends on, by content: the weights, the config
+    (e.g. the activation function), the tokenizer files, the data file, and the settings."""
     return {"format": FORMAT_VERSION, "kind": kind, "model": ref.spec, "model_location": ref.location,
-            "weights": weights_fingerprint(ref), "task": task.name, "split": "train",
-            "data": data.local_fingerprint(task, "train") or "hub",
+            "weights": weights_fingerprint(ref), "config": config_fingerprint(ref),
+            "tokenizer": combined(tokenizer_files(ref)) if ref.path is not None else ref.location,
+            "task": task.name, "split": "train", "data": data.local_fingerprint(task, "train") or "hub",
             **{p.name: options[p.name] for p in SETTINGS[kind]}, "seed": SEED}
 
 
@@ -97,12 +123,22 @@ def load_stats(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], di
     """{parameter: {kind: tensor}} and the record of how they were computed, from a statistics file."""
     path = Path(path)
     if not path.is_file():
-        raise MergeLabError(f"statistics file {path} does not exist")
+        raise MergeLabError(f"statistics file {path} does not exist", param="stats_files")
     per_param: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(path, "pt") as f:
-        rec = json.loads((f.metadata() or {}).get("record", "{}"))
-        if rec.get("kind") not in KINDS:
-            raise MergeLabError(f"{path} is not a MergeLab statistics file (no record of its kind)")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise MergeLabError(f"{path} is not a MergeLab statistics file (not a readable safetensors file: {reason})",
+                            param="stats_files") from None
+    with handle as f:
+        try:
+            rec = json.loads((f.metadata() or {}).get("record", "{}"))
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or rec.get("kind") not in KINDS:
+            raise MergeLabError(f"{path} is not a MergeLab statistics file (no readable record of its kind)",
+                                param="stats_files")
         for key in f.keys():
             param, _, kind = key.rpartition("::")
             per_param.setdefault(param, {})[kind] = f.get_tensor(key)
@@ -112,9 +148,9 @@ def load_stats(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], di
 def save_stats(values: dict[str, dict[str, torch.Tensor]], rec: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {f"{param}::{kind}": t.contiguous().cpu() for param, kinds in values.items() for kind, t in kinds.items()}
-    tmp = path.with_suffix(".tmp")
+    tmp = staging_file(path)
     save_file(flat, tmp, metadata={"record": json.dumps(rec)})
-    tmp.replace(path)  # atomic
+    os.replace(tmp, path)  # atomic
     path.with_suffix(".json").write_text(json.dumps(rec, indent=2) + "\n")
 
 
@@ -130,9 +166,13 @@ def statistics(model: str | ModelRef, task: str | TaskSpec, kinds: tuple[str, ..
             raise MergeLabError(f"unknown statistic {kind!r}; known: {', '.join(KINDS)}")
         rec = record(ref, spec, kind, options)
         path = cache_path(rec)
+        values = None
         if path.is_file():
-            values, _ = load_stats(path)
-        else:
+            try:
+                values, _ = load_stats(path)
+            except MergeLabError:  # a damaged cache entry is computed again, not an error
+                values = None
+        if values is None:
             started = time.perf_counter()
             values = compute(ref, spec, kind, options, progress=progress)
             save_stats(values, {**rec, "seconds": round(time.perf_counter() - started, 2),

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from .errors import MergeLabError
 
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -23,11 +25,32 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
 SAFETENSORS_DTYPES = {v: k for k, v in DTYPES.items()}
 
 
+def open_safetensors(path: str | Path, what: str = ""):
+    """`safe_open(path)`, or one clear line when the file is not a safetensors file: truncated (its header
+    promises more bytes than it has), a header length or header that is garbage, unreadable. `what` says
+    whose file it is ("model 'x'", "statistics"), for the message."""
+    path = Path(path)
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        owner = f" of {what}" if what else ""
+        raise MergeLabError(f"{path.name}{owner} (in {path.parent}) is not a valid safetensors file ({reason}); it "
+                            "is truncated or corrupt: re-download, re-export or recompute it") from None
+
+
+def check_safetensors(files: list[Path], what: str = "") -> None:
+    """Fail clearly, before anything is built, when one of `files` is not a readable safetensors file."""
+    for f in files:
+        with open_safetensors(f, what):
+            pass
+
+
 class LazyFiles:
     """The tensors of one or more safetensors files, read on demand (mmap)."""
 
-    def __init__(self, files: list[Path]):
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
+    def __init__(self, files: list[Path], what: str = ""):
+        self._handles = [open_safetensors(f, what) for f in files]
         self._where = {key: h for h in self._handles for key in h.keys()}
 
     def keys(self) -> list[str]:

@@ -23,6 +23,7 @@ dev scores of every task in `mergelab.json` as `scores: {"dev": {task: {...}}}`.
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -36,10 +37,11 @@ from . import partition, settings
 from ._version import __version__
 from .arch import adapter_for
 from .encode import Encoded, encode, mlm_mask
-from .errors import MergeLabError
+from .errors import MergeLabError, writing
 from .evaluation import Evaluator
 from .losses import task_loss
-from .models import check_out, load, staging, write_into, write_multihead
+from .models import load, write_into, write_multihead
+from .outputs import check_out, staging
 from .progress import ProgressFn
 from .tasks import TaskSpec, get_task
 
@@ -69,6 +71,19 @@ class TrainConfig:
     head_only: bool = False
     eval_limit: int | None = None  # score on the first N dev examples only (None: the whole split)
     sampling: str = "proportional"  # multi-task: which task each step takes (see SAMPLING)
+
+    def __post_init__(self) -> None:
+        # A NaN or inf learning rate turns every weight into NaN; 0 or less trains nothing (or backwards).
+        if self.lr is not None:
+            try:
+                if isinstance(self.lr, bool):
+                    raise TypeError
+                lr = float(self.lr)  # also a numeric string (YAML 1.1 reads 1e-4 as text)
+            except (TypeError, ValueError):
+                raise MergeLabError(f"learning rate must be a number, got {self.lr!r}", param="lr") from None
+            if not math.isfinite(lr) or lr <= 0:
+                raise MergeLabError(f"learning rate must be a finite number above 0, got {lr}", param="lr")
+            self.lr = lr
 
     @property
     def learning_rate(self) -> float:
@@ -187,7 +202,7 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     checkpoints: list[dict] = []
     started = time.perf_counter()
     losses: list[float] = []
-    with staging(out, overwrite=overwrite) as tmp:
+    with writing(out), staging(out, overwrite=overwrite) as tmp:  # a full disk: one line naming `out`
         model.train()
         bar = _Bar(config.steps, f"train {spec.name}", progress)
         for step in range(1, config.steps + 1):
@@ -296,7 +311,7 @@ def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str 
     started = time.perf_counter()
     losses: list[float] = []
     task_losses: dict[str, list[float]] = {name: [] for name in names}
-    with staging(out, overwrite=overwrite) as tmp:
+    with writing(out), staging(out, overwrite=overwrite) as tmp:
         for job in jobs:
             job.model.train()
         bar = _Bar(config.steps, f"train {len(jobs)} tasks", progress)

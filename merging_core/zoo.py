@@ -42,18 +42,72 @@ def load_recipe(recipe: str | Path = "default") -> Recipe:
     if not path.is_file():
         known = ", ".join(p.stem for p in sorted(RECIPES.glob("*.yaml")))
         raise MergeLabError(f"recipe {str(recipe)!r} not found; give a YAML path or one of: {known}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    defaults, models = raw.get("defaults", {}), raw.get("models", {})
-    allowed = {f.name for f in fields(TrainConfig)}
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:  # its own message runs over several lines: the problem and where
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["unreadable"])[0]
+        raise MergeLabError(f"recipe {path.name} is not valid YAML: {problem}{where}", param="recipe") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergeLabError(f"recipe {path.name} cannot be read: {exc}", param="recipe") from None
+    raw = {} if raw is None else raw
+    shape = "a mapping with 'defaults' (settings shared by every entry) and 'models' (entry name -> settings)"
+    if not isinstance(raw, dict):
+        raise MergeLabError(f"recipe {path.name} must be {shape}, not a {type(raw).__name__}", param="recipe")
+    defaults, models = raw.get("defaults") or {}, raw.get("models") or {}
+    for key, value in (("defaults", defaults), ("models", models)):
+        if not isinstance(value, dict):
+            raise MergeLabError(f"recipe {path.name}: '{key}' must be a mapping, not a {type(value).__name__}; "
+                                f"a recipe is {shape}", param="recipe")
+    types = {f.name: f.type for f in fields(TrainConfig)}
     entries = {}
     for name, settings_ in models.items():
+        where = f"recipe {path.name}, entry {name!r}"
+        if settings_ is not None and not isinstance(settings_, dict):
+            raise MergeLabError(f"{where}: its settings must be a mapping (e.g. {{task: sst2, seed: 0}}), not "
+                                f"{settings_!r}", param="recipe")
         merged = {**defaults, **(settings_ or {})}
-        unknown = sorted(set(merged) - allowed)
+        unknown = sorted(set(merged) - set(types))
         if unknown:
-            raise MergeLabError(f"recipe {path.name}, entry {name!r}: unknown setting(s) {unknown}; "
-                                f"allowed: {sorted(allowed)}")
-        entries[name] = TrainConfig(**merged)
+            raise MergeLabError(f"{where}: unknown setting(s) {unknown}; allowed: {sorted(types)}", param="recipe")
+        if "task" not in merged:
+            raise MergeLabError(f"{where}: no task; give one, e.g. task: sst2", param="recipe")
+        merged = {key: _setting(where, key, value, types[key]) for key, value in merged.items()}
+        try:
+            entries[name] = TrainConfig(**merged)
+        except MergeLabError as exc:
+            raise MergeLabError(f"{where}: {exc.message}", param="recipe", hint=exc.hint) from None
     return Recipe(path.stem, entries)
+
+
+def _setting(where: str, key: str, value, annotation: str):
+    """A recipe value checked against the TrainConfig field's annotation ("int", "float | None", ...).
+    YAML 1.1 reads `1e-4` as text, so a float field also takes a numeric string."""
+    kinds = {part.strip() for part in str(annotation).split("|")}
+    if value is None and "None" in kinds:
+        return value
+    if "bool" in kinds and isinstance(value, bool):
+        return value
+    if not isinstance(value, bool):
+        if "int" in kinds and isinstance(value, int):
+            return value
+        if "float" in kinds:
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        if "str" in kinds and isinstance(value, str):
+            return value
+        if "Sequence[str]" in kinds and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    wanted = " or ".join(k for k in ("a whole number" if "int" in kinds else "", "a number" if "float" in kinds
+                                     else "", "true/false" if "bool" in kinds else "", "text" if "str" in kinds
+                                     else "") if k)
+    raise MergeLabError(f"{where}: setting {key!r} must be {wanted or annotation}, got {value!r}", param="recipe")
 
 
 def build(recipe: str | Path = "default", *, only: list[str] | None = None, rebuild: bool = False,

@@ -160,6 +160,16 @@ def app_home(isolated_home, pico, tmp_path, monkeypatch):
     return isolated_home
 
 
+@pytest.fixture()
+def public_home(app_home, pico, monkeypatch):
+    """app_home (a zoo with pico-sst2, pico-cola) in public mode."""
+    entry = copy_model(pico("cola", seed=1), app_home / "zoo" / "pico-cola")
+    (entry / "mergelab.json").write_text(json.dumps({"task": "cola", "kind": "full", "seed": 1, "steps": 0}))
+    monkeypatch.setenv("MERGELAB_PUBLIC", "1")
+    monkeypatch.delenv("MERGELAB_ADMIN_TOKEN", raising=False)
+    return app_home
+
+
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

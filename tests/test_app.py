@@ -18,7 +18,7 @@ def client(app_home):
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        yield gradio_client.Client(url, verbose=False)
+        yield gradio_client.Client(url, verbose=False, analytics_enabled=False)
     demo.close()
 
 

@@ -11,7 +11,8 @@ import gradio as gr
 
 import merging_core as ml
 
-from . import curves_tab, ensemble_tab, evaluate_tab, merge_tab, permute_tab, zoo_tab
+from . import curves_tab, ensemble_tab, evaluate_tab, merge_tab, permute_tab, uploads_tab, zoo_tab
+from .session import limits_note, startup_sweep
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -19,25 +20,33 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 def _header() -> str:
     device = ml.settings.device()
     where = f"GPU ({device})" if device.type == "cuda" else "CPU"
+    note = limits_note()
     return (f"# MergeLab\nExplore how fine-tuned transformer checkpoints merge: zoo, scores, merges, curves. "
-            f"<span class='ml-device'>engine {ml.__version__} on {where}</span>")
+            f"<span class='ml-device'>engine {ml.__version__} on {where}</span>" + (f"\n\n{note}" if note else ""))
 
 
 def build_app() -> gr.Blocks:
+    startup_sweep()  # staging folders of killed writers; expired sessions
     with gr.Blocks(title="MergeLab", analytics_enabled=False) as demo:
         gr.Markdown(_header(), elem_id="ml-header")
         with gr.Tabs():
             zoo_tab.build(demo)
+            uploads_tab.build(demo)
             evaluate_tab.build(demo)
             merge_tab.build(demo)
             curves_tab.build(demo)
             permute_tab.build(demo)
             ensemble_tab.build(demo)
-    demo.queue(max_size=32)
+    # One heavy job at a time per event, and a bounded queue: a flood of requests waits or is turned away.
+    demo.queue(max_size=32, default_concurrency_limit=1)
     return demo
 
 
 def launch_kwargs() -> dict:
-    """Theme and CSS go to launch() in Gradio 6."""
-    return {"theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"),
-            "css": (ASSETS / "style.css").read_text(), "footer_links": ["api", "gradio", "settings"]}
+    """Theme and CSS go to launch() in Gradio 6; public mode bounds uploads."""
+    kwargs = {"theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="sky"),
+              "css": (ASSETS / "style.css").read_text(), "footer_links": ["api", "gradio", "settings"]}
+    limits = ml.settings.limits()
+    if limits is not None:
+        kwargs["max_file_size"] = f"{limits.upload_mb}mb"
+    return kwargs

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import gradio as gr
 
 import merging_core as ml
+
+from .session import redact, session
 
 
 def engine_errors(handler: Callable | None = None, *, labels: Mapping[str, str] | None = None) -> Callable:
@@ -19,7 +23,7 @@ def engine_errors(handler: Callable | None = None, *, labels: Mapping[str, str] 
         return functools.partial(engine_errors, labels=labels)
 
     def ui_error(exc: ml.MergeLabError) -> gr.Error:
-        return gr.Error(exc.render(labels or {}), print_exception=False)
+        return gr.Error(redact(exc.render(labels or {})), print_exception=False)
 
     if inspect.isgeneratorfunction(handler):  # a streaming handler fails while it is iterated
 
@@ -42,14 +46,54 @@ def engine_errors(handler: Callable | None = None, *, labels: Mapping[str, str] 
     return wrapper
 
 
-def progress_fn(progress: gr.Progress) -> ml.progress.ProgressFn:
-    """The engine's (fraction, description) callback, drawn by Gradio's progress bar."""
-    return lambda fraction, desc: progress(fraction, desc=desc)
+_stops: dict[str, float] = {}  # session -> when it last pressed Stop (monotonic clock)
+_stops_lock = threading.Lock()
+_STOP_MEMORY = 3600.0  # forget a Stop after an hour
 
 
-def model_choices() -> list[str]:
-    """Zoo entries first (built ones), then the packaged MiniLM."""
-    return [row["name"] for row in ml.zoo.entries()] + [ml.models.MINILM]
+def progress_fn(progress: gr.Progress, request: gr.Request | None = None) -> ml.progress.ProgressFn:
+    """The engine's (fraction, description) callback, drawn by Gradio's progress bar. It also ends the job
+    (raising `Cancelled` inside the engine's loop) once the same session presses Stop."""
+    key = getattr(request, "session_hash", None)
+    started = time.monotonic()
+
+    def report(fraction: float, desc: str) -> None:
+        if key is not None and _stops.get(key, float("-inf")) >= started:
+            raise ml.progress.Cancelled()
+        progress(fraction, desc=desc)
+
+    return report
+
+
+def stop(request: gr.Request = None) -> str:
+    """Stop every job this session started before now (each ends at its next progress report)."""
+    key = getattr(request, "session_hash", None)
+    if key is None:
+        return ""
+    now = time.monotonic()
+    with _stops_lock:
+        for old in [k for k, at in _stops.items() if now - at > _STOP_MEMORY]:
+            del _stops[old]
+        _stops[key] = now
+    return "Stopped."
+
+
+def stop_button(elem_id: str) -> gr.Button:
+    """A Stop button, placed beside a long action's button (wired by `on_stop`)."""
+    return gr.Button("Stop", variant="stop", min_width=80, scale=0, elem_id=elem_id)
+
+
+def on_stop(button: gr.Button, runs: list[Any], status: gr.components.Component | None, *, api: bool = False) -> None:
+    """Stop cancels the events in the browser and ends the engine's work; with `api`, it is also the
+    `/stop` endpoint, which stops every job of the caller's session."""
+    button.click(stop, None, status, cancels=runs, queue=False, api_name="stop" if api else f"stop_{button.elem_id}",
+                 api_visibility="public" if api else "private")
+
+
+def model_choices(request: gr.Request | None = None) -> list[str]:
+    """Zoo entries first (built ones), then the packaged MiniLM, then (public mode) the session's results."""
+    own = session(request).results() if request is not None else []  # building the app: no visitor yet
+    return [row["name"] for row in ml.zoo.entries()] + [ml.models.MINILM] + own
 
 
 def multitask_choices() -> list[str]:

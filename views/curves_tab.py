@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from merging_core.curves import CurveSpec, PlaneSpec
 from merging_core.paths import PATHS
 
 from . import figures
-from .common import engine_errors, model_choices, progress_fn
+from .common import engine_errors, model_choices, on_stop, progress_fn, stop_button
+from .session import redact, session
 
 BOTH = "line + bezier"
 DEFAULT_LIMIT = 200
@@ -31,6 +31,32 @@ LABELS = {"models": "Checkpoints (A, B, C)", "tasks": "Tasks", "points": "Points
 
 def _limit(limit: float | None) -> int | None:
     return int(limit) if limit and not math.isnan(limit) else None
+
+
+def _whole(value: float | None, param: str) -> int:
+    """A slider's count (an API caller may send NaN, which passes a slider's bounds)."""
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return int(value)
+    raise ml.MergeLabError(f"{value!r:.40} is not a number", param=param)
+
+
+def _names(*picked: tuple[str, object]) -> None:
+    """Models are picked by name (param, value): an API caller may send anything."""
+    for param, value in picked:
+        if value is not None and not isinstance(value, str):
+            raise ml.MergeLabError(f"pick models by their names, not {type(value).__name__} {value!r:.40}",
+                                   param=param)
+
+
+def _known(optional: dict[str, str | None]) -> None:
+    """The optional models, checked now and named by their own controls (the engine reads them later, or only
+    when a task needs one, and names every model 'models')."""
+    for param, name in optional.items():
+        try:
+            if name:
+                ml.resolve(name)
+        except ml.MergeLabError as exc:
+            raise ml.MergeLabError(exc.message, param=param, hint=exc.hint) from None
 
 
 def _tasks(tasks: list[str] | None) -> list[tuple[str, str]]:
@@ -70,8 +96,9 @@ def curve_summary(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def export(curves: list[dict], summaries: list[dict]) -> list[str]:
-    """The points as CSV (one row per path, point and task) and everything as JSON, in a temp folder."""
+def export(curves: list[dict], summaries: list[dict], visitor) -> list[str]:
+    """The points as CSV (one row per path, point and task) and everything as JSON, in the session's
+    download folder (no server paths in public mode)."""
     rows = []
     for c in curves:
         for item in c["items"]:
@@ -80,25 +107,32 @@ def export(curves: list[dict], summaries: list[dict]) -> list[str]:
             for task, scores in item["scores"].items():
                 rows.append({"path": c["path"], "kind": item["kind"], "method": item.get("method", ""), "t": item["t"],
                              "task": task, **{k: v for k, v in scores.items() if k not in ("task", "split")}})
-    folder = Path(tempfile.mkdtemp(prefix="mergelab-curve-"))
-    stem = f"curve-{summaries[0]['a']}-{summaries[0]['b']}".replace("/", "_")
+    folder = visitor.downloads()
+    stem = redact(f"curve-{Path(summaries[0]['a']).name}-{Path(summaries[0]['b']).name}")
     csv, js = folder / f"{stem}.csv", folder / f"{stem}.json"
     pd.DataFrame(rows).to_csv(csv, index=False)
-    js.write_text(json.dumps({"curves": curves, "summaries": summaries}, indent=1))
+    js.write_text(redact(json.dumps({"curves": curves, "summaries": summaries}, indent=1)))
     return [str(csv), str(js)]
 
 
 @engine_errors(labels=LABELS)
 def run_curve(a: str, b: str, tasks: list[str] | None, points: float, path: str, limit: float | None,
               head_from: str | None, base: str | None, merges: list[str] | None, bend_steps: float,
-              progress: gr.Progress = gr.Progress()):
+              request: gr.Request = None, progress: gr.Progress = gr.Progress()):
     """Stream the curve(s): yields (figure, summary markdown, status, files)."""
+    _names(("models", a), ("models", b), ("head_from", head_from), ("base", base))
     if not (a or "").strip() or not (b or "").strip():
         raise ml.MergeLabError("pick two checkpoints, A and B (or a suggested pair)", param="models")
+    visitor = session(request)
     kinds = list(PATHS) if path == BOTH else [path]
-    report = progress_fn(progress)
-    spec = CurveSpec((a, b), tuple(tasks or ()), points=int(points), limit=_limit(limit), head_from=head_from,
-                     base=base, merges=tuple(merges or ()), bend_steps=int(bend_steps))
+    report = progress_fn(progress, request)
+    optional = {name: visitor.model(value) or None
+                for name, value in (("head_from", head_from), ("base", base))}
+    _known(optional)
+    spec = CurveSpec((visitor.model(a), visitor.model(b)), tuple(tasks or ()),
+                     points=visitor.bound("points", _whole(points, "points"), "points"),
+                     limit=visitor.bound("examples", _limit(limit), "limit"), merges=tuple(merges or ()),
+                     bend_steps=visitor.bound("bend_steps", _whole(bend_steps, "bend_steps"), "bend_steps"), **optional)
     curves, summaries = [], []
     yield figures.curve_figure([], _tasks(tasks)), "", "Loading the checkpoints…", None
     for n, kind in enumerate(kinds):
@@ -110,11 +144,12 @@ def run_curve(a: str, b: str, tasks: list[str] | None, points: float, path: str,
         for item in run:
             current["items"].append(item)
             status = _status(item, kind, spec.points)
-            yield figures.curve_figure(curves, shown), curve_summary(summaries), status, None
+            yield figures.curve_figure(curves, shown), redact(curve_summary(summaries)), status, None
         summaries.append(run.summary())
     scope = f"first {spec.limit} examples" if spec.limit else "full split"
     done = f"Done in {sum(s['seconds'] for s in summaries):.1f} s ({scope} of each task's dev set)."
-    yield figures.curve_figure(curves, shown), curve_summary(summaries), done, export(curves, summaries)
+    yield (figures.curve_figure(curves, shown), redact(curve_summary(summaries)), done,
+           export(curves, summaries, visitor))
 
 
 def _status(item: dict, kind: str, points: int) -> str:
@@ -136,17 +171,23 @@ def plane_view(plane: dict | None, show: str):
 
 @engine_errors(labels=LABELS)
 def run_plane(a: str, b: str, c: str, task: str, grid: float, limit: float | None, merges: list[str] | None,
-              base: str | None, show: str, progress: gr.Progress = gr.Progress()):
+              base: str | None, show: str, request: gr.Request = None, progress: gr.Progress = gr.Progress()):
     """Stream the plane's heatmap: yields (figure, status, the points kept for redrawing)."""
+    _names(("models", a), ("models", b), ("models", c), ("base", base))
     if not all((m or "").strip() for m in (a, b, c)):
         raise ml.MergeLabError("pick three checkpoints, A, B and C, for a plane", param="models")
     if not task:
         raise ml.MergeLabError("pick the task whose scores the plane shows", param="tasks")
-    run = ml.plane(PlaneSpec((a, b, c), (task,), grid=int(grid), limit=_limit(limit), merges=tuple(merges or ()),
-                             base=base), progress=progress_fn(progress))
+    visitor = session(request)
+    _known({"base": visitor.model(base)})
+    run = ml.plane(PlaneSpec(tuple(visitor.model(m) for m in (a, b, c)), (task,),
+                             grid=visitor.bound("grid", _whole(grid, "grid"), "grid"),
+                             limit=visitor.bound("examples", _limit(limit), "limit"), merges=tuple(merges or ()),
+                             base=visitor.model(base) or None),
+                   progress=progress_fn(progress, request))
     spec = ml.get_task(task)
     plane = {"task": spec.name, "items": [],
-             "labels": {a.strip(): f"A: {a.strip()}", b.strip(): f"B: {b.strip()}", c.strip(): f"C: {c.strip()}"}}
+             "labels": {spec_: f"{letter}: {name.strip()}" for spec_, letter, name in zip(run.specs, "ABC", (a, b, c))}}
     for item in run:
         plane["items"].append(item)
         if item["kind"] != "cell" or item["col"] == len(run.xs) - 1:  # redraw per row, not per cell
@@ -172,9 +213,9 @@ def pick_pair(choice: str | None):
     return pair["a"], pair["b"], pair["tasks"]
 
 
-def refresh() -> tuple:
-    """On page load: the zoo may have grown since the app started."""
-    choices = model_choices()
+def refresh(request: gr.Request = None) -> tuple:
+    """On page load: the zoo may have grown since the app started, and the session may have results."""
+    choices = model_choices(request)
     return (gr.Dropdown(choices=pair_choices()), gr.Dropdown(choices=choices), gr.Dropdown(choices=choices),
             gr.Dropdown(choices=choices), gr.Dropdown(choices=[NONE, *choices]))
 
@@ -215,7 +256,9 @@ def build(demo: gr.Blocks) -> dict:
             merges = gr.CheckboxGroup(merge_choices(), value=[], label="Merges to place on the line",
                                       elem_id="curve-merges",
                                       info="each merge of A and B is scored and drawn at its projection on the line")
-        run = gr.Button("Run curve", variant="primary", elem_id="curve-run")
+        with gr.Row():
+            run = gr.Button("Run curve", variant="primary", elem_id="curve-run")
+            halt = stop_button("curve-stop")
         status = gr.Markdown(elem_id="curve-status")
         with gr.Row(equal_height=False):
             plot = gr.Plot(label="Along the path", elem_id="curve-plot", scale=3, min_width=560)
@@ -230,17 +273,22 @@ def build(demo: gr.Blocks) -> dict:
                 plane_task = gr.Dropdown(here, value=None, label="Task", elem_id="plane-task")
                 grid = gr.Slider(3, 15, value=7, step=1, label="Grid points per axis", elem_id="plane-grid")
                 show = gr.Radio(["metric", "loss"], value="metric", label="Heatmap of", elem_id="plane-show")
-            plane_run = gr.Button("Run plane", elem_id="plane-run")
+            with gr.Row():
+                plane_run = gr.Button("Run plane", elem_id="plane-run")
+                plane_halt = stop_button("plane-stop")
             plane_state = gr.State(None)
             plane_status = gr.Markdown(elem_id="plane-status")
             plane_plot = gr.Plot(label="Plane", elem_id="plane-plot")
 
         pair.change(pick_pair, pair, [a, b, tasks], api_visibility="private")
-        run.click(run_curve, [a, b, tasks, points, path, limit, head_from, base, merges, bend_steps],
-                  [plot, summary, status, files], api_name="curve", concurrency_id="gpu", show_progress_on=status)
-        plane_run.click(run_plane, [a, b, c, plane_task, grid, limit, merges, base, show],
-                        [plane_plot, plane_status, plane_state], api_name="plane", concurrency_id="gpu",
-                        show_progress_on=plane_status)
+        walking = run.click(run_curve, [a, b, tasks, points, path, limit, head_from, base, merges, bend_steps],
+                            [plot, summary, status, files], api_name="curve", concurrency_id="gpu",
+                            show_progress_on=status)
+        on_stop(halt, [walking], status)
+        gridding = plane_run.click(run_plane, [a, b, c, plane_task, grid, limit, merges, base, show],
+                                   [plane_plot, plane_status, plane_state], api_name="plane", concurrency_id="gpu",
+                                   show_progress_on=plane_status)
+        on_stop(plane_halt, [gridding], plane_status)
         show.change(plane_view, [plane_state, show], plane_plot, api_visibility="private")
         demo.load(refresh, None, [pair, a, b, c, head_from], api_visibility="private")
     return {"plot": plot, "summary": summary}

@@ -15,13 +15,14 @@ from merging_core.ensemble import GRANULARITIES, MEASURES, get_measure, similari
 from merging_core.training import PEFT_KINDS
 
 from . import figures
-from .common import engine_errors, progress_fn
+from .common import engine_errors, on_stop, progress_fn, stop_button
+from .session import session
 
 DEFAULT_MEASURE = "loss"
 # Engine inputs named in errors -> this tab's control labels.
 LABELS = {"target": "Target task", "kind": "Module kind", "sources": "Source modules", "similarity": "Similarity",
           "granularity": "Weights per", "shots": "Shots", "seeds": "Seeds", "steps": "Steps", "limit": "Dev limit",
-          "temperature": "log10 temperature"}
+          "temperature": "log10 temperature", "models": "Source modules"}
 
 
 def temperature(log10: float) -> float:
@@ -68,11 +69,27 @@ def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in str(text).replace(" ", ",").split(",") if s.strip()]
     except ValueError:
-        raise ml.MergeLabError(f"seeds must be integers separated by commas, e.g. 0,1,2; got {text!r}",
+        raise ml.MergeLabError(f"seeds must be integers separated by commas, e.g. 0,1,2; got {str(text)[:80]!r}",
                                param="seeds") from None
     if not seeds:
         raise ml.MergeLabError("give at least one seed, e.g. 0", param="seeds")
+    odd = [s for s in seeds if not 0 <= s < 2**32]
+    if odd:
+        raise ml.MergeLabError(f"seeds are whole numbers from 0 to {2**32 - 1}; got {str(odd[0])[:40]}", param="seeds")
     return seeds
+
+
+def _numbers(**values: object) -> None:
+    """Slider values as numbers (an API caller may send NaN, which passes a slider's bounds)."""
+    for param, value in values.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ml.MergeLabError(f"{value!r:.40} is not a number", param=param)
+
+
+def _choice(value: object, choices, param: str) -> None:
+    """A radio's value (it lets an empty one through)."""
+    if value not in choices:
+        raise ml.MergeLabError(f"choose one of {', '.join(choices)}; got {value!r:.40}", param=param)
 
 
 def weights_view(state: dict | None, log10_t: float):
@@ -98,14 +115,27 @@ def few_shot_table(result) -> pd.DataFrame:
 
 @engine_errors(labels=LABELS)
 def run_ensemble(target: str, kind: str, sources: list[str] | None, similarity: str, log10_t: float, granularity: str,
-                 shots: float, seeds: str, steps: float, limit: float | None, progress: gr.Progress = gr.Progress()):
+                 shots: float, seeds: str, steps: float, limit: float | None, request: gr.Request = None,
+                 progress: gr.Progress = gr.Progress()):
     """Similarity, weights and few-shot transfer. Returns (similarity figure, few-shot table, status, state)."""
     if not target:
         raise ml.MergeLabError("pick a target task", param="target")
-    limit_n = int(limit) if limit and not math.isnan(limit) else None
-    result = ml.ensemble(target, sources or None, similarity=similarity, temperature=temperature(log10_t),
-                         shots=int(shots), seeds=_seeds(seeds), granularity=granularity, steps=int(steps),
-                         limit=limit_n, kind=kind, progress=progress_fn(progress))
+    _choice(kind, PEFT_KINDS, "kind")
+    _choice(granularity, GRANULARITIES, "granularity")
+    _numbers(temperature=log10_t, shots=shots, steps=steps)
+    sources = [sources] if isinstance(sources, str) else sources  # an API caller's one name
+    odd = [s for s in sources or [] if s is not None and not isinstance(s, str)]
+    if odd:
+        raise ml.MergeLabError(f"pick modules by their names, not {type(odd[0]).__name__} {odd[0]!r:.40}",
+                               param="sources")
+    visitor = session(request)
+    limit_n = visitor.bound("examples", int(limit) if limit and not math.isnan(limit) else None, "limit")
+    chosen = _seeds(seeds)
+    visitor.bound("seeds", len(chosen), "seeds")
+    result = ml.ensemble(target, visitor.models(sources, "sources") or None, similarity=similarity,
+                         temperature=temperature(log10_t), shots=visitor.bound("shots", int(shots), "shots"),
+                         seeds=chosen, granularity=granularity, steps=visitor.bound("steps", int(steps), "steps"),
+                         limit=limit_n, kind=kind, progress=progress_fn(progress, request))
     state = {"measure": similarity, "scores": [s.scores[similarity] for s in result.scores]}
     rows = result.table()
     top = max(row["mean"] for row in rows)
@@ -117,13 +147,17 @@ def run_ensemble(target: str, kind: str, sources: list[str] | None, similarity: 
 
 
 @engine_errors(labels=LABELS)
-def run_matrix(kind: str, similarity: str, log10_t: float, shots: float, progress: gr.Progress = gr.Progress()):
+def run_matrix(kind: str, similarity: str, log10_t: float, shots: float, request: gr.Request = None,
+               progress: gr.Progress = gr.Progress()):
     """Leave-one-out similarities over every zoo module of `kind`; returns (heatmaps, state)."""
+    _choice(kind, PEFT_KINDS, "kind")
+    _numbers(temperature=log10_t, shots=shots)
+    shots = session(request).bound("shots", int(shots), "shots")
     specs = module_choices(kind)
     if len(specs) < 3:
         raise ml.MergeLabError(f"the zoo has {len(specs)} {kind} modules; the matrix needs at least 3", param="kind",
                                hint="build the zoo's PEFT recipe (peft)")
-    state = similarity_matrix(specs, similarity, shots=int(shots), progress=progress_fn(progress))
+    state = similarity_matrix(specs, similarity, shots=shots, progress=progress_fn(progress, request))
     return matrix_view(state, log10_t), state
 
 
@@ -158,21 +192,28 @@ def build(demo: gr.Blocks) -> dict:
         about = gr.Markdown(measure_info(DEFAULT_MEASURE), elem_id="ens-measure-info")
         log10_t = gr.Slider(-3, 2, value=math.log10(get_measure(DEFAULT_MEASURE).default_temperature), step=0.05,
                             label=LABELS["temperature"], elem_id="ens-temperature", info=temperature_info())
-        run = gr.Button("Measure and transfer", variant="primary", elem_id="ens-run")
+        with gr.Row():
+            run = gr.Button("Measure and transfer", variant="primary", elem_id="ens-run")
+            halt = stop_button("ens-stop")
         status = gr.Markdown(elem_id="ens-status")
         with gr.Row(equal_height=False):
             plot = gr.Plot(label="Similarity and weights", elem_id="ens-plot", scale=3)
             table = gr.Dataframe(label="Few-shot target score (dev) by starting module", interactive=False,
                                  elem_id="ens-table", scale=2)
         with gr.Accordion("Leave-one-out heatmaps (every task as the target)", open=False):
-            matrix_run = gr.Button("Compute the matrix", elem_id="ens-matrix-run")
+            with gr.Row():
+                matrix_run = gr.Button("Compute the matrix", elem_id="ens-matrix-run")
+                matrix_halt = stop_button("ens-matrix-stop")
             matrix_plot = gr.Plot(label="Similarity and weights, sources x targets", elem_id="ens-matrix")
         state, matrix_state = gr.State(None), gr.State(None)
 
-        run.click(run_ensemble, [target, kind, sources, similarity, log10_t, granularity, shots, seeds, steps, limit],
-                  [plot, table, status, state], api_name="ensemble", concurrency_id="gpu", show_progress_on=status)
-        matrix_run.click(run_matrix, [kind, similarity, log10_t, shots], [matrix_plot, matrix_state],
-                         api_name="ensemble_matrix", concurrency_id="gpu")
+        measuring = run.click(run_ensemble, [target, kind, sources, similarity, log10_t, granularity, shots, seeds,
+                                             steps, limit], [plot, table, status, state], api_name="ensemble",
+                              concurrency_id="gpu", show_progress_on=status)
+        on_stop(halt, [measuring], status)
+        matrix = matrix_run.click(run_matrix, [kind, similarity, log10_t, shots], [matrix_plot, matrix_state],
+                                  api_name="ensemble_matrix", concurrency_id="gpu")
+        on_stop(matrix_halt, [matrix], status)
         similarity.change(measure_info, similarity, about, api_visibility="private", show_progress="hidden")
         log10_t.change(weights_view, [state, log10_t], plot, api_visibility="private", show_progress="hidden")
         log10_t.change(matrix_view, [matrix_state, log10_t], matrix_plot, api_visibility="private",

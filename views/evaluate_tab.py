@@ -7,7 +7,8 @@ import pandas as pd
 
 import merging_core as ml
 
-from .common import engine_errors, model_choices, progress_fn
+from .common import engine_errors, model_choices, on_stop, progress_fn, stop_button
+from .session import redact, session
 
 COLUMNS = ["task", "split", "n", "metric", "score", "loss", "other metrics", "note"]
 
@@ -28,12 +29,18 @@ def result_table(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-@engine_errors
-def run_evaluation(model: str, tasks: list[str], split: str, limit: float | None,
+@engine_errors(labels={"model": "Model", "models": "Model", "tasks": "Tasks", "limit": "Limit", "split": "Split"})
+def run_evaluation(model: str, tasks: list[str], split: str, limit: float | None, request: gr.Request = None,
                    progress: gr.Progress = gr.Progress()) -> pd.DataFrame:
-    limit = int(limit) if limit else None
-    results = ml.evaluation.evaluate_many(model, tasks, split, limit, progress=progress_fn(progress))
-    return result_table(results)
+    visitor = session(request)
+    if model is not None and not isinstance(model, str):  # an API caller may send anything
+        raise ml.MergeLabError(f"pick a model by its name, not {type(model).__name__} {model!r:.40}", param="model")
+    if split not in ("dev", "test", "train"):  # the radio lets an empty value through
+        raise ml.MergeLabError(f"pick a split (dev, test or train), not {split!r:.40}", param="split")
+    model = visitor.model(model)
+    limit = visitor.bound("examples", int(limit) if limit else None, "limit")
+    results = ml.evaluation.evaluate_many(model, tasks, split, limit, progress=progress_fn(progress, request))
+    return result_table([{**r, "error": redact(r["error"])} if "error" in r else r for r in results])
 
 
 def own_task(model: str | None) -> list[str] | None:
@@ -48,9 +55,9 @@ def preselect(model: str | None):
     return own_task(model) or gr.skip()
 
 
-def refresh() -> tuple:
-    """On page load: the zoo may have grown since the app started."""
-    choices = model_choices()
+def refresh(request: gr.Request = None) -> tuple:
+    """On page load: the zoo may have grown since the app started, and the session may have results."""
+    choices = model_choices(request)
     return gr.Dropdown(choices=choices, value=choices[0]), preselect(choices[0])
 
 
@@ -69,9 +76,12 @@ def build(demo: gr.Blocks) -> dict:
             split = gr.Radio(["dev", "test", "train"], value="dev", label="Split")
             limit = gr.Number(value=None, precision=0, minimum=1, label="Limit (first N examples; empty = all)")
             run = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
+            halt = stop_button("eval-stop")
         table = gr.Dataframe(headers=COLUMNS, label="Scores", interactive=False, elem_id="eval-table",
                              buttons=["copy"])
         model.change(preselect, model, tasks, api_name="own_task", api_visibility="private")
-        run.click(run_evaluation, [model, tasks, split, limit], table, api_name="evaluate", concurrency_id="gpu")
+        scoring = run.click(run_evaluation, [model, tasks, split, limit], table, api_name="evaluate",
+                            concurrency_id="gpu")
+        on_stop(halt, [scoring], None)
         demo.load(refresh, None, [model, tasks], api_visibility="private")
     return {"model": model, "table": table}

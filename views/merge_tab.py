@@ -14,8 +14,6 @@ import json
 import math
 import shutil
 import statistics
-import tempfile
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -27,7 +25,8 @@ from merging_core.params import parse_assignments
 from merging_core.progress import scaled
 from merging_core.spec import FALLBACKS, HEAD_POLICIES, MergeSpec
 
-from .common import engine_errors, model_choices, multitask_choices, progress_fn
+from .common import engine_errors, model_choices, multitask_choices, on_stop, progress_fn, stop_button
+from .session import Session, redact, session
 
 DEFAULT_METHOD = "average"
 DEFAULT_LIMIT = 200
@@ -133,22 +132,9 @@ def _reset_js() -> str:
 # the run
 
 
-def output_folder(out: str | None, method: str) -> Path:
-    """A name goes under $MERGELAB_HOME/merges, a full path is used as is; empty: <method>-<timestamp>."""
-    root = ml.settings.home() / "merges"
-    text = (out or "").strip()
-    if text:
-        path = Path(text).expanduser()
-        return path if path.is_absolute() else root / path
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder, n = root / f"{method}-{stamp}", 2
-    while folder.exists():  # a fresh default name, never somebody's folder
-        folder, n = root / f"{method}-{stamp}-{n}", n + 1
-    return folder
-
-
 def score_table(rows: list[dict]) -> pd.DataFrame:
     tasks = sorted({k for r in rows for k in r if k not in ROW_KEYS})
+    rows = [{**r, "model": redact(str(r["model"]))} for r in rows]
     frame = pd.DataFrame(rows, columns=["model", "kind", *tasks, "mean"])
     return frame.round(4)
 
@@ -188,25 +174,27 @@ def _settings(config: dict) -> str:
     return " · ".join(parts)
 
 
-def summary(result: ml.MergeResult, extra: list[str]) -> str:
+def summary(result: ml.MergeResult, extra: list[str], visitor: Session) -> str:
     """Markdown: where the merge was saved, how long it took, its settings, CG residuals, notes."""
-    head = [f"**Saved** `{result.out}` in {result.seconds:.1f} s · {_settings(result.config)}"]
+    head = [f"**Saved** `{visitor.shown(result.out)}` in {result.seconds:.1f} s · {redact(_settings(result.config))}"]
     residuals = residual_summary(result.report)
     if residuals:
         head.append(residuals)
     notes = result.notes[:6] + ([f"… and {len(result.notes) - 6} more (see merge_config.json)"]
                                 if len(result.notes) > 6 else [])
-    bullets = "\n".join(f"- {n}" for n in notes + extra)
+    bullets = "\n".join(f"- {redact(n)}" for n in notes + extra)
     return "\n\n".join(head + ([bullets] if bullets else []))
 
 
-def downloads(folder: Path) -> list[str]:
-    """merge_config.json (and mergekit.yaml), copied to a temp folder Gradio may serve from."""
+def downloads(folder: Path, visitor: Session) -> list[str]:
+    """merge_config.json (and mergekit.yaml), and in public mode the merged model as a zip, copied to the
+    session's download folder (emptied each time, so downloads never pile up) for Gradio to serve."""
     files = [folder / n for n in ("merge_config.json", "mergekit.yaml") if (folder / n).is_file()]
-    if not files:
-        return []
-    where = Path(tempfile.mkdtemp(prefix="mergelab-config-"))
-    return [str(shutil.copy(f, where / f.name)) for f in files]
+    where = visitor.downloads()
+    copies = [str(shutil.copy(f, where / f.name)) for f in files]
+    if visitor.public:
+        copies.append(shutil.make_archive(str(where / folder.name), "zip", folder))
+    return copies
 
 
 def _limit(limit: float | None) -> int | None:
@@ -220,7 +208,7 @@ def _params(method: str, params: dict | str | None) -> dict:
     if isinstance(params, str):
         try:
             params = json.loads(params)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: JSON nested too deep
             return parse_assignments([params], where="method parameters")
     if not isinstance(params, dict):
         raise ml.MergeLabError(f"method parameters must be a dict such as {{\"lambda\": 0.3}}, got {params!r}",
@@ -231,27 +219,42 @@ def _params(method: str, params: dict | str | None) -> dict:
 @engine_errors(labels=LABELS)
 def run_merge(models: list[str] | None, base: str | None, method: str, params: dict | str | None,
               components: list[str] | None, fallback: str, heads: str, limit: float | None, compare: bool,
-              multitask: str | None, out: str | None, progress: gr.Progress = gr.Progress()):
+              multitask: str | None, out: str | None, request: gr.Request = None,
+              progress: gr.Progress = gr.Progress()):
     """Merge, save, then stream the score table: the merge first, then (compare on) each individual
     model, the ensemble and the multi-task model. Yields (table, status, downloadable files)."""
-    models = [m.strip() for m in models or [] if m and m.strip()]
+    visitor = session(request)
+    models = [models] if isinstance(models, str) else models  # an API caller's one name
+    for param, names in (("models", models or []), ("base", [base]), ("multitask", [multitask])):
+        odd = [n for n in names if n is not None and not isinstance(n, str)]  # an API caller may send anything
+        if odd:
+            raise ml.MergeLabError(f"pick models by their names, not {type(odd[0]).__name__} {odd[0]!r:.40}",
+                                   param=param)
+    models = visitor.models(models, "models")
     if not models:
         raise ml.MergeLabError("pick the checkpoints to merge (at least one; two or more to compare)",
                                param="models")
     if not components:
         raise ml.MergeLabError("pick at least one component for the method to merge", param="components")
-    base = (base or "").strip() or None
-    multitask = (multitask or "").strip() or None
-    limit = _limit(limit)
-    report = progress_fn(progress)
+    base = visitor.model(base) or None
+    multitask = visitor.model(multitask) or None
+    for param, name in (("base", base), ("multitask", multitask if compare else None)):
+        # checked now and named by its own control (the multi-task model is read only after the merge)
+        try:
+            if name:
+                ml.resolve(name)
+        except ml.MergeLabError as exc:
+            raise ml.MergeLabError(exc.message, param=param, hint=exc.hint) from None
+    limit = visitor.bound("examples", _limit(limit), "limit")
+    report = progress_fn(progress, request)
     spec = MergeSpec(method, tuple(models), base=base, params=_params(method, params), components=tuple(components),
                      fallback=fallback, heads=heads)
-    folder = output_folder(out, method)
+    folder = visitor.output("merges", out, method)
     yield score_table([]), "", None
     result = ml.merge(spec, out=folder, progress=scaled(report, 0.0, 0.4 if compare else 0.7, "merge: "))
-    files = downloads(result.out)
+    files = downloads(result.out, visitor)
     extra = [] if result.tasks else ["The merged model has no task head, so there is nothing to score."]
-    yield score_table([]), summary(result, extra + ["Scoring…"]), files
+    yield score_table([]), summary(result, extra + ["Scoring…"], visitor), files
 
     rows: list[dict] = []
     if result.tasks:
@@ -267,7 +270,7 @@ def run_merge(models: list[str] | None, base: str | None, method: str, params: d
                 extra.append(f"Not scored on {task}: {exc}")
         rows.append(merged_row(result.out.name, results))
         yield score_table(rows), summary(result, extra + (["Scoring the individual models and the ensemble…"]
-                                                          if compare else [])), files
+                                                          if compare else []), visitor), files
     if compare and len(models) < 2:
         extra.append("Comparison skipped: it needs at least two models.")
     elif compare:
@@ -275,16 +278,16 @@ def run_merge(models: list[str] | None, base: str | None, method: str, params: d
             for row in ml.compare(models, [], base=base, multitask=multitask, limit=limit,
                                   progress=scaled(report, 0.55, 1.0, "compare: ")):
                 rows.append(row)
-                yield score_table(rows), summary(result, extra + ["Scoring…"]), files
+                yield score_table(rows), summary(result, extra + ["Scoring…"], visitor), files
         except ml.MergeLabError as exc:  # the merge is saved; say why the comparison stopped
             extra.append(f"Comparison stopped: {exc}")
     scored = f"Scores: dev split, first {limit} examples per task." if limit else "Scores: full dev split."
-    yield score_table(rows), summary(result, extra + ([scored] if rows else [])), files
+    yield score_table(rows), summary(result, extra + ([scored] if rows else []), visitor), files
 
 
-def refresh() -> tuple:
-    """On page load: the zoo may have grown since the app started."""
-    choices = model_choices()
+def refresh(request: gr.Request = None) -> tuple:
+    """On page load: the zoo may have grown since the app started, and the session may have results."""
+    choices = model_choices(request)
     return (gr.Dropdown(choices=choices), gr.Dropdown(choices=[NONE, *choices]),
             gr.Dropdown(choices=[NONE, *multitask_choices()]))
 
@@ -348,9 +351,13 @@ def build(demo: gr.Blocks) -> dict:
                                     info="optional: one more row to beat (with Compare)")
             out = gr.Textbox("", label="Output folder", scale=2, elem_id="merge-out",
                              placeholder="<method>-<timestamp>",
-                             info=f"a name under {ml.settings.home() / 'merges'}, or a full path; "
-                                  "an existing folder is never overwritten")
-        run = gr.Button("Merge", variant="primary", elem_id="merge-run")
+                             info=("a name for your result (letters, digits, . _ -); kept with your session"
+                                   if ml.settings.public_mode() else
+                                   f"a name under {ml.settings.home() / 'merges'}, or a full path; "
+                                   "an existing folder is never overwritten"))
+        with gr.Row():
+            run = gr.Button("Merge", variant="primary", elem_id="merge-run")
+            halt = stop_button("merge-stop")
         status = gr.Markdown(elem_id="merge-status")
         table = gr.Dataframe(headers=["model", "kind", "mean"], label="Scores (headline dev metric per task)",
                              interactive=False, elem_id="merge-table", buttons=["copy"])
@@ -360,10 +367,11 @@ def build(demo: gr.Blocks) -> dict:
 
         method.change(method_doc, method, doc, api_name="method_doc", api_visibility="private")
         method.change(None, method, params, js=_reset_js(), api_visibility="private")
-        run.click(run_merge, [models, base, method, params, components, fallback, heads, limit, compare, multitask,
-                              out], [table, status, files], api_name="merge", concurrency_id="gpu",
-                  show_progress_on=status
-                  ).then(lambda saved: gr.File(visible=bool(saved)), files, files, api_visibility="private",
+        merging = run.click(run_merge, [models, base, method, params, components, fallback, heads, limit, compare,
+                                        multitask, out], [table, status, files], api_name="merge",
+                            concurrency_id="gpu", show_progress_on=status)
+        on_stop(halt, [merging], status, api=True)
+        merging.then(lambda saved: gr.File(visible=bool(saved)), files, files, api_visibility="private",
                          queue=False, show_progress="hidden")
         demo.load(refresh, None, [models, base, multitask], api_visibility="private")
     return {"models": models, "method": method, "table": table, "status": status}

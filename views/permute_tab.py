@@ -14,7 +14,8 @@ import merging_core as ml
 from merging_core.align import ATTENTION, MERGE_TYPES, RESIDUAL, AlignSpec, load_alignment
 
 from . import figures
-from .common import engine_errors, model_choices, progress_fn
+from .common import engine_errors, model_choices, on_stop, progress_fn, stop_button
+from .session import redact, session
 
 DEFAULT_LIMIT = 64
 TEXTS = ("wikitext2", "corpus", "sst2")
@@ -81,22 +82,35 @@ def _first_site(alignment) -> str:
 @engine_errors(labels=LABELS)
 def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk: bool, text: str,
               examples: float, tasks: list[str] | None, points: float, limit: float | None,
-              progress: gr.Progress = gr.Progress()):
+              request: gr.Request = None, progress: gr.Progress = gr.Progress()):
     """Align, show the heatmaps, then stream vanilla and aligned interpolation curves.
     Yields (status, summary, site choices, heatmaps, head cost, curves, the alignment's folder)."""
-    spec = align_spec(a, b, merge_type, attention, residual, qk, text, examples)
-    report = progress_fn(progress)
-    result = ml.align(spec, progress=ml.progress.scaled(report, 0.0, 0.3, "align: "))
+    visitor = session(request)
+    for param, value in (("a", a), ("b", b)):  # an API caller may send anything
+        if value is not None and not isinstance(value, str):
+            raise ml.MergeLabError(f"pick a model by its name, not {type(value).__name__} {value!r:.40}",
+                                   param=param)
+    if not (isinstance(points, (int, float)) and math.isfinite(points)):  # NaN passes the slider's bounds
+        raise ml.MergeLabError(f"{points!r:.40} is not a number", param="points")
+    if visitor.public and isinstance(examples, (int, float)) and math.isfinite(examples):
+        examples = visitor.bound("align_examples", int(examples), "examples")
+    spec = align_spec(visitor.model(a), visitor.model(b), merge_type, attention, residual, qk, text,
+                      examples)
+    points = visitor.bound("points", int(points), "points")
+    limit = visitor.bound("examples", _limit(limit), "limit")
+    report = progress_fn(progress, request)
+    out = visitor.output("aligned", None, "aligned") if visitor.public else None
+    result = ml.align(spec, out=out, progress=ml.progress.scaled(report, 0.0, 0.3, "align: "))
     folder, site = str(result.out), _first_site(result)
     maps = result.heatmaps(site)
     sites = gr.Dropdown(choices=list(result.correlations), value=site)
     heat, heads = figures.alignment_figure(maps), figures.head_cost_figure(maps)
     summary = result.summary()
-    yield ("Aligned; walking the vanilla and the aligned line…", alignment_summary(summary, {}), sites, heat, heads,
-           figures.curve_figure([], []), folder)
+    yield ("Aligned; walking the vanilla and the aligned line…", redact(alignment_summary(summary, {})), sites, heat,
+           heads, figures.curve_figure([], []), folder)
 
     curves, barriers = [], {}
-    options = {"points": int(points), "limit": _limit(limit)}
+    options = {"points": points, "limit": limit}
     for n, (label, other) in enumerate((("vanilla", spec.b), ("aligned", folder))):
         part = ml.progress.scaled(report, 0.3 + 0.35 * n, 0.65 + 0.35 * n, f"{label}: ")
         run = ml.curve(spec.a, other, tasks or None, progress=part, **options)
@@ -105,18 +119,19 @@ def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk
         curves.append(current)
         for item in run:
             current["items"].append(item)
-            yield (f"{label}: point {item['index'] + 1}/{options['points']}", alignment_summary(summary, barriers),
+            progress_text = f"{label}: point {item['index'] + 1}/{options['points']}"
+            yield (progress_text, redact(alignment_summary(summary, barriers)),
                    gr.skip(), gr.skip(), gr.skip(), figures.curve_figure(curves, shown), folder)
         for task, values in run.summary()["barriers"].items():
             barriers[(task, label)] = values
     scope = f"first {options['limit']} examples" if options["limit"] else "full split"
     # the last yield carries every output again: an API caller sees only the final values
-    yield (f"Done ({scope} of each task's dev set).", alignment_summary(summary, barriers), sites, heat, heads,
+    yield (f"Done ({scope} of each task's dev set).", redact(alignment_summary(summary, barriers)), sites, heat, heads,
            figures.curve_figure(curves, shown), folder)
 
 
-def refresh() -> tuple:
-    choices = model_choices()
+def refresh(request: gr.Request = None) -> tuple:
+    choices = model_choices(request)
     return gr.Dropdown(choices=choices), gr.Dropdown(choices=choices)
 
 
@@ -151,7 +166,9 @@ def build(demo: gr.Blocks) -> dict:
             points = gr.Slider(2, 26, value=11, step=1, label=LABELS["points"])
             limit = gr.Number(value=DEFAULT_LIMIT, precision=0, minimum=1, label=LABELS["limit"],
                               info="first N dev examples per task; empty = all")
-        run = gr.Button("Align and compare", variant="primary", elem_id="align-run")
+        with gr.Row():
+            run = gr.Button("Align and compare", variant="primary", elem_id="align-run")
+            halt = stop_button("align-stop")
         status = gr.Markdown(elem_id="align-status")
         summary = gr.Markdown(elem_id="align-summary")
         site = gr.Dropdown([], label=LABELS["site"], elem_id="align-site",
@@ -162,9 +179,10 @@ def build(demo: gr.Blocks) -> dict:
         curve_plot = gr.Plot(label="Vanilla vs aligned interpolation", elem_id="align-curves")
         folder = gr.State(None)
 
-        run.click(run_align, [a, b, merge_type, attention, residual, qk, text, examples, tasks, points, limit],
-                  [status, summary, site, heatmap, head_cost, curve_plot, folder], api_name="align",
-                  concurrency_id="gpu", show_progress_on=status)
+        aligning = run.click(run_align, [a, b, merge_type, attention, residual, qk, text, examples, tasks, points,
+                                         limit], [status, summary, site, heatmap, head_cost, curve_plot, folder],
+                             api_name="align", concurrency_id="gpu", show_progress_on=status)
+        on_stop(halt, [aligning], status)
         site.change(site_view, [folder, site], [heatmap, head_cost], api_visibility="private")
         demo.load(refresh, None, [a, b], api_visibility="private")
     return {"heatmap": heatmap, "curves": curve_plot}

@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from .. import settings
 from ..checkpoint import check_compatible, open_checkpoint
 from ..encode import encode
-from ..errors import MergeLabError
-from ..models import check_out, load
+from ..errors import MergeLabError, writing
+from ..models import load
+from ..outputs import check_out
 from ..progress import ProgressFn, scaled, track
 from ..tasks import get_task
 from .features import correlations
@@ -192,11 +193,12 @@ def _run(spec: AlignSpec, *, out: str | Path | None, overwrite: bool, progress: 
                        {k: round(v, 3) for k, v in timings.items()}, spec)
     # a subfolder: a model folder's own *.safetensors files are all read as its weights
     record = target / ALIGNMENT
-    record.mkdir()
-    save_file(matching.permutation.tensors() or {"none": torch.zeros(0, dtype=torch.int64)},
-              record / "permutation.safetensors")
-    save_file({k: v.contiguous() for k, v in corrs.items()}, record / "correlations.safetensors")
-    (record / "alignment.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+    with writing(record):
+        record.mkdir()
+        save_file(matching.permutation.tensors() or {"none": torch.zeros(0, dtype=torch.int64)},
+                  record / "permutation.safetensors")
+        save_file({k: v.contiguous() for k, v in corrs.items()}, record / "correlations.safetensors")
+        (record / "alignment.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
     if progress:
         progress(1.0, "aligned")
     return result

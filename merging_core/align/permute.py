@@ -34,8 +34,9 @@ from safetensors.torch import save_file
 
 from ..arch import adapter_for
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..errors import MergeLabError
-from ..models import METADATA, copy_tokenizer, staging
+from ..errors import MergeLabError, writing
+from ..models import METADATA, copy_tokenizer
+from ..outputs import staging
 
 KINDS = ("ff", "heads", "residual")
 EMBEDDINGS = ("word", "position", "token_type", "ln_embeddings")
@@ -157,7 +158,7 @@ def write_permuted(source: Checkpoint, perm: Permutation, out: str | Path, metad
     """Write `source` (an open checkpoint) permuted by `perm` as an HF folder, atomically."""
     state = permute_state({n: source.get(n) for n in source.names}, perm, model_type=source.config.model_type,
                           token_head=source.head.kind == "token")
-    with staging(out, overwrite=overwrite) as tmp:
+    with writing(out), staging(out, overwrite=overwrite) as tmp:
         save_file({source.names[n]: t for n, t in state.items()}, tmp / "model.safetensors", {"format": "pt"})
         source.config.save(tmp)
         copy_tokenizer(source.ref, tmp)

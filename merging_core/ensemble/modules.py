@@ -31,8 +31,9 @@ from safetensors.torch import save_file
 
 from ..arch import adapter_for, canonical
 from ..checkpoint import open_checkpoint
-from ..errors import MergeLabError
-from ..models import ADAPTER_FILE, METADATA, ModelRef, adapter_base, copy_tokenizer, read_config, resolve, staging
+from ..errors import MergeLabError, writing
+from ..models import ADAPTER_FILE, METADATA, ModelRef, adapter_base, copy_tokenizer, read_config, resolve
+from ..outputs import staging
 from ..tensorio import LazyFiles
 
 SPACES = ("module", "weights")
@@ -108,8 +109,8 @@ def _normalised(weights: list[float] | torch.Tensor, n: int) -> list[float]:
     w = [float(x) for x in weights]
     if len(w) != n:
         raise MergeLabError(f"{len(w)} weights for {n} modules; give one per module")
-    if any(x < 0 or math.isnan(x) for x in w) or sum(w) <= 0:
-        raise MergeLabError(f"module weights must be non-negative and not all zero, got {w}")
+    if any(x < 0 or not math.isfinite(x) for x in w) or not 0 < sum(w) < math.inf:
+        raise MergeLabError(f"module weights must be finite, non-negative and not all zero, got {w}")
     total = sum(w)
     return [x / total for x in w]
 
@@ -194,7 +195,7 @@ def write_module(template: Module, tensors: dict[str, torch.Tensor], out: str | 
                  metadata: dict, overwrite: bool = False) -> Path:
     """Write combined module tensors (module space) as an adapter folder loadable by PEFT and MergeLab,
     for `task` (the head is left to the task: a fresh one for a new task)."""
-    with staging(out, overwrite=overwrite) as tmp:
+    with writing(out), staging(out, overwrite=overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / ADAPTER_FILE)
         (tmp / "adapter_config.json").write_text(json.dumps(template.config, indent=2) + "\n")
         copy_tokenizer(template.ref, tmp)

@@ -1,0 +1,195 @@
+"""Who is asking, and what they may touch.
+
+Local mode (the user's own machine): models and outputs are whatever the user types, folders included,
+and requests are unbounded. Public mode (`merging_core.settings.public_mode()`, on for a Hugging Face
+Space): every visitor gets a session folder under `$MERGELAB_HOME/sessions`, named by a hash of Gradio's
+session id; models are names (zoo entries, `minilm`, allowlisted hub ids, and the session's own results
+and uploads, picked as `merges/<name>`, `aligned/<name>`, `uploads/<name>`); outputs are names inside the
+session folder, under a disk quota, and deleted when the session has been idle for a day; every count a
+request asks for is bounded (`settings.Limits`); nothing shown to the visitor holds a server path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+import merging_core as ml
+from merging_core.outputs import sweep
+
+RESULT_KINDS = ("merges", "aligned", "uploads")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_RESULT = re.compile(rf"({'|'.join(RESULT_KINDS)})/({_NAME.pattern})")
+_ABSOLUTE = re.compile(r"(?<![\w.~])/(?:[\w.@+-]+/)+([\w.@+-]*)")
+_SWEEP_EVERY = 600.0  # seconds between sweeps of expired sessions
+_last_sweep = 0.0
+
+
+@dataclass(frozen=True)
+class Session:
+    folder: Path | None  # public mode: this visitor's folder; local mode: None
+    limits: ml.settings.Limits | None = None
+
+    @property
+    def public(self) -> bool:
+        return self.folder is not None
+
+    # -- models ------------------------------------------------------------------------------------
+
+    def model(self, name: str | None) -> str:
+        """The engine spec of a picked model. Public mode: a session result by its name, else the name
+        as given (the engine accepts only names there); local mode: as given. Empty stays empty (the
+        request's own checks say what is missing)."""
+        name = (name or "").strip()
+        match = _RESULT.fullmatch(name)
+        if self.public and match:
+            path = self.folder / match.group(1) / match.group(2)
+            if path.is_dir():
+                return str(path)
+        return name
+
+    def models(self, names: list[str] | None, param: str = "models") -> list[str]:
+        names = [n for n in names or [] if n and n.strip()]
+        self.bound("models", len(names), param)
+        return [self.model(n) for n in names]
+
+    def results(self) -> list[str]:
+        """The session's own results, as pickers offer them (`merges/<name>`, ...): public mode only."""
+        if not self.public:
+            return []
+        return [f"{kind}/{p.name}" for kind in RESULT_KINDS for p in sorted((self.folder / kind).glob("*"))
+                if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file()]
+
+    # -- outputs -----------------------------------------------------------------------------------
+
+    def output(self, kind: str, name: str | None, default: str) -> Path:
+        """Where a new result goes. Public mode: a plain name inside the session folder, within the quota;
+        local mode: a name under $MERGELAB_HOME/<kind>, or a full path. Empty: `default`-<timestamp>."""
+        text = (name or "").strip()
+        root = (self.folder if self.public else ml.settings.home()) / kind
+        if self.public:
+            if text and not _NAME.fullmatch(text):
+                raise ml.MergeLabError(f"output name {text[:80]!r} must be a plain name: letters, digits, '.', '_' "
+                                       "and '-', at most 64 characters", param="out")
+            self._check_quota()
+        elif text:
+            path = Path(text).expanduser()
+            return path if path.is_absolute() else root / path
+        if text:
+            return root / text
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        folder, n = root / f"{default}-{stamp}", 2
+        while folder.exists():  # a fresh default name, never somebody's folder
+            folder, n = root / f"{default}-{stamp}-{n}", n + 1
+        return folder
+
+    def shown(self, path: Path | str) -> str:
+        """How a result is named to its user: `merges/<name>` in public mode, its path locally."""
+        path = Path(path)
+        if self.public and path.is_relative_to(self.folder):
+            return str(path.relative_to(self.folder))
+        return str(path)
+
+    def _check_quota(self) -> None:
+        used = _size(self.folder) / 2**20
+        if used >= self.limits.session_mb:
+            raise ml.MergeLabError(f"your results use {used:.0f} MB of the {self.limits.session_mb} MB a session may "
+                                   "keep; download what you need and start a new session", param="out")
+
+    def downloads(self) -> Path:
+        """A folder for files handed to the browser: emptied on each use, so downloads never pile up."""
+        key = self.folder.name if self.public else "local"
+        folder = Path(tempfile.gettempdir()) / "mergelab-downloads" / key
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+    # -- bounds ------------------------------------------------------------------------------------
+
+    def bound(self, field: str, value: int | None, param: str) -> int | None:
+        """`value` checked against the public limit of `field` (an empty value becomes the limit)."""
+        if not self.public:
+            return value
+        most = getattr(self.limits, field)
+        if value is None:
+            return most
+        if value > most:
+            raise ml.MergeLabError(f"{value} is more than this app allows ({most})", param=param)
+        return value
+
+    # -- what the visitor sees -----------------------------------------------------------------------
+
+    def result(self, name: str | None, param: str) -> Path:
+        """One of this session's results by the name it was shown under (public mode), or a folder
+        (local mode)."""
+        name = (name or "").strip()
+        match = _RESULT.fullmatch(name)
+        if not self.public:
+            return Path(name)
+        if match and (self.folder / match.group(1) / match.group(2)).is_dir():
+            return self.folder / match.group(1) / match.group(2)
+        raise ml.MergeLabError(f"{name[:80]!r} is not one of your results", param=param)
+
+
+def redact(text: str) -> str:
+    """Public mode: `text` without server paths (a session's folder disappears, leaving its result names;
+    other paths shrink to their last part). Local mode: unchanged."""
+    if not ml.settings.public_mode():
+        return text
+    text = re.sub(re.escape(str(ml.settings.sessions_dir())) + r"/[0-9a-f]+/?", "", text)
+    for root, label in ((ml.settings.zoo_dir(), "zoo"), (ml.settings.home(), "home")):
+        text = text.replace(str(root), label)
+    return _ABSOLUTE.sub(lambda m: m.group(1) or "…", text)
+
+
+def session(request: gr.Request | None) -> Session:
+    """The caller's session: public mode gives each Gradio session its own folder."""
+    if not ml.settings.public_mode():
+        return Session(None)
+    key = getattr(request, "session_hash", None) or "anonymous"
+    folder = ml.settings.sessions_dir() / hashlib.sha256(key.encode()).hexdigest()[:32]
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.touch()  # the session is alive: its expiry counts from now
+    limits = ml.settings.limits()
+    _sweep_expired(limits.session_hours)
+    return Session(folder, limits)
+
+
+def _sweep_expired(hours: int) -> None:
+    global _last_sweep
+    now = time.time()
+    if now - _last_sweep < _SWEEP_EVERY:
+        return
+    _last_sweep = now
+    for folder in ml.settings.sessions_dir().glob("*"):
+        if folder.is_dir() and now - folder.stat().st_mtime > hours * 3600:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def startup_sweep() -> list[Path]:
+    """At start: staging folders of killed writers, and expired sessions."""
+    removed = sweep(ml.settings.home())
+    if ml.settings.public_mode():
+        _sweep_expired(ml.settings.limits().session_hours)
+    return removed
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def limits_note() -> str:
+    """One line for the header: the active limits (public mode), or nothing."""
+    limits = ml.settings.limits()
+    if limits is None:
+        return ""
+    return (f"Public mode: up to {limits.examples} examples per task, {limits.models} models per merge, "
+            f"{limits.points} curve points, {limits.grid}×{limits.grid} plane grids, {limits.seeds} seeds; "
+            f"your results (≤ {limits.session_mb} MB) are kept {limits.session_hours} h after your last request.")
