@@ -2,8 +2,8 @@
 
 - quota: N merges of the packaged MiniLM (~90 MB each) in one session under a disk quota; the disk the
   session uses, how many merges were accepted and how many refused;
-- Stop: a long curve is stopped; the seconds until the process's CPU use falls to idle (sampled every
-  50 ms), and until a request queued behind it has finished;
+- Stop: a long curve is stopped; the seconds until its job has ended, until a request queued behind it
+  has finished, and until the process's CPU use falls to idle (sampled every 50 ms);
 - concurrency: S sessions at once, each merging two small checkpoints and scoring its result; errors
   and wall time.
 
@@ -72,13 +72,19 @@ def main() -> None:
 
     # Stop
     process = psutil.Process()
+    spent = cpu(process)
     me, other = gradio_client.Client(url, verbose=False, analytics_enabled=False), gradio_client.Client(url, verbose=False, analytics_enabled=False)
-    me.submit("pico-a", "pico-b", ["sst2"], 26, "line", 500, "", "", [], 10, api_name="/curve")
+    os.environ.update({"MERGELAB_MAX_POINTS": "51", "MERGELAB_MAX_EXAMPLES": "100000"})  # a long curve
+    long_job = me.submit("pico-a", "pico-b", ["sst2"], 51, "line", 100000, "", "", [], 10, api_name="/curve")
     waiting = other.submit("pico-a", ["sst2"], "dev", 8, api_name="/evaluate")
-    while cpu(process) < 3:
+    while cpu(process) - spent < 4:  # the curve is well under way (set up, walking its points)
         time.sleep(0.1)
+    assert not long_job.done(), "the curve ended before Stop: make it longer"
     me.predict(api_name="/stop")
     stopped = time.perf_counter()
+    while not long_job.done() and time.perf_counter() - stopped < 30:
+        time.sleep(0.01)
+    ended = time.perf_counter() - stopped  # the stopped curve's job has ended (with the Cancelled error)
     waiting.result(timeout=60)  # the request queued behind the stopped curve
     queue_moved = time.perf_counter() - stopped
     last, idle_after = cpu(process), None
@@ -88,7 +94,7 @@ def main() -> None:
         if now - last < 0.025:  # under half a core over 50 ms: nothing is computing any more
             idle_after = time.perf_counter() - stopped
         last = now
-    stop = {"queued_request_done_s": round(queue_moved, 2),
+    stop = {"stopped_job_ended_s": round(ended, 2), "queued_request_done_s": round(queue_moved, 2),
             "cpu_idle_after_s": round(idle_after, 2) if idle_after is not None else None}
     print_table([stop], list(stop))
 
