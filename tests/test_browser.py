@@ -61,7 +61,7 @@ def test_evaluate_tab_in_chromium(app_home):
         # choosing a zoo model preselects its own task (a server round trip)
         sst2 = page.locator("#eval-tasks label", has_text="sst2").locator("input")
         playwright.expect(sst2).to_be_checked(timeout=30_000)
-        page.get_by_label("Limit (first N examples; empty = all)").fill("16")
+        page.get_by_label("Limit").fill("16")
         page.locator("#eval-run").click()
         with screenshot_on_failure(page, "evaluate"):
             page.wait_for_function("document.querySelector('#eval-table').innerText.includes('accuracy')",

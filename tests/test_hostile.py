@@ -98,18 +98,10 @@ def gradio_crash(why: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(strict=True, raises=Unfriendly, reason=f"gradio: {why}")
 
 
-NUMBER_CRASH = gradio_crash("gr.Number(precision=0).preprocess calls int() on NaN/inf (ValueError/OverflowError), "
-                            "so the visitor gets the generic error and the log a traceback")
-STRING_CRASH = gradio_crash("gr.Number/gr.Slider.preprocess compares a string with the minimum (TypeError)")
-NONE_CRASH = gradio_crash("gr.CheckboxGroup.preprocess iterates None (TypeError)")
 PATH_CRASH = gradio_crash("a FileData naming a server file is refused with InvalidPathError, shown as the generic "
                           "error (safe, but not one line naming the input) and logged with a traceback")
 LIST_CRASH = gradio_crash("a plain string in a File list fails pydantic validation (ListFiles), shown as the generic "
                           "error and logged with a traceback")
-ECHO_LINES = gradio_crash("Gradio's 'Value: ... is not in the list of choices' prints a dropdown value with str(), "
-                          "so a newline in it makes the message several lines")
-ECHO_LONG = gradio_crash("Gradio's 'Value: ... is not in the list of choices' echoes the whole value")
-
 
 def case(endpoint: str, id: str, expect: str | None, *, raw: bool = False, marks=(), **override) -> None:
     kwargs = {**BASE.get(endpoint, {}), **override}
@@ -211,85 +203,85 @@ for key, out in OUTS.items():
 
 NUMBERS = [  # endpoint, field, label, [(id, value, expect or None for Gradio's bound message, marks)]
     ("/evaluate", "limit", r"Limit", [
-        ("nan", NAN, None, [NUMBER_CRASH]), ("inf", INF, None, [NUMBER_CRASH]),
-        ("minus-inf", -INF, r"^Value -inf is less than minimum value 1", []),
-        ("negative", -1, r"^Value -1 is less than minimum value 1", []),
-        ("zero", 0, r"^Value 0 is less than minimum value 1", []),
+        ("nan", NAN, None, []), ("inf", INF, None, []),
+        ("minus-inf", -INF, r"^[^:\n]+: Value -inf is less than minimum value 1", []),
+        ("negative", -1, r"^[^:\n]+: Value -1 is less than minimum value 1", []),
+        ("zero", 0, r"^[^:\n]+: Value 0 is less than minimum value 1", []),
         ("1e30", 1e30, r"^Limit: 1000000000000000019884624838656 is more than this app allows \(8\)", []),
         ("huge-int", 10**20, r"^Limit: 100000000000000000000 is more than this app allows \(8\)", []),
         ("over-limit", 9, r"^Limit: 9 is more than this app allows \(8\)", []),
-        ("string", "abc", None, [STRING_CRASH]), ("nan-string", "nan", None, [STRING_CRASH]),
-        ("1e400-string", "1e400", None, [STRING_CRASH])]),
+        ("string", "abc", None, []), ("nan-string", "nan", None, []),
+        ("1e400-string", "1e400", None, [])]),
     ("/merge", "limit", r"Limit", [
-        ("nan", NAN, None, [NUMBER_CRASH]), ("inf", INF, None, [NUMBER_CRASH]),
-        ("negative", -1, r"^Value -1 is less than minimum value 1", []),
+        ("nan", NAN, None, []), ("inf", INF, None, []),
+        ("negative", -1, r"^[^:\n]+: Value -1 is less than minimum value 1", []),
         ("1e30", 1e30, r"^Limit: 1000000000000000019884624838656 is more than this app allows", []),
-        ("string", "abc", None, [STRING_CRASH])]),
+        ("string", "abc", None, [])]),
     ("/curve", "points", r"Points", [
         ("nan", NAN, r"^Points: nan is not a number", []),
-        ("inf", INF, r"^Value inf is greater than maximum value 51", []),
-        ("negative", -1, r"^Value -1 is less than minimum value 2", []),
-        ("one", 1, r"^Value 1 is less than minimum value 2", []),
-        ("1e30", 1e30, r"^Value 1e\+30 is greater than maximum value 51", []),
+        ("inf", INF, r"^[^:\n]+: Value inf is greater than maximum value 51", []),
+        ("negative", -1, r"^[^:\n]+: Value -1 is less than minimum value 2", []),
+        ("one", 1, r"^[^:\n]+: Value 1 is less than minimum value 2", []),
+        ("1e30", 1e30, r"^[^:\n]+: Value 1e\+30 is greater than maximum value 51", []),
         ("over-limit", 20, r"^Points: 20 is more than this app allows \(5\)", []),
-        ("string", "abc", None, [STRING_CRASH])]),
+        ("string", "abc", None, [])]),
     ("/curve", "bend_steps", r"Bezier bend steps", [
         ("nan", NAN, r"^Bezier bend steps: nan is not a number", []),
-        ("zero", 0, r"^Value 0 is less than minimum value 10", []),
-        ("1e30", 1e30, r"^Value 1e\+30 is greater than maximum value 1000", []),
+        ("zero", 0, r"^[^:\n]+: Value 0 is less than minimum value 10", []),
+        ("1e30", 1e30, r"^[^:\n]+: Value 1e\+30 is greater than maximum value 1000", []),
         ("over-limit", 500, r"^Bezier bend steps: 500 is more than this app allows \(20\)", [])]),
     ("/curve", "limit", r"Limit", [
-        ("nan", NAN, None, [NUMBER_CRASH]),
+        ("nan", NAN, None, []),
         ("huge", 10**9, r"^Limit: 1000000000 is more than this app allows \(8\)", [])]),
     ("/plane", "grid", r"Grid points per axis", [
         ("nan", NAN, r"^Grid points per axis: nan is not a number", []),
-        ("zero", 0, r"^Value 0 is less than minimum value 3", []),
-        ("1e30", 1e30, r"^Value 1e\+30 is greater than maximum value 15", []),
+        ("zero", 0, r"^[^:\n]+: Value 0 is less than minimum value 3", []),
+        ("1e30", 1e30, r"^[^:\n]+: Value 1e\+30 is greater than maximum value 15", []),
         ("over-limit", 9, r"^Grid points per axis: 9 is more than this app allows \(4\)", []),
-        ("string", "x", None, [STRING_CRASH])]),
+        ("string", "x", None, [])]),
     ("/plane", "limit", r"Limit", [
-        ("negative", -1, r"^Value -1 is less than minimum value 1", []),
+        ("negative", -1, r"^[^:\n]+: Value -1 is less than minimum value 1", []),
         ("huge", 10**9, r"^Limit: 1000000000 is more than this app allows \(8\)", [])]),
     ("/align", "examples", r"Examples", [
-        ("nan", NAN, None, [NUMBER_CRASH]), ("inf", INF, None, [NUMBER_CRASH]),
-        ("negative", -1, r"^Value -1 is less than minimum value 1", []),
-        ("zero", 0, r"^Value 0 is less than minimum value 1", []),
+        ("nan", NAN, None, []), ("inf", INF, None, []),
+        ("negative", -1, r"^[^:\n]+: Value -1 is less than minimum value 1", []),
+        ("zero", 0, r"^[^:\n]+: Value 0 is less than minimum value 1", []),
         ("1e30", 1e30, r"^Examples: 1000000000000000019884624838656 is more than this app allows \(16\)", []),
         ("over-limit", 10**6, r"^Examples: 1000000 is more than this app allows \(16\)", []),
-        ("string", "x", None, [STRING_CRASH])]),
+        ("string", "x", None, [])]),
     ("/align", "points", r"Points per curve", [
         ("nan", NAN, r"^Points per curve: nan is not a number", []),
-        ("zero", 0, r"^Value 0 is less than minimum value 2", []),
-        ("1e30", 1e30, r"^Value 1e\+30 is greater than maximum value 26", []),
+        ("zero", 0, r"^[^:\n]+: Value 0 is less than minimum value 2", []),
+        ("1e30", 1e30, r"^[^:\n]+: Value 1e\+30 is greater than maximum value 26", []),
         ("over-limit", 20, r"^Points per curve: 20 is more than this app allows \(5\)", [])]),
     ("/align", "limit", r"Limit", [
-        ("inf", INF, None, [NUMBER_CRASH]),
+        ("inf", INF, None, []),
         ("huge", 10**9, r"^Limit: 1000000000 is more than this app allows \(8\)", [])]),
     ("/ensemble", "log10_t", r"log10 temperature", [
         ("nan", NAN, r"^log10 temperature: nan is not a number", []),
-        ("inf", INF, r"^Value inf is greater than maximum value 2", []),
-        ("minus-1e30", -1e30, r"^Value -1e\+30 is less than minimum value -3", []),
-        ("string", "x", None, [STRING_CRASH])]),
+        ("inf", INF, r"^[^:\n]+: Value inf is greater than maximum value 2", []),
+        ("minus-1e30", -1e30, r"^[^:\n]+: Value -1e\+30 is less than minimum value -3", []),
+        ("string", "x", None, [])]),
     ("/ensemble", "shots", r"Shots", [
         ("nan", NAN, r"^Shots: nan is not a number", []),
-        ("negative", -1, r"^Value -1 is less than minimum value 4", []),
-        ("zero", 0, r"^Value 0 is less than minimum value 4", []),
-        ("1e30", 1e30, r"^Value 1e\+30 is greater than maximum value 128", []),
+        ("negative", -1, r"^[^:\n]+: Value -1 is less than minimum value 4", []),
+        ("zero", 0, r"^[^:\n]+: Value 0 is less than minimum value 4", []),
+        ("1e30", 1e30, r"^[^:\n]+: Value 1e\+30 is greater than maximum value 128", []),
         ("over-limit", 100, r"^Shots: 100 is more than this app allows \(16\)", [])]),
     ("/ensemble", "steps", r"Steps", [
         ("nan", NAN, r"^Steps: nan is not a number", []),
-        ("1e30", 1e30, r"^Value 1e\+30 is greater than maximum value 200", []),
+        ("1e30", 1e30, r"^[^:\n]+: Value 1e\+30 is greater than maximum value 200", []),
         ("over-limit", 150, r"^Steps: 150 is more than this app allows \(10\)", [])]),
     ("/ensemble", "limit", r"Dev limit", [
-        ("nan", NAN, None, [NUMBER_CRASH]),
+        ("nan", NAN, None, []),
         ("huge", 10**9, r"^Dev limit: 1000000000 is more than this app allows \(8\)", [])]),
     ("/ensemble_matrix", "log10_t", r"log10 temperature", [
         ("nan", NAN, r"^log10 temperature: nan is not a number", [])]),
     ("/ensemble_matrix", "shots", r"Shots", [
         ("nan", NAN, r"^Shots: nan is not a number", []),
-        ("1e30", 1e30, r"^Value 1e\+30 is greater than maximum value 128", []),
+        ("1e30", 1e30, r"^[^:\n]+: Value 1e\+30 is greater than maximum value 128", []),
         ("over-limit", 100, r"^Shots: 100 is more than this app allows \(16\)", []),
-        ("string", "x", None, [STRING_CRASH])]),
+        ("string", "x", None, [])]),
 ]
 for endpoint, name, label, values in NUMBERS:
     for key, value, expect, marks in values:
@@ -297,14 +289,14 @@ for endpoint, name, label, values in NUMBERS:
 
 # -- choices: tasks, splits, methods, components, fallback, heads, kinds, measures ------------------------
 
-CHOICE = r"^Value: .*is not in the list of choices"
+CHOICE = r"^[^:\n]+: Value: .*is not in the list of choices"
 CHOICES = [  # endpoint, id, expect, marks, override
     ("/evaluate", "tasks-unknown", CHOICE, [], {"tasks": ["nope"]}),
     ("/evaluate", "tasks-traversal", CHOICE, [], {"tasks": ["../sst2"]}),
     ("/evaluate", "tasks-string", CHOICE, [], {"tasks": "sst2"}),
     ("/evaluate", "tasks-number", CHOICE, [], {"tasks": [1]}),
     ("/evaluate", "tasks-empty", r"no task selected", [], {"tasks": []}),
-    ("/evaluate", "tasks-none", r"^Tasks:", [NONE_CRASH], {"tasks": None}),
+    ("/evaluate", "tasks-none", r"^Tasks:", [], {"tasks": None}),
     ("/evaluate", "split-unknown", CHOICE, [], {"split": "nope"}),
     ("/evaluate", "split-traversal", CHOICE, [], {"split": "../dev"}),
     ("/evaluate", "split-empty", CHOICE, [], {"split": ""}),
@@ -314,11 +306,11 @@ CHOICES = [  # endpoint, id, expect, marks, override
     ("/merge", "method-empty", CHOICE, [], {"method": ""}),
     ("/merge", "method-none", r"^Method: unknown merge method None", [], {"method": None}),
     ("/merge", "method-path", CHOICE, [], {"method": "../methods/linear"}),
-    ("/merge", "method-newline", r"^Value: average\nx", [ECHO_LINES], {"method": "average\nx"}),
-    ("/merge", "method-huge", r"^Value: ", [ECHO_LONG], {"method": "x" * 100_000}),
+    ("/merge", "method-newline", r"^Method: Value: average x is not in the list", [], {"method": "average\nx"}),
+    ("/merge", "method-huge", r"^Method: Value: x+…$", [], {"method": "x" * 100_000}),
     ("/merge", "components-unknown", CHOICE, [], {"components": ["nope"]}),
     ("/merge", "components-empty", r"^Components: pick at least one component", [], {"components": []}),
-    ("/merge", "components-none", r"^Components:", [NONE_CRASH], {"components": None}),
+    ("/merge", "components-none", r"^Components:", [], {"components": None}),
     ("/merge", "fallback-unknown", CHOICE, [], {"fallback": "nope"}),
     ("/merge", "fallback-none", r"^Fallback: fallback must be one of", [], {"fallback": None}),
     ("/merge", "heads-unknown", CHOICE, [], {"heads": "nope"}),
@@ -429,7 +421,7 @@ RECIPES_REFUSED = {"abs": "/etc/passwd", "dotdot": "../../etc/passwd", "unknown"
 for key, recipe in RECIPES_REFUSED.items():
     case("/zoo_build", f"recipe-{key}", CHOICE, recipe=recipe)
 case("/zoo_build", "recipe-none", r"^Recipe: unknown recipe 'None'", recipe=None)
-case("/zoo_build", "recipe-newline", r"^Value: tiny\nx", marks=[ECHO_LINES], recipe="tiny\nx")
+case("/zoo_build", "recipe-newline", r"^Recipe: Value: tiny x is not in the list", recipe="tiny\nx")
 case("/zoo_build", "recipe-guess-token", CHOICE, recipe="/etc/passwd", token="guess")
 
 # -- uploads ------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import merging_core as ml
 from merging_core.curves import CurveSpec, PlaneSpec
 from merging_core.paths import PATHS
 
+from . import controls as ui
 from . import figures
 from .common import engine_errors, model_choices, on_stop, progress_fn, stop_button
 from .session import redact, session
@@ -226,34 +227,34 @@ def build(demo: gr.Blocks) -> dict:
                     "task's loss and score: a path with no barrier joins the two in one basin (mode connectivity).")
         choices = model_choices()
         with gr.Row():
-            pair = gr.Dropdown(pair_choices(), value=None, label="Suggested pair", scale=2, elem_id="curve-pair",
+            pair = ui.Dropdown(pair_choices(), value=None, label="Suggested pair", scale=2, elem_id="curve-pair",
                                info="zoo pairs: same task / different seeds, same run / different steps, "
                                     "different data partitions, different tasks")
-            a = gr.Dropdown(choices, value=None, allow_custom_value=True, label="A (t = 0)", scale=1,
+            a = ui.Dropdown(choices, value=None, allow_custom_value=True, label="A (t = 0)", scale=1,
                             elem_id="curve-a")
-            b = gr.Dropdown(choices, value=None, allow_custom_value=True, label="B (t = 1)", scale=1,
+            b = ui.Dropdown(choices, value=None, allow_custom_value=True, label="B (t = 1)", scale=1,
                             elem_id="curve-b")
         with gr.Row(equal_height=True):
             here = ml.data.available_tasks() or list(ml.TASKS)
-            tasks = gr.CheckboxGroup(here, value=[], label="Tasks", scale=3, elem_id="curve-tasks",
+            tasks = ui.CheckboxGroup(here, value=[], label="Tasks", scale=3, elem_id="curve-tasks",
                                      info="empty: the checkpoints' own tasks")
-            path = gr.Radio([*PATHS, BOTH], value="line", label="Path", scale=1, elem_id="curve-path")
+            path = ui.Radio([*PATHS, BOTH], value="line", label="Path", scale=1, elem_id="curve-path")
         with gr.Row(equal_height=True):
-            points = gr.Slider(2, 51, value=26, step=1, label="Points", elem_id="curve-points",
+            points = ui.Slider(2, 51, value=26, step=1, label="Points", elem_id="curve-points",
                                info="evenly spaced in t, both ends included")
-            limit = gr.Number(value=DEFAULT_LIMIT, precision=0, minimum=1, label="Limit", elem_id="curve-limit",
+            limit = ui.Number(value=DEFAULT_LIMIT, precision=0, minimum=1, label="Limit", elem_id="curve-limit",
                               info="first N dev examples per task; empty = all")
-            bend_steps = gr.Slider(10, 1000, value=200, step=10, label="Bezier bend steps",
+            bend_steps = ui.Slider(10, 1000, value=200, step=10, label="Bezier bend steps",
                                    info="training steps of the bend (Bezier only)")
         with gr.Accordion("Heads, base and merges", open=False):
             with gr.Row():
-                head_from = gr.Dropdown([NONE, *choices], value="", allow_custom_value=True, label="Head from",
+                head_from = ui.Dropdown([NONE, *choices], value="", allow_custom_value=True, label="Head from",
                                         info="score tasks neither checkpoint has a head for with this model's "
                                              "head (e.g. mlm-head for wikitext2)")
-                base = gr.Dropdown([NONE, *choices], value="", allow_custom_value=True, label="Base model",
+                base = ui.Dropdown([NONE, *choices], value="", allow_custom_value=True, label="Base model",
                                    info="for the task-vector cosine and task-vector merges; default: the "
                                         "checkpoints' recorded base")
-            merges = gr.CheckboxGroup(merge_choices(), value=[], label="Merges to place on the line",
+            merges = ui.CheckboxGroup(merge_choices(), value=[], label="Merges to place on the line",
                                       elem_id="curve-merges",
                                       info="each merge of A and B is scored and drawn at its projection on the line")
         with gr.Row():
@@ -268,11 +269,11 @@ def build(demo: gr.Blocks) -> dict:
 
         with gr.Accordion("Plane through three checkpoints", open=False, elem_id="plane-box"):
             with gr.Row(equal_height=True):
-                c = gr.Dropdown(choices, value=None, allow_custom_value=True, label="C", elem_id="plane-c",
+                c = ui.Dropdown(choices, value=None, allow_custom_value=True, label="C", elem_id="plane-c",
                                 info="the plane passes through A, B and C")
-                plane_task = gr.Dropdown(here, value=None, label="Task", elem_id="plane-task")
-                grid = gr.Slider(3, 15, value=7, step=1, label="Grid points per axis", elem_id="plane-grid")
-                show = gr.Radio(["metric", "loss"], value="metric", label="Heatmap of", elem_id="plane-show")
+                plane_task = ui.Dropdown(here, value=None, label="Task", elem_id="plane-task")
+                grid = ui.Slider(3, 15, value=7, step=1, label="Grid points per axis", elem_id="plane-grid")
+                show = ui.Radio(["metric", "loss"], value="metric", label="Heatmap of", elem_id="plane-show")
             with gr.Row():
                 plane_run = gr.Button("Run plane", elem_id="plane-run")
                 plane_halt = stop_button("plane-stop")

@@ -14,6 +14,7 @@ import merging_core as ml
 from merging_core.ensemble import GRANULARITIES, MEASURES, get_measure, similarity_matrix, softmax_weights
 from merging_core.training import PEFT_KINDS
 
+from . import controls as ui
 from . import figures
 from .common import engine_errors, on_stop, progress_fn, stop_button
 from .session import session
@@ -174,23 +175,23 @@ def build(demo: gr.Blocks) -> dict:
                     "examples (Lv et al. 2023).")
         with gr.Row():
             targets = target_choices()
-            target = gr.Dropdown(targets, value=targets[0] if targets else None, label=LABELS["target"],
+            target = ui.Dropdown(targets, value=targets[0] if targets else None, label=LABELS["target"],
                                  elem_id="ens-target")
-            kind = gr.Radio(list(PEFT_KINDS), value="lora", label=LABELS["kind"], elem_id="ens-kind")
-            sources = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, scale=3,
+            kind = ui.Radio(list(PEFT_KINDS), value="lora", label=LABELS["kind"], elem_id="ens-kind")
+            sources = ui.Dropdown([], value=[], multiselect=True, allow_custom_value=True, scale=3,
                                   label=LABELS["sources"], elem_id="ens-sources",
                                   info="default: the zoo's modules of this kind trained on other tasks")
         with gr.Row(equal_height=True):
-            similarity = gr.Dropdown(measure_choices(), value=DEFAULT_MEASURE, label=LABELS["similarity"],
+            similarity = ui.Dropdown(measure_choices(), value=DEFAULT_MEASURE, label=LABELS["similarity"],
                                      elem_id="ens-similarity", info="higher = more similar to the target")
-            granularity = gr.Radio(list(GRANULARITIES), value="model", label=LABELS["granularity"],
+            granularity = ui.Radio(list(GRANULARITIES), value="model", label=LABELS["granularity"],
                                    info="layer / block: weight cosine and Euclidean have per-layer scores")
-            shots = gr.Slider(4, 128, value=32, step=4, label=LABELS["shots"], info="target training examples")
+            shots = ui.Slider(4, 128, value=32, step=4, label=LABELS["shots"], info="target training examples")
             seeds = gr.Textbox("0", label=LABELS["seeds"], info="e.g. 0,1,2")
-            steps = gr.Slider(5, 200, value=50, step=5, label=LABELS["steps"], info="few-shot tuning, batch 8")
-            limit = gr.Number(value=200, precision=0, minimum=1, label=LABELS["limit"])
+            steps = ui.Slider(5, 200, value=50, step=5, label=LABELS["steps"], info="few-shot tuning, batch 8")
+            limit = ui.Number(value=200, precision=0, minimum=1, label=LABELS["limit"])
         about = gr.Markdown(measure_info(DEFAULT_MEASURE), elem_id="ens-measure-info")
-        log10_t = gr.Slider(-3, 2, value=math.log10(get_measure(DEFAULT_MEASURE).default_temperature), step=0.05,
+        log10_t = ui.Slider(-3, 2, value=math.log10(get_measure(DEFAULT_MEASURE).default_temperature), step=0.05,
                             label=LABELS["temperature"], elem_id="ens-temperature", info=temperature_info())
         with gr.Row():
             run = gr.Button("Measure and transfer", variant="primary", elem_id="ens-run")

@@ -7,6 +7,7 @@ import pandas as pd
 
 import merging_core as ml
 
+from . import controls as ui
 from .common import engine_errors, model_choices, on_stop, progress_fn, stop_button
 from .session import redact, session
 
@@ -67,14 +68,15 @@ def build(demo: gr.Blocks) -> dict:
                     "(same head type and labels); other rows say why they were skipped.")
         with gr.Row():
             choices = model_choices()
-            model = gr.Dropdown(choices, value=choices[0], label="Model", allow_custom_value=True, scale=2,
+            model = ui.Dropdown(choices, value=choices[0], label="Model", allow_custom_value=True, scale=2,
                                 info="zoo name, local folder, 'minilm' or a hub id", elem_id="eval-model")
             here = ml.data.available_tasks() or list(ml.TASKS)  # with no data root, the hub may still serve them
-            tasks = gr.CheckboxGroup(here, value=own_task(choices[0]) or [here[0]], label="Tasks", scale=3, elem_id="eval-tasks",
+            tasks = ui.CheckboxGroup(here, value=own_task(choices[0]) or [here[0]], label="Tasks", scale=3, elem_id="eval-tasks",
                                      info="tasks found in the data root (MERGELAB_DATA)")
         with gr.Row():
-            split = gr.Radio(["dev", "test", "train"], value="dev", label="Split")
-            limit = gr.Number(value=None, precision=0, minimum=1, label="Limit (first N examples; empty = all)")
+            split = ui.Radio(["dev", "test", "train"], value="dev", label="Split")
+            limit = ui.Number(value=None, precision=0, minimum=1, label="Limit",
+                              info="first N examples; empty = all")
             run = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
             halt = stop_button("eval-stop")
         table = gr.Dataframe(headers=COLUMNS, label="Scores", interactive=False, elem_id="eval-table",

@@ -25,6 +25,7 @@ from merging_core.params import parse_assignments
 from merging_core.progress import scaled
 from merging_core.spec import FALLBACKS, HEAD_POLICIES, MergeSpec
 
+from . import controls as ui
 from .common import engine_errors, model_choices, multitask_choices, on_stop, progress_fn, stop_button
 from .session import Session, redact, session
 
@@ -89,18 +90,18 @@ def param_control(p: dict) -> gr.components.Component:
     if kind == "bool":
         return gr.Checkbox(value=bool(default), **common)
     if kind == "choice":
-        return gr.Dropdown(list(p["choices"]), value=default, **common)
+        return ui.Dropdown(list(p["choices"]), value=default, **common)
     if kind == "floats":
         return gr.Textbox(value="" if default is None else ", ".join(str(v) for v in default),
                           placeholder="e.g. 0.7, 0.3", **common)
     if kind == "int":
         if bounded and high - low <= MAX_INT_SLIDER:
-            return gr.Slider(low, high, value=default, step=1, **common)
-        return gr.Number(value=default, precision=0, minimum=low, maximum=high, **common)
+            return ui.Slider(low, high, value=default, step=1, **common)
+        return ui.Number(value=default, precision=0, minimum=low, maximum=high, **common)
     tiny = default and bounded and abs(default) < 1e-3 * (high - low)  # e.g. a tolerance of 1e-6 in [0, 1]
     if bounded and not tiny:
-        return gr.Slider(low, high, value=default, step=_step(p), **common)
-    return gr.Number(value=default, minimum=low, maximum=high, **common)
+        return ui.Slider(low, high, value=default, step=_step(p), **common)
+    return ui.Number(value=default, minimum=low, maximum=high, **common)
 
 
 def balanced_rows(items: list, per_row: int) -> list[list]:
@@ -302,15 +303,15 @@ def build(demo: gr.Blocks) -> dict:
                     "next to the models it came from and their output ensemble.")
         choices = model_choices()
         with gr.Row():
-            models = gr.Dropdown(choices, value=[], multiselect=True, allow_custom_value=True, scale=3,
+            models = ui.Dropdown(choices, value=[], multiselect=True, allow_custom_value=True, scale=3,
                                  label="Checkpoints", elem_id="merge-models",
                                  info="zoo names, local folders, 'minilm' or hub ids; the first one is model A")
-            base = gr.Dropdown([NONE, *choices], value="", allow_custom_value=True, scale=2, label="Base model",
+            base = ui.Dropdown([NONE, *choices], value="", allow_custom_value=True, scale=2, label="Base model",
                                elem_id="merge-base",
                                info="the pretrained model they were fine-tuned from; task-vector methods "
                                     "(task arithmetic, TIES, DARE) need it")
         with gr.Row(equal_height=False, elem_id="merge-method-row"):
-            method = gr.Dropdown(method_choices(), value=DEFAULT_METHOD, label="Method", elem_id="merge-method",
+            method = ui.Dropdown(method_choices(), value=DEFAULT_METHOD, label="Method", elem_id="merge-method",
                                  scale=2, min_width=320)
             with gr.Column(scale=3, min_width=320):
                 doc = gr.Markdown(method_doc(DEFAULT_METHOD), elem_id="merge-method-doc")
@@ -334,19 +335,19 @@ def build(demo: gr.Blocks) -> dict:
 
         with gr.Accordion("Components and heads", open=False, elem_id="merge-components-box"):
             with gr.Row():
-                components = gr.CheckboxGroup(list(GROUPS), value=list(GROUPS), label="Components", scale=3,
+                components = ui.CheckboxGroup(list(GROUPS), value=list(GROUPS), label="Components", scale=3,
                                               elem_id="merge-components",
                                               info="parameter groups the method merges; the rest follow the fallback")
-                fallback = gr.Radio(list(FALLBACKS), value="average", label="Fallback", scale=1,
+                fallback = ui.Radio(list(FALLBACKS), value="average", label="Fallback", scale=1,
                                     info="for groups left out: average, or keep model A")
-                heads = gr.Radio(list(HEAD_POLICIES), value="auto", label="Heads", scale=1,
+                heads = ui.Radio(list(HEAD_POLICIES), value="auto", label="Heads", scale=1,
                                  info="auto: merge heads of one label set, else one head per task")
         with gr.Row(equal_height=True):
-            limit = gr.Number(value=DEFAULT_LIMIT, precision=0, minimum=1, label="Limit", scale=1, min_width=120,
+            limit = ui.Number(value=DEFAULT_LIMIT, precision=0, minimum=1, label="Limit", scale=1, min_width=120,
                               info="first N dev examples per task; empty = all", elem_id="merge-limit")
             compare = gr.Checkbox(value=True, label="Compare", scale=1, min_width=140, elem_id="merge-compare",
                                   info="score the individual models and their ensemble too")
-            multitask = gr.Dropdown([NONE, *multitask_choices()], value="", allow_custom_value=True, scale=2,
+            multitask = ui.Dropdown([NONE, *multitask_choices()], value="", allow_custom_value=True, scale=2,
                                     label="Multi-task model", elem_id="merge-multitask",
                                     info="optional: one more row to beat (with Compare)")
             out = gr.Textbox("", label="Output folder", scale=2, elem_id="merge-out",

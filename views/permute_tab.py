@@ -13,6 +13,7 @@ import gradio as gr
 import merging_core as ml
 from merging_core.align import ATTENTION, MERGE_TYPES, RESIDUAL, AlignSpec, load_alignment
 
+from . import controls as ui
 from . import figures
 from .common import engine_errors, model_choices, on_stop, progress_fn, stop_button
 from .session import redact, session
@@ -142,36 +143,36 @@ def build(demo: gr.Blocks) -> dict:
                     "then compare plain interpolation with interpolation after alignment.")
         choices = model_choices()
         with gr.Row():
-            a = gr.Dropdown(choices, value=None, allow_custom_value=True, label=LABELS["a"],
+            a = ui.Dropdown(choices, value=None, allow_custom_value=True, label=LABELS["a"],
                             elem_id="align-a", info="e.g. scratch-s0 (recipe `scratch`)")
-            b = gr.Dropdown(choices, value=None, allow_custom_value=True, label=LABELS["b"],
+            b = ui.Dropdown(choices, value=None, allow_custom_value=True, label=LABELS["b"],
                             elem_id="align-b", info="e.g. scratch-s1")
         with gr.Row(equal_height=True):
-            merge_type = gr.Dropdown(list(MERGE_TYPES), value=AlignSpec.merge_type, label=LABELS["merge_type"],
+            merge_type = ui.Dropdown(list(MERGE_TYPES), value=AlignSpec.merge_type, label=LABELS["merge_type"],
                                      elem_id="align-type", info="what is permuted; the rest is averaged as it is")
-            attention = gr.Radio(list(ATTENTION), value=AlignSpec.attention, label=LABELS["attention"],
+            attention = ui.Radio(list(ATTENTION), value=AlignSpec.attention, label=LABELS["attention"],
                                  elem_id="align-attention")
-            residual = gr.Radio(list(RESIDUAL), value=AlignSpec.residual, label=LABELS["residual"],
+            residual = ui.Radio(list(RESIDUAL), value=AlignSpec.residual, label=LABELS["residual"],
                                 elem_id="align-residual",
                                 info="LayerNorm sites; sep: one per site (not function-preserving)")
             qk = gr.Checkbox(value=AlignSpec.qk, label=LABELS["qk"], elem_id="align-qk")
         with gr.Row(equal_height=True):
-            text = gr.Dropdown(list(TEXTS), value=AlignSpec.text, label=LABELS["text"], allow_custom_value=True)
-            examples = gr.Number(value=128, precision=0, minimum=1, label=LABELS["examples"],
+            text = ui.Dropdown(list(TEXTS), value=AlignSpec.text, label=LABELS["text"], allow_custom_value=True)
+            examples = ui.Number(value=128, precision=0, minimum=1, label=LABELS["examples"],
                                  info="inputs read (train split)")
             here = ml.data.available_tasks() or list(ml.TASKS)
-            tasks = gr.CheckboxGroup(here, value=[], label=LABELS["tasks"], elem_id="align-tasks",
+            tasks = ui.CheckboxGroup(here, value=[], label=LABELS["tasks"], elem_id="align-tasks",
                                      info="empty: the models' own tasks (MLM loss for pretrained models)")
         with gr.Row(equal_height=True):
-            points = gr.Slider(2, 26, value=11, step=1, label=LABELS["points"])
-            limit = gr.Number(value=DEFAULT_LIMIT, precision=0, minimum=1, label=LABELS["limit"],
+            points = ui.Slider(2, 26, value=11, step=1, label=LABELS["points"])
+            limit = ui.Number(value=DEFAULT_LIMIT, precision=0, minimum=1, label=LABELS["limit"],
                               info="first N dev examples per task; empty = all")
         with gr.Row():
             run = gr.Button("Align and compare", variant="primary", elem_id="align-run")
             halt = stop_button("align-stop")
         status = gr.Markdown(elem_id="align-status")
         summary = gr.Markdown(elem_id="align-summary")
-        site = gr.Dropdown([], label=LABELS["site"], elem_id="align-site",
+        site = ui.Dropdown([], label=LABELS["site"], elem_id="align-site",
                            info="ff.<l>: feed-forward, attn.<l>: attention output, qk.<l>: Q/K, res.*: residual")
         with gr.Row(equal_height=False):
             heatmap = gr.Plot(label="Correlations", elem_id="align-heatmap", scale=3)

@@ -9,6 +9,7 @@ import pandas as pd
 
 import merging_core as ml
 
+from . import controls as ui
 from .common import engine_errors, on_stop, progress_fn, stop_button
 
 COLUMNS = ["name", "task", "kind", "seed", "steps", "partition", "metric", "score"]
@@ -57,7 +58,7 @@ def build(demo: gr.Blocks) -> dict:
                              buttons=["copy", "fullscreen"])
         with gr.Row():
             names = recipes()
-            recipe = gr.Dropdown(names, value="default" if "default" in names else (names or [None])[0], label="Recipe",
+            recipe = ui.Dropdown(names, value="default" if "default" in names else (names or [None])[0], label="Recipe",
                                  scale=2)
             token = gr.Textbox("", type="password", label="Admin token", scale=1, elem_id="zoo-token",
                                visible=ml.settings.public_mode(), info="building trains models: admin only here")
