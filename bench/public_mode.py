@@ -76,10 +76,11 @@ def main() -> None:
     me, other = gradio_client.Client(url, verbose=False, analytics_enabled=False), gradio_client.Client(url, verbose=False, analytics_enabled=False)
     os.environ.update({"MERGELAB_MAX_POINTS": "51", "MERGELAB_MAX_EXAMPLES": "100000"})  # a long curve
     long_job = me.submit("pico-a", "pico-b", ["sst2"], 51, "line", 100000, "", "", [], 10, api_name="/curve")
-    waiting = other.submit("pico-a", ["sst2"], "dev", 8, api_name="/evaluate")
-    while cpu(process) - spent < 4:  # the curve is well under way (set up, walking its points)
+    while cpu(process) - spent < 3:  # the curve is well under way (set up, walking its points)
         time.sleep(0.1)
-    assert not long_job.done(), "the curve ended before Stop: make it longer"
+    waiting = other.submit("pico-a", ["sst2"], "dev", 8, api_name="/evaluate")  # queued behind the curve
+    time.sleep(1.0)
+    assert not long_job.done() and not waiting.done(), "the curve ended before Stop: make it longer"
     me.predict(api_name="/stop")
     stopped = time.perf_counter()
     while not long_job.done() and time.perf_counter() - stopped < 30:

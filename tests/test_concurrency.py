@@ -72,10 +72,11 @@ def test_stop_ends_the_work_and_the_queue_moves_on(app_url, public_home, monkeyp
     spent = _cpu_seconds(process)
     # a long curve: 51 points (the slider's most) over the whole SST-2 dev set
     long_job = me.submit("pico-sst2", "pico-cola", ["sst2"], 51, "line", 100000, "", "", [], 10, api_name="/curve")
-    waiting = other.submit("pico-sst2", ["sst2"], "dev", 8, api_name="/evaluate")  # queued behind it
     deadline = time.monotonic() + 120
-    while _cpu_seconds(process) - spent < 4 and time.monotonic() < deadline:  # set up and walking its points
+    while _cpu_seconds(process) - spent < 3 and time.monotonic() < deadline:  # set up and walking its points
         time.sleep(0.1)
+    waiting = other.submit("pico-sst2", ["sst2"], "dev", 8, api_name="/evaluate")  # queued behind it (one slot)
+    time.sleep(1.0)
     assert not long_job.done() and not waiting.done()
     assert me.predict(api_name="/stop") == "Stopped."
     stopped_at = time.monotonic()

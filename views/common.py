@@ -90,6 +90,13 @@ def on_stop(button: gr.Button, runs: list[Any], status: gr.components.Component 
                  api_visibility="public" if api else "private")
 
 
+def models_info() -> str:
+    """What a model field takes, in the app's mode."""
+    if ml.settings.public_mode():
+        return "zoo models, 'minilm', or your own results and uploads (merges/<name>, uploads/<name>)"
+    return "zoo names, local folders, 'minilm' or hub ids"
+
+
 def model_choices(request: gr.Request | None = None) -> list[str]:
     """Zoo entries first (built ones), then the packaged MiniLM, then (public mode) the session's results."""
     own = session(request).results() if request is not None else []  # building the app: no visitor yet

@@ -8,7 +8,7 @@ import pandas as pd
 import merging_core as ml
 
 from . import controls as ui
-from .common import engine_errors, model_choices, on_stop, progress_fn, stop_button
+from .common import engine_errors, model_choices, models_info, on_stop, progress_fn, stop_button
 from .session import redact, session
 
 COLUMNS = ["task", "split", "n", "metric", "score", "loss", "other metrics", "note"]
@@ -69,10 +69,10 @@ def build(demo: gr.Blocks) -> dict:
         with gr.Row():
             choices = model_choices()
             model = ui.Dropdown(choices, value=choices[0], label="Model", allow_custom_value=True, scale=2,
-                                info="zoo name, local folder, 'minilm' or a hub id", elem_id="eval-model")
+                                info=models_info(), elem_id="eval-model")
             here = ml.data.available_tasks() or list(ml.TASKS)  # with no data root, the hub may still serve them
-            tasks = ui.CheckboxGroup(here, value=own_task(choices[0]) or [here[0]], label="Tasks", scale=3, elem_id="eval-tasks",
-                                     info="tasks found in the data root (MERGELAB_DATA)")
+            tasks = ui.CheckboxGroup(here, value=own_task(choices[0]) or [here[0]], label="Tasks", scale=3,
+                                     elem_id="eval-tasks", info="tasks found in the data root (MERGELAB_DATA)")
         with gr.Row():
             split = ui.Radio(["dev", "test", "train"], value="dev", label="Split")
             limit = ui.Number(value=None, precision=0, minimum=1, label="Limit",

@@ -26,7 +26,7 @@ from merging_core.progress import scaled
 from merging_core.spec import FALLBACKS, HEAD_POLICIES, MergeSpec
 
 from . import controls as ui
-from .common import engine_errors, model_choices, multitask_choices, on_stop, progress_fn, stop_button
+from .common import engine_errors, model_choices, models_info, multitask_choices, on_stop, progress_fn, stop_button
 from .session import Session, redact, session
 
 DEFAULT_METHOD = "average"
@@ -305,7 +305,7 @@ def build(demo: gr.Blocks) -> dict:
         with gr.Row():
             models = ui.Dropdown(choices, value=[], multiselect=True, allow_custom_value=True, scale=3,
                                  label="Checkpoints", elem_id="merge-models",
-                                 info="zoo names, local folders, 'minilm' or hub ids; the first one is model A")
+                                 info=f"{models_info()}; the first one is model A")
             base = ui.Dropdown([NONE, *choices], value="", allow_custom_value=True, scale=2, label="Base model",
                                elem_id="merge-base",
                                info="the pretrained model they were fine-tuned from; task-vector methods "

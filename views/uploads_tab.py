@@ -30,15 +30,16 @@ def build(demo: gr.Blocks) -> dict:
     with gr.Tab("Upload", id="upload"):
         public = ml.settings.public_mode()
         where = ("Uploaded models appear in every model picker as `uploads/<name>`, for this session only."
-                 if public else "Uploaded models are kept under `$MERGELAB_HOME/uploads/<name>`; pick them by that path.")
+                 if public else
+                 "Uploaded models are kept under `$MERGELAB_HOME/uploads/<name>`; pick them by that path.")
         limits = ml.settings.limits()
         size = f" (at most {limits.upload_mb} MB in all)" if limits else ""
         gr.Markdown(f"{where} Accepted{size}: `model.safetensors` and `config.json` (required), plus tokenizer files "
                     "(`tokenizer.json`, `tokenizer_config.json`, `vocab.txt`, `special_tokens_map.json`; without them "
                     "a model with MiniLM's vocabulary gets MiniLM's tokenizer). No pickle weights, no code.")
         with gr.Row():
-            files = gr.File(file_count="multiple", file_types=[".safetensors", ".json", ".txt"], label="Checkpoint files",
-                            elem_id="upload-files", scale=3)
+            files = gr.File(file_count="multiple", file_types=[".safetensors", ".json", ".txt"],
+                            label="Checkpoint files", elem_id="upload-files", scale=3)
             with gr.Column(scale=1):
                 name = gr.Textbox("", label="Name", placeholder="e.g. mine", elem_id="upload-name",
                                   info="letters, digits, '.', '_' and '-'; empty: upload-<time>")
