@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -168,6 +171,28 @@ def public_home(app_home, pico, monkeypatch):
     monkeypatch.setenv("MERGELAB_PUBLIC", "1")
     monkeypatch.delenv("MERGELAB_ADMIN_TOKEN", raising=False)
     return app_home
+
+
+@contextmanager
+def running_app() -> Iterator[str]:
+    """The app built and served in this process (for gradio_client); yields its URL."""
+    from views import build_app
+
+    demo = build_app()
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+def app_client(url: str):
+    """A gradio_client on `url`: one visitor (one session), quiet, sending no telemetry."""
+    import gradio_client
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return gradio_client.Client(url, verbose=False, analytics_enabled=False)
 
 
 def copy_model(src: Path, dst: Path) -> Path:

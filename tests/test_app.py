@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
+
+from .conftest import app_client, copy_model, running_app
 
 gradio_client = pytest.importorskip("gradio_client")
 
 
 @pytest.fixture()
 def client(app_home):
-    from views import build_app
-
-    demo = build_app()
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield gradio_client.Client(url, verbose=False, analytics_enabled=False)
-    demo.close()
+    with running_app() as url:
+        yield app_client(url)
 
 
 @pytest.fixture()
 def pico_cola_entry(app_home, pico):
     """A second zoo model next to app_home's pico-sst2: a pico CoLA model."""
-    from .conftest import copy_model
-
     entry = copy_model(pico("cola", seed=1), app_home / "zoo" / "pico-cola")
     (entry / "mergelab.json").write_text(json.dumps({"task": "cola", "kind": "full", "seed": 1, "steps": 0}))
     return entry
@@ -137,8 +130,6 @@ def test_param_controls_follow_the_spec():
 
 
 def test_curve_and_plane_endpoints(pico_cola_entry, client, app_home, pico):
-    from .conftest import copy_model
-
     copy_model(pico("sst2", seed=5), app_home / "zoo" / "pico-sst2-b")
     figure, summary, status, files = client.predict(
         "pico-sst2", "pico-sst2-b", ["sst2"], 3, "line", 8, "", "", ["average"], 10, api_name="/curve")
@@ -170,8 +161,6 @@ def test_curve_and_plane_endpoints(pico_cola_entry, client, app_home, pico):
 def test_align_endpoint(client, app_home, pico):
     """/align: heatmaps, then vanilla and aligned curves; aligning an exact permuted copy leaves no barrier."""
     from merging_core.align import permute_checkpoint
-
-    from .conftest import copy_model
 
     entry = copy_model(pico("wikitext2", seed=0), app_home / "zoo" / "pico-mlm")
     (entry / "mergelab.json").write_text(json.dumps({"task": "wikitext2", "kind": "full", "seed": 0}))

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from .conftest import app_client, running_app
 from .test_public import merge
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -21,23 +21,13 @@ SESSIONS = 20
 
 @pytest.fixture()
 def app_url(public_home):
-    from views import build_app
-
-    demo = build_app()
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
-    yield url
-    demo.close()
-
-
-def client(url: str):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return gradio_client.Client(url, verbose=False, analytics_enabled=False)
+    with running_app() as url:
+        yield url
 
 
 def visit(url: str, i: int) -> dict:
     """One visitor: a weighted merge of its own, scored, and a curve between the two zoo models."""
-    me = client(url)
+    me = app_client(url)
     weights = f"{i + 1},{SESSIONS - i}"  # each visitor's merge differs
     merge(me, out=f"m{i}", params={"weights": weights})
     scores = me.predict(f"merges/m{i}", ["sst2"], "dev", 16, api_name="/evaluate")
@@ -67,7 +57,7 @@ def _cpu_seconds(process: psutil.Process) -> float:
 def test_stop_ends_the_work_and_the_queue_moves_on(app_url, public_home, monkeypatch):
     monkeypatch.setenv("MERGELAB_MAX_POINTS", "51")  # limits are read per request: allow a long curve
     monkeypatch.setenv("MERGELAB_MAX_EXAMPLES", "100000")
-    me, other = client(app_url), client(app_url)
+    me, other = app_client(app_url), app_client(app_url)
     process = psutil.Process()
     spent = _cpu_seconds(process)
     # a long curve: 51 points (the slider's most) over the whole SST-2 dev set
@@ -96,7 +86,7 @@ def test_stop_ends_the_work_and_the_queue_moves_on(app_url, public_home, monkeyp
 
 
 def test_stop_touches_only_the_callers_jobs(app_url, public_home):
-    me, other = client(app_url), client(app_url)
+    me, other = app_client(app_url), app_client(app_url)
     job = other.submit("pico-sst2", "pico-cola", ["sst2"], 5, "line", 16, "", "", [], 10, api_name="/curve")
     me.predict(api_name="/stop")
     _, summary, status, _ = job.result(timeout=60)

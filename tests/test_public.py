@@ -5,11 +5,12 @@ bounded, the zoo build needs the admin token, and nothing a visitor sees holds a
 from __future__ import annotations
 
 import os
-import warnings
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from .conftest import app_client, copy_model, running_app
 
 gradio_client = pytest.importorskip("gradio_client")
 AppError = gradio_client.exceptions.AppError
@@ -17,14 +18,8 @@ AppError = gradio_client.exceptions.AppError
 
 @pytest.fixture()
 def visitor(public_home):
-    from views import build_app
-
-    demo = build_app()
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield gradio_client.Client(url, verbose=False, analytics_enabled=False)
-    demo.close()
+    with running_app() as url:
+        yield app_client(url)
 
 
 def merge(client, models=("pico-sst2", "pico-cola"), out="", **kwargs):
@@ -87,26 +82,17 @@ def test_the_zoo_build_needs_the_admin_token(visitor, public_home, monkeypatch):
 
 def test_the_admin_may_build(public_home, pico, monkeypatch):
     import merging_core as ml
-    from views import build_app
-
-    from .conftest import copy_model
 
     copy_model(pico(None), public_home / "zoo" / "pico-bare")  # public mode: the base is a zoo name too
     (ml.zoo.RECIPES / "tiny.yaml").write_text("defaults: {base: pico-bare, steps: 2, batch_size: 4, eval_limit: 8}\n"
                                              "models:\n  stsb-tiny: {task: stsb}\n")
     monkeypatch.setenv("MERGELAB_ADMIN_TOKEN", "s3cret")
-    demo = build_app()
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            client = gradio_client.Client(url, verbose=False, analytics_enabled=False)
+    with running_app() as url:
+        client = app_client(url)
         with pytest.raises(AppError, match="needs the admin token"):
             client.predict("tiny", "guess", api_name="/zoo_build")
         table, note = client.predict("tiny", "s3cret", api_name="/zoo_build")
         assert "Built 1 model(s)" in note
-    finally:
-        demo.close()
 
 
 def test_requests_are_bounded(visitor, public_home):
@@ -126,20 +112,12 @@ def test_the_quota_bounds_a_session(visitor, public_home, monkeypatch):
 
 
 def test_sessions_are_separate(public_home):
-    from views import build_app
-
-    demo = build_app()
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            one, two = gradio_client.Client(url, verbose=False, analytics_enabled=False), gradio_client.Client(url, verbose=False, analytics_enabled=False)
+    with running_app() as url:
+        one, two = app_client(url), app_client(url)
         merge(one, out="mine")
         with pytest.raises(AppError, match="is not available here"):
             two.predict("merges/mine", ["sst2"], "dev", 4, api_name="/evaluate")
         assert len(session_folders(public_home)) >= 1
-    finally:
-        demo.close()
 
 
 def test_no_hub_request_for_an_unlisted_id(visitor, monkeypatch):
