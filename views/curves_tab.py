@@ -41,25 +41,6 @@ def _whole(value: float | None, param: str) -> int:
     raise ml.MergeLabError(f"{value!r:.40} is not a number", param=param)
 
 
-def _names(*picked: tuple[str, object]) -> None:
-    """Models are picked by name (param, value): an API caller may send anything."""
-    for param, value in picked:
-        if value is not None and not isinstance(value, str):
-            raise ml.MergeLabError(f"pick models by their names, not {type(value).__name__} {value!r:.40}",
-                                   param=param)
-
-
-def _known(optional: dict[str, str | None]) -> None:
-    """The optional models, checked now and named by their own controls (the engine reads them later, or only
-    when a task needs one, and names every model 'models')."""
-    for param, name in optional.items():
-        try:
-            if name:
-                ml.resolve(name)
-        except ml.MergeLabError as exc:
-            raise ml.MergeLabError(exc.message, param=param, hint=exc.hint) from None
-
-
 def _tasks(tasks: list[str] | None) -> list[tuple[str, str]]:
     """(task, headline metric) of the chosen tasks."""
     return [(ml.get_task(t).name, ml.get_task(t).main_metric) for t in tasks or []]
@@ -121,16 +102,15 @@ def run_curve(a: str, b: str, tasks: list[str] | None, points: float, path: str,
               head_from: str | None, base: str | None, merges: list[str] | None, bend_steps: float,
               request: gr.Request = None, progress: gr.Progress = gr.Progress()):
     """Stream the curve(s): yields (figure, summary markdown, status, files)."""
-    _names(("models", a), ("models", b), ("head_from", head_from), ("base", base))
-    if not (a or "").strip() or not (b or "").strip():
-        raise ml.MergeLabError("pick two checkpoints, A and B (or a suggested pair)", param="models")
     visitor = session(request)
+    ends = (visitor.model(a), visitor.model(b))
+    if not all(ends):
+        raise ml.MergeLabError("pick two checkpoints, A and B (or a suggested pair)", param="models")
     kinds = list(PATHS) if path == BOTH else [path]
     report = progress_fn(progress, request)
-    optional = {name: visitor.model(value) or None
-                for name, value in (("head_from", head_from), ("base", base))}
-    _known(optional)
-    spec = CurveSpec((visitor.model(a), visitor.model(b)), tuple(tasks or ()),
+    # checked now and named by their own controls (the engine reads them only when a task needs one)
+    optional = {name: visitor.model(value, name) or None for name, value in (("head_from", head_from), ("base", base))}
+    spec = CurveSpec(ends, tuple(tasks or ()),
                      points=visitor.bound("points", _whole(points, "points"), "points"),
                      limit=visitor.bound("examples", _limit(limit), "limit"), merges=tuple(merges or ()),
                      bend_steps=visitor.bound("bend_steps", _whole(bend_steps, "bend_steps"), "bend_steps"), **optional)
@@ -174,17 +154,15 @@ def plane_view(plane: dict | None, show: str):
 def run_plane(a: str, b: str, c: str, task: str, grid: float, limit: float | None, merges: list[str] | None,
               base: str | None, show: str, request: gr.Request = None, progress: gr.Progress = gr.Progress()):
     """Stream the plane's heatmap: yields (figure, status, the points kept for redrawing)."""
-    _names(("models", a), ("models", b), ("models", c), ("base", base))
-    if not all((m or "").strip() for m in (a, b, c)):
+    visitor = session(request)
+    corners = tuple(visitor.model(m) for m in (a, b, c))
+    if not all(corners):
         raise ml.MergeLabError("pick three checkpoints, A, B and C, for a plane", param="models")
     if not task:
         raise ml.MergeLabError("pick the task whose scores the plane shows", param="tasks")
-    visitor = session(request)
-    _known({"base": visitor.model(base)})
-    run = ml.plane(PlaneSpec(tuple(visitor.model(m) for m in (a, b, c)), (task,),
-                             grid=visitor.bound("grid", _whole(grid, "grid"), "grid"),
+    run = ml.plane(PlaneSpec(corners, (task,), grid=visitor.bound("grid", _whole(grid, "grid"), "grid"),
                              limit=visitor.bound("examples", _limit(limit), "limit"), merges=tuple(merges or ()),
-                             base=visitor.model(base) or None),
+                             base=visitor.model(base, "base") or None),
                    progress=progress_fn(progress, request))
     spec = ml.get_task(task)
     plane = {"task": spec.name, "items": [],

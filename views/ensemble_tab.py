@@ -124,11 +124,6 @@ def run_ensemble(target: str, kind: str, sources: list[str] | None, similarity: 
     _choice(kind, PEFT_KINDS, "kind")
     _choice(granularity, GRANULARITIES, "granularity")
     _numbers(temperature=log10_t, shots=shots, steps=steps)
-    sources = [sources] if isinstance(sources, str) else sources  # an API caller's one name
-    odd = [s for s in sources or [] if s is not None and not isinstance(s, str)]
-    if odd:
-        raise ml.MergeLabError(f"pick modules by their names, not {type(odd[0]).__name__} {odd[0]!r:.40}",
-                               param="sources")
     visitor = session(request)
     limit_n = visitor.bound("examples", int(limit) if limit and not math.isnan(limit) else None, "limit")
     chosen = _seeds(seeds)

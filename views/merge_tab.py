@@ -225,27 +225,14 @@ def run_merge(models: list[str] | None, base: str | None, method: str, params: d
     """Merge, save, then stream the score table: the merge first, then (compare on) each individual
     model, the ensemble and the multi-task model. Yields (table, status, downloadable files)."""
     visitor = session(request)
-    models = [models] if isinstance(models, str) else models  # an API caller's one name
-    for param, names in (("models", models or []), ("base", [base]), ("multitask", [multitask])):
-        odd = [n for n in names if n is not None and not isinstance(n, str)]  # an API caller may send anything
-        if odd:
-            raise ml.MergeLabError(f"pick models by their names, not {type(odd[0]).__name__} {odd[0]!r:.40}",
-                                   param=param)
     models = visitor.models(models, "models")
     if not models:
         raise ml.MergeLabError("pick the checkpoints to merge (at least one; two or more to compare)",
                                param="models")
     if not components:
         raise ml.MergeLabError("pick at least one component for the method to merge", param="components")
-    base = visitor.model(base) or None
-    multitask = visitor.model(multitask) or None
-    for param, name in (("base", base), ("multitask", multitask if compare else None)):
-        # checked now and named by its own control (the multi-task model is read only after the merge)
-        try:
-            if name:
-                ml.resolve(name)
-        except ml.MergeLabError as exc:
-            raise ml.MergeLabError(exc.message, param=param, hint=exc.hint) from None
+    base = visitor.model(base, "base") or None
+    multitask = visitor.model(multitask, "multitask") or None  # checked now: it is read after the merge
     limit = visitor.bound("examples", _limit(limit), "limit")
     report = progress_fn(progress, request)
     spec = MergeSpec(method, tuple(models), base=base, params=_params(method, params), components=tuple(components),

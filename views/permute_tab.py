@@ -87,15 +87,11 @@ def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk
     """Align, show the heatmaps, then stream vanilla and aligned interpolation curves.
     Yields (status, summary, site choices, heatmaps, head cost, curves, the alignment's folder)."""
     visitor = session(request)
-    for param, value in (("a", a), ("b", b)):  # an API caller may send anything
-        if value is not None and not isinstance(value, str):
-            raise ml.MergeLabError(f"pick a model by its name, not {type(value).__name__} {value!r:.40}",
-                                   param=param)
     if not (isinstance(points, (int, float)) and math.isfinite(points)):  # NaN passes the slider's bounds
         raise ml.MergeLabError(f"{points!r:.40} is not a number", param="points")
     if visitor.public and isinstance(examples, (int, float)) and math.isfinite(examples):
         examples = visitor.bound("align_examples", int(examples), "examples")
-    spec = align_spec(visitor.model(a), visitor.model(b), merge_type, attention, residual, qk, text,
+    spec = align_spec(visitor.model(a, "a"), visitor.model(b, "b"), merge_type, attention, residual, qk, text,
                       examples)
     points = visitor.bound("points", int(points), "points")
     limit = visitor.bound("examples", _limit(limit), "limit")

@@ -43,22 +43,30 @@ class Session:
 
     # -- models ------------------------------------------------------------------------------------
 
-    def model(self, name: str | None) -> str:
-        """The engine spec of a picked model. Public mode: a session result by its name, else the name
-        as given (the engine accepts only names there); local mode: as given. Empty stays empty (the
-        request's own checks say what is missing)."""
+    def model(self, name: object, param: str = "models") -> str:
+        """The engine spec of a picked model, checked now so that a bad one is named by its own control
+        (`param`). Public mode: a session result by its name, else the name as given (the engine accepts
+        only names there); local mode: as given. Empty stays empty (the request's own checks say what is
+        missing)."""
+        if name is not None and not isinstance(name, str):  # an API caller may send anything
+            raise ml.MergeLabError(f"pick models by their names, not {type(name).__name__} {name!r:.40}",
+                                   param=param)
         name = (name or "").strip()
         match = _RESULT.fullmatch(name)
-        if self.public and match:
-            path = self.folder / match.group(1) / match.group(2)
-            if path.is_dir():
-                return str(path)
+        if self.public and match and (self.folder / match.group(1) / match.group(2)).is_dir():
+            name = str(self.folder / match.group(1) / match.group(2))
+        if name:
+            try:
+                ml.resolve(name)
+            except ml.MergeLabError as exc:
+                raise ml.MergeLabError(exc.message, param=param, hint=exc.hint) from None
         return name
 
-    def models(self, names: list[str] | None, param: str = "models") -> list[str]:
-        names = [n for n in names or [] if n and n.strip()]
-        self.bound("models", len(names), param)
-        return [self.model(n) for n in names]
+    def models(self, names: object, param: str = "models") -> list[str]:
+        """`model` for each picked name (an API caller's single name counts as one), within the limit."""
+        names = [names] if isinstance(names, str) else list(names or [])
+        self.bound("models", sum(1 for n in names if n != "" and n is not None), param)  # before any work
+        return [spec for spec in (self.model(n, param) for n in names) if spec]
 
     def results(self) -> list[str]:
         """The session's own results, as pickers offer them (`merges/<name>`, ...): public mode only."""
