@@ -13,6 +13,8 @@ import pytest
 from .conftest import app_client, running_app
 from .test_public import merge
 
+pytestmark = pytest.mark.integration  # end to end and slow: deselect with -m 'not integration'
+
 gradio_client = pytest.importorskip("gradio_client")
 psutil = pytest.importorskip("psutil")
 

@@ -22,6 +22,8 @@ from merging_core.outputs import STAGING, sweep
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.integration  # end to end and slow: deselect with -m 'not integration'
+
 # The child runs one job whose progress callback, half-way, writes a marker and hangs (until killed).
 CHILD = textwrap.dedent('''
     import json, sys, time

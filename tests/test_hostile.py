@@ -34,6 +34,8 @@ from typing import Any, ClassVar
 
 import pytest
 
+pytestmark = pytest.mark.integration  # end to end and slow: deselect with -m 'not integration'
+
 gradio_client = pytest.importorskip("gradio_client")
 AppError = gradio_client.exceptions.AppError
 
