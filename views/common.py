@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -49,6 +50,13 @@ def engine_errors(handler: Callable | None = None, *, labels: Mapping[str, str] 
 _stops: dict[str, float] = {}  # session -> when it last pressed Stop (monotonic clock)
 _stops_lock = threading.Lock()
 _STOP_MEMORY = 3600.0  # forget a Stop after an hour
+
+
+def whole(value: object, param: str) -> int:
+    """A slider's count as a whole number (an API caller may send NaN or inf, which pass a slider's bounds)."""
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return int(value)
+    raise ml.MergeLabError(f"{value!r:.40} is not a number", param=param)
 
 
 def progress_fn(progress: gr.Progress, request: gr.Request | None = None) -> ml.progress.ProgressFn:

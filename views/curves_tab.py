@@ -18,7 +18,7 @@ from merging_core.paths import PATHS
 
 from . import controls as ui
 from . import figures
-from .common import engine_errors, model_choices, on_stop, progress_fn, stop_button
+from .common import engine_errors, model_choices, on_stop, progress_fn, stop_button, whole
 from .session import redact, session
 
 BOTH = "line + bezier"
@@ -32,13 +32,6 @@ LABELS = {"models": "Checkpoints (A, B, C)", "tasks": "Tasks", "points": "Points
 
 def _limit(limit: float | None) -> int | None:
     return int(limit) if limit and not math.isnan(limit) else None
-
-
-def _whole(value: float | None, param: str) -> int:
-    """A slider's count (an API caller may send NaN, which passes a slider's bounds)."""
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return int(value)
-    raise ml.MergeLabError(f"{value!r:.40} is not a number", param=param)
 
 
 def _tasks(tasks: list[str] | None) -> list[tuple[str, str]]:
@@ -111,9 +104,9 @@ def run_curve(a: str, b: str, tasks: list[str] | None, points: float, path: str,
     # checked now and named by their own controls (the engine reads them only when a task needs one)
     optional = {name: visitor.model(value, name) or None for name, value in (("head_from", head_from), ("base", base))}
     spec = CurveSpec(ends, tuple(tasks or ()),
-                     points=visitor.bound("points", _whole(points, "points"), "points"),
+                     points=visitor.bound("points", whole(points, "points"), "points"),
                      limit=visitor.bound("examples", _limit(limit), "limit"), merges=tuple(merges or ()),
-                     bend_steps=visitor.bound("bend_steps", _whole(bend_steps, "bend_steps"), "bend_steps"), **optional)
+                     bend_steps=visitor.bound("bend_steps", whole(bend_steps, "bend_steps"), "bend_steps"), **optional)
     curves, summaries = [], []
     yield figures.curve_figure([], _tasks(tasks)), "", "Loading the checkpoints…", None
     for n, kind in enumerate(kinds):
@@ -160,7 +153,7 @@ def run_plane(a: str, b: str, c: str, task: str, grid: float, limit: float | Non
         raise ml.MergeLabError("pick three checkpoints, A, B and C, for a plane", param="models")
     if not task:
         raise ml.MergeLabError("pick the task whose scores the plane shows", param="tasks")
-    run = ml.plane(PlaneSpec(corners, (task,), grid=visitor.bound("grid", _whole(grid, "grid"), "grid"),
+    run = ml.plane(PlaneSpec(corners, (task,), grid=visitor.bound("grid", whole(grid, "grid"), "grid"),
                              limit=visitor.bound("examples", _limit(limit), "limit"), merges=tuple(merges or ()),
                              base=visitor.model(base, "base") or None),
                    progress=progress_fn(progress, request))

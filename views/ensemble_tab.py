@@ -16,7 +16,7 @@ from merging_core.training import PEFT_KINDS
 
 from . import controls as ui
 from . import figures
-from .common import engine_errors, on_stop, progress_fn, stop_button
+from .common import engine_errors, on_stop, progress_fn, stop_button, whole
 from .session import session
 
 DEFAULT_MEASURE = "loss"
@@ -80,13 +80,6 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _numbers(**values: object) -> None:
-    """Slider values as numbers (an API caller may send NaN, which passes a slider's bounds)."""
-    for param, value in values.items():
-        if not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise ml.MergeLabError(f"{value!r:.40} is not a number", param=param)
-
-
 def _choice(value: object, choices, param: str) -> None:
     """A radio's value (it lets an empty one through)."""
     if value not in choices:
@@ -123,7 +116,8 @@ def run_ensemble(target: str, kind: str, sources: list[str] | None, similarity: 
         raise ml.MergeLabError("pick a target task", param="target")
     _choice(kind, PEFT_KINDS, "kind")
     _choice(granularity, GRANULARITIES, "granularity")
-    _numbers(temperature=log10_t, shots=shots, steps=steps)
+    for param, value in (("temperature", log10_t), ("shots", shots), ("steps", steps)):
+        whole(value, param)  # NaN and inf pass a slider's bounds
     visitor = session(request)
     limit_n = visitor.bound("examples", int(limit) if limit and not math.isnan(limit) else None, "limit")
     chosen = _seeds(seeds)
@@ -147,7 +141,8 @@ def run_matrix(kind: str, similarity: str, log10_t: float, shots: float, request
                progress: gr.Progress = gr.Progress()):
     """Leave-one-out similarities over every zoo module of `kind`; returns (heatmaps, state)."""
     _choice(kind, PEFT_KINDS, "kind")
-    _numbers(temperature=log10_t, shots=shots)
+    for param, value in (("temperature", log10_t), ("shots", shots)):
+        whole(value, param)  # NaN and inf pass a slider's bounds
     shots = session(request).bound("shots", int(shots), "shots")
     specs = module_choices(kind)
     if len(specs) < 3:

@@ -15,7 +15,7 @@ from merging_core.align import ATTENTION, MERGE_TYPES, RESIDUAL, AlignSpec, load
 
 from . import controls as ui
 from . import figures
-from .common import engine_errors, model_choices, on_stop, progress_fn, stop_button
+from .common import engine_errors, model_choices, on_stop, progress_fn, stop_button, whole
 from .session import redact, session
 
 DEFAULT_LIMIT = 64
@@ -87,8 +87,7 @@ def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk
     """Align, show the heatmaps, then stream vanilla and aligned interpolation curves.
     Yields (status, summary, site choices, heatmaps, head cost, curves, the alignment's folder)."""
     visitor = session(request)
-    if not (isinstance(points, (int, float)) and math.isfinite(points)):  # NaN passes the slider's bounds
-        raise ml.MergeLabError(f"{points!r:.40} is not a number", param="points")
+    points = whole(points, "points")
     if visitor.public and isinstance(examples, (int, float)) and math.isfinite(examples):
         examples = visitor.bound("align_examples", int(examples), "examples")
     spec = align_spec(visitor.model(a, "a"), visitor.model(b, "b"), merge_type, attention, residual, qk, text,
