@@ -1,6 +1,6 @@
-"""Time to build the default zoo from scratch, with each entry's dev score.
+"""Time to build a zoo recipe from scratch, with each entry's dev score.
 
-    MERGELAB_HOME=/tmp/fresh-home python bench/zoo_build.py [--recipe default]
+    MERGELAB_HOME=/tmp/fresh-home python bench/zoo_build.py [--recipe default|demo|...]
 
 Use a fresh MERGELAB_HOME: entries that already exist are kept, not rebuilt, and would not be timed.
 """
@@ -33,7 +33,8 @@ def main() -> None:
               "dev_score": round(row["score"], 4)} for name, row in scores.items() if "/" in name]
     print_table(rows, ["entry", "task", "metric", "dev_score", "status", "seconds"])
     print(f"total: {total:.0f} s")
-    write_results("zoo_build", {"command": "python bench/zoo_build.py", "recipe": args.recipe,
+    name = "zoo_build" if args.recipe == "default" else f"zoo_build_{args.recipe}"
+    write_results(name, {"command": f"python bench/zoo_build.py --recipe {args.recipe}", "recipe": args.recipe,
                                 "total_seconds": round(total, 1), "rows": rows})
 
 

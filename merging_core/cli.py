@@ -1,6 +1,6 @@
 """`python -m merging_core <command>`: the engine from a shell.
 
-Commands: train, eval, zoo build, zoo list, tasks, merge, methods, compare, greedy, curve, plane, align, permute,
+Commands: train, eval, zoo build, zoo download, zoo list, tasks, merge, methods, compare, greedy, curve, plane, align, permute,
 ensemble. Results go to
 stdout (JSON with --json; `curve` and `plane` print one JSON line per point as it is computed); progress bars go
 to stderr; a bad input ends with one line `error: ...` on stderr and exit status 2.
@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--only", nargs="+", default=None, help="build only these entries")
     b.add_argument("--rebuild", action="store_true", help="retrain entries that already exist")
     b.add_argument("--json", action="store_true")
+    d = zoo_commands.add_parser("download", help="copy a published zoo from the hub (default: MERGELAB_ZOO_REPO)")
+    d.add_argument("--repo", default=None, help="a hub repository id holding one folder per zoo entry")
+    d.add_argument("--json", action="store_true")
     li = zoo_commands.add_parser("list", help="the zoo's models and their dev scores")
     li.add_argument("--json", action="store_true")
 
@@ -225,8 +228,9 @@ def _run(args: argparse.Namespace) -> None:
                           allow_pickle=args.allow_pickle)
         print(json.dumps(result) if args.json else f"{result['task']} {result['split']} n={result['n']}: "
                                                    f"{_scores(result)}")
-    elif args.command == "zoo" and args.zoo_command == "build":
-        rows = zoo.build(args.recipe, only=args.only, rebuild=args.rebuild)
+    elif args.command == "zoo" and args.zoo_command in ("build", "download"):
+        rows = (zoo.build(args.recipe, only=args.only, rebuild=args.rebuild) if args.zoo_command == "build"
+                else zoo.download(args.repo))
         print(json.dumps(rows) if args.json else "\n".join(f"{r['name']}: {r['status']} ({r['seconds']} s)"
                                                            for r in rows))
     elif args.command == "zoo":
@@ -234,9 +238,10 @@ def _run(args: argparse.Namespace) -> None:
         if args.json:
             print(json.dumps(rows, indent=2))
         elif not rows:
-            print("the zoo is empty; build it with: python -m merging_core zoo build")
+            print("the zoo is empty; build it with: python -m merging_core zoo build --recipe demo (a few minutes) "
+                  "or zoo build (the default recipe)")
         else:
-            _print_table(rows, ["name", "task", "kind", "seed", "steps", "partition", "metric", "score"])
+            _print_table(rows, ["name", "task", "kind", "seed", "steps", "partition", "metric", "score", "recipe"])
     elif args.command == "merge":
         _merge(args)
     elif args.command == "methods":

@@ -23,7 +23,13 @@ their base included, moves in weight space.
 **Bezier curves** train their bend θ_C from the midpoint (Garipov et al. 2018, "Loss surfaces, mode
 connectivity, and fast ensembling of DNNs", arXiv:1802.10026, Sec. 3.2): every step
 draws t ~ U(0, 1), takes a training batch at θ(t) and moves θ_C along ∂L/∂θ_C = 2t(1 − t) ∂L/∂θ(t)
-(Adam, learning rate decaying linearly to 0).
+(Adam, learning rate decaying linearly to 0). A bend that ends with a higher barrier than the straight
+line found no better path (`bend_warnings` says so); its distance from the midpoint is reported beside
+the distance between the two checkpoints, to show how far the curve strays.
+
+**Progress.** Every stage reports through `progress` (loading, each bend training step, each point, each
+merge) with an estimate of the time left from the rate so far (`progress.time_left`), so a callback raising
+`progress.Cancelled` stops a run within one training step or one point.
 
 **Requests.** A `CurveSpec` / `PlaneSpec` describes one run (checked on construction, JSON-ready);
 merges placed on the path are `MergeSpec`s of the same checkpoints.
@@ -32,6 +38,7 @@ merges placed on the path are `MergeSpec`s of the same checkpoints.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import time
@@ -51,7 +58,7 @@ from .losses import task_loss
 from .merge import merge
 from .models import (ADAPTER_FILE, ModelRef, adapter_base, check_head, head_info, load, load_adapter, peft_file_name,
                      read_config, resolve)
-from .progress import ProgressFn, scaled, track
+from .progress import ProgressFn, scaled, time_left, track
 from .spec import MergeSpec, parse_method_text, specs_from_texts
 from .stats import weights_fingerprint
 from .tasks import TaskSpec, get_task
@@ -234,6 +241,7 @@ class _Path:
         self.specs = list(spec.models)
         self.notes: list[str] = []
         self.progress = progress
+        self._report(0.0, "loading the checkpoints")
         self.split, self.limit = spec.split, spec.limit
         self.device = settings.device()
         refs = [resolve(s) for s in self.specs]
@@ -262,7 +270,11 @@ class _Path:
                 self.notes.append(f"{c.ref.spec} has {len(fixed)} parameter(s) the others lack ({fixed[0]}, ...): "
                                   "held at its own values where its head scores a task")
         self.vertices = [{n: c.get(n).to(self.device, torch.float32) for n in shared} for c in self.checkpoints]
-        self.rigs = [self._rig(task, spec.head_from) for task in self.tasks]
+        self.rigs = []
+        for task in self.tasks:
+            self._report(0.0, f"loading the model for {task.name} and tokenizing its {self.split} split")
+            self.rigs.append(self._rig(task, spec.head_from))
+        self._report(0.0, "measuring the distance between the checkpoints")
         moving = set(self.encoder) | {n for rig in self.rigs for n in rig.params}
         self.names = [n for n in shared if n in moving]
         self.geometry = paths.geometry(self.vertices, self.names)
@@ -399,14 +411,18 @@ class Curve(_Path):
         steps = len(self.ts) + len(self.merges)
         bend_share = 0.4 if self.path == "bezier" else 0.0
         if self.path == "bezier":
-            self.bend = self._train_bend(scaled(self.progress, 0.0, bend_share, "bend: "))
+            self.bend = self._train_bend(scaled(self.progress, 0.0, bend_share))
             yield self.bend
         coefficients = paths.line if self.path == "line" else paths.bezier
+        started = time.perf_counter()
         for i, t in enumerate(self.ts):
-            self._report(bend_share + (1 - bend_share) * i / steps, f"point {i + 1}/{len(self.ts)} (t = {t:.2f})")
+            left = time_left(time.perf_counter() - started, i, len(self.ts))
+            self._report(bend_share + (1 - bend_share) * i / steps,
+                         _joined(f"point {i + 1}/{len(self.ts)} (t = {t:.2f})", left))
             yield {"kind": "point", "index": i, "t": t, "scores": self.score(coefficients(t))}
         for j, (label, merge_spec) in enumerate(self.merges):
-            self._report(bend_share + (1 - bend_share) * (len(self.ts) + j) / steps, f"merge {merge_spec.method}")
+            self._report(bend_share + (1 - bend_share) * (len(self.ts) + j) / steps,
+                         f"placing merge {j + 1}/{len(self.merges)}: {label}")
             point, scores = self.merged(merge_spec)
             geo = paths.geometry([self.vertices[0], self.vertices[1], point], list(point))
             alpha, off = paths.project_on_line(geo, 2)
@@ -432,9 +448,13 @@ class Curve(_Path):
                 "seconds": round(self.seconds, 2)}
 
     def _train_bend(self, progress: ProgressFn | None) -> dict:
-        """Fit the Bezier bend on the first task's training data (see the module doc)."""
+        """Fit the Bezier bend on the first task's training data (see the module doc). Reports every step
+        ("training the bend: step k/N, ~X s left"), so a callback raising `Cancelled` stops it within a step."""
         started = time.perf_counter()
         rig, settings_ = self.rigs[0], self.bend_settings
+        total = settings_["steps"]
+        if progress is not None:
+            progress(0.0, f"training the bend: tokenizing {rig.spec.name} train")
         bend = {n: (self.vertices[0][n] + self.vertices[1][n]) / 2 for n in self.names}
         trained = {n: bend[n].clone().requires_grad_(True) for n in rig.params}
         optimizer = torch.optim.Adam(trained.values(), lr=settings_["lr"])
@@ -442,6 +462,7 @@ class Curve(_Path):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / settings_["steps"])
         batches = train_batches(rig.spec, self.checkpoints[0].tokenizer, settings_["batch_size"], settings_["seed"],
                                 self.device)
+        batches = itertools.chain([next(batches)], batches)  # tokenize now, outside the time per step
         generator = torch.Generator().manual_seed(settings_["seed"])
         requires = {p: p.requires_grad for p in rig.model.parameters()}
         for p in rig.model.parameters():  # only the path's parameters need gradients
@@ -450,8 +471,13 @@ class Curve(_Path):
             p.requires_grad_(True)
         self.vertices.append({**bend, **trained})
         losses = []
+        stepping = time.perf_counter()
         try:
-            for _ in track(range(settings_["steps"]), settings_["steps"], f"bend on {rig.spec.name}", progress):
+            steps = range(total) if progress is not None else track(range(total), total, "training the bend", None)
+            for step in steps:
+                if progress is not None:  # every step: Stop ends the training within one step
+                    left = time_left(time.perf_counter() - stepping, step, total)
+                    progress(step / total, _joined(f"training the bend: step {step + 1}/{total}", left))
                 t = float(torch.rand((), generator=generator))
                 coefficients = paths.bezier(t)
                 self.write(rig, coefficients)
@@ -470,11 +496,16 @@ class Curve(_Path):
                 p.requires_grad_(flag)
             rig.model.zero_grad(set_to_none=True)
             self.vertices[-1] = {**bend, **{n: t.detach() for n, t in trained.items()}}
+        if progress is not None:
+            progress(1.0, f"training the bend: {total}/{total} steps done")
         moved = paths.geometry([self.vertices[-1], {n: bend[n] for n in self.names}], self.names).distance(0, 1)
+        between = self.distances["l2"]  # over the same moving parameters
         window = max(1, min(10, len(losses) // 4))
         return {"kind": "bend", "task": rig.spec.name, **settings_, "trained_params": len(trained),
                 "train_loss_first": float(np.mean(losses[:window])), "train_loss_last": float(np.mean(losses[-window:])),
-                "distance_from_midpoint": moved, "seconds": round(time.perf_counter() - started, 2)}
+                "distance_from_midpoint": moved, "distance_between_ends": between,
+                "relative_distance": moved / between if between > 0 else None,
+                "seconds": round(time.perf_counter() - started, 2)}
 
 
 def task_barriers(spec: TaskSpec, ts: Sequence[float], results: Sequence[dict]) -> dict:
@@ -485,11 +516,41 @@ def task_barriers(spec: TaskSpec, ts: Sequence[float], results: Sequence[dict]) 
     higher = not spec.lower_is_better
     loss_height, loss_at = paths.barrier(ts, losses, higher_is_better=False)
     metric_height, metric_at = paths.barrier(ts, values, higher_is_better=higher)
-    return {"metric": metric, "loss_barrier": loss_height, "loss_barrier_at": loss_at,
+    return {"metric": metric, "n": results[0].get("n"), "loss_barrier": loss_height, "loss_barrier_at": loss_at,
             "metric_barrier": metric_height, "metric_barrier_at": metric_at,
             "loss_barrier_vs_mean_ends": paths.barrier_vs_mean_ends(losses, higher_is_better=False),
             "ends": {"loss": [losses[0], losses[-1]], metric: [values[0], values[-1]]},
             "path_mean": {"loss": float(np.mean(losses)), metric: float(np.mean(values))}}
+
+
+def bend_warnings(line: dict, bezier: dict, *, tolerance: float = 1e-9) -> list[str]:
+    """Warnings when a trained Bezier curve has a higher barrier (loss or headline metric) than the straight
+    line between the same checkpoints, for any task: the bend found no better path. `line` and `bezier` are
+    the two curves' summaries (`Curve.summary()`); [] when the bend is no worse everywhere. A bend that
+    also moved farther from the midpoint than A is from B gets a second warning saying how far."""
+    bend = bezier.get("bend") or {}
+    steps = f" ({bend['steps']} steps)" if bend.get("steps") else ""
+    warnings = []
+    for task, curved in bezier["barriers"].items():
+        straight = line["barriers"].get(task)
+        if straight is None:
+            continue
+        worse = [f"{name} barrier ({curved[key]:.4f} vs {straight[key]:.4f})"
+                 for name, key in (("loss", "loss_barrier"), (curved["metric"], "metric_barrier"))
+                 if curved[key] > straight[key] + tolerance]
+        if worse:
+            warnings.append(f"⚠ The Bezier bend{steps} has a higher {' and a higher '.join(worse)} than the "
+                            f"straight line on {task}: the bend did not find a better path; try fewer steps or a "
+                            "lower learning rate")
+    if warnings and (bend.get("relative_distance") or 0) > 1:  # it strayed farther than A is from B
+        warnings.append(f"⚠ The bend moved {bend['distance_from_midpoint']:.3g} from the midpoint of A and B, "
+                        f"{bend['relative_distance']:.2g}× the distance between them "
+                        f"({bend['distance_between_ends']:.3g})")
+    return warnings
+
+
+def _joined(desc: str, left: str) -> str:
+    return f"{desc}, {left}" if left else desc
 
 
 def curve(a: str | CurveSpec, b: str | None = None, tasks: Sequence[str] | str | None = None, *,

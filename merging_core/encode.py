@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import OrderedDict
+import threading
+import weakref
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -20,14 +21,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import data, settings
+from . import caches, data, settings
 from .tasks import TaskSpec
 
 FORMAT_VERSION = 1
 IGNORE = -100
-_MEMORY: OrderedDict[str, "Encoded"] = OrderedDict()
-_MEMORY_SLOTS = 24
-_TOKENIZER_FP: dict[int, tuple[object, str]] = {}  # id -> (the tokenizer, kept alive so its id is not reused; hash)
+# Tokenized splits in memory: bounded in bytes with every other engine cache and dropped when idle (`caches`).
+_MEMORY = caches.Cache("tokenized", lambda e: e.nbytes, max_entries=24)
+# tokenizer -> hash of its definition, for as long as the tokenizer lives (weak keys: this map never keeps
+# a tokenizer alive, and an entry cannot outlive its tokenizer, so a reused id is never mistaken for it)
+_TOKENIZER_FP: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
+_TOKENIZER_FP_LOCK = threading.Lock()
 
 
 @dataclass
@@ -43,6 +47,17 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        """The memory its tensors hold (views of one storage counted once)."""
+        storages = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -106,12 +121,20 @@ class Encoded:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of the tokenizer's full definition (vocabulary, normalizer, special tokens)."""
-    key = id(tokenizer)
-    known = _TOKENIZER_FP.get(key)
-    if known is None or known[0] is not tokenizer:
+    try:
+        with _TOKENIZER_FP_LOCK:
+            known = _TOKENIZER_FP.get(tokenizer)
+    except TypeError:  # a tokenizer that takes no weak reference: hashed every time
+        known = None
+    if known is None:
         definition = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else json.dumps(tokenizer.get_vocab())
-        known = _TOKENIZER_FP[key] = (tokenizer, hashlib.sha1(definition.encode()).hexdigest()[:16])
-    return known[1]
+        known = hashlib.sha1(definition.encode()).hexdigest()[:16]
+        try:
+            with _TOKENIZER_FP_LOCK:
+                _TOKENIZER_FP[tokenizer] = known
+        except TypeError:
+            pass
+    return known
 
 
 def encode(spec: TaskSpec, split: str, tokenizer, max_length: int = 128) -> Encoded:
@@ -123,9 +146,9 @@ def encode(spec: TaskSpec, split: str, tokenizer, max_length: int = 128) -> Enco
         fingerprint = raw.fingerprint
     key_parts = [FORMAT_VERSION, tokenizer_fingerprint(tokenizer), spec.name, split, max_length, fingerprint]
     key = hashlib.sha1(json.dumps(key_parts).encode()).hexdigest()[:20]
-    if key in _MEMORY:
-        _MEMORY.move_to_end(key)
-        return _MEMORY[key]
+    known = _MEMORY.get(key)
+    if known is not None:
+        return known
     path = settings.cache_dir("tokenized") / f"{spec.name}-{split}-{key}.safetensors"
     encoded = None
     if path.is_file():
@@ -140,10 +163,7 @@ def encode(spec: TaskSpec, split: str, tokenizer, max_length: int = 128) -> Enco
         save_file({f.name: getattr(encoded, f.name).contiguous() for f in fields(encoded)
                    if getattr(encoded, f.name) is not None}, tmp, metadata={"key": json.dumps(key_parts)})
         tmp.replace(path)  # atomic: a crash never leaves a half-written cache entry
-    _MEMORY[key] = encoded
-    if len(_MEMORY) > _MEMORY_SLOTS:
-        _MEMORY.popitem(last=False)
-    return encoded
+    return _MEMORY.put(key, encoded)
 
 
 def _flat(sequences: list[list[int]], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

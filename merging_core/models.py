@@ -32,8 +32,6 @@ import json
 import pickle
 import re
 import shutil
-import threading
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from . import settings
+from . import caches, settings
 from .arch import adapter_for
 from .errors import MergeLabError, writing
 from .fingerprint import digests
@@ -70,11 +68,21 @@ SCRATCH_SIZES = {
 }
 SCRATCH = "scratch:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# Loaded tokenizers, keyed by folder and file contents; bounded (least recently used dropped first), so
-# a long-running app that scores many result folders does not keep every tokenizer it ever loaded.
-_TOKENIZERS: OrderedDict[tuple, object] = OrderedDict()
+# Loaded tokenizers, keyed by folder and file contents; bounded in number and in bytes (with every other
+# engine cache: `caches`, least recently used dropped first) and dropped when idle, so a long-running app
+# that scores many result folders does not keep every tokenizer it ever loaded.
 _TOKENIZERS_KEPT = 16
-_TOKENIZERS_LOCK = threading.Lock()
+_TOKEN_BYTES = 350  # resident bytes per vocabulary entry of a fast tokenizer (MiniLM's 30,522: ~10 MB each)
+
+
+def _tokenizer_bytes(tokenizer) -> int:
+    try:
+        return max(1 << 20, len(tokenizer) * _TOKEN_BYTES)
+    except Exception:  # noqa: BLE001 - an estimate: never fail a load over it
+        return 10 << 20
+
+
+_TOKENIZERS = caches.Cache("tokenizers", _tokenizer_bytes, max_entries=_TOKENIZERS_KEPT)
 
 
 @functools.cache
@@ -307,11 +315,10 @@ def load_tokenizer(ref: ModelRef):
         return load_tokenizer(resolve(MINILM))
     files = tokenizer_files(ref)
     key = (ref.location, tuple(sorted(files.items())))
-    with _TOKENIZERS_LOCK:
-        if key in _TOKENIZERS:
-            _TOKENIZERS.move_to_end(key)
-            return _TOKENIZERS[key]
-    # loaded outside the lock: a slow load does not block other sessions
+    known = _TOKENIZERS.get(key)
+    if known is not None:
+        return known
+    # loaded outside the cache's lock: a slow load does not block other sessions
     with _hub_errors(ref):
         try:
             tokenizer = hf().AutoTokenizer.from_pretrained(ref.location)
@@ -323,12 +330,7 @@ def load_tokenizer(ref: ModelRef):
             raise MergeLabError(f"could not load the tokenizer of model {ref.spec!r} from its files "
                                 f"({', '.join(sorted(files)) or 'none found'}): {reason}; re-export the "
                                 "checkpoint's tokenizer") from None
-    with _TOKENIZERS_LOCK:
-        _TOKENIZERS.setdefault(key, tokenizer)
-        _TOKENIZERS.move_to_end(key)
-        while len(_TOKENIZERS) > _TOKENIZERS_KEPT:
-            _TOKENIZERS.popitem(last=False)
-        return _TOKENIZERS[key]
+    return _TOKENIZERS.put(key, tokenizer)  # the one kept when two sessions loaded it at once
 
 
 @functools.lru_cache(maxsize=256)

@@ -10,6 +10,8 @@ and the engine's atomic writers leave nothing half-written behind.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -44,3 +46,41 @@ def scaled(progress: ProgressFn | None, start: float, end: float, prefix: str = 
     if progress is None:
         return None
     return lambda fraction, desc: progress(start + (end - start) * fraction, f"{prefix}{desc}")
+
+
+SETTLE = 1.0  # seconds of a stage before its rate is trusted for an estimate
+
+
+def with_eta(progress: ProgressFn | None, *, clock: Callable[[], float] = time.monotonic,
+             settle: float = SETTLE) -> ProgressFn | None:
+    """`progress` whose descriptions end with the time left of this stage ("batch 3/16, ~40 s left"),
+    from the rate since now: elapsed × (1 − fraction) / fraction, once the stage has run `settle` seconds."""
+    if progress is None:
+        return None
+    started = clock()
+
+    def report(fraction: float, desc: str) -> None:
+        elapsed = clock() - started
+        left = time_left(elapsed, fraction, 1.0) if elapsed >= settle else ""
+        progress(fraction, f"{desc}, {left}" if left else desc)
+
+    return report
+
+
+def time_left(elapsed: float, done: float, total: float) -> str:
+    """"~X s left" for `total` units of work, `done` of them in `elapsed` seconds, from the rate so far;
+    "" while nothing is done yet (no rate) or everything is."""
+    if not math.isfinite(done) or done <= 0 or done >= total or elapsed <= 0:
+        return ""
+    return remaining(elapsed / done * (total - done))
+
+
+def remaining(seconds: float | None) -> str:
+    """'~40 s left', '~3 min left', '~1.5 h left', or '' without an estimate."""
+    if seconds is None:
+        return ""
+    if seconds < 90:
+        return f"~{max(1, round(seconds))} s left"
+    if seconds < 90 * 60:
+        return f"~{round(seconds / 60)} min left"
+    return f"~{seconds / 3600:.1f} h left"

@@ -35,6 +35,24 @@ def zoo_dir() -> Path:
     return home() / "zoo"
 
 
+def zoo_repo() -> str | None:
+    """A published zoo on the hub (`MERGELAB_ZOO_REPO`, e.g. "someone/mergelab-demo-zoo"): when set, the app
+    downloads the zoo from it instead of training one."""
+    return os.environ.get("MERGELAB_ZOO_REPO", "").strip() or None
+
+
+def provision() -> str:
+    """What the app does at start with an empty zoo (`MERGELAB_PROVISION`): "demo" (download the published
+    zoo, else build the demo recipe, in the background), or "off". Default: "demo" in public mode, where a
+    visitor cannot build, and "off" locally, where the Zoo tab offers the build."""
+    value = os.environ.get("MERGELAB_PROVISION", "").strip().lower()
+    if value in ("demo", "off"):
+        return value
+    if value:
+        raise MergeLabError(f"MERGELAB_PROVISION={value!r} is not known; use demo or off")
+    return "demo" if public_mode() else "off"
+
+
 def cache_dir(kind: str) -> Path:
     path = home() / "cache" / kind
     path.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ class TaskSpec:
     hub: HubSource | None = None
     aliases: tuple[str, ...] = ()
     fallback_files: dict[str, str] = field(default_factory=dict)  # split -> file used when the first is absent
+    listed: bool = True  # False: an internal task (pretraining text), not offered where users pick tasks to score
 
     @property
     def num_labels(self) -> int:
@@ -130,7 +131,7 @@ TASKS: dict[str, TaskSpec] = {
             # train splits), the dev split WikiText-2's valid.txt, so its MLM scores compare with wikitext2's.
             name="corpus", title="Data-root text (MLM)", kind="mlm", format="corpus", directory="wikitext-2",
             files={"train": "test.txt", "dev": "valid.txt"}, metrics=("loss", "perplexity"),
-            aliases=("text", "pretraining"),
+            aliases=("text", "pretraining"), listed=False,
         ),
     ]
 }
@@ -144,6 +145,14 @@ def get_task(name: str) -> TaskSpec:
     if spec is None:
         raise MergeLabError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     return spec
+
+
+def title(name: str) -> str:
+    """A task's name as people know it ("SST-2" for "sst2"); unknown names are returned as given."""
+    try:
+        return get_task(name).title
+    except MergeLabError:
+        return name
 
 
 def split_names(spec: TaskSpec) -> list[str]:

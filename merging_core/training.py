@@ -42,7 +42,7 @@ from .evaluation import Evaluator
 from .losses import task_loss
 from .models import load, write_into, write_multihead
 from .outputs import check_out, staging
-from .progress import ProgressFn
+from .progress import ProgressFn, with_eta
 from .tasks import TaskSpec, get_task
 
 
@@ -159,10 +159,11 @@ def wrap_peft(model: torch.nn.Module, spec: TaskSpec, config: TrainConfig) -> to
 
 
 def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
-          progress: ProgressFn | None = None) -> TrainResult:
+          progress: ProgressFn | None = None, recipe: str | None = None) -> TrainResult:
     """Fine-tune `config.base` on `config.task` and save it (plus intermediate checkpoints) to `out`.
 
     Several tasks train one multi-task model, saved as a multi-head checkpoint (see the module doc).
+    `recipe`: the zoo recipe the run belongs to, recorded in `mergelab.json` (e.g. "demo").
     """
     specs = config.task_specs
     if config.steps < 1:
@@ -174,7 +175,7 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
         raise MergeLabError(f"sampling {config.sampling!r} is not known; use one of: {', '.join(SAMPLING)}",
                             param="sampling")
     if len(specs) > 1:
-        return _train_multitask(config, specs, out, overwrite=overwrite, progress=progress)
+        return _train_multitask(config, specs, out, overwrite=overwrite, progress=progress, recipe=recipe)
     spec = specs[0]
     check_out(out, overwrite)  # fail before spending minutes on training
     part = partition.parse(config.partition)
@@ -198,6 +199,7 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
         "base_location": loaded.ref.location, "task": spec.name, "seed": config.seed,
         "partition": str(part), "train_examples": len(train_data), "train": asdict(config),
         "learning_rate": config.learning_rate, "head": spec.head, "labels": list(spec.labels),
+        **({"recipe": recipe} if recipe else {}),
     }
     checkpoints: list[dict] = []
     started = time.perf_counter()
@@ -261,7 +263,7 @@ def _bare_config(config):
 
 
 def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str | Path, *, overwrite: bool,
-                     progress: ProgressFn | None) -> TrainResult:
+                     progress: ProgressFn | None, recipe: str | None) -> TrainResult:
     """One shared encoder, one head per task; each step trains on one batch of one sampled task."""
     names = [s.name for s in specs]
     if config.peft or config.head_only:
@@ -306,6 +308,7 @@ def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str 
         "train_examples": {job.spec.name: len(job.data) for job in jobs},
         "train": {**asdict(config), "task": ",".join(names)}, "learning_rate": config.learning_rate,
         "head_kinds": {s.name: s.head for s in specs}, "labels": {s.name: list(s.labels) for s in specs},
+        **({"recipe": recipe} if recipe else {}),
     }
     checkpoints: list[dict] = []
     started = time.perf_counter()
@@ -405,7 +408,7 @@ class _Bar:
     def __init__(self, total: int, desc: str, progress: ProgressFn | None):
         from tqdm.auto import tqdm
 
-        self.total, self.desc, self.progress = total, desc, progress
+        self.total, self.desc, self.progress = total, desc, with_eta(progress)
         self.tqdm = tqdm(total=total, desc=desc, disable=None, leave=False) if progress is None else None
 
     def update(self, step: int, losses: list[float]) -> None:
@@ -414,7 +417,8 @@ class _Bar:
             self.tqdm.update(1)
             self.tqdm.set_postfix(loss=f"{recent:.3f}", refresh=False)
         elif step % 5 == 0 or step == self.total:
-            self.progress(step / self.total, f"{self.desc}: step {step}/{self.total}, loss {recent:.3f}")
+            done = "" if step < self.total else ", scoring on dev"
+            self.progress(step / self.total, f"{self.desc}: step {step}/{self.total}, loss {recent:.3f}{done}")
 
     def close(self) -> None:
         if self.tqdm is not None:

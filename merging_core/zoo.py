@@ -13,6 +13,8 @@ A multi-head entry (a multi-task model, recipe `multitask`) is listed with its t
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,9 +22,10 @@ from pathlib import Path
 import yaml
 
 from . import settings
-from .errors import MergeLabError
+from .errors import MergeLabError, writing
 from .models import METADATA
-from .progress import ProgressFn, scaled
+from .outputs import staging
+from .progress import ProgressFn, remaining, scaled
 from .tasks import get_task
 from .training import TrainConfig, train
 
@@ -33,6 +36,12 @@ RECIPES = Path(__file__).resolve().parent.parent / "assets" / "recipes"
 class Recipe:
     name: str
     entries: dict[str, TrainConfig]
+    about: str = ""  # one line: what the recipe builds
+    minutes: float | None = None  # measured build time on a 2-core CPU, shown before a build starts
+
+    def missing(self) -> list[str]:
+        """The entries not built yet in this zoo."""
+        return [name for name in self.entries if not (settings.zoo_dir() / name / METADATA).is_file()]
 
 
 def load_recipe(recipe: str | Path = "default") -> Recipe:
@@ -78,7 +87,15 @@ def load_recipe(recipe: str | Path = "default") -> Recipe:
             entries[name] = TrainConfig(**merged)
         except MergeLabError as exc:
             raise MergeLabError(f"{where}: {exc.message}", param="recipe", hint=exc.hint) from None
-    return Recipe(path.stem, entries)
+    about, minutes = raw.get("about") or "", raw.get("minutes")
+    if not isinstance(about, str) or not (minutes is None or isinstance(minutes, (int, float))):
+        raise MergeLabError(f"recipe {path.name}: 'about' must be text and 'minutes' a number", param="recipe")
+    return Recipe(path.stem, entries, about, minutes)
+
+
+def recipes() -> list[Recipe]:
+    """Every recipe shipped in assets/recipes, by name."""
+    return [load_recipe(p.stem) for p in sorted(RECIPES.glob("*.yaml"))]
 
 
 def _setting(where: str, key: str, value, annotation: str):
@@ -121,16 +138,99 @@ def build(recipe: str | Path = "default", *, only: list[str] | None = None, rebu
             raise MergeLabError(f"recipe {plan.name} has no entries {missing}; it has {names}")
         names = [n for n in names if n in only]
     rows = []
-    for i, name in enumerate(names):
+    todo = [n for n in names if rebuild or not (settings.zoo_dir() / n / METADATA).is_file()]
+    # Progress and the time left are shared out by training steps, the bulk of every entry's time.
+    weight = {n: plan.entries[n].steps for n in todo}
+    total, done, spent = sum(weight.values()) or 1, 0, 0.0
+    for name in names:
         target = settings.zoo_dir() / name
-        if (target / METADATA).is_file() and not rebuild:
+        if name not in todo:
             rows.append({"name": name, "status": "kept", "seconds": 0.0})
             continue
         started = time.perf_counter()
-        step_progress = scaled(progress, i / len(names), (i + 1) / len(names), f"[{i + 1}/{len(names)}] {name}: ")
-        train(plan.entries[name], target, overwrite=rebuild, progress=step_progress)
-        rows.append({"name": name, "status": "built", "seconds": round(time.perf_counter() - started, 1)})
+        rest = total - done - weight[name]  # steps of the entries after this one
+        after = remaining(spent / done * rest) if done and rest else ""
+        prefix = f"[{todo.index(name) + 1}/{len(todo)}] {name}: "
+        step_progress = scaled(progress, done / total, (done + weight[name]) / total, prefix)
+        if step_progress is not None and after:
+            step_progress = _suffixed(step_progress, f" · then {after.replace(' left', '')} for the rest")
+        train(plan.entries[name], target, overwrite=rebuild, progress=step_progress, recipe=plan.name)
+        seconds = time.perf_counter() - started
+        spent, done = spent + seconds, done + weight[name]
+        rows.append({"name": name, "status": "built", "seconds": round(seconds, 1)})
     return rows
+
+
+def _suffixed(progress: ProgressFn, suffix: str) -> ProgressFn:
+    return lambda fraction, desc: progress(fraction, desc + suffix)
+
+
+def download(repo: str | None = None, *, cache_dir: str | Path | None = None,
+             progress: ProgressFn | None = None) -> list[dict]:
+    """Copy a published zoo from the hub (`repo`, default `MERGELAB_ZOO_REPO`) into this zoo.
+
+    The repository holds one folder per entry, as `build` writes them (`<entry>/mergelab.json`, weights,
+    tokenizer). It is fetched with `huggingface_hub.snapshot_download` (into `cache_dir`, default the hub's
+    cache; offline, a copy already in that cache is used), then every entry missing here is copied in
+    atomically. Entries already in the zoo are kept. Returns one status row per entry."""
+    repo = repo or settings.zoo_repo()
+    if not repo:
+        raise MergeLabError("no published zoo configured; set MERGELAB_ZOO_REPO to a hub repository id, "
+                            "or build a recipe instead", param="repo")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    if progress:
+        progress(0.0, f"downloading the zoo from {repo}")
+    try:
+        # the cache's location is read now (the hub library reads HF_HUB_CACHE once, on import)
+        snapshot = Path(snapshot_download(repo, cache_dir=cache_dir or os.environ.get("HF_HUB_CACHE") or None))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise MergeLabError(f"could not download the zoo {repo!r}: {reason}", param="repo") from None
+    found = sorted(m.parent for m in snapshot.glob(f"*/{METADATA}"))
+    if not found:
+        raise MergeLabError(f"the hub repository {repo!r} holds no zoo entries (folders with {METADATA})",
+                            param="repo")
+    rows = []
+    for i, folder in enumerate(found):
+        target = settings.zoo_dir() / folder.name
+        if (target / METADATA).is_file():
+            rows.append({"name": folder.name, "status": "kept", "seconds": 0.0})
+            continue
+        started = time.perf_counter()
+        if progress:
+            progress(i / len(found), f"[{i + 1}/{len(found)}] copying {folder.name}")
+        with writing(target), staging(target) as tmp:
+            # the hub's cache holds links into its blob store: copy the files they point to
+            shutil.copytree(folder, tmp, dirs_exist_ok=True, symlinks=False)
+        rows.append({"name": folder.name, "status": "downloaded", "seconds": round(time.perf_counter() - started, 1)})
+    if progress:
+        progress(1.0, "zoo downloaded")
+    return rows
+
+
+# What each tab of the app needs from the zoo, as a test on its entries, and the recipes that provide it.
+_NEEDS = {
+    "Evaluate": ("a fine-tuned model", ("demo", "default"),
+                 lambda rows, pairs: any(r["kind"] in ("full", "lora", "ia3", "multitask") for r in rows)),
+    "Merge": ("two models fine-tuned from one pretrained model", ("demo", "default"),
+              lambda rows, pairs: sum(r["kind"] == "full" and not str(r["base"]).startswith("scratch:")
+                                      for r in rows) >= 2),
+    "Curves": ("a pair of checkpoints", ("demo", "default"), lambda rows, pairs: bool(pairs)),
+    "Permute": ("two models pretrained from different random initializations", ("demo", "scratch"),
+                lambda rows, pairs: any(p["kind"] == "different initializations" for p in pairs)),
+    "Ensemble": ("LoRA modules of at least two tasks", ("demo", "peft"),
+                 lambda rows, pairs: len({r["task"] for r in rows if r["kind"] == "lora"}) >= 2),
+}
+
+
+def readiness() -> list[dict]:
+    """For each tab of the app: whether the zoo has what it needs, what that is, and which recipes build
+    it. Each: {"tab", "ready", "needs", "recipes"}."""
+    rows, found = entries(), pairs()
+    return [{"tab": tab, "ready": bool(test(rows, found)), "needs": needs, "recipes": list(recipes_)}
+            for tab, (needs, recipes_, test) in _NEEDS.items()]
 
 
 def entries() -> list[dict]:
@@ -163,6 +263,7 @@ def entries() -> list[dict]:
             "seed": meta.get("seed"),
             "steps": meta.get("steps"),
             "partition": meta.get("partition"),
+            "recipe": meta.get("recipe"),
             "metric": metric,
             "score": score,
             "dev": dev,

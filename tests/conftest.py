@@ -49,6 +49,9 @@ def mergelab_home(tmp_path_factory) -> Path:
     """One MergeLab home for the session (tokenization cache shared across tests)."""
     home = tmp_path_factory.mktemp("mergelab-home")
     os.environ["MERGELAB_HOME"] = str(home)
+    # a public-mode app under test must not start building the demo zoo by itself (tests that check
+    # that it does set this back to "demo")
+    os.environ["MERGELAB_PROVISION"] = "off"
     return home
 
 

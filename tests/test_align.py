@@ -161,3 +161,98 @@ def test_permute_tab_builds_one_spec():
                              residual="last", qk=True, text="wikitext2", examples=64)
     with pytest.raises(ml.MergeLabError, match="pick two checkpoints"):
         align_spec("scratch-s0", None, "ff+attn", "head-perm", "first", False, "wikitext2", 64)
+
+
+# -- progress, Stop, and the same-initialization notes ----------------------------------------------------
+
+def test_every_stage_reports_progress_with_its_name_and_counts(pico, tmp_path):
+    a, b = pico("wikitext2", 0), pico("wikitext2", 1)  # different initializations
+    calls: list[tuple[float, str]] = []
+    result = align(str(a), str(b), merge_type="all", examples=EXAMPLES, batch_size=8, out=tmp_path / "aligned",
+                   progress=lambda fraction, desc: calls.append((fraction, desc)))
+    descs = [d for _, d in calls]
+    activations = [d for d in descs if d.startswith("activations: batch ")]
+    # every transformer layer of A and B and every site's sums report: many times per batch, with the counts
+    assert len(activations) >= 3 * 2 * 2 and {"activations: batch 1/3", "activations: batch 3/3"} <= {
+        d.split(",")[0] for d in activations}
+    matching = [d for d in descs if d.startswith("matching: ")]
+    assert matching[:3] == ["matching: ff.0 (1/5)", "matching: attn.0 (2/5)", "matching: ff.1 (3/5)"]
+    assert "matching: residual (5/5)" in matching
+    assert descs[0].startswith("loading: ") and any(d.startswith("writing") for d in descs)
+    fractions = [f for f, _ in calls]
+    assert fractions == sorted(fractions) and 0.0 <= fractions[0] and fractions[-1] == 1.0
+    assert result.summary()["notes"] == []  # different initializations: nothing to warn about
+
+
+@pytest.mark.parametrize("stage", ["activations", "matching"])
+def test_a_callback_that_raises_cancelled_stops_align(pico, tmp_path, stage):
+    a, b = pico("wikitext2", 0), pico("wikitext2", 1)
+    seen: list[str] = []
+
+    def stop(fraction: float, desc: str) -> None:
+        seen.append(desc)
+        if desc.startswith(f"{stage}: ") and len([d for d in seen if d.startswith(stage)]) == 2:
+            raise ml.progress.Cancelled()
+
+    with pytest.raises(ml.progress.Cancelled):
+        align(str(a), str(b), examples=EXAMPLES, batch_size=8, out=tmp_path / "aligned", progress=stop)
+    assert not any(d.startswith("writing") for d in seen) and not (tmp_path / "aligned").exists()
+    if stage == "activations":  # stopped inside the first batch, not after the whole pass
+        assert not any(d.startswith("activations: batch 2/") for d in seen)
+
+
+def test_eta_comes_from_the_rate_so_far():
+    from merging_core.progress import remaining, time_left, with_eta
+
+    assert time_left(10.0, 0, 20) == "" and time_left(10.0, 20, 20) == ""  # no rate yet; done
+    assert time_left(10.0, 5, 20) == "~30 s left"
+    assert [remaining(s) for s in (0.2, 41, 200, 5400)] == ["~1 s left", "~41 s left", "~3 min left", "~1.5 h left"]
+    now = [100.0]
+    shown = []
+    report = with_eta(lambda f, d: shown.append(d), clock=lambda: now[0])
+    report(0.0, "activations: batch 1/4")
+    now[0] += 0.5
+    report(0.25, "activations: batch 2/4")  # too early to tell
+    now[0] += 3.5
+    report(0.5, "activations: batch 3/4")
+    assert shown == ["activations: batch 1/4", "activations: batch 2/4", "activations: batch 3/4, ~4 s left"]
+    assert with_eta(None) is None
+
+
+def test_aligning_a_model_with_itself_notes_the_shared_initialization(pico, tmp_path):
+    a = str(pico("wikitext2", 0))
+    result = align(a, a, merge_type="ff+attn", examples=EXAMPLES, out=tmp_path / "self")
+    notes = result.summary()["notes"]
+    assert any(n.startswith("A and B are the same model") for n in notes)
+    assert any(n.startswith("the permutation keeps 100% of units in place: A and B likely share an initialization")
+               for n in notes)
+    assert load_alignment(result.out).summary()["notes"] == notes  # recorded with the alignment
+
+
+def _fine_tune(src, folder, **meta):
+    """A copy of `src` whose metadata records what it was trained from (as training records it)."""
+    from .conftest import copy_model
+
+    out = copy_model(src, folder)
+    (out / "mergelab.json").write_text(json.dumps({"task": "wikitext2", "kind": "full", **meta}))
+    return str(out)
+
+
+def test_same_initialization_is_found_from_the_recorded_bases(pico, tmp_path):
+    from merging_core.align import initialization_note
+
+    base = pico("wikitext2", 0)
+    s0 = _fine_tune(base, tmp_path / "ft-s0", base=str(base), base_location=str(base), seed=0)
+    s1 = _fine_tune(pico("wikitext2", 1), tmp_path / "ft-s1", base=str(base), base_location=str(base), seed=1)
+    assert "both trained from" in initialization_note(s0, s1)  # two fine-tunes of one model
+    assert initialization_note(str(base), s1).startswith("B was trained from A")
+    # pretrained from scratch with different seeds: different initializations, though both record scratch:tiny
+    x0 = _fine_tune(base, tmp_path / "x0", base="scratch:tiny", seed=0)
+    x1 = _fine_tune(pico("wikitext2", 1), tmp_path / "x1", base="scratch:tiny", seed=1)
+    assert initialization_note(x0, x1) is None
+    assert "same random initialization" in initialization_note(x0, _fine_tune(base, tmp_path / "x0b",
+                                                                              base="scratch:tiny", seed=0))
+    assert initialization_note(str(base), str(pico("wikitext2", 1))) is None  # nothing recorded: unrelated
+    # the engine puts the same note in the summary of a run on such a pair
+    result = align(s0, s1, merge_type="ff_only", examples=8, out=tmp_path / "aligned")
+    assert any("both trained from" in n for n in result.summary()["notes"])

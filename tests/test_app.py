@@ -47,7 +47,7 @@ def test_zoo_list_and_evaluate(client):
     zoo = _rows(client.predict(api_name="/zoo_list"))
     assert [r["name"] for r in zoo] == ["pico-sst2"] and zoo[0]["score"] == 0.5
     rows = _rows(client.predict("pico-sst2", ["sst2", "emotion"], "dev", 16, api_name="/evaluate"))
-    assert rows[0]["task"] == "sst2" and rows[0]["n"] == 16 and rows[0]["metric"] == "accuracy"
+    assert rows[0]["task"] == "SST-2" and rows[0]["n"] == 16 and rows[0]["metric"] == "accuracy"
     assert 0.0 <= rows[0]["score"] <= 1.0
     assert "6" in rows[1]["note"]  # the emotion row explains why it was skipped
 
@@ -67,21 +67,21 @@ def test_merge_and_compare(pico_cola_entry, client, app_home):
     table, status, files = _merge(client, out="avg-pico")
     folder = app_home / "merges" / "avg-pico"
     assert (folder / "model.safetensors").is_file() and (folder / "merge_config.json").is_file()
-    assert table["headers"] == ["model", "kind", "cola", "sst2", "mean"]
+    assert table["headers"] == ["model", "kind", "CoLA", "SST-2", "mean"]  # tasks as people know them
     rows = {r["model"]: r for r in _rows(table)}
     assert [r["kind"] for r in rows.values()] == ["merge", "individual", "individual", "ensemble"]
     merged, sst2, cola = rows["avg-pico"], rows["pico-sst2"], rows["pico-cola"]
-    for row, tasks in ((merged, ("sst2", "cola")), (sst2, ("sst2",)), (cola, ("cola",))):
+    for row, tasks in ((merged, ("SST-2", "CoLA")), (sst2, ("SST-2",)), (cola, ("CoLA",))):
         for task in tasks:
             assert isinstance(row[task], float) and -1.0 <= row[task] <= 1.0  # cola's MCC may be negative
         assert row["mean"] == pytest.approx(sum(row[t] for t in tasks) / len(tasks), abs=1e-4)
-    assert rows["ensemble (logits)"]["sst2"] is not None
+    assert rows["ensemble (logits)"]["SST-2"] is not None
     assert str(folder) in status and "first 8 examples" in status
     assert [json.loads(open(f).read())["method"] for f in files] == ["average"]
 
     # a multi-task model (here: the multi-head merge just saved) gets its own row
     table, _, _ = _merge(client, out="avg-pico-2", multitask=str(folder))
-    assert _rows(table)[-1]["kind"] == "multi-task" and _rows(table)[-1]["sst2"] is not None
+    assert _rows(table)[-1]["kind"] == "multi-task" and _rows(table)[-1]["SST-2"] is not None
 
     # compare off: only the saved merge is scored; a default name lands under merges/
     table, status, _ = _merge(client, params={"weights": "3, 1"}, compare=False)

@@ -60,7 +60,7 @@ def test_evaluate_tab_in_chromium(app_home):
         page.locator("#eval-model input").click()
         page.get_by_role("option", name="pico-sst2").click()
         # choosing a zoo model preselects its own task (a server round trip)
-        sst2 = page.locator("#eval-tasks label", has_text="sst2").locator("input")
+        sst2 = page.locator("#eval-tasks label", has_text="SST-2").locator("input")
         playwright.expect(sst2).to_be_checked(timeout=30_000)
         page.get_by_label("Limit").fill("16")
         page.locator("#eval-run").click()
@@ -120,7 +120,7 @@ def test_curves_tab_in_chromium(app_home, pico):
         page.get_by_role("tab", name="Curves").click()
         page.locator("#curve-pair input").click()
         page.get_by_role("option", name="same task, different seeds: pico-sst2 ↔ pico-sst2-b").click()
-        sst2 = page.locator("#curve-tasks label", has_text="sst2").locator("input")
+        sst2 = page.locator("#curve-tasks label", has_text="SST-2").locator("input")
         playwright.expect(sst2).to_be_checked(timeout=30_000)  # the pair fills A, B and the tasks
         page.locator("#curve-limit input").fill("8")
         page.locator("#curve-run").click()
@@ -148,7 +148,7 @@ def test_ensemble_tab_reweights_live_in_chromium(app_home, pico):
     with app_page(1400, 1000) as page:
         page.get_by_role("tab", name="Ensemble").click()
         page.locator("#ens-target input").click()
-        page.locator("#ens-target").get_by_role("option", name="sst2", exact=True).click()
+        page.locator("#ens-target").get_by_role("option", name="SST-2", exact=True).click()
         playwright.expect(page.locator("#ens-sources")).to_contain_text("lora-emotion", timeout=30_000)
         page.locator("#ens-similarity input").click()  # its scores spread widely even on pico modules
         page.locator("#ens-similarity").get_by_role("option", name="weight_cosine", exact=True).click()

@@ -241,3 +241,74 @@ def test_cli_streams_json_lines(pico, capsys):
     assert main(["curve", "--a", a, "--b", b, "--points", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+# ----------------------------------------------------------------------------------------------------
+# progress, Stop and the Bezier bend against the line
+
+
+def test_every_stage_reports_progress_with_the_time_left(pico):
+    a, b = str(pico("sst2", 0)), str(pico("sst2", 1))
+    seen = []
+    run = curve(a, b, "sst2", points=4, limit=8, merges=["average"], progress=lambda f, d: seen.append((f, d)))
+    assert [d for _, d in seen[:2]] == ["loading the checkpoints",
+                                        "loading the model for sst2 and tokenizing its dev split"]
+    list(run)
+    descs = [d for _, d in seen]
+    points = [d for d in descs if d.startswith("point ")]
+    assert [p.split(" (")[0] for p in points] == ["point 1/4", "point 2/4", "point 3/4", "point 4/4"]
+    assert "left" not in points[0] and all(p.endswith(" left") for p in points[1:])  # a rate only after a point
+    assert "placing merge 1/1: average" in descs
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_the_bend_reports_every_step_and_a_cancelling_callback_stops_it(pico):
+    a, b = str(pico("sst2", 0)), str(pico("sst2", 1))
+    options = {"points": 3, "limit": 8, "path": "bezier", "bend_steps": 12, "batch_size": 4}
+    seen = []
+    run = curve(a, b, "sst2", progress=lambda f, d: seen.append(d), **options)
+    bend = next(iter(run))
+    steps = [d for d in seen if d.startswith("training the bend: step ")]
+    assert [d.split(",")[0] for d in steps] == [f"training the bend: step {k}/12" for k in range(1, 13)]
+    assert all("s left" in d for d in steps[1:])
+    assert bend["relative_distance"] == pytest.approx(bend["distance_from_midpoint"] / run.distances["l2"])
+
+    calls = []
+
+    def stop_at_step_4(fraction: float, desc: str) -> None:
+        calls.append(desc)
+        if desc.startswith("training the bend: step 4/"):
+            raise ml.progress.Cancelled()
+
+    run = curve(a, b, "sst2", progress=stop_at_step_4, **options)
+    trainable = {name: p.requires_grad for name, p in run.rigs[0].model.named_parameters()}
+    with pytest.raises(ml.progress.Cancelled):
+        list(run)
+    assert calls[-1].startswith("training the bend: step 4/12")  # stopped there: nothing after it ran
+    assert run.points == [] and run.bend is None
+    # the model's trainable flags are put back, as if no training had started
+    assert {name: p.requires_grad for name, p in run.rigs[0].model.named_parameters()} == trainable
+
+
+def _summary(path: str, loss: float, metric: float, **bend) -> dict:
+    barriers = {"sst2": {"metric": "accuracy", "n": 200, "loss_barrier": loss, "metric_barrier": metric}}
+    return {"path": path, "barriers": barriers, "bend": bend or None}
+
+
+def test_bend_warnings_only_when_the_bend_is_worse_than_the_line():
+    from merging_core.curves import bend_warnings
+
+    line = _summary("line", 0.0, 0.01)
+    bend = {"steps": 200, "distance_from_midpoint": 26.6, "distance_between_ends": 2.9, "relative_distance": 26.6 / 2.9}
+    worse = bend_warnings(line, _summary("bezier", 0.08, 0.0, **bend))
+    assert worse[0] == ("⚠ The Bezier bend (200 steps) has a higher loss barrier (0.0800 vs 0.0000) than the "
+                        "straight line on sst2: the bend did not find a better path; try fewer steps or a lower "
+                        "learning rate")
+    assert "26.6 from the midpoint" in worse[1] and "9.2×" in worse[1] and "(2.9)" in worse[1]
+    both = bend_warnings(line, _summary("bezier", 0.08, 0.05, **bend))
+    assert "higher loss barrier (0.0800 vs 0.0000) and a higher accuracy barrier (0.0500 vs 0.0100)" in both[0]
+    near = {**bend, "distance_from_midpoint": 1.0, "relative_distance": 1.0 / 2.9}
+    assert len(bend_warnings(line, _summary("bezier", 0.08, 0.0, **near))) == 1  # no distance warning: it stayed near
+    assert bend_warnings(line, _summary("bezier", 0.0, 0.01, **bend)) == []  # equal: no worse
+    assert bend_warnings(_summary("line", 0.3, 0.2), _summary("bezier", 0.1, 0.0, **bend)) == []  # better

@@ -59,6 +59,17 @@ def whole(value: object, param: str) -> int:
     raise ml.MergeLabError(f"{value!r:.40} is not a number", param=param)
 
 
+def all_or(value: object, param: str) -> int | None:
+    """A Limit box's count: None (all) for 0, empty, NaN or infinity, else a whole number of at least 1.
+    (Gradio shows an empty Number as 0, so 0 must mean "all", not an error.)"""
+    if value is None or value == "" or value == 0 or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    count = whole(value, param)
+    if count < 0:
+        raise ml.MergeLabError(f"{count} is not a count; give a number of examples, or 0 for all", param=param)
+    return count or None
+
+
 def progress_fn(progress: gr.Progress, request: gr.Request | None = None) -> ml.progress.ProgressFn:
     """The engine's (fraction, description) callback, drawn by Gradio's progress bar. It also ends the job
     (raising `Cancelled` inside the engine's loop) once the same session presses Stop."""
@@ -106,11 +117,30 @@ def models_info() -> str:
 
 
 def model_choices(request: gr.Request | None = None) -> list[str]:
-    """Zoo entries first (built ones), then the packaged MiniLM, then (public mode) the session's results."""
-    own = session(request).results() if request is not None else []  # building the app: no visitor yet
+    """Zoo entries first (built ones), then the packaged MiniLM, then results (merges, aligned models,
+    uploads): the session's own in public mode, every one under $MERGELAB_HOME locally."""
+    if request is None and ml.settings.public_mode():  # building the app: no visitor yet
+        own = []
+    else:
+        own = session(request).results()
     return [row["name"] for row in ml.zoo.entries()] + [ml.models.MINILM] + own
+
+
+def task_choices(kinds: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+    """Tasks to pick, as (title, id) pairs ("SST-2", "sst2"): those whose data is here (all known ones when
+    there is no data root: the hub may still serve them), without internal tasks such as pretraining text."""
+    here = ml.data.available_tasks() or list(ml.TASKS)
+    specs = [ml.get_task(name) for name in here]
+    return [(s.title, s.name) for s in specs if s.listed and (kinds is None or s.kind in kinds)]
 
 
 def multitask_choices() -> list[str]:
     """Zoo models with heads for several tasks (multi-task models, multi-head merges)."""
     return [row["name"] for row in ml.zoo.entries() if len(row.get("tasks") or []) > 1]
+
+
+def on_open(demo: gr.Blocks, tab: gr.Tab, handler: Callable, inputs: list | None, outputs: list) -> None:
+    """Refresh a tab's pickers when the page loads and each time the tab is opened: models built, merged
+    or aligned in another tab since then show up without a reload."""
+    for trigger in (demo.load, tab.select):
+        trigger(handler, inputs, outputs, api_visibility="private", show_progress="hidden", queue=False)

@@ -1,37 +1,48 @@
 """Curves tab: loss and scores along a path between two checkpoints (mode connectivity), streamed live,
 with distances and barriers beside the plot, merges placed on the path, and the plane through three
-checkpoints as a heatmap. Every run is one engine call (`merging_core.curve` / `merging_core.plane`)."""
+checkpoints as a heatmap. Every run is one engine call (`merging_core.curve` / `merging_core.plane`).
+
+A Bezier curve is always walked after the straight line, so there is a line to compare it with; the
+engine's `bend_warnings` says when the trained bend ends with the higher barrier. The engine runs in a
+worker thread so that the status line follows every stage (loading, each bend training step, each
+point, with the time left) while a long step runs; Stop ends it at its next progress report."""
 
 from __future__ import annotations
 
+import contextvars
 import json
-import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 import merging_core as ml
-from merging_core.curves import CurveSpec, PlaneSpec
-from merging_core.paths import PATHS
+from merging_core.curves import CurveSpec, PlaneSpec, bend_warnings
 
 from . import controls as ui
 from . import figures
-from .common import engine_errors, model_choices, on_stop, progress_fn, stop_button, whole
+from . import start
+from .common import all_or, engine_errors, model_choices, on_open, on_stop, progress_fn, stop_button, task_choices, whole
 from .session import redact, session
 
 BOTH = "line + bezier"
+# Path choice -> the paths walked, in order: a Bezier curve always comes with the line, drawn first
+# ("bezier" alone is what API callers sent before; it gets the line too).
+WALKS = {"line": ("line",), BOTH: ("line", "bezier"), "bezier": ("line", "bezier")}
+PREFERRED_PAIR = "same task, different seeds"  # the pair preselected for a newcomer
+STATUS_EVERY = 0.5  # seconds between status updates while a step runs
 DEFAULT_LIMIT = 200
 NONE = ("(none)", "")
 # Engine inputs named in errors -> this tab's control labels.
 LABELS = {"models": "Checkpoints (A, B, C)", "tasks": "Tasks", "points": "Points", "limit": "Limit",
           "head_from": "Head from", "base": "Base model", "merges": "Merges to place on the line", "path": "Path",
           "bend_steps": "Bezier bend steps", "grid": "Grid points per axis", "space": "Space"}
-
-
-def _limit(limit: float | None) -> int | None:
-    return int(limit) if limit and not math.isnan(limit) else None
 
 
 def _tasks(tasks: list[str] | None) -> list[tuple[str, str]]:
@@ -59,16 +70,38 @@ def curve_summary(summaries: list[dict]) -> str:
         for task, b in s["barriers"].items():
             lines.append(f"| {s['path']} | {task} | {_fmt(b['loss_barrier'])} ({b['loss_barrier_at']:.2f}) | "
                          f"{b['metric']} {_fmt(b['metric_barrier'])} ({b['metric_barrier_at']:.2f}) |")
+    counts = {f"{task} ({b['n']} {s['split']} examples)" for s in summaries for task, b in s["barriers"].items()
+              if b.get("n")}
+    if counts:
+        lines += ["", f"Scored on: {', '.join(sorted(counts))}."]
+    warnings = _warnings(summaries)
+    if warnings:
+        lines += ["", *[f"**{w}.**" for w in warnings]]
     heads = "; ".join(f"{task}: {how}" for task, how in summaries[0]["heads"].items())
     lines += ["", f"Heads: {heads}."]
     for s in summaries:
         if s.get("bend"):
-            bend = s["bend"]
-            lines.append(f"Bezier bend: {bend['steps']} steps on {bend['task']} train, loss "
-                         f"{bend['train_loss_first']:.3f} → {bend['train_loss_last']:.3f}, moved "
-                         f"{bend['distance_from_midpoint']:.3f} from the midpoint ({bend['seconds']} s).")
+            lines += ["", _bend_line(s["bend"])]
     lines += [f"Note: {n}" for n in summaries[0]["notes"]]
     return "\n".join(lines)
+
+
+def _bend_line(bend: dict) -> str:
+    """How the bend trained and how far it moved, beside the distance between the checkpoints."""
+    text = (f"Bezier bend: {bend['steps']} steps on {bend['task']} train (learning rate {bend['lr']:g}), loss "
+            f"{bend['train_loss_first']:.3f} → {bend['train_loss_last']:.3f}; it moved "
+            f"{bend['distance_from_midpoint']:.3g} from the midpoint")
+    if bend.get("relative_distance") is not None:
+        text += (f", {bend['relative_distance']:.2g}× the distance between A and B "
+                 f"({bend['distance_between_ends']:.3g}); the curve's middle lies half that far off the line")
+    return text + f" ({bend['seconds']} s)."
+
+
+def _warnings(summaries: list[dict]) -> list[str]:
+    """The engine's warnings on a Bezier curve walked after the line."""
+    line = next((s for s in summaries if s["path"] == "line"), None)
+    bezier = next((s for s in summaries if s["path"] == "bezier"), None)
+    return bend_warnings(line, bezier) if line and bezier else []
 
 
 def export(curves: list[dict], summaries: list[dict], visitor) -> list[str]:
@@ -94,44 +127,107 @@ def export(curves: list[dict], summaries: list[dict], visitor) -> list[str]:
 def run_curve(a: str, b: str, tasks: list[str] | None, points: float, path: str, limit: float | None,
               head_from: str | None, base: str | None, merges: list[str] | None, bend_steps: float,
               request: gr.Request = None, progress: gr.Progress = gr.Progress()):
-    """Stream the curve(s): yields (figure, summary markdown, status, files)."""
+    """Stream the curve(s): yields (figure, summary markdown, status, files). The status follows every stage."""
     visitor = session(request)
     ends = (visitor.model(a), visitor.model(b))
     if not all(ends):
         raise ml.MergeLabError("pick two checkpoints, A and B (or a suggested pair)", param="models")
-    kinds = list(PATHS) if path == BOTH else [path]
+    if path not in WALKS:
+        raise ml.MergeLabError(f"path must be one of {[k for k in WALKS if k != 'bezier']}, got {path!r}",
+                               param="path")
+    kinds = WALKS[path]
     report = progress_fn(progress, request)
     # checked now and named by their own controls (the engine reads them only when a task needs one)
     optional = {name: visitor.model(value, name) or None for name, value in (("head_from", head_from), ("base", base))}
     spec = CurveSpec(ends, tuple(tasks or ()),
                      points=visitor.bound("points", whole(points, "points"), "points"),
-                     limit=visitor.bound("examples", _limit(limit), "limit"), merges=tuple(merges or ()),
+                     limit=visitor.bound("examples", all_or(limit, "limit"), "limit"), merges=tuple(merges or ()),
                      bend_steps=visitor.bound("bend_steps", whole(bend_steps, "bend_steps"), "bend_steps"), **optional)
     curves, summaries = [], []
-    yield figures.curve_figure([], _tasks(tasks)), "", "Loading the checkpoints…", None
+    shown = _tasks(tasks)
+    yield figures.curve_figure([], shown), "", "Loading the checkpoints…", None
     for n, kind in enumerate(kinds):
         part = ml.progress.scaled(report, n / len(kinds), (n + 1) / len(kinds), f"{kind}: ")
-        run = ml.curve(replace(spec, path=kind, merges=spec.merges if n == 0 else ()), progress=part)
-        shown = [(r.spec.name, r.spec.main_metric) for r in run.rigs]
+        run_spec = replace(spec, path=kind, merges=spec.merges if n == 0 else ())
         current = {"path": kind, "items": []}
-        curves.append(current)
-        for item in run:
-            current["items"].append(item)
-            status = _status(item, kind, spec.points)
-            yield figures.curve_figure(curves, shown), redact(curve_summary(summaries)), status, None
-        summaries.append(run.summary())
+        for event, value in in_background(lambda relay, run_spec=run_spec: _walk(run_spec, relay), part):
+            if event == "status":
+                yield gr.skip(), gr.skip(), f"{kind}: {value}", gr.skip()
+            elif event == "tasks":
+                shown = value
+                curves.append(current)
+            elif event == "item":
+                current["items"].append(value)
+                yield figures.curve_figure(curves, shown), redact(curve_summary(summaries)), gr.skip(), None
+            else:
+                summaries.append(value)
     scope = f"first {spec.limit} examples" if spec.limit else "full split"
-    done = f"Done in {sum(s['seconds'] for s in summaries):.1f} s ({scope} of each task's dev set)."
+    done = " ".join([f"Done in {sum(s['seconds'] for s in summaries):.1f} s ({scope} of each task's dev set).",
+                     *[f"{w}." for w in _warnings(summaries)]])
     yield (figures.curve_figure(curves, shown), redact(curve_summary(summaries)), done,
            export(curves, summaries, visitor))
 
 
-def _status(item: dict, kind: str, points: int) -> str:
-    if item["kind"] == "bend":
-        return f"Bend trained ({item['steps']} steps); walking the Bezier curve…"
-    if item["kind"] == "merge":
-        return f"Placed {item['method']} at t = {item['t']:.3f}."
-    return f"{kind}: point {item['index'] + 1}/{points} (t = {item['t']:.2f})"
+def _walk(spec: CurveSpec, progress: ml.progress.ProgressFn) -> Iterator[tuple[str, Any]]:
+    """One curve, as events: ("tasks", [(task, metric)]) once it is set up, ("item", item) per point,
+    bend or merge, ("summary", summary) at the end."""
+    run = ml.curve(spec, progress=progress)
+    yield "tasks", [(r.spec.name, r.spec.main_metric) for r in run.rigs]
+    for item in run:
+        yield "item", item
+    yield "summary", run.summary()
+
+
+def in_background(work: Callable[[ml.progress.ProgressFn], Iterator[tuple[str, Any]]], report: ml.progress.ProgressFn,
+                  every: float = STATUS_EVERY) -> Iterator[tuple[str, Any]]:
+    """Run `work(progress)` in a worker thread; yield what it yields, and ("status", description) for its
+    progress reports, at most one per `every` seconds (the latest), also while one long step runs.
+
+    The worker's progress calls `report` (Gradio's progress bar, and Stop: it raises `Cancelled` there), and
+    raises `Cancelled` itself once this generator is closed (the event was cancelled), so the engine never
+    runs on unseen. The worker's exceptions are raised here."""
+    events: queue.Queue = queue.Queue()
+    closed = threading.Event()
+
+    def relay(fraction: float, desc: str) -> None:
+        if closed.is_set():
+            raise ml.progress.Cancelled()
+        report(fraction, desc)
+        events.put(("status", desc))
+
+    def body() -> None:
+        try:
+            for event in work(relay):
+                if closed.is_set():
+                    raise ml.progress.Cancelled()
+                events.put(event)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the generator, which raises it in the handler
+            events.put(("error", exc))
+        else:
+            events.put(("end", None))
+
+    # the copied context carries Gradio's request context, which its progress bar needs
+    threading.Thread(target=contextvars.copy_context().run, args=(body,), daemon=True, name="curve-worker").start()
+    latest, shown_at = None, float("-inf")
+    try:
+        while True:
+            try:
+                event, value = events.get(timeout=every)
+            except queue.Empty:
+                event, value = "wait", None
+            if event == "error":
+                raise value
+            if event == "end":
+                return
+            if event == "status":
+                latest = value
+            elif event != "wait":
+                yield event, value
+            if latest is not None and time.monotonic() - shown_at >= every:
+                yield "status", latest
+                latest, shown_at = None, time.monotonic()
+    finally:
+        closed.set()
 
 
 def plane_view(plane: dict | None, show: str):
@@ -154,7 +250,7 @@ def run_plane(a: str, b: str, c: str, task: str, grid: float, limit: float | Non
     if not task:
         raise ml.MergeLabError("pick the task whose scores the plane shows", param="tasks")
     run = ml.plane(PlaneSpec(corners, (task,), grid=visitor.bound("grid", whole(grid, "grid"), "grid"),
-                             limit=visitor.bound("examples", _limit(limit), "limit"), merges=tuple(merges or ()),
+                             limit=visitor.bound("examples", all_or(limit, "limit"), "limit"), merges=tuple(merges or ()),
                              base=visitor.model(base, "base") or None),
                    progress=progress_fn(progress, request))
     spec = ml.get_task(task)
@@ -178,6 +274,12 @@ def pair_choices() -> list[tuple[str, str]]:
     return [(p["label"], json.dumps(p)) for p in ml.zoo.pairs()]
 
 
+def preferred_pair() -> dict | None:
+    """The pair to preselect: the first of two seeds of one task, else the first pair (None: no pairs)."""
+    found = ml.zoo.pairs()
+    return next((p for p in found if p["kind"] == PREFERRED_PAIR), found[0] if found else None)
+
+
 def pick_pair(choice: str | None):
     if not choice:
         return gr.skip(), gr.skip(), gr.skip()
@@ -185,17 +287,41 @@ def pick_pair(choice: str | None):
     return pair["a"], pair["b"], pair["tasks"]
 
 
-def refresh(request: gr.Request = None) -> tuple:
-    """On page load: the zoo may have grown since the app started, and the session may have results."""
+def refresh(a: str | None = None, b: str | None = None, request: gr.Request = None) -> tuple:
+    """On page load and when the tab opens: the zoo may have grown, and the session may have results.
+    With A and B empty, the preferred suggested pair is picked, so "Run curve" works straight away.
+    Returns updates of (pair, A, B, C, head from, base, tasks)."""
     choices = model_choices(request)
-    return (gr.Dropdown(choices=pair_choices()), gr.Dropdown(choices=choices), gr.Dropdown(choices=choices),
-            gr.Dropdown(choices=choices), gr.Dropdown(choices=[NONE, *choices]))
+    pairs = pair_choices()
+    pick = preferred_pair() if not (a or "").strip() and not (b or "").strip() else None
+    if pick is None:
+        return (gr.Dropdown(choices=pairs), gr.Dropdown(choices=choices), gr.Dropdown(choices=choices),
+                gr.Dropdown(choices=choices), gr.Dropdown(choices=[NONE, *choices]),
+                gr.Dropdown(choices=[NONE, *choices]), gr.skip())
+    return (gr.Dropdown(choices=pairs, value=json.dumps(pick)), gr.Dropdown(choices=choices, value=pick["a"]),
+            gr.Dropdown(choices=choices, value=pick["b"]), gr.Dropdown(choices=choices),
+            gr.Dropdown(choices=[NONE, *choices]), gr.Dropdown(choices=[NONE, *choices]), list(pick["tasks"]))
+
+
+class PathRadio(ui.Radio):
+    """The Path control: "line" or "line + bezier"; "bezier" (what API callers sent before) means both."""
+
+    def preprocess(self, payload: Any) -> Any:
+        return super().preprocess(BOTH if payload == "bezier" else payload)
+
+    # the browser draws a component by its class name: this one is a plain radio there
+    def get_block_name(self) -> str:
+        return "radio"
+
+    def get_block_class(self) -> str:
+        return "radio"
 
 
 def build(demo: gr.Blocks) -> dict:
-    with gr.Tab("Curves", id="curves"):
+    with gr.Tab("Curves", id="curves") as tab:
         gr.Markdown("Walk the straight line (or a trained Bezier curve) between two checkpoints and watch each "
                     "task's loss and score: a path with no barrier joins the two in one basin (mode connectivity).")
+        notice = start.notice(tab, "Curves")
         choices = model_choices()
         with gr.Row():
             pair = ui.Dropdown(pair_choices(), value=None, label="Suggested pair", scale=2, elem_id="curve-pair",
@@ -206,15 +332,15 @@ def build(demo: gr.Blocks) -> dict:
             b = ui.Dropdown(choices, value=None, allow_custom_value=True, label="B (t = 1)", scale=1,
                             elem_id="curve-b")
         with gr.Row(equal_height=True):
-            here = ml.data.available_tasks() or list(ml.TASKS)
-            tasks = ui.CheckboxGroup(here, value=[], label="Tasks", scale=3, elem_id="curve-tasks",
+            tasks = ui.CheckboxGroup(task_choices(), value=[], label="Tasks", scale=3, elem_id="curve-tasks",
                                      info="empty: the checkpoints' own tasks")
-            path = ui.Radio([*PATHS, BOTH], value="line", label="Path", scale=1, elem_id="curve-path")
+            path = PathRadio(["line", BOTH], value="line", label="Path", scale=1, elem_id="curve-path",
+                             info="a Bezier curve trains a bend first, and is drawn beside the line")
         with gr.Row(equal_height=True):
             points = ui.Slider(2, 51, value=26, step=1, label="Points", elem_id="curve-points",
                                info="evenly spaced in t, both ends included")
-            limit = ui.Number(value=DEFAULT_LIMIT, precision=0, minimum=1, label="Limit", elem_id="curve-limit",
-                              info="first N dev examples per task; empty = all")
+            limit = ui.Number(value=DEFAULT_LIMIT, precision=0, minimum=0, label="Limit", elem_id="curve-limit",
+                              info="first N dev examples per task; 0 = all")
             bend_steps = ui.Slider(10, 1000, value=200, step=10, label="Bezier bend steps",
                                    info="training steps of the bend (Bezier only)")
         with gr.Accordion("Heads, base and merges", open=False):
@@ -242,7 +368,7 @@ def build(demo: gr.Blocks) -> dict:
             with gr.Row(equal_height=True):
                 c = ui.Dropdown(choices, value=None, allow_custom_value=True, label="C", elem_id="plane-c",
                                 info="the plane passes through A, B and C")
-                plane_task = ui.Dropdown(here, value=None, label="Task", elem_id="plane-task")
+                plane_task = ui.Dropdown(task_choices(), value=None, label="Task", elem_id="plane-task")
                 grid = ui.Slider(3, 15, value=7, step=1, label="Grid points per axis", elem_id="plane-grid")
                 show = ui.Radio(["metric", "loss"], value="metric", label="Heatmap of", elem_id="plane-show")
             with gr.Row():
@@ -262,5 +388,7 @@ def build(demo: gr.Blocks) -> dict:
                                    show_progress_on=plane_status)
         on_stop(plane_halt, [gridding], plane_status)
         show.change(plane_view, [plane_state, show], plane_plot, api_visibility="private")
-        demo.load(refresh, None, [pair, a, b, c, head_from], api_visibility="private")
+        on_open(demo, tab, refresh, [a, b], [pair, a, b, c, head_from, base, tasks])
+        notice.then(refresh, [a, b], [pair, a, b, c, head_from, base, tasks], api_visibility="private",
+                    show_progress="hidden")
     return {"plot": plot, "summary": summary}

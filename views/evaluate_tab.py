@@ -8,7 +8,9 @@ import pandas as pd
 import merging_core as ml
 
 from . import controls as ui
-from .common import engine_errors, model_choices, models_info, on_stop, progress_fn, stop_button
+from . import start
+from .common import (all_or, engine_errors, model_choices, models_info, on_open, on_stop, progress_fn, stop_button,
+                     task_choices)
 from .session import redact, session
 
 COLUMNS = ["task", "split", "n", "metric", "score", "loss", "other metrics", "note"]
@@ -18,11 +20,11 @@ def result_table(results: list[dict]) -> pd.DataFrame:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append({"task": r["task"], "split": r["split"], "note": r["error"]})
+            rows.append({"task": ml.tasks.title(r["task"]), "split": r["split"], "note": r["error"]})
             continue
         metric, score = ml.evaluation.headline(r)
         others = {k: v for k, v in r.items() if k not in ("task", "split", "n", "loss", metric)}
-        rows.append({"task": r["task"], "split": r["split"], "n": r["n"], "metric": metric, "score": round(score, 4),
+        rows.append({"task": ml.tasks.title(r["task"]), "split": r["split"], "n": r["n"], "metric": metric, "score": round(score, 4),
                      "loss": round(r["loss"], 4),
                      "other metrics": ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in others.items()),
@@ -37,7 +39,7 @@ def run_evaluation(model: str, tasks: list[str], split: str, limit: float | None
     if split not in ("dev", "test", "train"):  # the radio lets an empty value through
         raise ml.MergeLabError(f"pick a split (dev, test or train), not {split!r:.40}", param="split")
     model = visitor.model(model, "model")
-    limit = visitor.bound("examples", int(limit) if limit else None, "limit")
+    limit = visitor.bound("examples", all_or(limit, "limit"), "limit")
     results = ml.evaluation.evaluate_many(model, tasks, split, limit, progress=progress_fn(progress, request))
     return result_table([{**r, "error": redact(r["error"])} if "error" in r else r for r in results])
 
@@ -54,34 +56,39 @@ def preselect(model: str | None):
     return own_task(model) or gr.skip()
 
 
-def refresh(request: gr.Request = None) -> tuple:
-    """On page load: the zoo may have grown since the app started, and the session may have results."""
+def refresh(model: str | None, request: gr.Request = None) -> tuple:
+    """On page load and when the tab opens: the zoo may have grown, and there may be new results. The
+    picked model stays (a first fine-tuned model is picked when none is, or it is the bare MiniLM)."""
     choices = model_choices(request)
+    if model and model != ml.models.MINILM:
+        return gr.Dropdown(choices=choices), gr.skip()
     return gr.Dropdown(choices=choices, value=choices[0]), preselect(choices[0])
 
 
 def build(demo: gr.Blocks) -> dict:
-    with gr.Tab("Evaluate", id="evaluate"):
+    with gr.Tab("Evaluate", id="evaluate") as tab:
         gr.Markdown("Score a checkpoint on task dev sets. A task needs a model whose head fits it "
                     "(same head type and labels); other rows say why they were skipped.")
+        notice = start.notice(tab, "Evaluate")
         with gr.Row():
             choices = model_choices()
             model = ui.Dropdown(choices, value=choices[0], label="Model", allow_custom_value=True, scale=2,
                                 info=models_info(), elem_id="eval-model")
-            here = ml.data.available_tasks() or list(ml.TASKS)  # with no data root, the hub may still serve them
-            tasks = ui.CheckboxGroup(here, value=own_task(choices[0]) or [here[0]], label="Tasks", scale=3,
+            here = task_choices()
+            tasks = ui.CheckboxGroup(here, value=own_task(choices[0]) or [here[0][1]], label="Tasks", scale=3,
                                      elem_id="eval-tasks", info="tasks found in the data root (MERGELAB_DATA)")
         with gr.Row():
             split = ui.Radio(["dev", "test", "train"], value="dev", label="Split")
-            limit = ui.Number(value=None, precision=0, minimum=1, label="Limit",
-                              info="first N examples; empty = all")
+            limit = ui.Number(value=0, precision=0, minimum=0, label="Limit", elem_id="eval-limit",
+                              info="first N examples; 0 = all")
             run = gr.Button("Evaluate", variant="primary", elem_id="eval-run")
             halt = stop_button("eval-stop")
         table = gr.Dataframe(headers=COLUMNS, label="Scores", interactive=False, elem_id="eval-table",
-                             buttons=["copy"])
+                             buttons=["copy"], wrap=True)
         model.change(preselect, model, tasks, api_name="own_task", api_visibility="private")
         scoring = run.click(run_evaluation, [model, tasks, split, limit], table, api_name="evaluate",
                             concurrency_id="gpu")
         on_stop(halt, [scoring], None)
-        demo.load(refresh, None, [model, tasks], api_visibility="private")
+        on_open(demo, tab, refresh, [model], [model, tasks])
+        notice.then(refresh, [model], [model, tasks], api_visibility="private", show_progress="hidden")
     return {"model": model, "table": table}

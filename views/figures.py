@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -19,20 +21,102 @@ def _color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
+# Headline metrics with a fixed range: their axes get a minimum span, so a few examples' difference does
+# not fill the panel. Accuracies also get a noise band around the chord (one binomial standard error).
+UNIT_METRICS = ("accuracy", "token_accuracy", "f1", "macro_f1", "precision", "recall")
+SIGNED_METRICS = ("mcc", "pearson", "spearman")
+BINOMIAL_METRICS = ("accuracy", "token_accuracy")
+MIN_SPAN_EXAMPLES = 10  # a metric axis spans at least this many examples' worth (10 / n)
+MIN_SPAN_METRIC = 0.05  # ... and at least this much of a bounded metric
+MIN_SPAN_LOSS = 0.1  # a loss axis spans at least this share of the loss at A
+X_PAD = 0.02  # room around t in [0, 1], as a share of the span
+CHORD = "chord: A → B, linear"
+
+
+def min_span(key: str, n: int | None, anchor: float) -> float:
+    """The least height of a panel's y axis for `key` (a metric or "loss") scored on `n` examples, around
+    the value `anchor` at A: at least `MIN_SPAN_EXAMPLES` / n and `MIN_SPAN_METRIC` for bounded metrics."""
+    if key in UNIT_METRICS or key in SIGNED_METRICS:
+        return max(MIN_SPAN_METRIC, MIN_SPAN_EXAMPLES / n if n else 0.0)
+    return max(MIN_SPAN_LOSS * abs(anchor), 1e-3)
+
+
+def _bounds(key: str) -> tuple[float, float]:
+    if key in UNIT_METRICS:
+        return 0.0, 1.0
+    if key in SIGNED_METRICS:
+        return -1.0, 1.0
+    return -float("inf"), float("inf")
+
+
+def y_range(values: list[float], anchors: list[tuple[float, float, str]]) -> list[float] | None:
+    """A panel's y range: every value drawn, and an interval of each `anchor` (value at A, least span, key)
+    kept inside the metric's bounds, with 6 % padding. It only grows as values are added (the anchors stay),
+    so a streaming plot never rescales inwards."""
+    low = [v for v in values if v is not None and math.isfinite(v)]
+    high = list(low)
+    for value, span, key in anchors:
+        floor, ceiling = _bounds(key)
+        span = min(span, ceiling - floor)  # 10 / n on a few examples: the whole range, not beyond it
+        start = min(max(value - span / 2, floor), ceiling - span)
+        low.append(start)
+        high.append(start + span)
+    if not low:
+        return None
+    bottom, top = min(low), max(high)
+    pad = 0.06 * (top - bottom) or 0.05
+    return [bottom - pad, top + pad]
+
+
+def _counts(curves: list[dict], tasks: list[tuple[str, str]]) -> dict[str, tuple[int | None, str]]:
+    """task -> (examples scored, split), from the first point that has the task's scores."""
+    out: dict[str, tuple[int | None, str]] = {}
+    for curve in curves:
+        for item in curve["items"]:
+            for task, _ in tasks:
+                scores = item.get("scores", {}).get(task)
+                if scores and task not in out:
+                    out[task] = (scores.get("n"), scores.get("split", "dev"))
+    return out
+
+
+def _panel_title(names: list[str], tasks: list[tuple[str, str]], counts: dict) -> str:
+    """'sst2 accuracy · 200 dev examples', or each task's count when they differ."""
+    seen = {counts[t] for t, _ in tasks if t in counts and counts[t][0]}
+    if len(seen) == 1:
+        n, split = next(iter(seen))
+        return " · ".join([*names, f"{n} {split} examples"])
+    return " · ".join(f"{name} ({counts[t][0]} {counts[t][1]})" if counts.get(t, (None,))[0] else name
+                      for name, (t, _) in zip(names, tasks))
+
+
 def curve_figure(curves: list[dict], tasks: list[tuple[str, str]]) -> go.Figure:
     """Metric (top) and loss (bottom) along one or more paths between the same two checkpoints.
 
     `curves`: [{"path": "line" | "bezier", "items": [curve items as the engine yields them], "label": optional
     legend name, e.g. "aligned"}];
-    `tasks`: [(task, headline metric)]. The grey dashed line joins each curve's end values: the barrier
-    is the largest gap between it and the curve. Merges are markers at their projection on the line.
+    `tasks`: [(task, headline metric)]. The grey dashed chord joins a finished curve's end values: the
+    barrier is the largest gap between it and the curve; for accuracy a band of ±1 binomial standard error
+    sqrt(p(1 − p)/n) around it shows how much n examples can wobble. Merges are markers at their projection
+    on the line. The axes stay put while points stream in: t spans [0, 1], and each panel's y range covers
+    the values so far and a minimum span around the value at A (`min_span`), growing but never shrinking.
     """
-    metrics = " · ".join(dict.fromkeys(f"{task} {metric}" for task, metric in tasks)) or "headline metric"
+    counts = _counts(curves, tasks)
+    metric_names = list(dict.fromkeys(f"{task} {metric}" for task, metric in tasks))
     # MLM's headline metric is the loss itself: one panel, not the same curve twice
     loss_only = bool(tasks) and all(metric == "loss" for _, metric in tasks)
     panels = ((1, "loss"),) if loss_only else ((1, None), (2, "loss"))
-    figure = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                           subplot_titles=("loss",) if loss_only else (metrics, "loss"))
+    if loss_only:
+        titles = (_panel_title(["loss"], tasks[:1], counts),)
+    else:
+        titles = (_panel_title(metric_names, tasks, counts) if metric_names else "headline metric", "loss")
+    figure = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.08, subplot_titles=titles)
+    drawn: dict[int, list[float]] = {row: [] for row, _ in panels}
+    anchors: dict[int, dict[tuple[str, str], tuple[float, float, str]]] = {row: {} for row, _ in panels}
+    ts_drawn = [0.0, 1.0]
+    legend = {"chord": False, "band": False}
+    complete = [c for c in curves if _complete(c)]
+    chorded = [c for c in complete if c["path"] == "line"] or complete[:1]
     for index, curve in enumerate(curves):
         points = [i for i in curve["items"] if i["kind"] == "point"]
         if not points:
@@ -43,20 +127,24 @@ def curve_figure(curves: list[dict], tasks: list[tuple[str, str]]) -> go.Figure:
         for k, (task, metric) in enumerate(tasks):
             for row, key in ((row, key or metric) for row, key in panels):
                 values = [p["scores"][task][key] for p in points]
+                drawn[row] += values
+                if ts[0] == 0.0:
+                    n = counts.get(task, (None,))[0]
+                    anchors[row].setdefault((task, key), (values[0], min_span(key, n, values[0]), key))
+                if any(c is curve for c in chorded):
+                    drawn[row] += _chord(figure, row, values[0], values[-1], legend, key, counts.get(task, (None,))[0])
                 figure.add_trace(go.Scatter(
                     x=ts, y=values, mode="lines+markers", name=f"{task} ({label})",
                     legendgroup=f"{task}-{label}", showlegend=row == 1,
                     line={"color": _color(k), "dash": dash, "width": 2.5},
                     marker={"size": 6}, hovertemplate=f"{task} {key}: %{{y:.4f}}<br>t = %{{x:.2f}}<extra></extra>"),
                     row=row, col=1)
-                if len(points) > 1 and points[-1]["t"] == 1.0 and curve["path"] == "line":
-                    figure.add_trace(go.Scatter(
-                        x=[0, 1], y=[values[0], values[-1]], mode="lines", showlegend=False, hoverinfo="skip",
-                        line={"color": "#9ca3af", "dash": "dash", "width": 1}), row=row, col=1)
         merges = [i for i in curve["items"] if i["kind"] == "merge"]
         for j, m in enumerate(merges):
+            ts_drawn.append(m["t"])
             for k, (task, metric) in enumerate(tasks):
                 for row, key in ((row, key or metric) for row, key in panels):
+                    drawn[row].append(m["scores"][task][key])
                     figure.add_trace(go.Scatter(
                         x=[m["t"]], y=[m["scores"][task][key]], mode="markers", name=m["method"],
                         legendgroup=f"merge-{m['method']}", showlegend=row == 1 and k == 0,
@@ -65,9 +153,44 @@ def curve_figure(curves: list[dict], tasks: list[tuple[str, str]]) -> go.Figure:
                         hovertemplate=(f"{m['method']}<br>{task} {key}: %{{y:.4f}}<br>projection t = %{{x:.3f}}"
                                        f"<br>distance from the line: {m['off_line']:.3g}<extra></extra>")),
                         row=row, col=1)
+    # t in [0, 1] with a little room for the end markers; wider only for a merge projected beyond an end
+    low, high = min(ts_drawn), max(ts_drawn)
+    figure.update_xaxes(range=[low - X_PAD * (high - low), high + X_PAD * (high - low)], autorange=False)
+    for row, _ in panels:
+        span = y_range(drawn[row], list(anchors[row].values()))
+        if span is not None:
+            figure.update_yaxes(range=span, autorange=False, row=row, col=1)
     figure.update_xaxes(title_text="t (0 = A, 1 = B)", row=len(panels), col=1)
     figure.update_layout(height=200 + 200 * len(panels), **LAYOUT)
     return figure
+
+
+def _complete(curve: dict) -> bool:
+    points = [i for i in curve["items"] if i["kind"] == "point"]
+    return len(points) > 1 and points[0]["t"] == 0.0 and points[-1]["t"] == 1.0
+
+
+def _chord(figure: go.Figure, row: int, start: float, end: float, legend: dict, key: str, n: int | None) -> list[float]:
+    """The dashed chord between the end values (in the legend once) and, for an accuracy scored on n
+    examples, the band of ±1 binomial standard error around it. Returns the values drawn."""
+    drawn = [start, end]
+    if key in BINOMIAL_METRICS and n:
+        grid = [i / 20 for i in range(21)]
+        chord = [(1 - t) * start + t * end for t in grid]
+        error = [math.sqrt(max(p * (1 - p), 0.0) / n) for p in chord]
+        upper = [p + e for p, e in zip(chord, error)]
+        lower = [p - e for p, e in zip(chord, error)]
+        figure.add_trace(go.Scatter(
+            x=grid + grid[::-1], y=upper + lower[::-1], fill="toself", mode="lines", line={"width": 0},
+            fillcolor="rgba(156, 163, 175, 0.18)", name=f"±1 s.e. around the chord (n = {n})",
+            legendgroup="noise", showlegend=not legend["band"], hoverinfo="skip"), row=row, col=1)
+        legend["band"] = True
+        drawn += upper + lower
+    figure.add_trace(go.Scatter(
+        x=[0, 1], y=[start, end], mode="lines", name=CHORD, legendgroup="chord", showlegend=not legend["chord"],
+        hoverinfo="skip", line={"color": "#9ca3af", "dash": "dash", "width": 1.5}), row=row, col=1)
+    legend["chord"] = True
+    return drawn
 
 
 def _label(figure: go.Figure, x: float, y: float, text: str, *, above: bool) -> None:

@@ -11,7 +11,6 @@ engine checks it (`Method.parse`). No tensor math here: counting and medians ove
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import statistics
 from pathlib import Path
@@ -26,7 +25,9 @@ from merging_core.progress import scaled
 from merging_core.spec import FALLBACKS, HEAD_POLICIES, MergeSpec
 
 from . import controls as ui
-from .common import engine_errors, model_choices, models_info, multitask_choices, on_stop, progress_fn, stop_button
+from . import start
+from .common import (all_or, engine_errors, model_choices, models_info, multitask_choices, on_open, on_stop,
+                     progress_fn, stop_button)
 from .session import Session, redact, session
 
 DEFAULT_METHOD = "average"
@@ -137,7 +138,7 @@ def score_table(rows: list[dict]) -> pd.DataFrame:
     tasks = sorted({k for r in rows for k in r if k not in ROW_KEYS})
     rows = [{**r, "model": redact(str(r["model"]))} for r in rows]
     frame = pd.DataFrame(rows, columns=["model", "kind", *tasks, "mean"])
-    return frame.round(4)
+    return frame.round(4).rename(columns={task: ml.tasks.title(task) for task in tasks})
 
 
 def merged_row(label: str, results: dict[str, dict]) -> dict:
@@ -198,10 +199,6 @@ def downloads(folder: Path, visitor: Session) -> list[str]:
     return copies
 
 
-def _limit(limit: float | None) -> int | None:
-    return int(limit) if limit and not math.isnan(limit) else None
-
-
 def _params(method: str, params: dict | str | None) -> dict:
     """The params dict from the UI (JSON), or from an API caller: a dict, JSON text or 'key=value, ...'."""
     if params is None or params == "":
@@ -233,7 +230,7 @@ def run_merge(models: list[str] | None, base: str | None, method: str, params: d
         raise ml.MergeLabError("pick at least one component for the method to merge", param="components")
     base = visitor.model(base, "base") or None
     multitask = visitor.model(multitask, "multitask") or None  # checked now: it is read after the merge
-    limit = visitor.bound("examples", _limit(limit), "limit")
+    limit = visitor.bound("examples", all_or(limit, "limit"), "limit")
     report = progress_fn(progress, request)
     spec = MergeSpec(method, tuple(models), base=base, params=_params(method, params), components=tuple(components),
                      fallback=fallback, heads=heads)
@@ -274,10 +271,30 @@ def run_merge(models: list[str] | None, base: str | None, method: str, params: d
 
 
 def refresh(request: gr.Request = None) -> tuple:
-    """On page load: the zoo may have grown since the app started, and the session may have results."""
+    """On page load and when the tab opens: the zoo may have grown, and there may be new results."""
     choices = model_choices(request)
     return (gr.Dropdown(choices=choices), gr.Dropdown(choices=[NONE, *choices]),
             gr.Dropdown(choices=[NONE, *multitask_choices()]))
+
+
+def recorded_base(models: list[str] | None, request: gr.Request = None) -> str:
+    """The base the picked checkpoints record (what a method that needs a base uses when none is given),
+    or "" when they record none or different ones, or a pick is not a readable model."""
+    visitor = session(request)
+    try:
+        picked = [ml.checkpoint.open_checkpoint(spec) for spec in visitor.models(models, "models")]
+    except ml.MergeLabError:
+        return ""
+    return (ml.checkpoint.recorded_base(picked) or "") if picked else ""
+
+
+def show_base(models: list[str] | None, base: str | None, filled: str | None, request: gr.Request = None):
+    """Show, in the Base control, the base the merge will use: the checkpoints' recorded one, unless the
+    user picked another (a base filled in here before is replaced when the checkpoints change)."""
+    if (base or "") not in ("", filled or ""):
+        return gr.skip(), gr.skip()
+    found = recorded_base(models, request)
+    return gr.Dropdown(value=found), found
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,9 +302,10 @@ def refresh(request: gr.Request = None) -> tuple:
 
 
 def build(demo: gr.Blocks) -> dict:
-    with gr.Tab("Merge", id="merge"):
+    with gr.Tab("Merge", id="merge") as tab:
         gr.Markdown("Merge fine-tuned checkpoints of one architecture into one model, save it, and score it "
                     "next to the models it came from and their output ensemble.")
+        notice = start.notice(tab, "Merge")
         choices = model_choices()
         with gr.Row():
             models = ui.Dropdown(choices, value=[], multiselect=True, allow_custom_value=True, scale=3,
@@ -295,8 +313,8 @@ def build(demo: gr.Blocks) -> dict:
                                  info=f"{models_info()}; the first one is model A")
             base = ui.Dropdown([NONE, *choices], value="", allow_custom_value=True, scale=2, label="Base model",
                                elem_id="merge-base",
-                               info="the pretrained model they were fine-tuned from; task-vector methods "
-                                    "(task arithmetic, TIES, DARE) need it")
+                               info="the pretrained model they were fine-tuned from, filled in from what they "
+                                    "record; task-vector methods (task arithmetic, TIES, DARE) use it")
         with gr.Row(equal_height=False, elem_id="merge-method-row"):
             method = ui.Dropdown(method_choices(), value=DEFAULT_METHOD, label="Method", elem_id="merge-method",
                                  scale=2, min_width=320)
@@ -330,8 +348,8 @@ def build(demo: gr.Blocks) -> dict:
                 heads = ui.Radio(list(HEAD_POLICIES), value="auto", label="Heads", scale=1,
                                  info="auto: merge heads of one label set, else one head per task")
         with gr.Row(equal_height=True):
-            limit = ui.Number(value=DEFAULT_LIMIT, precision=0, minimum=1, label="Limit", scale=1, min_width=120,
-                              info="first N dev examples per task; empty = all", elem_id="merge-limit")
+            limit = ui.Number(value=DEFAULT_LIMIT, precision=0, minimum=0, label="Limit", scale=1, min_width=120,
+                              info="first N dev examples per task; 0 = all", elem_id="merge-limit")
             compare = gr.Checkbox(value=True, label="Compare", scale=1, min_width=140, elem_id="merge-compare",
                                   info="score the individual models and their ensemble too")
             multitask = ui.Dropdown([NONE, *multitask_choices()], value="", allow_custom_value=True, scale=2,
@@ -361,5 +379,9 @@ def build(demo: gr.Blocks) -> dict:
         on_stop(halt, [merging], status, api=True)
         merging.then(lambda saved: gr.File(visible=bool(saved)), files, files, api_visibility="private",
                          queue=False, show_progress="hidden")
-        demo.load(refresh, None, [models, base, multitask], api_visibility="private")
+        filled = gr.State("")  # the base last filled in from the checkpoints' records
+        models.change(show_base, [models, base, filled], [base, filled], api_visibility="private",
+                      show_progress="hidden")
+        on_open(demo, tab, refresh, None, [models, base, multitask])
+        notice.then(refresh, None, [models, base, multitask], api_visibility="private", show_progress="hidden")
     return {"models": models, "method": method, "table": table, "status": status}

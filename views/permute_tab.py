@@ -1,6 +1,8 @@
 """Permute tab: align a model trained from another initialization to a reference model (permutation
 alignment), look at the correlation heatmaps and the head matching, and compare the loss barrier of
-plain (vanilla) interpolation with interpolation after alignment. Engine calls: `merging_core.align`,
+plain (vanilla) interpolation with interpolation after alignment (Verma & Elbayad 2024, "Merging Text
+Transformer Models from Different Initializations", arXiv:2403.00986). Engine calls: `merging_core.align`
+(its progress names each stage, its notes say when A and B share an initialization),
 `merging_core.curve`; the heatmaps come from the engine as plain lists."""
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ from collections import defaultdict
 import gradio as gr
 
 import merging_core as ml
-from merging_core.align import ATTENTION, MERGE_TYPES, RESIDUAL, AlignSpec, load_alignment
+from merging_core.align import ATTENTION, MERGE_TYPES, RESIDUAL, AlignSpec, initialization_note, load_alignment
 
 from . import controls as ui
 from . import figures
-from .common import engine_errors, model_choices, on_stop, progress_fn, stop_button, whole
+from . import start
+from .common import (all_or, engine_errors, model_choices, on_open, on_stop, progress_fn, stop_button, task_choices,
+                     whole)
 from .session import redact, session
 
 DEFAULT_LIMIT = 64
-TEXTS = ("wikitext2", "corpus", "sst2")
+# The activations' text: (shown, task id); any task id may be typed too.
+TEXTS = (("WikiText-2", "wikitext2"), ("all data-root text", "corpus"), ("SST-2", "sst2"))
+PAIR_KIND = "different initializations"  # the zoo pairs the tab starts from
 # Engine inputs named in errors -> this tab's control labels.
 LABELS = {"a": "A (reference basis)", "b": "B (permuted into A's basis)", "merge_type": "Merge type",
           "attention": "Attention matching", "residual": "Residual order from", "qk": "Separate Q/K order",
@@ -27,8 +33,28 @@ LABELS = {"a": "A (reference basis)", "b": "B (permuted into A's basis)", "merge
           "limit": "Limit", "site": "Site"}
 
 
-def _limit(limit: float | None) -> int | None:
-    return int(limit) if limit and not math.isnan(limit) else None
+def default_pair() -> dict | None:
+    """The zoo's first pair of models trained from different initializations (e.g. demo-scratch-s0 and
+    demo-scratch-s1), or None."""
+    return next((pair for pair in ml.zoo.pairs() if pair["kind"] == PAIR_KIND), None)
+
+
+def _sentence(note: str) -> str:
+    return note[:1].upper() + note[1:] + ("" if note.endswith(".") else ".")
+
+
+def init_warning(a: str | None, b: str | None, request: gr.Request = None) -> str:
+    """Before running: a warning when A and B share an initialization (the engine's check of what they
+    record), so aligning them changes little; "" otherwise or while either is missing or unknown."""
+    if not (a or "").strip() or not (b or "").strip():
+        return ""
+    try:
+        visitor = session(request)
+        note = initialization_note(visitor.model(a, "a"), visitor.model(b, "b"))
+    except ml.MergeLabError:
+        return ""
+    return redact(f"⚠ {_sentence(note)} Pick a pair trained from different initializations, e.g. the zoo's "
+                  f"“{PAIR_KIND}” pairs.") if note else ""
 
 
 def align_spec(a: str | None, b: str | None, merge_type: str, attention: str, residual: str, qk: bool,
@@ -49,6 +75,8 @@ def alignment_summary(summary: dict, barriers: dict[str, dict]) -> str:
     lines = [f"**{summary['b']} → {summary['a']}'s basis** · {summary['merge_type']} · attention "
              f"{summary['attention']}{' + separate Q/K' if summary['qk'] else ''} · residual {summary['residual']} · "
              + ("function-preserving" if summary["function_preserving"] else "**not function-preserving**"), ""]
+    for note in summary.get("notes") or []:  # e.g. A and B share an initialization
+        lines += [f"> ⚠ {_sentence(note)}", ""]
     if kinds:
         lines += ["| units | sites | mean matched corr. before → after |", "|---|---|---|"]
         for kind, pairs in kinds.items():
@@ -58,7 +86,7 @@ def alignment_summary(summary: dict, barriers: dict[str, dict]) -> str:
     if barriers:
         lines += ["", "| task | interpolation | loss barrier | metric barrier |", "|---|---|---|---|"]
         for (task, label), b in barriers.items():
-            lines.append(f"| {task} | {label} | {b['loss_barrier']:.4f} | {b['metric']} {b['metric_barrier']:.4f} |")
+            lines.append(f"| {ml.tasks.title(task)} | {label} | {b['loss_barrier']:.4f} | {b['metric']} {b['metric_barrier']:.4f} |")
     seconds = summary["seconds"]
     lines += ["", f"{summary['text']['tokens']} tokens of {summary['text']['task']} ({summary['text']['split']}); "
               f"activations {seconds['features']:.1f} s, matching {seconds['matching']:.1f} s, "
@@ -93,10 +121,14 @@ def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk
     spec = align_spec(visitor.model(a, "a"), visitor.model(b, "b"), merge_type, attention, residual, qk, text,
                       examples)
     points = visitor.bound("points", int(points), "points")
-    limit = visitor.bound("examples", _limit(limit), "limit")
+    limit = visitor.bound("examples", all_or(limit, "limit"), "limit")
+    # at once, before any work: the engine's own reports (loading, activations, ...) follow within moments
+    yield (redact(f"Aligning {str(b).strip()} to {str(a).strip()}: loading the models…"), gr.skip(), gr.skip(), gr.skip(),
+           gr.skip(), gr.skip(), gr.skip())
     report = progress_fn(progress, request)
+    report(0.0, "starting")
     out = visitor.output("aligned", None, "aligned") if visitor.public else None
-    result = ml.align(spec, out=out, progress=ml.progress.scaled(report, 0.0, 0.3, "align: "))
+    result = ml.align(spec, out=out, progress=ml.progress.scaled(report, 0.0, 0.3))
     folder, site = str(result.out), _first_site(result)
     maps = result.heatmaps(site)
     sites = gr.Dropdown(choices=list(result.correlations), value=site)
@@ -126,22 +158,29 @@ def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk
            figures.curve_figure(curves, shown), folder)
 
 
-def refresh(request: gr.Request = None) -> tuple:
+def refresh(a: str | None, b: str | None, request: gr.Request = None) -> tuple:
+    """The model pickers' choices; when A and B are both empty, the zoo's first pair trained from different
+    initializations (`default_pair`)."""
     choices = model_choices(request)
-    return gr.Dropdown(choices=choices), gr.Dropdown(choices=choices)
+    pair = default_pair() if not (a or "").strip() and not (b or "").strip() else None
+    if pair is None:
+        return gr.Dropdown(choices=choices), gr.Dropdown(choices=choices)
+    return gr.Dropdown(choices=choices, value=pair["a"]), gr.Dropdown(choices=choices, value=pair["b"])
 
 
 def build(demo: gr.Blocks) -> dict:
-    with gr.Tab("Permute", id="permute"):
+    with gr.Tab("Permute", id="permute") as tab:
         gr.Markdown("Models trained from different random initializations compute similar functions with their "
                     "neurons and heads in another order. Align B to A (Hungarian matching of correlated units), "
                     "then compare plain interpolation with interpolation after alignment.")
+        notice = start.notice(tab, "Permute")
         choices = model_choices()
         with gr.Row():
-            a = ui.Dropdown(choices, value=None, allow_custom_value=True, label=LABELS["a"],
-                            elem_id="align-a", info="e.g. scratch-s0 (recipe `scratch`)")
-            b = ui.Dropdown(choices, value=None, allow_custom_value=True, label=LABELS["b"],
-                            elem_id="align-b", info="e.g. scratch-s1")
+            a = ui.Dropdown(choices, value=None, allow_custom_value=True, label=LABELS["a"], elem_id="align-a",
+                            info="e.g. demo-scratch-s0 (recipe `demo`) or scratch-s0 (recipe `scratch`)")
+            b = ui.Dropdown(choices, value=None, allow_custom_value=True, label=LABELS["b"], elem_id="align-b",
+                            info="trained from another initialization, e.g. demo-scratch-s1")
+        warning = gr.Markdown(elem_id="align-warning")
         with gr.Row(equal_height=True):
             merge_type = ui.Dropdown(list(MERGE_TYPES), value=AlignSpec.merge_type, label=LABELS["merge_type"],
                                      elem_id="align-type", info="what is permuted; the rest is averaged as it is")
@@ -152,16 +191,16 @@ def build(demo: gr.Blocks) -> dict:
                                 info="LayerNorm sites; sep: one per site (not function-preserving)")
             qk = gr.Checkbox(value=AlignSpec.qk, label=LABELS["qk"], elem_id="align-qk")
         with gr.Row(equal_height=True):
-            text = ui.Dropdown(list(TEXTS), value=AlignSpec.text, label=LABELS["text"], allow_custom_value=True)
+            text = ui.Dropdown(list(TEXTS), value=AlignSpec.text, label=LABELS["text"], allow_custom_value=True,
+                               elem_id="align-text")
             examples = ui.Number(value=128, precision=0, minimum=1, label=LABELS["examples"],
                                  info="inputs read (train split)")
-            here = ml.data.available_tasks() or list(ml.TASKS)
-            tasks = ui.CheckboxGroup(here, value=[], label=LABELS["tasks"], elem_id="align-tasks",
+            tasks = ui.CheckboxGroup(task_choices(), value=[], label=LABELS["tasks"], elem_id="align-tasks",
                                      info="empty: the models' own tasks (MLM loss for pretrained models)")
         with gr.Row(equal_height=True):
             points = ui.Slider(2, 26, value=11, step=1, label=LABELS["points"])
-            limit = ui.Number(value=DEFAULT_LIMIT, precision=0, minimum=1, label=LABELS["limit"],
-                              info="first N dev examples per task; empty = all")
+            limit = ui.Number(value=DEFAULT_LIMIT, precision=0, minimum=0, label=LABELS["limit"],
+                              elem_id="align-limit", info="first N dev examples per task; 0 = all")
         with gr.Row():
             run = gr.Button("Align and compare", variant="primary", elem_id="align-run")
             halt = stop_button("align-stop")
@@ -180,5 +219,9 @@ def build(demo: gr.Blocks) -> dict:
                              api_name="align", concurrency_id="gpu", show_progress_on=status)
         on_stop(halt, [aligning], status)
         site.change(site_view, [folder, site], [heatmap, head_cost], api_visibility="private")
-        demo.load(refresh, None, [a, b], api_visibility="private")
+        for picker in (a, b):
+            picker.change(init_warning, [a, b], warning, api_visibility="private", show_progress="hidden",
+                          queue=False)
+        on_open(demo, tab, refresh, [a, b], [a, b])
+        notice.then(refresh, [a, b], [a, b], api_visibility="private", show_progress="hidden")
     return {"heatmap": heatmap, "curves": curve_plot}

@@ -12,6 +12,7 @@ request asks for is bounded (`settings.Limits`); nothing shown to the visitor ho
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _RESULT = re.compile(rf"({'|'.join(RESULT_KINDS)})/({_NAME.pattern})")
 _ABSOLUTE = re.compile(r"(?<![\w.~])/(?:[\w.@+-]+/)+([\w.@+-]*)")
 _SWEEP_EVERY = 600.0  # seconds between sweeps of expired sessions
+_DOWNLOADS_KEPT = 3600.0  # seconds a response's download folder is kept
 _last_sweep = 0.0
 
 
@@ -53,8 +55,8 @@ class Session:
                                    param=param)
         name = (name or "").strip()
         match = _RESULT.fullmatch(name)
-        if self.public and match and (self.folder / match.group(1) / match.group(2)).is_dir():
-            name = str(self.folder / match.group(1) / match.group(2))
+        if match and (self.results_root / match.group(1) / match.group(2)).is_dir():
+            name = str(self.results_root / match.group(1) / match.group(2))
         if name:
             try:
                 ml.resolve(name)
@@ -68,12 +70,19 @@ class Session:
         self.bound("models", sum(1 for n in names if n != "" and n is not None), param)  # before any work
         return [spec for spec in (self.model(n, param) for n in names) if spec]
 
+    @property
+    def results_root(self) -> Path:
+        """Where results are kept: the session's folder (public mode), or $MERGELAB_HOME (local mode)."""
+        return self.folder if self.public else ml.settings.home()
+
     def results(self) -> list[str]:
-        """The session's own results, as pickers offer them (`merges/<name>`, ...): public mode only."""
-        if not self.public:
-            return []
-        return [f"{kind}/{p.name}" for kind in RESULT_KINDS for p in sorted((self.folder / kind).glob("*"))
-                if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file()]
+        """Results to pick as models (`merges/<name>`, `aligned/<name>`, `uploads/<name>`), newest first:
+        the session's own (public mode), or every one under $MERGELAB_HOME (local mode)."""
+        found = [p for kind in RESULT_KINDS for p in (self.results_root / kind).glob("*")
+                 if p.is_dir() and not p.name.startswith(".") and _NAME.fullmatch(p.name)
+                 and (p / "config.json").is_file()]
+        found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        return [f"{p.parent.name}/{p.name}" for p in found]
 
     # -- outputs -----------------------------------------------------------------------------------
 
@@ -112,12 +121,17 @@ class Session:
                                    "keep; download what you need and start a new session", param="out")
 
     def downloads(self) -> Path:
-        """A folder for files handed to the browser: emptied on each use, so downloads never pile up."""
-        key = self.folder.name if self.public else "local"
-        folder = Path(tempfile.gettempdir()) / "mergelab-downloads" / key
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        return folder
+        """A fresh folder for the files of one response to the browser. Earlier ones of the same visitor
+        (public mode) or process (local mode) are removed once an hour old, so downloads never pile up,
+        and two responses (or two app processes) never empty each other's folder."""
+        key = self.folder.name if self.public else f"local-{os.getpid()}"
+        root = Path(tempfile.gettempdir()) / "mergelab-downloads" / key
+        root.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        for old in root.iterdir():
+            if now - old.stat().st_mtime > _DOWNLOADS_KEPT:
+                shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(dir=root))
 
     # -- bounds ------------------------------------------------------------------------------------
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
-
 import gradio as gr
 import pandas as pd
 
@@ -11,29 +9,20 @@ import merging_core as ml
 
 from . import controls as ui
 from .common import engine_errors, on_stop, progress_fn, stop_button
+from .start import build_demo, build_status, check_admin, demo_minutes, demo_offered, readiness_text, run_build
 
-COLUMNS = ["name", "task", "kind", "seed", "steps", "partition", "metric", "score"]
+COLUMNS = ["name", "task", "kind", "seed", "steps", "partition", "metric", "score", "recipe"]
 
 
 def zoo_table() -> pd.DataFrame:
     rows = ml.zoo.entries()
     frame = pd.DataFrame(rows, columns=COLUMNS + ["dev", "path"])[COLUMNS]
+    frame["task"] = [", ".join(ml.tasks.title(t) for t in (task or "").split(",") if t) for task in frame["task"]]
     return frame.round({"score": 4})
 
 
 def recipes() -> list[str]:
     return sorted(p.stem for p in ml.zoo.RECIPES.glob("*.yaml"))
-
-
-def check_admin(token: str | None) -> None:
-    """Public mode: building (training) is for the admin only, and off when no admin token is configured."""
-    if not ml.settings.public_mode():
-        return
-    expected = ml.settings.admin_token()
-    if expected is None:
-        raise ml.MergeLabError("building the zoo is off in this public app", param="token")
-    if not hmac.compare_digest((token or "").encode(), expected.encode()):
-        raise ml.MergeLabError("building the zoo needs the admin token", param="token")
 
 
 @engine_errors(labels={"token": "Admin token", "recipe": "Recipe"})
@@ -43,31 +32,78 @@ def build_zoo(recipe: str, token: str = "", request: gr.Request = None,
     if recipe not in recipes():
         raise ml.MergeLabError(f"unknown recipe {str(recipe)[:80]!r}; choose one of: {', '.join(recipes())}",
                                param="recipe")
-    rows = ml.zoo.build(recipe, progress=progress_fn(progress, request))
-    built = [r for r in rows if r["status"] == "built"]
-    note = (f"Built {len(built)} model(s) in {sum(r['seconds'] for r in built):.0f} s; "
-            f"kept {len(rows) - len(built)} that were already there.")
+    note = run_build(recipe, progress_fn(progress, request))
     return zoo_table(), note
 
 
+def recipe_info(name: str | None) -> str:
+    """What a recipe builds and how long it takes, before the click."""
+    if name not in recipes():
+        return ""
+    recipe = ml.zoo.load_recipe(name)
+    missing = recipe.missing()
+    took = f"; builds in about {recipe.minutes:g} min on a 2-core CPU" if recipe.minutes else ""
+    todo = (f"{len(missing)} of its {len(recipe.entries)} models still to build" if missing
+            else f"all {len(recipe.entries)} models built")
+    return f"{recipe.about}{took} · {todo}."
+
+
+def opened() -> tuple:
+    """The table, the getting-started notes and the demo's button, whenever the tab is shown and after a
+    build."""
+    note = readiness_text()
+    return zoo_table(), gr.Markdown(note, visible=bool(note)), gr.Row(visible=demo_offered())
+
+
+def tick() -> tuple:
+    """While the public app builds its own zoo: its progress for every visitor, and the table as entries
+    land; the timer stops once nothing is running."""
+    text = build_status()
+    note = readiness_text()
+    running = text.startswith("Building")
+    return zoo_table(), gr.Markdown(note, visible=bool(note)), text, gr.Timer(active=running)
+
+
 def build(demo: gr.Blocks) -> dict:
-    with gr.Tab("Zoo", id="zoo"):
+    public = ml.settings.public_mode()
+    with gr.Tab("Zoo", id="zoo") as tab:
         gr.Markdown("Checkpoints to explore: fine-tuned from the same pretrained model on different tasks, "
                     "seeds, data partitions and training steps. Scores are on each task's dev split.")
+        first = readiness_text()
+        start = gr.Markdown(first, visible=bool(first), elem_id="zoo-start")
+        with gr.Row(visible=demo_offered()) as demo_row:
+            demo_button = gr.Button(f"Build the demo zoo ({demo_minutes()})", variant="primary", scale=0,
+                                    min_width=300, elem_id="zoo-demo")
+            demo_halt = stop_button("zoo-demo-stop")
+        demo_status = gr.Markdown(elem_id="zoo-demo-status")
         table = gr.Dataframe(value=zoo_table, label="Models", interactive=False, elem_id="zoo-table",
-                             buttons=["copy", "fullscreen"])
-        with gr.Row():
-            names = recipes()
-            recipe = ui.Dropdown(names, value="default" if "default" in names else (names or [None])[0], label="Recipe",
-                                 scale=2)
-            token = gr.Textbox("", type="password", label="Admin token", scale=1, elem_id="zoo-token",
-                               visible=ml.settings.public_mode(), info="building trains models: admin only here")
-            build_button = gr.Button("Build zoo", variant="primary", elem_id="zoo-build", scale=1)
-            halt = stop_button("zoo-stop")
-            refresh = gr.Button("Refresh", elem_id="zoo-refresh", scale=1)
+                             buttons=["copy", "fullscreen"], wrap=True)
+        with gr.Accordion("Build a recipe", open=False, elem_id="zoo-recipes"):
+            with gr.Row():
+                names = recipes()
+                recipe = ui.Dropdown(names, value="default" if "default" in names else (names or [None])[0],
+                                     label="Recipe", scale=2, elem_id="zoo-recipe")
+                token = gr.Textbox("", type="password", label="Admin token", scale=1, elem_id="zoo-token",
+                                   visible=public, info="building trains models: admin only here")
+                build_button = gr.Button("Build zoo", variant="primary", elem_id="zoo-build", scale=1)
+                halt = stop_button("zoo-stop")
+                refresh = gr.Button("Refresh", elem_id="zoo-refresh", scale=1)
+            about = gr.Markdown(recipe_info(recipe.value), elem_id="zoo-recipe-info")
         status = gr.Markdown(elem_id="zoo-status")
+        timer = gr.Timer(2.0, active=public)  # public mode: the app's own build, seen by every visitor
+
         building = build_button.click(build_zoo, [recipe, token], [table, status], api_name="zoo_build",
                                       concurrency_id="gpu")
+        building.then(opened, None, [table, start, demo_row], api_visibility="private", queue=False)
         on_stop(halt, [building], status)
+        demo_building = demo_button.click(build_demo, [token], demo_status, api_name="zoo_demo",
+                                          concurrency_id="gpu")
+        demo_building.then(opened, None, [table, start, demo_row], api_visibility="private", queue=False)
+        on_stop(demo_halt, [demo_building], demo_status)
+        recipe.change(recipe_info, recipe, about, api_visibility="private", show_progress="hidden")
         refresh.click(zoo_table, None, table, api_name="zoo_list")
-    return {"table": table}
+        timer.tick(tick, None, [table, start, status, timer], api_visibility="private", show_progress="hidden",
+                   queue=False)
+        tab.select(opened, None, [table, start, demo_row], api_visibility="private", show_progress="hidden",
+                   queue=False)
+    return {"table": table, "start": start}

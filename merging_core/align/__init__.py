@@ -7,6 +7,13 @@ the same text, correlates their hidden units at every site (`features`), matches
 solves (`match`) and writes B permuted into A's basis (`permute`). Averaging or interpolating A with
 that copy (`merging_core.merge`, `merging_core.curve`) is then a merge of aligned models; with a
 function-preserving setting the copy computes exactly what B computes.
+
+Every stage reports progress with its name, counts and the time left ("activations: batch 3/16, ~40 s
+left", "matching: ff.2 (5/18)", "writing: ..."), often enough (a transformer layer, a site's sums, one
+Hungarian solve) that a callback raising `merging_core.progress.Cancelled` stops a run within moments.
+Alignment is for models trained from different initializations: when A and B share one (two fine-tunes
+of one pretrained model), the summary's `notes` say so (`origin`), as they do when the permutation found
+leaves nearly every unit in place.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,15 +33,28 @@ from ..encode import encode
 from ..errors import MergeLabError, writing
 from ..models import load
 from ..outputs import check_out
-from ..progress import ProgressFn, scaled, track
+from ..progress import Cancelled, ProgressFn, scaled, track, with_eta
 from ..tasks import get_task
 from .features import correlations
 from .match import ATTENTION, MERGE_TYPES, RESIDUAL, Matching, find_permutation
+from .origin import initialization_note
 from .permute import KINDS, Permutation, permute_checkpoint, permute_state, random_permutation, write_permuted
 from .spec import AlignSpec
 
 SEED = 0  # which text examples are read
 ALIGNMENT = "alignment"  # the subfolder of an aligned model that records how it was aligned
+IN_PLACE = 0.9  # a permutation that keeps this share of units in place: A and B likely share an initialization
+# Each stage's share of a run's progress: loading and reading the text, activations, matching, writing.
+STAGES = {"loading": (0.0, 0.05), "activations": (0.05, 0.8), "matching": (0.8, 0.95), "writing": (0.95, 1.0)}
+
+
+def in_place_note(matching: Matching) -> str | None:
+    """A note when the permutation keeps at least `IN_PLACE` of the units it orders where they were."""
+    kept, total = matching.permutation.in_place()
+    if not total or kept / total < IN_PLACE:
+        return None
+    return (f"the permutation keeps {kept / total:.0%} of units in place: A and B likely share an initialization; "
+            "alignment changes little")
 
 
 @dataclass
@@ -49,6 +69,7 @@ class Alignment:
     text: dict
     seconds: dict[str, float]
     spec: AlignSpec | None = None  # the request it answers (None: written before specs were recorded)
+    notes: list[str] = field(default_factory=list)  # e.g. A and B share an initialization
 
     def order(self, site: str) -> torch.Tensor | None:
         """The order applied to B's units at a correlation site (None: left as they are)."""
@@ -82,7 +103,8 @@ class Alignment:
 
     def summary(self) -> dict:
         """Settings, timings and, per site, the mean correlation of unit i of A with unit i of B
-        before and after the permutation; `spec`: the request (`AlignSpec.to_dict`), to re-create the run."""
+        before and after the permutation; `spec`: the request (`AlignSpec.to_dict`), to re-create the run;
+        `notes`: sentences for people (e.g. A and B share an initialization, so alignment changes little)."""
         sites = {}
         for site, corr in self.correlations.items():
             before = float(corr.diagonal().mean())
@@ -94,7 +116,7 @@ class Alignment:
                 "seconds": self.seconds, "sites": sites,
                 "head_costs": {str(layer): cost.tolist() for layer, cost in m.head_costs.items()},
                 "head_orders": {str(layer): order.tolist() for layer, order in m.head_orders.items()},
-                "spec": self.spec.to_dict() if self.spec is not None else None}
+                "spec": self.spec.to_dict() if self.spec is not None else None, "notes": list(self.notes)}
 
 
 def text_batches(task: str, split: str, tokenizer, examples: int, batch_size: int, device) -> list[dict]:
@@ -143,38 +165,71 @@ def _blaming(param: str, fn, *args):
         raise MergeLabError(exc.message, param=param, hint=exc.hint) from exc
 
 
+def _stage(progress: ProgressFn | None, name: str) -> ProgressFn | None:
+    """One stage's own 0..1 progress, its descriptions prefixed with its name and ended with its time left."""
+    start, end = STAGES[name]
+    return with_eta(scaled(progress, start, end, f"{name}: "))
+
+
+def _finally(progress: ProgressFn | None) -> ProgressFn | None:
+    """`progress` for reports made while writing or after it: a Stop pressed then no longer interrupts
+    (what is being written is nearly done, and would be reported as not saved)."""
+    if progress is None:
+        return None
+
+    def report(fraction: float, desc: str) -> None:
+        try:
+            progress(fraction, desc)
+        except Cancelled:
+            pass
+
+    return report
+
+
 def _run(spec: AlignSpec, *, out: str | Path | None, overwrite: bool, progress: ProgressFn | None) -> Alignment:
     """Features, matching, B written in A's basis, and the record of how (see `align`)."""
     target = Path(out) if out is not None else None
     if target is not None:
         check_out(target, overwrite)  # before minutes of work
+    loading = scaled(progress, *STAGES["loading"], "loading: ")
+    if loading:
+        loading(0.0, "opening A and B")
     source_a, source_b = _blaming("a", open_checkpoint, spec.a), _blaming("b", open_checkpoint, spec.b)
     _blaming("b", check_compatible, [source_a, source_b], None)
     if source_b.ref.is_adapter:
         raise MergeLabError(f"model {spec.b!r} is an adapter module (LoRA, (IA)3); align full checkpoints", param="b")
+    notes = [note for note in [initialization_note(source_a.ref, source_b.ref)] if note]
     config = source_b.config
     device = settings.device()
     timings = {}
     started = time.perf_counter()
-    model_a, model_b = load(spec.a, device=device).model, load(spec.b, device=device).model
+    if loading:
+        loading(0.1, "model A")
+    model_a = load(spec.a, device=device).model
+    if loading:
+        loading(0.4, "model B")
+    model_b = load(spec.b, device=device).model
+    if loading:
+        loading(0.7, f"text ({get_task(spec.text).name}, {spec.split}, {spec.examples} examples)")
     batches = text_batches(spec.text, spec.split, source_a.tokenizer, spec.examples, spec.batch_size, device)
-    feature_progress = scaled(progress, 0.0, 0.8, "activations: ")
-    stream = track(batches, len(batches), "activations", feature_progress)
-    corrs = correlations(model_a, model_b, stream)
+    if progress is None:  # a terminal: one bar over the batches
+        corrs = correlations(model_a, model_b, track(batches, len(batches), "activations", None), total=len(batches))
+    else:
+        corrs = correlations(model_a, model_b, batches, progress=_stage(progress, "activations"), total=len(batches))
     timings["features"] = time.perf_counter() - started
     del model_a, model_b
 
     started = time.perf_counter()
-    if progress:
-        progress(0.8, "matching")
     matching = find_permutation(corrs, layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
                                 merge_type=spec.merge_type, attention=spec.attention, residual=spec.residual,
-                                qk=spec.qk)
+                                qk=spec.qk, progress=_stage(progress, "matching"))
     timings["matching"] = time.perf_counter() - started
+    notes += [note for note in [in_place_note(matching)] if note]
 
     started = time.perf_counter()
-    if progress:
-        progress(0.9, "writing B in A's basis")
+    if progress:  # the last moment a Stop ends the run: nothing is written yet
+        progress(STAGES["writing"][0], "writing B in A's basis")
+    writing_progress = _finally(scaled(progress, *STAGES["writing"], "writing: "))
     if target is None:
         root = settings.home() / "aligned"
         root.mkdir(parents=True, exist_ok=True)
@@ -188,9 +243,11 @@ def _run(spec: AlignSpec, *, out: str | Path | None, overwrite: bool, progress: 
                    {"kind": "aligned", "aligned_from": source_b.ref.spec, "aligned_to": source_a.ref.spec,
                     "alignment": spec.to_dict(), "text": text_record,
                     "function_preserving": matching.function_preserving}, overwrite=overwrite)
+    if writing_progress:
+        writing_progress(0.7, "the alignment record")
     timings["apply"] = time.perf_counter() - started
     result = Alignment(spec.a, spec.b, matching, corrs, target, text_record,
-                       {k: round(v, 3) for k, v in timings.items()}, spec)
+                       {k: round(v, 3) for k, v in timings.items()}, spec, notes)
     # a subfolder: a model folder's own *.safetensors files are all read as its weights
     record = target / ALIGNMENT
     with writing(record):
@@ -199,8 +256,8 @@ def _run(spec: AlignSpec, *, out: str | Path | None, overwrite: bool, progress: 
                   record / "permutation.safetensors")
         save_file({k: v.contiguous() for k, v in corrs.items()}, record / "correlations.safetensors")
         (record / "alignment.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
-    if progress:
-        progress(1.0, "aligned")
+    if writing_progress:
+        writing_progress(1.0, "aligned")
     return result
 
 
@@ -226,9 +283,9 @@ def load_alignment(folder: str | Path) -> Alignment:
                         {int(k): torch.tensor(v) for k, v in summary["head_orders"].items()})
     spec = AlignSpec.from_dict(summary["spec"]) if summary.get("spec") else None
     return Alignment(summary["a"], summary["b"], matching, load_file(folder / "correlations.safetensors"),
-                     model_folder, summary["text"], summary["seconds"], spec)
+                     model_folder, summary["text"], summary["seconds"], spec, list(summary.get("notes") or []))
 
 
 __all__ = ["ATTENTION", "KINDS", "MERGE_TYPES", "RESIDUAL", "AlignSpec", "Alignment", "Matching", "Permutation",
-           "align", "find_permutation", "load_alignment", "permute_checkpoint", "permute_state", "random_permutation",
-           "text_batches", "write_permuted"]
+           "align", "find_permutation", "in_place_note", "initialization_note", "load_alignment", "permute_checkpoint",
+           "permute_state", "random_permutation", "text_batches", "write_permuted"]

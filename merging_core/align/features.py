@@ -16,11 +16,12 @@ corr_ij = (E[a_i b_j] − E[a_i] E[b_j]) / (σ(a_i) σ(b_j)).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 
 import torch
 
 from ..arch import canonical
+from ..progress import ProgressFn
 
 
 class _Sums:
@@ -75,11 +76,29 @@ def _taps(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
     return taps
 
 
+def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer layers of a BERT-family model (`encoder.layer.<l>`), in order."""
+    model_type = model.config.model_type
+    found = {}
+    for name, module in model.named_modules():
+        parts = canonical(name, model_type).split(".")
+        if len(parts) == 3 and parts[:2] == ["encoder", "layer"] and parts[2].isdigit():
+            found[int(parts[2])] = module
+    return [found[i] for i in sorted(found)]
+
+
 @torch.inference_mode()
 def correlations(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
-                 progress=None) -> dict[str, torch.Tensor]:
+                 progress: ProgressFn | None = None, total: int | None = None) -> dict[str, torch.Tensor]:
     """{site: corr (units of A x units of B)} over the non-padding tokens of `batches` (see the module doc).
-    `qk.<l>` is the mean of the query and key correlations."""
+    `qk.<l>` is the mean of the query and key correlations.
+
+    `progress` hears ("batch i/n") after every transformer layer of either model and after every site's
+    sums, a fraction of a second of work each even for a large model on a CPU, so a callback that raises
+    (`merging_core.progress.Cancelled`) stops the pass within moments. `total`: the number of batches
+    (default: `len(batches)`)."""
+    if total is None:
+        total = len(batches) if isinstance(batches, Sized) else 0
     taps_a, taps_b = _taps(model_a), _taps(model_b)
     captured: dict[str, list[torch.Tensor | None]] = {site: [None, None] for site in taps_a}
     handles = []
@@ -88,9 +107,25 @@ def correlations(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: It
             def hook(mod, inputs, output, site=site, side=side, where=where):
                 captured[site][side] = (inputs[0] if where == "input" else output).detach()
             handles.append(module.register_forward_hook(hook))
+    layers = _layers(model_a) + _layers(model_b)
+    steps = max(len(layers) + len(captured), 1)  # per batch: every layer of A and B, then every site's sums
+    position = {"batch": 0, "step": 0}
+
+    def tick() -> None:
+        if progress is None:
+            return
+        position["step"] += 1
+        i = position["batch"]
+        done = (i + min(position["step"], steps) / steps) / total if total else 0.0
+        progress(min(done, 1.0), f"batch {i + 1}/{total}" if total else f"batch {i + 1}")
+
+    handles += [layer.register_forward_hook(lambda *_: tick()) for layer in layers]
     sums: dict[str, _Sums] = {}
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            position["batch"], position["step"] = i, 0
+            if progress is not None:
+                progress(i / total if total else 0.0, f"batch {i + 1}/{total}" if total else f"batch {i + 1}")
             mask = batch["attention_mask"].bool()
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             model_a.base_model(**inputs)
@@ -100,12 +135,16 @@ def correlations(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: It
                 if site not in sums:
                     sums[site] = _Sums(rows_a.shape[-1], rows_b.shape[-1], rows_a.device)
                 sums[site].add(rows_a, rows_b)
-            if progress is not None:
-                progress()
+                tick()
     finally:
         for h in handles:
             h.remove()
-    out = {site: s.correlation() for site, s in sums.items() if not site.startswith("qk.")}
+    out = {}
+    for n, (site, s) in enumerate(sums.items()):
+        if progress is not None:
+            progress(1.0, f"correlations ({n + 1}/{len(sums)} sites)")
+        if not site.startswith("qk."):
+            out[site] = s.correlation()
     for site in [s for s in sums if s.endswith(".q")]:
         layer = site.split(".")[1]
         out[f"qk.{layer}"] = (sums[site].correlation() + sums[f"qk.{layer}.k"].correlation()) / 2

@@ -66,6 +66,12 @@ class Permutation:
             out["residual"] = self.residual
         return {k: v.to(torch.int64).clone() for k, v in out.items()}  # Q/K may share V's order: own copies
 
+    def in_place(self) -> tuple[int, int]:
+        """(units the orders leave where they were, units they order), over every order it holds."""
+        orders = list(self.tensors().values())
+        kept = sum(int((order == torch.arange(len(order))).sum()) for order in orders)
+        return kept, sum(len(order) for order in orders)
+
 
 def head_rows(heads: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """A head-structured row order: new head i is old head heads[i], its dimensions in order inner[i]."""

@@ -6,7 +6,10 @@ w = softmax(s / T) of their similarity s to the target (Sec. 3.2), and use the a
 point of few-shot tuning on the target (Sec. 3). `similarity.py` has the measures (the registry
 `MEASURES`), `modules.py` the combination (module space, the paper's; or weight space, exact),
 `fewshot.py` the tuning protocol. The weights can also be the model weights of any merge method
-(`merging_core.merge(..., params={"weights": ...})`).
+(`merging_core.merge(..., params={"weights": ...})`): `merge_command` writes that merge for any
+temperature, from the similarities a result stores (`EnsembleResult.summary`, `command_at`), so a view
+can re-weight without measuring again. Errors about missing modules say what is missing and how to get
+it, in words for both the app and the command line.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from .similarity import MEASURES, Measure, Scores, get_measure, measure, registe
 
 GRANULARITIES = ("model", "layer", "block")
 INITS = ("fresh", "uniform", "weighted")
+MATRIX_MODULES = 3  # the leave-one-out matrix needs modules of at least this many
+TARGET_KINDS = ("classification", "regression")  # the tasks modules are weighted for (and trained on)
 
 
 def softmax_weights(scores: dict[str, float], temperature: float) -> dict[str, float]:
@@ -76,15 +81,76 @@ def layer_weights(result: Scores, name: str, temperature: float, granularity: st
     return out
 
 
+def _recipes_with(kind: str) -> list[str]:
+    """The zoo recipes that train modules of `kind`, the demo recipe first."""
+    found = []
+    for path in sorted(zoo.RECIPES.glob("*.yaml")):
+        try:
+            entries = zoo.load_recipe(path).entries.values()
+        except MergeLabError:
+            continue
+        if any(config.peft == kind for config in entries):
+            found.append(path.stem)
+    return sorted(found, key=lambda name: (name != "demo", name))
+
+
+def build_advice(kind: str) -> str:
+    """How to get modules of `kind` into the zoo, for the app (Zoo tab) and the command line alike."""
+    recipes = _recipes_with(kind)
+    if not recipes:
+        return f"train {kind} modules (PEFT training) into the zoo"
+    named = " or ".join(f"`{name}`" for name in recipes)
+    return f"build the {named} recipe (Zoo tab, or `zoo build --recipe {recipes[0]}`)"
+
+
+def zoo_modules(kind: str = "lora") -> list[dict]:
+    """The zoo's final (not intermediate) adapter modules of `kind`, as `zoo.entries` rows."""
+    return [row for row in zoo.entries() if row["kind"] == kind and "/" not in row["name"]]
+
+
 def default_sources(target: str, kind: str = "lora") -> list[str]:
     """The zoo's modules of `kind` trained on tasks other than the target (leave-one-out)."""
     spec = get_task(target)
-    found = [row["name"] for row in zoo.entries() if row["kind"] == kind and row["task"] and row["task"] != spec.name
-             and "/" not in row["name"] and get_task(row["task"]).kind in ("classification", "regression")]
+    found = [row["name"] for row in zoo_modules(kind) if row["task"] and row["task"] != spec.name
+             and get_task(row["task"]).kind in TARGET_KINDS]
     if not found:
-        raise MergeLabError(f"the zoo has no {kind} modules of tasks other than {spec.name}", param="sources",
-                            hint="build the zoo's PEFT recipe (peft), or name the source modules")
+        have = len(zoo_modules(kind))
+        what = (f"the zoo has 0 {kind} modules" if not have else
+                f"none of the zoo's {have} {kind} module{'s' if have > 1 else ''} is of a classification or "
+                f"regression task other than {spec.title}")
+        raise MergeLabError(f"{what}; transfer to {spec.title} needs at least one {kind} module of another task: "
+                            f"{build_advice(kind)}, or pick source modules", param="sources")
     return found
+
+
+def default_target(candidates: Sequence[str], kind: str = "lora") -> str | None:
+    """The first of `candidates` (task names) for which the zoo has `kind` modules of other tasks, preferring
+    a task the zoo has a module of too (its transfer compares with that module's own training)."""
+    tasks = {row["task"] for row in zoo_modules(kind) if row["task"]}
+    usable = [t for t in candidates if tasks - {get_task(t).name}]
+    return next((t for t in usable if get_task(t).name in tasks), usable[0] if usable else None)
+
+
+def matrix_modules(kind: str = "lora") -> list[str]:
+    """The zoo's modules of `kind` for the leave-one-out matrix (at least `MATRIX_MODULES` of them)."""
+    found = [row["name"] for row in zoo_modules(kind)]
+    if len(found) < MATRIX_MODULES:
+        raise MergeLabError(f"the zoo has {len(found)} {kind} module{'s' if len(found) != 1 else ''}; the matrix "
+                            f"needs at least {MATRIX_MODULES}: {build_advice(kind)}", param="kind")
+    return found
+
+
+def merge_command(sources: Sequence[str], weights: dict[str, float]) -> str:
+    """The registry merge (average, these model weights) of the (folded) source modules, as a command."""
+    shown = ",".join(f"{weights[s]:.4f}" for s in sources)
+    return (f"python -m merging_core merge --method average --models {' '.join(sources)} "
+            f"--set weights={shown} --out OUT")
+
+
+def command_at(summary: dict, temperature: float) -> str:
+    """`merge_command` for the first seed's similarities in an `EnsembleResult.summary()`, re-weighted at
+    `temperature` (nothing measured again)."""
+    return merge_command(summary["sources"], softmax_weights(summary["similarities"][0], temperature))
 
 
 @dataclass
@@ -110,11 +176,12 @@ class EnsembleResult:
                         "mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0})
         return out
 
-    def merge_command(self) -> str:
-        """The first seed's weights as the model weights of a registry merge of the (folded) modules."""
-        weights = ",".join(f"{self.weights[0][s]:.4f}" for s in self.sources)
-        return (f"python -m merging_core merge --method average --models {' '.join(self.sources)} "
-                f"--set weights={weights} --out OUT")
+    def merge_command(self, temperature: float | None = None) -> str:
+        """The first seed's weights (at `temperature`; default: the measured one) as the model weights of a
+        registry merge of the (folded) modules."""
+        if temperature is None:
+            return merge_command(self.sources, self.weights[0])
+        return merge_command(self.sources, softmax_weights(self.scores[0].scores[self.similarity], temperature))
 
     def summary(self) -> dict:
         return {"target": self.target, "sources": self.sources, "similarity": self.similarity,
@@ -185,6 +252,7 @@ def similarity_matrix(modules: Sequence[str], measure_name: str, *, shots: int =
     return {"tasks": tasks, "modules": [m.ref.spec for m in loaded], "measure": measure_name, "scores": out}
 
 
-__all__ = ["GRANULARITIES", "INITS", "MEASURES", "SPACES", "EnsembleResult", "Measure", "Module", "combine",
-           "default_sources", "deltas", "ensemble", "get_measure", "layer_weights", "read_module", "register_measure",
-           "similarity_matrix", "softmax_weights", "write_module"]
+__all__ = ["GRANULARITIES", "INITS", "MEASURES", "SPACES", "EnsembleResult", "Measure", "Module", "build_advice",
+           "combine", "command_at", "default_sources", "default_target", "deltas", "ensemble", "get_measure",
+           "layer_weights", "matrix_modules", "merge_command", "read_module", "register_measure", "similarity_matrix",
+           "softmax_weights", "write_module", "zoo_modules"]
