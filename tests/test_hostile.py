@@ -90,6 +90,7 @@ BASE: dict[str, dict[str, Any]] = {
                   "granularity": "model", "shots": 8, "seeds": "0", "steps": 5, "limit": 4},
     "/ensemble_matrix": {"kind": "lora", "similarity": "loss", "log10_t": -1.0, "shots": 8},
     "/zoo_build": {"recipe": "tiny", "token": TOKEN},
+    "/zoo_demo": {"token": TOKEN},
     "/upload": {"files": [], "name": "mine"},
 }
 
@@ -206,9 +207,8 @@ for key, out in OUTS.items():
 NUMBERS = [  # endpoint, field, label, [(id, value, expect or None for Gradio's bound message, marks)]
     ("/evaluate", "limit", r"Limit", [
         ("nan", NAN, None, []), ("inf", INF, None, []),
-        ("minus-inf", -INF, r"^[^:\n]+: Value -inf is less than minimum value 1", []),
-        ("negative", -1, r"^[^:\n]+: Value -1 is less than minimum value 1", []),
-        ("zero", 0, r"^[^:\n]+: Value 0 is less than minimum value 1", []),
+        ("minus-inf", -INF, r"^[^:\n]+: Value -inf is less than minimum value 0", []),  # 0 is "all"
+        ("negative", -1, r"^[^:\n]+: Value -1 is less than minimum value 0", []),
         ("1e30", 1e30, r"^Limit: 1000000000000000019884624838656 is more than this app allows \(8\)", []),
         ("huge-int", 10**20, r"^Limit: 100000000000000000000 is more than this app allows \(8\)", []),
         ("over-limit", 9, r"^Limit: 9 is more than this app allows \(8\)", []),
@@ -216,7 +216,7 @@ NUMBERS = [  # endpoint, field, label, [(id, value, expect or None for Gradio's 
         ("1e400-string", "1e400", None, [])]),
     ("/merge", "limit", r"Limit", [
         ("nan", NAN, None, []), ("inf", INF, None, []),
-        ("negative", -1, r"^[^:\n]+: Value -1 is less than minimum value 1", []),
+        ("negative", -1, r"^[^:\n]+: Value -1 is less than minimum value 0", []),
         ("1e30", 1e30, r"^Limit: 1000000000000000019884624838656 is more than this app allows", []),
         ("string", "abc", None, [])]),
     ("/curve", "points", r"Points", [
@@ -242,7 +242,7 @@ NUMBERS = [  # endpoint, field, label, [(id, value, expect or None for Gradio's 
         ("over-limit", 9, r"^Grid points per axis: 9 is more than this app allows \(4\)", []),
         ("string", "x", None, [])]),
     ("/plane", "limit", r"Limit", [
-        ("negative", -1, r"^[^:\n]+: Value -1 is less than minimum value 1", []),
+        ("negative", -1, r"^[^:\n]+: Value -1 is less than minimum value 0", []),
         ("huge", 10**9, r"^Limit: 1000000000 is more than this app allows \(8\)", [])]),
     ("/align", "examples", r"Examples", [
         ("nan", NAN, None, []), ("inf", INF, None, []),
@@ -417,6 +417,7 @@ for key, token in {"empty": "", "guess": "guess", "upper": TOKEN.upper(), "newli
                    "nul": TOKEN + "\x00", "prefix": TOKEN[:-1], "space": " " + TOKEN, "huge": "x" * 100_000,
                    "unicode": "tökén", "none": None, "number": 123, "glob": "*"}.items():
     case("/zoo_build", f"token-{key}", TOKEN_REFUSED, token=token)
+    case("/zoo_demo", f"token-{key}", TOKEN_REFUSED, token=token)
 RECIPES_REFUSED = {"abs": "/etc/passwd", "dotdot": "../../etc/passwd", "unknown": "nope", "suffix": "tiny.yaml",
                    "empty": "", "server-path": "<RECIPES>/tiny.yaml", "file-url": "file:///etc/passwd",
                    "number": 3, "packaged": "default", "glob": "*"}
