@@ -52,7 +52,8 @@ def readiness_text() -> str:
     for r in rows:
         state = "ready" if r["ready"] else f"needs {r['needs']} (recipe {' or '.join(r['recipes'])})"
         lines.append(f"- **{r['tab']}**: {state}")
-    missing = _demo().missing() if _demo() is not None else []
+    recipe = _demo()
+    missing = recipe.missing() if recipe is not None else []
     if missing:
         if ml.settings.public_mode():
             lines += ["", "The app is preparing the demo zoo; its progress shows below."]
