@@ -2,15 +2,17 @@
 (Lv et al. 2023, "Parameter-efficient Weight Ensembling Facilitates Task-level Knowledge Transfer",
 ACL 2023: Table 2's protocol at small scale).
 
-    MERGELAB_HOME=/tmp/zoo-home python bench/ensemble_transfer.py [--kind lora] [--shots 32]
+    MERGELAB_HOME=/tmp/zoo-home python bench/ensemble_transfer.py [--kind lora|ia3|prefix] [--shots 32]
         [--seeds 0 1 2] [--measures loss kl el2n weight_cosine] [--steps 50] [--limit N] [--lr 5e-4]
+        [--targets conll2003 ...] [--name NAME]
 
-For every target task with a module in the zoo (recipe `peft`), the sources are the other tasks'
-modules. Per seed: the k shots are drawn, every measure scores every source, and the same few-shot
+For every target task with a module in the zoo (recipe `peft`, or `prefix` for prefix modules), or each
+of `--targets` (e.g. CoNLL-2003 NER, scored by span F1), the sources are the other tasks' modules of the
+kind. Per seed: the k shots are drawn, every measure scores every source, and the same few-shot
 tuning (same shots, head and seed) starts from (a) a fresh module, (b) the uniform average of the
 sources, (c) the average weighted by softmax(similarity / T) for each measure (T: the measure's
 default). Score: the target's headline dev metric. Writes bench/results/ensemble_transfer-<device>.json
-(ensemble_transfer_<kind>-<device>.json for another --kind).
+(ensemble_transfer_<kind>-<device>.json for another --kind; `--name` replaces the file's stem).
 """
 
 from __future__ import annotations
@@ -40,8 +42,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--lr", type=float, default=5e-4, help="few-shot learning rate (the paper's 5e-4)")
+    parser.add_argument("--targets", nargs="+", default=None, help="target tasks (default: the modules' tasks)")
+    parser.add_argument("--name", default=None, help="results file stem")
     args = parser.parse_args()
-    targets = [row["task"] for row in ml.zoo.entries() if row["kind"] == args.kind and "/" not in row["name"]]
+    targets = args.targets or [row["task"] for row in ml.zoo.entries()
+                               if row["kind"] == args.kind and "/" not in row["name"]]
+    targets = [ml.get_task(t).name for t in targets]
     raw, rows = [], []
     for target in targets:
         spec = ml.get_task(target)
@@ -76,7 +82,7 @@ def main() -> None:
         rows.append({"target": "all", "init": init, "metric": "mean", "mean": statistics.mean(means), "sd": None,
                      "seeds": len(args.seeds)})
     print_table(rows, ["target", "init", "metric", "mean", "sd", "seeds"])
-    name = "ensemble_transfer" if args.kind == "lora" else f"ensemble_transfer_{args.kind}"
+    name = args.name or ("ensemble_transfer" if args.kind == "lora" else f"ensemble_transfer_{args.kind}")
     write_results(name, {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/ensemble_transfer.py "
                                         + " ".join(sys.argv[1:]),
                                         "kind": args.kind, "shots": args.shots, "seeds": args.seeds,

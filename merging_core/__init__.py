@@ -25,7 +25,7 @@ from .errors import MergeLabError  # noqa: E402
 
 # `merge` and `compare` are both submodules and functions: importing them here, eagerly, makes the
 # package attribute the function for good (a later `import merging_core.merge` does not reset it).
-from .compare import compare, greedy  # noqa: E402
+from .compare import compare, compare_subsets, greedy  # noqa: E402
 from .merge import MergeResult, available_methods, merge, merge_from_config  # noqa: E402
 from .spec import MergeSpec  # noqa: E402
 from .align import align  # noqa: E402  (the package `align` and its function: see above)
@@ -59,6 +59,6 @@ def __getattr__(name: str):
 
 __all__ = ["data", "settings", "stats", "zoo", "MergeLabError", "Evaluator", "evaluate", "Loaded", "load", "resolve",
            "save", "TASKS", "get_task", "TrainConfig", "train", "merge", "merge_from_config", "MergeResult",
-           "available_methods", "METHODS", "get_method", "compare", "greedy", "curve", "plane", "Curve", "Plane",
+           "available_methods", "METHODS", "get_method", "compare", "compare_subsets", "greedy", "curve", "plane", "Curve", "Plane",
            "MergeSpec", "CurveSpec", "PlaneSpec", "open_checkpoint", "checkpoint", "spec", "params",
            "paths", "curves", "align", "ensemble", "__version__"]

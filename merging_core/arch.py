@@ -6,7 +6,8 @@ and layer. An adapter knows this for one model family from parameter names alone
 state dicts read lazily from safetensors, without building the model.
 
 Names are matched after stripping wrapper prefixes (`bert.`, `roberta.`, PEFT's `base_model.model.`);
-LoRA factors (`lora_A` / `lora_B`), (IA)³ scaling vectors (`ia3_l`) and PEFT head copies
+LoRA factors (`lora_A` / `lora_B`), (IA)³ scaling vectors (`ia3_l`), bottleneck adapters
+(`bottleneck.down` / `bottleneck.up`, following the output projection they adapt) and PEFT head copies
 (`modules_to_save`) map to the group of the layer they adapt.
 """
 
@@ -29,7 +30,8 @@ class ParamInfo:
     group: str  # one of GROUPS, or "buffer" for non-trainable entries such as position ids
     role: str  # finer: word, query, key, value, attn_out, ff_in, ff_out, ln_attn, classifier, ...
     layer: int | None  # transformer layer index, None outside the layer stack
-    factor: str | None = None  # an adapter's own tensor: "A" / "B" (LoRA factors), "ia3" ((IA)³ scaling vector)
+    factor: str | None = None  # an adapter's own tensor: "A" / "B" (LoRA factors), "ia3" ((IA)³ scaling vector),
+    # "down" / "up" (a bottleneck adapter's projections, see `bottleneck`)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ _PEFT_WRAPPERS = re.compile(
 
 # (IA)³: `key.ia3_l.<adapter>` (live) or `key.ia3_l` (file), a vector scaling the layer `key`.
 _IA3 = re.compile(r"\.ia3_l(?:\.[^.]+)?$")
+# Bottleneck adapters (`bottleneck`): `attention.output.bottleneck.down.weight` follows `attention.output.dense`.
+_BOTTLENECK = re.compile(r"\.bottleneck\.(down|up)\.(weight|bias)$")
 
 
 def _strip_peft(name: str) -> tuple[str, str | None]:
@@ -85,6 +89,9 @@ def _strip_peft(name: str) -> tuple[str, str | None]:
     core = name.removeprefix("base_model.model.")
     if _IA3.search(core):
         return _IA3.sub(".weight", core), "ia3"
+    bottleneck = _BOTTLENECK.search(core)
+    if bottleneck:
+        return _BOTTLENECK.sub(r".dense.\2", core), bottleneck.group(1)
     lora = re.search(r"\.lora_([AB])\.", name)
     return _PEFT_WRAPPERS.sub("", core), lora.group(1) if lora else None
 

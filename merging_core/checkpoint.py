@@ -15,8 +15,8 @@ import torch
 
 from .arch import ParamInfo, adapter_for, canonical
 from .errors import MergeLabError
-from .models import (ConfigView, HeadInfo, ModelRef, head_info, load, load_tokenizer, read_config, resolve,
-                     vocabulary_fingerprint)
+from .models import (ConfigView, HeadInfo, ModelRef, adapter_kind, head_info, load, load_tokenizer, read_config,
+                     resolve, vocabulary_fingerprint)
 from .tasks import TASKS, get_task
 from .tensorio import InMemory, LazyFiles
 
@@ -65,6 +65,11 @@ def open_checkpoint(spec: str | ModelRef, *, allow_pickle: bool = False) -> Chec
     if ref.metadata().get("heads"):
         raise MergeLabError(f"model {ref.spec!r} is a multi-head checkpoint; merges and curves take single-task "
                             "checkpoints, so use the models it came from")
+    kind = adapter_kind(ref)
+    if kind not in (None, "lora", "ia3"):  # these add modules of their own: there is no weight to fold them into
+        raise MergeLabError(f"model {ref.spec!r} is a {kind} module, which cannot be folded into its base's weights; "
+                            "merges and weight-space curves take full checkpoints, LoRA or (IA)3 modules "
+                            "(combine prefix modules with `ensemble`)", param="models")
     config = read_config(ref)
     head = head_info(ref, config)
     files = sorted(ref.path.glob("*.safetensors")) if ref.path is not None and not ref.is_adapter else []

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from . import data, tasks, zoo
 from .arch import GROUPS
 from .align import ATTENTION, MERGE_TYPES, RESIDUAL, align, permute_checkpoint
-from .compare import compare, greedy
+from .align import METHODS as ALIGN_METHODS
+from .compare import STATS_DATA, compare, compare_subsets, greedy
 from .curves import SPACES, CurveSpec, PlaneSpec, curve, plane
 from .ensemble import GRANULARITIES, ensemble
 from .ensemble import MEASURES as ENSEMBLE_MEASURES
@@ -24,10 +25,11 @@ from .errors import MergeLabError
 from .evaluation import evaluate
 from .merge import available_methods, merge
 from .methods import METHODS
+from .methods.mats import convergence
 from .params import parse_assignments
 from .paths import PATHS
 from .spec import FALLBACKS, HEAD_POLICIES, MergeSpec, parse_method_text
-from .training import PEFT_KINDS, SAMPLING, TrainConfig, train
+from .training import MODULE_KINDS, PEFT_KINDS, SAMPLING, TrainConfig, train
 
 
 def _positive_int(text: str) -> int:
@@ -53,14 +55,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=_positive_int, default=300)
     p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-4 full, 5e-4 LoRA, 3e-3 (IA)3, 1e-3 head-only")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default: 1e-4 full, 5e-4 LoRA, 3e-3 (IA)3, 1e-3 bottleneck and head-only")
     p.add_argument("--partition", default="iid", help="iid | iid:K/N | label-skew:K/N[@P]")
     p.add_argument("--save-every", type=_positive_int, default=None, help="also save a checkpoint every N steps")
-    p.add_argument("--peft", choices=list(PEFT_KINDS), default=None, help="train a LoRA or (IA)3 module")
+    p.add_argument("--peft", choices=list(MODULE_KINDS), default=None,
+                   help="train a LoRA, (IA)3, prefix or bottleneck (Houlsby adapter) module")
+    p.add_argument("--bottleneck-size", type=_positive_int, default=64, help="bottleneck modules: units per adapter")
+    p.add_argument("--prefix-tokens", type=_positive_int, default=20, help="prefix modules: virtual tokens")
+    p.add_argument("--prefix-projection", action="store_true",
+                   help="prefix modules: train the prefix through an MLP (only the prefix is saved)")
     p.add_argument("--head-only", action="store_true", help="freeze the encoder, train the task head only")
     p.add_argument("--eval-limit", type=_positive_int, default=None, help="score on the first N dev examples")
     p.add_argument("--sampling", choices=list(SAMPLING), default="proportional",
                    help="multi-task: which task each step trains on (proportional to train set sizes, sqrt, round-robin)")
+    p.add_argument("--cartography", type=_positive_int, default=None, metavar="N",
+                   help="record a data map of the first N training examples (cartography.json beside the model)")
+    p.add_argument("--cartography-every", type=_positive_int, default=None, metavar="K",
+                   help="steps between data-map records (default: an epoch, or an eighth of a shorter run)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true")
@@ -119,9 +131,17 @@ def _parser() -> argparse.ArgumentParser:
         if name == "compare":
             p.add_argument("--methods", nargs="+", required=True,
                            help=f"methods with settings, e.g. average ties:density=0.2 {_methods()}")
-            p.add_argument("--multitask", default=None, help="a multi-task model to show beside the merges")
+            p.add_argument("--multitask", default=None, help="a multi-task model to show beside the merges (for "
+                           "models of one task: the model trained on the union of their data)")
             p.add_argument("--ensemble", choices=["logits", "probabilities"], default="logits")
             p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+            p.add_argument("--pairwise", action="store_true",
+                           help="merge every pair of the models; rows per pair, then each row's mean over the pairs")
+            p.add_argument("--subsets", type=_positive_int, default=None, metavar="K",
+                           help="merge every subset of K models (2: --pairwise; the number of models: all together)")
+            p.add_argument("--stats-data", choices=list(STATS_DATA), default="task",
+                           help="statistics of data-aware methods: on each model's task's train split, or on its "
+                                "own training partition (own)")
         else:
             p.add_argument("--method", required=True, help=f"a method with settings, e.g. regmean:alpha=0.9 "
                                                                  f"{_methods()}")
@@ -136,6 +156,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--path", choices=list(PATHS), default="line", help="straight line, or a trained Bezier curve")
     p.add_argument("--bend-steps", type=_positive_int, default=200, help="Bezier: training steps of the bend")
     p.add_argument("--bend-lr", type=float, default=1e-3, help="Bezier: Adam learning rate of the bend")
+    p.add_argument("--examples", action="store_true",
+                   help="record which examples each point gets right; the summary gets the matrix and what flips")
+    p.add_argument("--datamap", default=None, metavar="MODEL",
+                   help="score the training examples of this model's data map (needs --split train; implies --examples)")
 
     p_plane = commands.add_parser("plane", help="a grid of scores on the plane through three checkpoints")
     p_plane.add_argument("--a", required=True)
@@ -169,6 +193,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default="wikitext2", help="the task whose inputs give the activations")
     p.add_argument("--split", default="train")
     p.add_argument("--examples", type=_positive_int, default=256)
+    p.add_argument("--tokens", type=int, default=0,
+                   help="use only the first N non-padding tokens of the examples (the data amount; 0 = all)")
+    p.add_argument("--method", default="permute", choices=list(ALIGN_METHODS),
+                   help="permute: write B permuted into A's basis; zip: write the ZipIt merge of A and B")
+    p.add_argument("--zip-same", type=float, default=0.0,
+                   help="zip: share (0-1) of each model's ff and residual features that may pair with its own")
     p.add_argument("--out", required=True, help="folder for B permuted (HF) + permutation, correlations, summary")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true")
@@ -214,7 +244,9 @@ def _run(args: argparse.Namespace) -> None:
         config = TrainConfig(task=args.task, base=args.base, seed=args.seed, steps=args.steps,
                              batch_size=args.batch_size, lr=args.lr, partition=args.partition,
                              save_every=args.save_every, peft=args.peft, head_only=args.head_only,
-                             eval_limit=args.eval_limit, sampling=args.sampling)
+                             prefix_tokens=args.prefix_tokens, prefix_projection=args.prefix_projection,
+                             bottleneck_size=args.bottleneck_size, eval_limit=args.eval_limit, sampling=args.sampling,
+                             cartography=args.cartography, cartography_every=args.cartography_every)
         result = train(config, args.out, overwrite=args.overwrite)
         summary = {"out": str(result.out), **{k: result.metadata[k] for k in ("task", "seed", "steps", "partition")},
                    "dev": result.metadata["scores"]["dev"]}
@@ -255,9 +287,16 @@ def _run(args: argparse.Namespace) -> None:
                 choices = f" one of {list(p['choices'])}" if p["choices"] else ""
                 print(f"    {p['name']} ({p['kind']}, default {p['default']}{bounds}{choices}): {p['doc']}")
     elif args.command in ("compare", "greedy"):
-        if args.command == "compare":
+        if args.command == "compare" and (args.pairwise or args.subsets):
+            if args.pairwise and args.subsets not in (None, 2):
+                raise MergeLabError(f"--pairwise merges pairs, but --subsets asks for {args.subsets}; give one of them",
+                                    param="subsets")
+            rows = compare_subsets(args.models, args.methods, size=args.subsets or 2, base=args.base,
+                                   multitask=args.multitask, ensemble=args.ensemble, limit=args.limit,
+                                   stats_data=args.stats_data)
+        elif args.command == "compare":
             rows = compare(args.models, args.methods, base=args.base, multitask=args.multitask,
-                           ensemble=args.ensemble, limit=args.limit)
+                           ensemble=args.ensemble, limit=args.limit, stats_data=args.stats_data)
         else:
             name, params = parse_method_text(args.method)
             rows = greedy(args.models, name, params, base=args.base, limit=args.limit)
@@ -267,20 +306,24 @@ def _run(args: argparse.Namespace) -> None:
             if args.json:
                 print(json.dumps(row), flush=True)
         if not args.json:
+            # subsets (compare --pairwise / --subsets) print as "a + b"
+            table = [{**r, "subset": " + ".join(r["subset"])} if isinstance(r.get("subset"), list) else r
+                     for r in table]
             columns = ["model", "kind"] + [c for c in dict.fromkeys(k for r in table for k in r)
-                                           if c not in ("model", "kind", "mean", "added", "models")] + ["mean"]
+                                           if c not in ("model", "kind", "mean", "added", "models", "subsets")] + ["mean"]
             (_print_markdown if getattr(args, "markdown", False) else _print_table)(table, columns)
     elif args.command in ("curve", "plane"):
         _path(args)
     elif args.command == "align":
         result = align(args.a, args.b, merge_type=args.merge_type, attention=args.attention, residual=args.residual,
-                       qk=args.qk, text=args.text, split=args.split, examples=args.examples, out=args.out,
-                       overwrite=args.overwrite)
+                       qk=args.qk, text=args.text, split=args.split, examples=args.examples, tokens=args.tokens,
+                       method=args.method, zip_same=args.zip_same, out=args.out, overwrite=args.overwrite)
         summary = result.summary()
         if args.json:
             print(json.dumps(summary))
             return
-        print(f"saved {result.out}: {args.b} in {args.a}'s basis ({args.merge_type}, attention {args.attention}, "
+        what = f"{args.a} and {args.b} zipped" if args.method == "zip" else f"{args.b} in {args.a}'s basis"
+        print(f"saved {result.out}: {what} ({args.merge_type}, attention {args.attention}, "
               f"residual {args.residual}{', separate Q/K' if args.qk else ''}); function-preserving: "
               f"{'yes' if summary['function_preserving'] else 'no'}")
         for site, values in summary["sites"].items():
@@ -321,8 +364,9 @@ def _merge(args: argparse.Namespace) -> None:
                      components=components, fallback=args.fallback, heads=args.heads, stats_tasks=args.stats_task,
                      stats_files=args.stats_file, seed=args.seed, allow_pickle=args.allow_pickle)
     result = merge(spec, out=args.out, overwrite=args.overwrite)
+    solved = convergence(result.report)
     summary = {"out": str(result.out), "method": args.method, "tasks": result.tasks,
-               "seconds": round(result.seconds, 2), "notes": result.notes}
+               "seconds": round(result.seconds, 2), "notes": result.notes, "convergence": solved}
     if args.eval:
         summary["scores"] = {t: evaluate(str(result.out), t, limit=args.limit) for t in result.tasks}
     if args.json:
@@ -331,6 +375,11 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"saved {result.out} ({args.method}, {result.seconds:.1f} s); heads for: {', '.join(result.tasks) or 'none'}")
     for note in result.notes:
         print(f"note: {note}")
+    if solved:
+        reached = sum(row["converged"] for row in solved)
+        print(f"solved {len(solved)} parameters, {reached} to the tolerance; worst relative residuals:")
+        for row in solved[:5]:
+            print(f"  {row['parameter']}: {row['residual_after']:.2e} after {row['steps']} steps")
     for task, scores in summary.get("scores", {}).items():
         print(f"{task}: {_scores(scores)}")
 
@@ -342,7 +391,8 @@ def _path(args: argparse.Namespace) -> None:
               "space": args.space, "base": args.base, "merges": tuple(args.merges)}
     if args.command == "curve":
         run = curve(CurveSpec((args.a, args.b), points=args.points, path=args.path, bend_steps=args.bend_steps,
-                              bend_lr=args.bend_lr, seed=args.seed, **common))
+                              bend_lr=args.bend_lr, seed=args.seed, examples=args.examples, datamap=args.datamap,
+                              **common))
     else:
         run = plane(PlaneSpec((args.a, args.b, args.c), grid=args.grid, margin=args.margin, **common))
     for item in run:
@@ -369,6 +419,12 @@ def _path(args: argparse.Namespace) -> None:
         print(f"distance: L2 {d['l2']:.4f}, RMS {d['rms']:.3e}, cosine {d['cosine']:.6f}{task_cos} ({d['params']} params)")
     for task, best in summary.get("best", {}).items():
         print(f"{task}: best {best['metric']} {best['value']:.4f} at x={best['x']:.3f} y={best['y']:.3f}")
+    for task, k in summary.get("knowledge", {}).items():
+        share = k["forgotten_at_barrier_share"]
+        print(f"{task} examples ({k['examples']} {k['split']}): {len(k['flips'])} flip along the path; of "
+              f"{k['known_both']} right at both ends, {k['forgotten_at_barrier']} "
+              f"({'–' if share is None else f'{share:.1%}'}) are wrong at the barrier (t={k['barrier_t']:.2f}) and "
+              f"{k['forgotten_ever']} at some point (--json for the matrix)")
     for note in summary["notes"]:
         print(f"note: {note}")
 
@@ -388,7 +444,7 @@ def _scores(result: dict) -> str:
 
 # Engine inputs whose flag is not simply --<name> (`param` of a MergeLabError -> the option's dest).
 _DESTS = {"stats_tasks": "stats_task", "stats_files": "stats_file", "tasks": "task", "similarity": "similarity",
-          "models": ("models", "a"), "params": "set"}
+          "models": ("models", "a"), "params": "set", "size": "subsets"}
 
 
 def _flag(parser: argparse.ArgumentParser, args: argparse.Namespace, param: str) -> str:

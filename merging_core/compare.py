@@ -1,33 +1,51 @@
 """Score merges next to what they should beat: the individual models, an output ensemble, a
-multi-task model; and greedy incremental merging (Jin et al. 2023, Sec. 5.3).
+multi-task model; merges of every pair (or every subset of K) of the models, averaged over the subsets;
+and greedy incremental merging. All follow Jin et al. 2023, Dataless knowledge fusion by merging weights
+of language models (RegMean), arXiv:2212.09849: individual models, their ensemble and the multi-task
+model as the references of a merge; pairwise tables, where every pair of models is merged and each row
+is the mean over the pairs; greedy incremental merging (Sec. 5.3).
 
 Every task is scored with its own head: a merged encoder is evaluated on task t with the head of the
 model that was trained on t (or the merged head, when the models share a label set). The ensemble for
 task t runs every input's encoder under task t's head and averages the outputs (logits, or
-probabilities); for models of one task this is the usual output ensemble. Evaluators are built once per
-task and shared by every row, so a table of K merges costs K forward passes per task, not K
-tokenizations.
+probabilities, per example or per token for token classification); for models of one task this is the
+usual output ensemble. Evaluators are built once per task and shared by every row, so a table of K
+merges costs K forward passes per task, not K tokenizations.
+
+Models of one task trained on different data (partitions of its training set, `partition`) are
+compared the same way: every row is scored on the task's whole dev set (the union of the partitions'
+distributions), and the multi-task reference is then the model trained on the union of the partitions.
+Token-classification models (CoNLL-2003 NER) are scored by span F1; their heads are merged when the
+label sets agree and kept per task otherwise, exactly as sequence heads (`merge`).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
+from itertools import combinations
+from pathlib import Path
 from types import SimpleNamespace
+from collections.abc import Callable
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from . import partition, stats
 from .arch import canonical
 from .checkpoint import load_canonical, open_checkpoint
+from .encode import encode
 from .errors import MergeLabError
 from .evaluation import Evaluator, headline
 from .merge import MergeResult, merge
+from .methods import get_method
 from .models import Loaded, head_tasks, load, resolve
 from .progress import ProgressFn, scaled
 from .spec import MergeSpec, specs_from_texts
 from .tasks import get_task
+
+STATS_DATA = ("task", "own")  # statistics on the task's whole train split, or on each model's own partition
 
 
 class Ensemble(torch.nn.Module):
@@ -40,10 +58,43 @@ class Ensemble(torch.nn.Module):
         self.config = members[0].config
 
     def forward(self, **inputs: torch.Tensor) -> SimpleNamespace:
-        outputs = torch.stack([m(**inputs).logits.float() for m in self.members])
-        if self.mode == "probabilities" and outputs.shape[-1] > 1:
-            return SimpleNamespace(logits=F.softmax(outputs, -1).mean(0).clamp_min(1e-12).log())
-        return SimpleNamespace(logits=outputs.mean(0))
+        return SimpleNamespace(logits=combine([m(**inputs).logits.float() for m in self.members], self.mode))
+
+
+def combine(outputs: list[torch.Tensor], mode: str) -> torch.Tensor:
+    """The ensemble of members' outputs (per example, or per token): their mean logits, or the log of their
+    mean probabilities."""
+    stacked = torch.stack(outputs)
+    if mode == "probabilities" and stacked.shape[-1] > 1:
+        return F.softmax(stacked, -1).mean(0).clamp_min(1e-12).log()
+    return stacked.mean(0)
+
+
+class _Recorder(torch.nn.Module):
+    """A model whose outputs on an evaluator's batches are kept, in order, for ensembles of it."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.config, self.outputs = model, model.config, []
+
+    def forward(self, **inputs: torch.Tensor) -> SimpleNamespace:
+        logits = self.model(**inputs).logits.float()
+        self.outputs.append(logits)
+        return SimpleNamespace(logits=logits)
+
+
+class _Replay(torch.nn.Module):
+    """An ensemble of recorded members, replayed batch by batch: the same evaluator calls it with the
+    same batches in the same order, so it scores exactly what `Ensemble` of the members would, with no
+    forward pass (pairwise tables reuse each model's outputs in every pair)."""
+
+    def __init__(self, recorded: list[list[torch.Tensor]], mode: str):
+        super().__init__()
+        self.recorded, self.mode, self.calls = recorded, mode, 0
+
+    def forward(self, **inputs: torch.Tensor) -> SimpleNamespace:
+        i, self.calls = self.calls, self.calls + 1
+        return SimpleNamespace(logits=combine([outputs[i] for outputs in self.recorded], self.mode))
 
 
 @dataclass
@@ -90,11 +141,13 @@ class Scorer:
             load_canonical(model, {canonical(k): v for k, v in result.heads[task].items()})
         return self.score(task, model)
 
-    def ensemble(self, task: str, mode: str) -> dict:
+    def ensemble(self, task: str, mode: str, specs: list[str] | None = None) -> dict:
+        """Score the output ensemble of `specs` (default: every model) on `task`: each member under its
+        own head when it was trained on `task`, else its encoder under the head of `task`'s owner."""
         template = self.inputs.templates[task].model
         members = []
-        for spec in self.inputs.specs:
-            if spec == self.inputs.owner(task) or self.inputs.tasks[self.inputs.specs.index(spec)] == task:
+        for spec in self.inputs.specs if specs is None else specs:
+            if self.inputs.tasks[self.inputs.specs.index(spec)] == task:
                 members.append(load(spec, get_task(task)).model)  # its own head
                 continue
             member = copy.deepcopy(template)
@@ -115,25 +168,36 @@ def _row(label: str, kind: str, results: dict[str, dict]) -> dict[str, Any]:
     return row
 
 
+def _ticker(progress: ProgressFn | None, steps: int) -> Callable[[str], ProgressFn | None]:
+    """`tick(label)` hands out the next of `steps` equal shares of `progress`, labelled."""
+    done = 0
+
+    def tick(label: str) -> ProgressFn | None:
+        nonlocal done
+        part = scaled(progress, done / steps, (done + 1) / steps, f"{label}: ")
+        done += 1
+        return part
+
+    return tick
+
+
 def compare(models: list[str], methods: list[str | tuple[str, dict]], *, base: str | None = None,
             multitask: str | None = None, ensemble: str = "logits", limit: int | None = None, split: str = "dev",
-            progress: ProgressFn | None = None) -> Iterator[dict[str, Any]]:
+            stats_data: str = "task", progress: ProgressFn | None = None) -> Iterator[dict[str, Any]]:
     """Rows of the comparison table, yielded as they are computed: each individual model (on its own
-    task), the ensemble, the multi-task model (when given), then one row per merge method."""
+    task), the ensemble, the multi-task model (when given), then one row per merge method.
+
+    `stats_data`: where data-aware methods take each model's statistics: its task's train split
+    ("task", as `merge`), or its own training partition ("own", `own_data_statistics`)."""
     if len(models) < 2:
         raise MergeLabError("compare needs at least two models", param="models")
+    _check_stats_data(stats_data)
     merges = specs_from_texts(methods, models, base=base, heads="auto")
     inputs = Inputs.open(models)
     scorer = Scorer(inputs, limit, split)
     tasks = list(dict.fromkeys(inputs.tasks))
     steps = len(models) + 1 + bool(multitask) + len(merges)
-    step = 0
-
-    def tick(label: str) -> ProgressFn | None:
-        nonlocal step
-        part = scaled(progress, step / steps, (step + 1) / steps, f"{label}: ")
-        step += 1
-        return part
+    tick = _ticker(progress, steps)
 
     for spec, task in zip(models, inputs.tasks):
         tick(spec)
@@ -142,12 +206,172 @@ def compare(models: list[str], methods: list[str | tuple[str, dict]], *, base: s
     yield _row(f"ensemble ({ensemble})", "ensemble", {t: scorer.ensemble(t, ensemble) for t in tasks})
     if multitask:
         tick(multitask)
-        have = set(head_tasks(resolve(multitask))) or {None}
         yield _row(multitask, "multi-task", {t: scorer.score(t, load(multitask, get_task(t)).model)
-                                             for t in tasks if t in have})
+                                             for t in _reference_tasks(multitask, tasks)})
     for label, spec in merges:
-        result = merge(spec, progress=tick(spec.method))
+        result = merge(_with_stats(spec, stats_data), progress=tick(spec.method))
         yield _row(label, "merge", {t: scorer.merged(result, t) for t in tasks})
+
+
+def own_data_statistics(model: str, kinds: tuple[str, ...], params: dict[str, Any] | None = None) -> Path:
+    """A statistics file (`merge(stats_files=...)`) of `model` computed on its own training data: the
+    partition of its task's train split it was trained on (`partition` in its `mergelab.json`).
+
+    RegMean's Grams and Fisher's diagonal are each model's statistics on its own training set (Jin et al.
+    2023, Sec. 3): for models of one task trained on non-i.i.d. partitions, statistics drawn from the
+    whole train split (what `merge` computes from a task name) would describe the same data for every
+    model. The estimators and settings are those of `merging_core.stats` (the same seeded draw of
+    `examples` examples, here from the partition); the file holds every kind in `kinds`, is cached
+    under `$MERGELAB_HOME/cache/stats` and is keyed by content and partition like the others."""
+    ref = resolve(model)
+    task = open_checkpoint(ref).task
+    if task is None:
+        raise MergeLabError(f"model {model!r} records no task, so its own training data is unknown; use "
+                            "statistics on a task's train split instead", param="stats_data")
+    spec = get_task(task)
+    part = partition.of_model(ref.metadata())
+    options = {**stats.DEFAULTS, **{k: v for k, v in (params or {}).items() if k in stats.DEFAULTS}}
+    record = {**stats.record(ref, spec, kinds[0], options), **stats.settings_of(kinds, options),
+              "kinds": list(kinds), "partition": str(part)}
+    path = stats.cache_path(record)
+    if path.is_file():
+        return path
+    loaded = load(ref, spec)
+    device = next(loaded.model.parameters()).device
+    encoded = encode(spec, "train", loaded.tokenizer)
+    index = partition.training_indices(part, spec, len(encoded), None if encoded.token_level else encoded.labels)
+    index = index[torch.randperm(len(index), generator=torch.Generator().manual_seed(stats.SEED))[:options["examples"]]]
+    subset = encoded.subset(index)
+    pad = loaded.tokenizer.pad_token_id or 0
+    examples = [{k: v.to(device) for k, v in subset.batch(torch.tensor([i]), pad).items()} for i in range(len(subset))]
+    values: dict[str, dict[str, torch.Tensor]] = {}
+    for kind in kinds:
+        # The estimators of merging_core.stats, run on these examples (stats.compute draws its own from the
+        # whole train split).
+        generator = torch.Generator().manual_seed(stats.SEED)
+        desc = f"{kind} of {ref.name} on its {part} data"
+        computed = (stats._fisher(loaded.model, examples, spec, options, generator, desc, None) if kind == "fisher"
+                    else stats._grams(loaded.model, examples, spec, kind, options, generator, desc, None))
+        for name, kv in computed.items():
+            values.setdefault(name, {}).update(kv)
+    stats.save_stats(values, record, path)
+    return path
+
+
+def _with_stats(spec: MergeSpec, stats_data: str) -> MergeSpec:
+    """`spec` reading each model's own-data statistics files (stats_data "own") when its method needs any."""
+    kinds = get_method(spec.method).stats_required(dict(spec.params))
+    if stats_data == "task" or not kinds or spec.stats_files:
+        return spec
+    return replace(spec, stats_files=tuple(str(own_data_statistics(m, kinds, dict(spec.params))) for m in spec.models))
+
+
+def _check_stats_data(stats_data: str) -> None:
+    if stats_data not in STATS_DATA:
+        raise MergeLabError(f"statistics data must be one of {list(STATS_DATA)}, got {stats_data!r}",
+                            param="stats_data")
+
+
+def _reference_tasks(reference: str, tasks: list[str]) -> list[str]:
+    """The tasks of `tasks` a reference model can score: those it has heads for (a multi-task model),
+    or its one task (a single-task model, e.g. one trained on the union of the partitions)."""
+    ref = resolve(reference)
+    have = set(head_tasks(ref))
+    if not have:
+        ckpt = open_checkpoint(ref)
+        have = {ckpt.task} if ckpt.task else set()
+    found = [t for t in tasks if t in have]
+    if not found:
+        raise MergeLabError(f"reference model {reference!r} has no head for the compared tasks "
+                            f"({', '.join(tasks)}); give a model trained on them", param="multitask")
+    return found
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def compare_subsets(models: list[str], methods: list[str | tuple[str, dict]], *, size: int = 2,
+                    base: str | None = None, multitask: str | None = None, ensemble: str = "logits",
+                    limit: int | None = None, split: str = "dev", stats_data: str = "task",
+                    progress: ProgressFn | None = None) -> Iterator[dict[str, Any]]:
+    """Merge every subset of `size` models (every pair by default; `size=len(models)`: all together)
+    with each method, and average over the subsets (the pairwise tables of Jin et al. 2023).
+
+    For each subset, in order, rows (each with "subset": the models in it) score the subset's tasks:
+    the mean of its individual models (for a task, the mean of the members trained on it, each with its
+    own head), their ensemble, the reference model `multitask` when given (a multi-task model, or for
+    models of one task the model trained on the union of their data), and one row per method. When there
+    is more than one subset, summary rows follow, one per row label, with "subset" "mean of K": each
+    task's column is the mean over the subsets that have that task, and "mean" the mean over the
+    subsets of their rows' means. Individual and reference scores are computed once per model and task.
+    `stats_data`: as in `compare` ("own": each model's statistics on its own training partition).
+    """
+    if len(models) < 2:
+        raise MergeLabError("compare needs at least two models", param="models")
+    if len(set(models)) != len(models):
+        raise MergeLabError("a model is named twice; subsets of the same model twice are not pairs of models",
+                            param="models")
+    if not 2 <= size <= len(models):
+        raise MergeLabError(f"subset size must be between 2 and the number of models ({len(models)}), got {size}",
+                            param="size")
+    _check_stats_data(stats_data)
+    subsets = [list(s) for s in combinations(models, size)]
+    # Every merge of every subset is described (and checked) before any work.
+    plans = [specs_from_texts(methods, subset, base=base, heads="auto") for subset in subsets]
+    inputs = Inputs.open(models)
+    scorer = Scorer(inputs, limit, split)
+    tasks = list(dict.fromkeys(inputs.tasks))
+    reference_tasks = _reference_tasks(multitask, tasks) if multitask else []
+    task_of = dict(zip(models, inputs.tasks))
+    steps = len(models) + bool(multitask) + len(subsets) * (1 + len(methods))
+    tick = _ticker(progress, steps)
+
+    own: dict[str, float] = {}  # model -> headline score on its own task
+    recorded: dict[str, list[torch.Tensor]] = {}  # model -> its outputs on its task's batches
+    for spec in models:
+        tick(spec)
+        recorder = _Recorder(load(spec, get_task(task_of[spec])).model)
+        own[spec] = headline(scorer.score(task_of[spec], recorder))[1]
+        recorded[spec] = recorder.outputs
+
+    def ensemble_of(subset: list[str], task: str) -> float:
+        if all(task_of[s] == task for s in subset):  # every member has its own head: replay their outputs
+            return headline(scorer.score(task, _Replay([recorded[s] for s in subset], ensemble)))[1]
+        return headline(scorer.ensemble(task, ensemble, subset))[1]
+    reference: dict[str, float] = {}
+    if multitask:
+        tick(multitask)
+        reference = {t: headline(scorer.score(t, load(multitask, get_task(t)).model))[1] for t in reference_tasks}
+
+    summary: dict[str, dict[str, Any]] = {}  # row label -> {"kind", task -> [values], "mean" -> [values]}
+
+    def emit(label: str, kind: str, subset: list[str], values: dict[str, float]) -> dict[str, Any]:
+        row: dict[str, Any] = {"model": label, "kind": kind, "subset": subset, **values,
+                               "mean": _mean(list(values.values())) if values else None}
+        entry = summary.setdefault(label, {"kind": kind, "tasks": {}, "mean": []})
+        for task, value in values.items():
+            entry["tasks"].setdefault(task, []).append(value)
+        if row["mean"] is not None:
+            entry["mean"].append(row["mean"])
+        return row
+
+    for subset, merges in zip(subsets, plans):
+        here = list(dict.fromkeys(task_of[s] for s in subset))
+        yield emit("individual models (mean)", "individual", subset,
+                   {t: _mean([own[s] for s in subset if task_of[s] == t]) for t in here})
+        tick("ensemble")
+        yield emit(f"ensemble ({ensemble})", "ensemble", subset, {t: ensemble_of(subset, t) for t in here})
+        if multitask:
+            yield emit(multitask, "multi-task", subset, {t: reference[t] for t in here if t in reference})
+        for label, spec in merges:
+            result = merge(_with_stats(spec, stats_data), progress=tick(spec.method))
+            yield emit(label, "merge", subset, {t: headline(scorer.merged(result, t))[1] for t in here})
+    if len(subsets) > 1:
+        for label, entry in summary.items():
+            yield {"model": label, "kind": entry["kind"], "subset": f"mean of {len(subsets)}",
+                   "subsets": len(subsets), **{t: _mean(v) for t, v in entry["tasks"].items()},
+                   "mean": _mean(entry["mean"]) if entry["mean"] else None}
 
 
 def greedy(models: list[str], method: str, params: dict | None = None, *, base: str | None = None,

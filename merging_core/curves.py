@@ -17,8 +17,9 @@ head of `head_from` (e.g. the zoo's `mlm-head`, for the MLM loss along a path be
 
 **Adapters.** Between two PEFT modules of one kind on one base (LoRA, (IA)³), the path moves the tuned
 parameters only, the LoRA factors or (IA)³ vectors and the task head ("module space", as Qin et al.
-interpolate adapters); the base stays fixed and is never folded. Any other pair, adapters folded into
-their base included, moves in weight space.
+interpolate adapters); the base stays fixed and is never folded. Two bottleneck modules (`bottleneck`,
+Houlsby et al. 2019) of one size move their adapters, layer norms and head the same way. Any other
+pair, adapters folded into their base included, moves in weight space.
 
 **Bezier curves** train their bend θ_C from the midpoint (Garipov et al. 2018, "Loss surfaces, mode
 connectivity, and fast ensembling of DNNs", arXiv:1802.10026, Sec. 3.2): every step
@@ -30,6 +31,13 @@ the distance between the two checkpoints, to show how far the curve strays.
 **Progress.** Every stage reports through `progress` (loading, each bend training step, each point, each
 merge) with an estimate of the time left from the rate so far (`progress.time_left`), so a callback raising
 `progress.Cancelled` stops a run within one training step or one point.
+
+**Knowledge along the path** (Qin et al. 2022, the knowledge change along the path). With `examples=True` a curve also keeps, for
+every classification task, which examples each point answers correctly (read from the logits of the
+point's own scoring pass, so it costs no extra forward pass; the examples are the `limit` ones scored,
+bounded in public mode like every curve). `Curve.knowledge()` summarizes the (examples x points)
+matrix with `merging_core.knowledge`. With `datamap=<checkpoint>` the curve scores the training
+examples of that checkpoint's data map (`merging_core.cartography`) and relates forgetting to them.
 
 **Requests.** A `CurveSpec` / `PlaneSpec` describes one run (checked on construction, JSON-ready);
 merges placed on the path are `MergeSpec`s of the same checkpoints.
@@ -49,15 +57,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import paths, settings
+from . import cartography, knowledge, paths, settings
 from .arch import adapter_for, canonical
 from .checkpoint import HEAD_GROUPS, Checkpoint, check_compatible, load_canonical, open_checkpoint, recorded_base
 from .errors import MergeLabError
 from .evaluation import Evaluator
 from .losses import task_loss
 from .merge import merge
-from .models import (ADAPTER_FILE, ModelRef, adapter_base, check_head, head_info, load, load_adapter, peft_file_name,
-                     read_config, resolve)
+from .models import (ADAPTER_FILE, ModelRef, adapter_base, adapter_kind, check_head, head_info, load, load_adapter,
+                     peft_file_name, read_config, resolve)
 from .progress import ProgressFn, scaled, time_left, track
 from .spec import MergeSpec, parse_method_text, specs_from_texts
 from .stats import weights_fingerprint
@@ -68,7 +76,7 @@ from .training import train_batches
 SPACES = ("auto", "weights", "module")
 # Adapter settings that must agree for two modules to share one module space.
 ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "feedforward_modules", "use_rslora", "use_dora",
-                "rank_pattern", "alpha_pattern")
+                "rank_pattern", "alpha_pattern", "bottleneck_size", "nonlinearity")
 
 
 def _merge_text(item: str | tuple[str, dict]) -> str:
@@ -120,11 +128,20 @@ class CurveSpec(PathSpec):
     bend_lr: float = 1e-3  # Bezier: Adam learning rate of the bend
     batch_size: int = 32  # Bezier: training batch size
     seed: int = 0  # Bezier: batches and t draws
+    examples: bool = False  # record which examples each point answers correctly (see `knowledge`)
+    datamap: str | None = None  # score the training examples of this checkpoint's data map (implies examples)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if len(self.models) != 2:
             raise MergeLabError(f"a curve joins two checkpoints, got {len(self.models)}", param="models")
+        object.__setattr__(self, "datamap", str(self.datamap).strip() if self.datamap else None)
+        if self.datamap:
+            if self.split != "train":
+                raise MergeLabError(f"a data map's examples come from the train split; set split 'train', not "
+                                    f"{self.split!r}", param="split")
+            object.__setattr__(self, "examples", True)
+        object.__setattr__(self, "examples", bool(self.examples))
         if self.path not in paths.PATHS:
             raise MergeLabError(f"path must be one of {list(paths.PATHS)}, got {self.path!r}", param="path")
         paths.positions(self.points)  # checks the count
@@ -176,6 +193,11 @@ def _module_space(refs: list[ModelRef], space: str) -> tuple[bool, str | None]:
     """Whether the path runs in adapter module space, and a note when `auto` falls back to weight space."""
     if space not in SPACES:
         raise MergeLabError(f"space must be one of {list(SPACES)}, got {space!r}")
+    prefix = next((r.spec for r in refs if adapter_kind(r) == "prefix"), None)
+    if prefix:  # a prefix adds keys and values: nothing to fold into weights, and no module-space path here
+        raise MergeLabError(f"{prefix!r} is a prefix module, which curves cannot walk (it adds attention keys and "
+                            "values, not a weight update); use LoRA or (IA)3 modules, or full checkpoints",
+                            param="models")
     if space == "weights":
         return False, None
     adapters = [r.is_adapter for r in refs]
@@ -270,6 +292,7 @@ class _Path:
                 self.notes.append(f"{c.ref.spec} has {len(fixed)} parameter(s) the others lack ({fixed[0]}, ...): "
                                   "held at its own values where its head scores a task")
         self.vertices = [{n: c.get(n).to(self.device, torch.float32) for n in shared} for c in self.checkpoints]
+        self.indices = self._indices()  # task -> which examples of the split each task is scored on
         self.rigs = []
         for task in self.tasks:
             self._report(0.0, f"loading the model for {task.name} and tokenizing its {self.split} split")
@@ -282,6 +305,10 @@ class _Path:
         self._iterated = False
         self.seconds = 0.0
         self.setup_seconds = time.perf_counter() - started
+
+    def _indices(self) -> dict[str, list[int]]:
+        """Examples of the split to score, per task (default: the first `limit` of every task)."""
+        return {}
 
     def _tasks(self, names: Sequence[str]) -> list[TaskSpec]:
         if not names:  # default: the checkpoints' own tasks
@@ -322,7 +349,8 @@ class _Path:
         if missing:
             raise MergeLabError(f"the model scoring {spec.name} ({owner.spec}) has no parameter {missing[0]}; "
                                 "the checkpoints differ in architecture")
-        evaluator = Evaluator(spec, self.checkpoints[0].tokenizer, self.split, self.limit, device=self.device)
+        evaluator = Evaluator(spec, self.checkpoints[0].tokenizer, self.split, self.limit, device=self.device,
+                              indices=self.indices.get(spec.name))
         return Rig(spec, model, evaluator, {n: params[n] for n in names}, how)
 
     # scoring ---------------------------------------------------------------------------------------
@@ -387,13 +415,17 @@ class _Path:
 class Curve(_Path):
     """A path between two checkpoints, scored on tasks. Iterating computes it and yields, in order:
     a "bend" item (Bezier: the trained bend), one "point" per position, one "merge" per merge method.
-    `summary()` then holds the barriers and distances; `distances` is known before the first point."""
+    `summary()` then holds the barriers and distances; `distances` is known before the first point.
+    With `examples` it also records which examples each point answers correctly (`knowledge()`)."""
 
     def __init__(self, spec: CurveSpec, progress: ProgressFn | None = None):
         self.ts = paths.positions(spec.points)
         self.path = spec.path
         self.bend_settings = {"steps": spec.bend_steps, "lr": spec.bend_lr, "batch_size": spec.batch_size,
                               "seed": spec.seed}
+        self.datamap = cartography.require(spec.datamap) if spec.datamap else None
+        self.correct: dict[str, list[np.ndarray]] = {}  # task -> one boolean column per point
+        self._knowledge: dict[str, dict] | None = None
         super().__init__(spec, progress)
         self.distances = self._distances()
         self.bend: dict | None = None
@@ -419,7 +451,13 @@ class Curve(_Path):
             left = time_left(time.perf_counter() - started, i, len(self.ts))
             self._report(bend_share + (1 - bend_share) * i / steps,
                          _joined(f"point {i + 1}/{len(self.ts)} (t = {t:.2f})", left))
-            yield {"kind": "point", "index": i, "t": t, "scores": self.score(coefficients(t))}
+            scores = self.score(coefficients(t))
+            if self.spec.examples:  # the logits of this point's pass: no extra forward pass
+                for rig in self.rigs:
+                    if rig.spec.kind == "classification":
+                        right = rig.evaluator.last_logits.argmax(-1) == rig.evaluator.encoded.labels
+                        self.correct.setdefault(rig.spec.name, []).append(right.numpy())
+            yield {"kind": "point", "index": i, "t": t, "scores": scores}
         for j, (label, merge_spec) in enumerate(self.merges):
             self._report(bend_share + (1 - bend_share) * (len(self.ts) + j) / steps,
                          f"placing merge {j + 1}/{len(self.merges)}: {label}")
@@ -445,7 +483,48 @@ class Curve(_Path):
                 "points": len(points), "split": self.split, "limit": self.limit, "distances": self.distances,
                 "base": self.base, "heads": self._heads(), "barriers": barriers, "bend": self.bend,
                 "merges": [i for i in self.items if i["kind"] == "merge"], "notes": self.notes,
+                **({"knowledge": self.knowledge()} if self.spec.examples else {}),
                 "seconds": round(self.seconds, 2)}
+
+    def _indices(self) -> dict[str, list[int]]:
+        if self.datamap is None:
+            return {}
+        if self.datamap.task not in {t.name for t in self.tasks}:
+            raise MergeLabError(f"the data map of {self.spec.datamap} is of task {self.datamap.task}, which this curve "
+                                f"does not score; add {self.datamap.task} to the tasks", param="datamap")
+        return {self.datamap.task: self.datamap.indices}
+
+    def knowledge(self) -> dict[str, dict]:
+        """Per classification task: which examples each point answers correctly and what that says
+        (`knowledge.summarize`): {"split", "indices" (the examples' indices in the split, one per row),
+        "matrix" (examples x points, 0/1), the summary, "most_forgotten" with each example's text fields
+        and gold label, and "datamap" (`cartography.relate`) for a curve scored on a data map's examples}."""
+        points = self.points
+        if not self.spec.examples or len(points) < len(self.ts):
+            raise MergeLabError("per-example knowledge needs a curve run with examples on, computed to the end")
+        if self._knowledge is not None:
+            return self._knowledge
+        out = {}
+        for rig in self.rigs:
+            name = rig.spec.name
+            if name not in self.correct:
+                continue
+            matrix = np.stack(self.correct[name], axis=1)
+            indices = list(self.indices.get(name, range(rig.evaluator.n)))[: rig.evaluator.n]
+            barrier = knowledge.barrier_column(self.ts, [p["scores"][name]["loss"] for p in points])
+            summary = knowledge.summarize(matrix, self.ts, barrier)
+            texts = {r["index"]: r for r in knowledge.example_rows(
+                name, self.split, [indices[m["index"]] for m in summary["most_forgotten"]])}
+            summary["most_forgotten"] = [{**m, **{k: v for k, v in texts[indices[m["index"]]].items() if k != "index"},
+                                          "example": indices[m["index"]]} for m in summary["most_forgotten"]]
+            entry = {"task": name, "split": self.split, "indices": [int(i) for i in indices],
+                     "matrix": matrix.astype(int).tolist(), **summary}
+            if self.datamap is not None and self.datamap.task == name:
+                entry["datamap"] = {"model": self.spec.datamap, **cartography.relate(self.datamap, matrix, indices,
+                                                                                       barrier)}
+            out[name] = entry
+        self._knowledge = out
+        return out
 
     def _train_bend(self, progress: ProgressFn | None) -> dict:
         """Fit the Bezier bend on the first task's training data (see the module doc). Reports every step

@@ -14,6 +14,7 @@ through the vocabulary projection, which saves most of the head's compute and me
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -40,18 +41,28 @@ class Evaluator:
 
     def __init__(self, task: str | TaskSpec, tokenizer, split: str = "dev", limit: int | None = None, *,
                  batch_size: int | None = None, device: torch.device | str | None = None,
-                 max_length: int = 128, mask_seed: int = MASK_SEED):
+                 max_length: int = 128, mask_seed: int = MASK_SEED, indices: Sequence[int] | None = None):
         self.spec = get_task(task) if isinstance(task, str) else task
         self.split = split
         self.device = torch.device(device) if device is not None else settings.device()
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        encoded = encode(self.spec, split, tokenizer, max_length).head(limit)
+        encoded = encode(self.spec, split, tokenizer, max_length)
+        if indices is not None:  # these examples of the split, in this order (a data map's examples)
+            index = torch.as_tensor(list(indices), dtype=torch.long)
+            if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(encoded)):
+                raise MergeLabError(f"example indices must lie in 0..{len(encoded) - 1} of {self.spec.name} {split}",
+                                    param="indices")
+            encoded = encoded.subset(index)
+        encoded = encoded.head(limit)
         if self.spec.kind == "mlm":
             masked, labels = mlm_mask(encoded.ids, tokenizer, torch.Generator().manual_seed(mask_seed))
             encoded = replace(encoded, ids=masked.to(encoded.ids.dtype), labels=labels)
         self.encoded = encoded
         self.n = len(encoded)
+        # Classification/regression: the last scored model's logits, in dataset order (per-example views
+        # read them, so recording which examples a model gets right costs no second forward pass).
+        self.last_logits: torch.Tensor | None = None
         batch_size = batch_size or (256 if self.device.type == "cuda" else 64)
         # Longest first: the first batch shows the peak memory at once, and similar lengths share a batch.
         self.order = torch.argsort(encoded.lengths, descending=True, stable=True)
@@ -94,6 +105,7 @@ class Evaluator:
     def _sequence(self, model, progress) -> dict:
         outputs = [self._forward(model, b) for b in track(self.batches, len(self.batches), self._desc, progress)]
         logits = torch.cat(outputs).cpu()[torch.argsort(self.order)]  # back to dataset order
+        self.last_logits = logits
         labels = self.encoded.labels
         if self.spec.kind == "regression":
             loss = F.mse_loss(logits.squeeze(-1), labels).item()

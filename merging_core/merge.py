@@ -37,7 +37,7 @@ from ._version import __version__
 from .arch import GROUPS, ParamInfo
 from .checkpoint import HEAD_GROUPS, Checkpoint, check_compatible, open_checkpoint, recorded_base
 from .errors import MergeLabError, writing
-from .methods import METHODS, Method, TensorJob, get_method, sum_weighted
+from .methods import METHODS, Method, TensorJob, WholeModel, get_method, sum_weighted
 from .models import HEAD_SUFFIXES, METADATA, ConfigView, copy_tokenizer, resolve
 from .outputs import check_out, staging
 from .progress import ProgressFn, scaled, track
@@ -65,7 +65,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def by_method(self, name: str) -> bool:
-        return self.models[0].infos[name].group in self.components
+        # from whichever model holds it: a token classifier (first) has no pooler, a sequence one does
+        return next(m.infos[name] for m in self.models if name in m.infos).group in self.components
 
 
 def _plan(method: Method, params: dict, models: list[Checkpoint], base: Checkpoint | None,
@@ -177,7 +178,8 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     weights = _weights(params, len(checkpoints), device)
     context = {}
     if method.prepare is not None:
-        context = method.prepare(lambda: _method_tensors(plan, device), params)
+        whole = WholeModel(_method_names(plan), lambda: _method_tensors(plan, device), stats)
+        context = method.prepare(whole, params)
 
     merged_progress = scaled(progress, 0.5 if kinds else 0.0, 0.95, "merging: ")
     report: dict[str, dict] = {}
@@ -231,14 +233,17 @@ def _head(plan: Plan, members: list[int]) -> dict[str, torch.Tensor]:
             for n in names}
 
 
+def _method_names(plan: Plan) -> list[str]:
+    """Every parameter the method merges with all models (and the base, when there is one), for `prepare`."""
+    return [name for name in plan.encoder
+            if plan.by_method(name) and len(_holders(plan, name)) == len(plan.models)
+            and (plan.base is None or name in plan.base.names)]
+
+
 def _method_tensors(plan: Plan, device) -> Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]:
-    """(name, info, tensors, base) of every parameter the method merges with all models, for `prepare`."""
-    for name in plan.encoder:
-        if not plan.by_method(name) or len(_holders(plan, name)) != len(plan.models):
-            continue
-        base = plan.base.get(name).to(device, torch.float32) if plan.base and name in plan.base.names else None
-        if plan.base is not None and base is None:
-            continue
+    """(name, info, tensors, base) of every parameter in `_method_names`, loaded one at a time."""
+    for name in _method_names(plan):
+        base = plan.base.get(name).to(device, torch.float32) if plan.base is not None else None
         yield name, _info(plan, name), [m.get(name).to(device, torch.float32) for m in plan.models], base
 
 

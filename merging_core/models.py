@@ -41,7 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from . import caches, settings
+from . import bottleneck, caches, settings
 from .arch import adapter_for
 from .errors import MergeLabError, writing
 from .fingerprint import digests
@@ -180,6 +180,7 @@ def resolve(spec: str) -> ModelRef:
         if not _is_model_dir(local):
             raise MergeLabError(f"model {spec!r} is not a Hugging Face model folder (no config.json in it)")
         return ModelRef(spec, "local", str(local.resolve()))
+    _check_zoo_step(spec)  # `entry/step-N` of a zoo entry without that step: say so, not "not on the hub"
     if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
         raise MergeLabError(f"model path {spec!r} does not exist; give an existing folder, a zoo name "
                             "(see the zoo's list) or 'minilm'")
@@ -190,6 +191,20 @@ def resolve(spec: str) -> ModelRef:
 
 
 _ZOO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_ZOO_STEP = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,127})/step-(\d+)")  # an intermediate checkpoint of a run
+
+
+def _check_zoo_step(spec: str) -> None:
+    """Fail clearly when `spec` names a step (`sst2-s0/step-100`) that a zoo entry did not save: a recipe's
+    base may be an intermediate checkpoint of an earlier entry, saved every `save_every` steps."""
+    found = _ZOO_STEP.fullmatch(spec)
+    if not found or not _is_model_dir(settings.zoo_dir() / found.group(1)):
+        return
+    entry = settings.zoo_dir() / found.group(1)
+    steps = sorted(int(p.name[5:]) for p in entry.glob("step-*") if p.name[5:].isdigit() and _is_model_dir(p))
+    saved = (f"it has steps {', '.join(map(str, steps))}" if steps else
+             "it saved no intermediate checkpoints (train it with save_every)")
+    raise MergeLabError(f"zoo entry {found.group(1)!r} has no checkpoint at step {found.group(2)}; {saved}")
 
 
 def _resolve_public(spec: str) -> ModelRef:
@@ -651,21 +666,123 @@ def write_multihead(folder: Path, encoder: torch.nn.Module, heads: dict[str, dic
 
 
 def _load_adapter(ref: ModelRef, task: TaskSpec | None, allow_pickle: bool) -> torch.nn.Module:
-    """An adapter module on its base model, folded into the weights (plain modules run faster)."""
+    """An adapter module on its base model, folded into the weights (plain modules run faster); a prefix
+    module cannot be folded (it adds keys and values, not a weight update), so it stays a live model."""
     if task is not None:
         check_head(ref.spec, head_info(ref), task)
-    return load_adapter(ref, allow_pickle=allow_pickle).merge_and_unload()
+    live = load_adapter(ref, allow_pickle=allow_pickle)
+    # a bottleneck adapter is a nonlinear function of its input: no weight update to fold in either
+    return live if adapter_kind(ref) in ("prefix", bottleneck.KIND) else live.merge_and_unload()
+
+
+def adapter_kind(ref: ModelRef) -> str | None:
+    """"lora", "ia3", "prefix" or "bottleneck" for an adapter module (its adapter_config.json's peft_type),
+    else None."""
+    if not ref.is_adapter:
+        return None
+    try:
+        peft_type = json.loads((ref.path / "adapter_config.json").read_text()).get("peft_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise MergeLabError(f"adapter module {ref.spec!r} has an unreadable adapter_config.json; re-export it") from None
+    return {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix",
+            bottleneck.PEFT_TYPE: bottleneck.KIND}.get(peft_type, str(peft_type).lower())
 
 
 def load_adapter(ref: ModelRef, *, allow_pickle: bool = False) -> torch.nn.Module:
-    """An adapter module (LoRA, (IA)³) as a live `PeftModel` on its base (on the CPU, not folded in): its
-    factors or scaling vectors and its task head are parameters of their own, named as in the module's
-    file plus PEFT's adapter name."""
-    from peft import PeftModel
+    """An adapter module (LoRA, (IA)³, prefix) as a live `PeftModel` on its base (on the CPU, not folded in):
+    its factors, scaling vectors or prefix and its task head are parameters of their own, named as in the
+    module's file plus PEFT's adapter name. A bottleneck module (`bottleneck`) is its base model with the
+    adapters inserted and its tuned tensors (adapters, layer norms, head) loaded, named as in its file."""
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
 
     own_task = get_task(ref.metadata()["task"])
     base = load(adapter_base(ref), own_task, new_head=True, allow_pickle=allow_pickle, device="cpu").model
-    return PeftModel.from_pretrained(base, ref.location)
+    if adapter_kind(ref) == bottleneck.KIND:  # MergeLab's own module kind (see `bottleneck`), not PEFT's
+        config = bottleneck.BottleneckConfig.from_json(json.loads((ref.path / "adapter_config.json").read_text()))
+        with open_safetensors(ref.path / ADAPTER_FILE, f"model {ref.spec!r}") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return bottleneck.load_state(bottleneck.insert(base, config), tensors, repr(ref.spec)).eval()
+    if adapter_kind(ref) != "prefix":
+        return PeftModel.from_pretrained(base, ref.location)
+    config = PeftConfig.from_pretrained(ref.location)
+    config.inference_mode = True  # the file holds the prefix itself (a projection MLP is not saved)
+    model = prefix_model(base, config)
+    set_peft_model_state_dict(model, load_file(ref.path / ADAPTER_FILE))
+    return model.eval()
+
+
+# Prefix tuning (Li & Liang 2021, "Prefix-Tuning", arXiv:2101.00190, Sec. 4.2): each layer's attention sees
+# P trained key and value vectors before the input's. PEFT hands BERT the prefix as `past_key_values`,
+# which transformers 5 renamed `cache` on BertModel, so PEFT's own forward refuses BERT ("Model does not
+# support past key values"). The forward below passes the same prefix (PEFT's `get_prompt`, a
+# DynamicCache) as `cache`, extends the attention mask over the P prefix slots, and gives the input tokens
+# positions 0..L-1: the frozen encoder sees its inputs where it was pretrained to (a cache would otherwise
+# shift them by P). Everything else (the prefix encoder, saving, the head copy) is PEFT's.
+PREFIX_INIT_SEED = 0  # every prefix module starts from the same prefix, so slot j of two modules corresponds
+
+
+def _prefix_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                    labels=None, inputs_embeds=None, **kwargs):
+    config = self.active_peft_config
+    rows, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    device = self.prompt_encoder[self.active_adapter].embedding.weight.device
+    if attention_mask is None:
+        attention_mask = torch.ones(rows, length, dtype=torch.long, device=device)
+    prefix = torch.ones(rows, config.num_virtual_tokens, dtype=attention_mask.dtype, device=attention_mask.device)
+    if position_ids is None:
+        position_ids = torch.arange(length, device=attention_mask.device).expand(rows, -1)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "task_ids")}
+    return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, token_type_ids=token_type_ids,
+                           attention_mask=torch.cat([prefix, attention_mask], 1), position_ids=position_ids,
+                           labels=labels, cache=self.get_prompt(batch_size=rows), **kwargs)
+
+
+@functools.cache
+def _prefix_classes() -> dict:
+    from peft import PeftModelForSequenceClassification, PeftModelForTokenClassification
+
+    return {name: type(f"Prefix{cls.__name__}", (cls,), {"forward": _prefix_forward, "__module__": __name__})
+            for name, cls in (("SEQ_CLS", PeftModelForSequenceClassification),
+                              ("TOKEN_CLS", PeftModelForTokenClassification))}
+
+
+def prefix_model(base: torch.nn.Module, config) -> torch.nn.Module:
+    """A PEFT prefix-tuning model (a `PrefixTuningConfig`, task type SEQ_CLS or TOKEN_CLS) on a BERT-family
+    sequence or token classifier, with the forward above. A fresh (trainable) prefix starts from the fixed
+    `prefix_start` draw, whatever the caller's seed."""
+    task_type = str(getattr(config.task_type, "value", config.task_type))
+    if task_type not in _prefix_classes():
+        raise MergeLabError(f"prefix modules are for sequence and token classifiers, not task type {task_type}",
+                            param="peft")
+    model = _prefix_classes()[task_type](base, config)
+    if not config.inference_mode:
+        encoder = _prefix_encoder(model.peft_config[model.active_adapter])  # layers and sizes filled in by PEFT
+        model.prompt_encoder[model.active_adapter].load_state_dict(encoder.state_dict())
+    return model
+
+
+def _prefix_encoder(config) -> torch.nn.Module:
+    """PEFT's prefix encoder for `config` (an embedding, and the reparametrization MLP when
+    `prefix_projection`), initialised from `PREFIX_INIT_SEED`, leaving the caller's random state alone."""
+    from peft.tuners.prefix_tuning.model import PrefixEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PREFIX_INIT_SEED)
+        return PrefixEncoder(config)
+
+
+def prefix_start(config: dict) -> torch.Tensor:
+    """The prefix (P x 2·layers·hidden, as saved) a prefix module of `config` (its adapter_config.json)
+    starts training from: the same for every module of one configuration, so prefix − start is what
+    training changed."""
+    from peft import PrefixTuningConfig
+
+    known = PrefixTuningConfig.__dataclass_fields__
+    settings_ = PrefixTuningConfig(**{k: v for k, v in config.items() if k in known and k != "inference_mode"})
+    settings_.inference_mode = False
+    with torch.no_grad():
+        return _prefix_encoder(settings_)(torch.arange(settings_.num_virtual_tokens)[None])[0]
 
 
 def peft_file_name(parameter: str, adapter: str = "default") -> str | None:
@@ -689,6 +806,12 @@ def save(model: torch.nn.Module, tokenizer, out: str | Path, metadata: dict, *, 
 
 def write_into(folder: Path, model: torch.nn.Module, tokenizer, metadata: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    if bottleneck.is_adapted(model):  # only the module's own tensors, as PEFT saves its modules
+        task_type = "TOKEN_CLS" if model_head(model).kind == "token" else "SEQ_CLS"
+        config = bottleneck.config_of(model).to_json(task_type, str(metadata.get("base", "")))
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(bottleneck.module_state(model), folder / ADAPTER_FILE)
+    else:
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n")

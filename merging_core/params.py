@@ -27,6 +27,9 @@ class Param:
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
+    # Older spellings of a choice, still read (e.g. a saved merge_config.json with a bool that has since
+    # become a choice): ((old text, choice), ...), matched case-insensitively.
+    aliases: tuple[tuple[str, str], ...] = ()
 
     def parse(self, value: Any, owner: str) -> Any:
         """Check and convert a value (given as text or as a Python value); `owner` names its method."""
@@ -39,6 +42,7 @@ class Param:
                     return value.lower() in ("true", "1", "yes")
                 return bool(value)
             if self.kind == "choice":
+                value = dict(self.aliases).get(str(value).lower(), value)
                 if str(value) not in self.choices:
                     raise MergeLabError(f"{where} must be one of {list(self.choices)}, got {value!r}",
                                         param=self.name)

@@ -74,3 +74,14 @@ def indices(part: Partition, spec: TaskSpec, labels: torch.Tensor) -> torch.Tens
     elsewhere = (home + rng.integers(1, part.shards, size=n)) % part.shards
     shard = np.where(stays, home, elsewhere)
     return torch.from_numpy(np.flatnonzero(shard == part.shard - 1))
+
+
+def of_model(metadata: dict) -> Partition:
+    """The partition a checkpoint was trained on, from its recorded provenance (`iid` when none)."""
+    return parse(str(metadata.get("partition") or "iid"))
+
+
+def training_indices(part: Partition, spec: TaskSpec, n: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the `n` training examples that training on `part` uses. `labels`: one per example;
+    None for token and MLM data, which have one label per token (only `iid` shards apply to them)."""
+    return indices(part, spec, torch.zeros(n, dtype=torch.long) if labels is None else labels)

@@ -1,12 +1,14 @@
 """Fine-tune one checkpoint on one task: the models of the zoo.
 
-Full fine-tuning, parameter-efficient modules (LoRA or (IA)³, via `peft`), or head-only training (the encoder frozen; this is how the MLM
+Full fine-tuning, parameter-efficient modules (LoRA or (IA)³, via `peft`; bottleneck adapters, `bottleneck`), or head-only training (the encoder frozen; this is how the MLM
 head of the packaged MiniLM, which ships without one, is trained). AdamW with linear warm-up and
 decay, gradient clipping at 1.0, batches of similar lengths (less padding, same examples per epoch).
 MLM batches are masked on the fly from a generator seeded by the run's seed.
 
 Every run records its provenance in `mergelab.json`: base, task, seed, steps, partition, training
 settings, the dev scores of the final model and of every intermediate checkpoint (`--save-every`).
+With `cartography=N` a single-task run also records a data map of its first N training examples
+(`cartography.json` beside the checkpoint; Swayamdipta et al. 2020, arXiv:2009.10795, see `cartography`).
 
 **Multi-task training** (`task="sst2,cola,mrpc"`, or a list): the comparator of merges, a model trained
 on the union of the tasks' data (RegMean, Jin et al. 2023). One encoder is shared by one head model per
@@ -33,21 +35,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import partition, settings
+from . import bottleneck, cartography, partition, settings
 from ._version import __version__
 from .arch import adapter_for
 from .encode import Encoded, encode, mlm_mask
 from .errors import MergeLabError, writing
 from .evaluation import Evaluator
 from .losses import task_loss
-from .models import load, write_into, write_multihead
+from .models import load, prefix_model, write_into, write_multihead
 from .outputs import check_out, staging
 from .progress import ProgressFn, with_eta
 from .tasks import TaskSpec, get_task
 
 
 SAMPLING = ("proportional", "sqrt", "round-robin")
-PEFT_KINDS = ("lora", "ia3")
+PEFT_KINDS = ("lora", "ia3", "prefix")
+# Every module kind `train` takes: PEFT's, and MergeLab's own bottleneck adapters (Houlsby et al. 2019).
+MODULE_KINDS = (*PEFT_KINDS, bottleneck.KIND)
 IA3_TARGETS = r".*(attention\.self\.(key|value)|layer\.\d+\.output\.dense)$"
 IA3_FEEDFORWARD = r".*layer\.\d+\.output\.dense$"
 
@@ -68,9 +72,14 @@ class TrainConfig:
     peft: str | None = None  # "lora" | "ia3" (parameter-efficient modules; see PEFT_KINDS)
     lora_r: int = 8
     lora_alpha: int = 16
+    prefix_tokens: int = 20  # prefix modules: virtual tokens P (keys and values prepended in every layer)
+    prefix_projection: bool = False  # prefix modules: train the prefix through an MLP (Li & Liang 2021, Sec. 4.3)
+    bottleneck_size: int = 64  # bottleneck modules: units m of each adapter (Houlsby et al. 2019, Sec. 2.1)
     head_only: bool = False
     eval_limit: int | None = None  # score on the first N dev examples only (None: the whole split)
     sampling: str = "proportional"  # multi-task: which task each step takes (see SAMPLING)
+    cartography: int | None = None  # record a data map of the first N training examples (see `cartography`)
+    cartography_every: int | None = None  # steps between data-map records (default: an epoch, or 1/8 of the run)
 
     def __post_init__(self) -> None:
         # A NaN or inf learning rate turns every weight into NaN; 0 or less trains nothing (or backwards).
@@ -89,7 +98,8 @@ class TrainConfig:
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 1e-3 if self.head_only else {"lora": 5e-4, "ia3": 3e-3}.get(self.peft, 1e-4)
+        return 1e-3 if self.head_only else {"lora": 5e-4, "ia3": 3e-3, "prefix": 1e-2,
+                                                 bottleneck.KIND: 1e-3}.get(self.peft, 1e-4)
 
     @property
     def task_specs(self) -> tuple[TaskSpec, ...]:
@@ -142,17 +152,30 @@ def _trainable(model: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Par
 
 
 def wrap_peft(model: torch.nn.Module, spec: TaskSpec, config: TrainConfig) -> torch.nn.Module:
-    """LoRA on the attention query and value (Hu et al. 2022), or (IA)³ scaling keys, values and the
-    feed-forward activations (Liu et al. 2022); the task type keeps the classifier trainable and saved."""
+    """LoRA on the attention query and value (Hu et al. 2022), (IA)³ scaling keys, values and the
+    feed-forward activations (Liu et al. 2022), or a prefix of `prefix_tokens` trained keys and values in
+    every layer (Li & Liang 2021, arXiv:2101.00190; see `models.prefix_model`); the task type keeps the
+    classifier trainable and saved. Bottleneck adapters (Houlsby et al. 2019, arXiv:1902.00751) are
+    MergeLab's own module kind, inserted by `bottleneck.insert` (adapters, layer norms and head trained)."""
     from peft import IA3Config, LoraConfig, TaskType, get_peft_model
 
     if spec.kind == "mlm":
         raise MergeLabError(f"{config.peft} modules are for tasks with a classification head; train an MLM head "
                             "alone instead (head only)", param="peft")
+    if config.peft == bottleneck.KIND:
+        return bottleneck.insert(model, bottleneck.BottleneckConfig(size=config.bottleneck_size))
     task_type = TaskType.TOKEN_CLS if spec.kind == "token" else TaskType.SEQ_CLS
     if config.peft == "lora":
         adapter = LoraConfig(task_type=task_type, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.1,
                              target_modules=["query", "value"])
+    elif config.peft == "prefix":
+        from peft import PrefixTuningConfig
+
+        if not 1 <= config.prefix_tokens <= 512:
+            raise MergeLabError(f"prefix tokens must be from 1 to 512, got {config.prefix_tokens}",
+                                param="prefix_tokens")
+        return prefix_model(model, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=config.prefix_tokens,
+                                                      prefix_projection=config.prefix_projection))
     else:  # regexes: a plain "output.dense" would also catch the attention's output layer
         adapter = IA3Config(task_type=task_type, target_modules=IA3_TARGETS, feedforward_modules=IA3_FEEDFORWARD)
     return get_peft_model(model, adapter)
@@ -168,13 +191,16 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     specs = config.task_specs
     if config.steps < 1:
         raise MergeLabError(f"steps must be at least 1, got {config.steps}", param="steps")
-    if config.peft not in (None, *PEFT_KINDS):
-        raise MergeLabError(f"{config.peft!r} is not a supported module kind; use one of: {', '.join(PEFT_KINDS)}",
+    if config.peft not in (None, *MODULE_KINDS):
+        raise MergeLabError(f"{config.peft!r} is not a supported module kind; use one of: {', '.join(MODULE_KINDS)}",
                             param="peft")
     if config.sampling not in SAMPLING:
         raise MergeLabError(f"sampling {config.sampling!r} is not known; use one of: {', '.join(SAMPLING)}",
                             param="sampling")
     if len(specs) > 1:
+        if config.cartography:
+            raise MergeLabError("data maps are recorded for one task at a time; drop cartography or train one task",
+                                param="cartography")
         return _train_multitask(config, specs, out, overwrite=overwrite, progress=progress, recipe=recipe)
     spec = specs[0]
     check_out(out, overwrite)  # fail before spending minutes on training
@@ -188,6 +214,10 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
 
     train_data = _partitioned(encode(spec, "train", tokenizer, config.max_length), part, spec)
     dev = Evaluator(spec, tokenizer, "dev", config.eval_limit, device=device, max_length=config.max_length)
+    recorder = cartography.Recorder(spec, tokenizer, config.cartography, steps=config.steps,
+                                    batch_size=config.batch_size, every=config.cartography_every,
+                                    part=config.partition, device=device,
+                                    max_length=config.max_length) if config.cartography else None
 
     params = _trainable(model, config)
     optimizer, schedule = _optimizer(params, config)
@@ -220,12 +250,17 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.update(step, losses)
+            if recorder is not None and recorder.due(step):  # eval mode draws no random numbers: same run
+                recorder.record(model, step)
+                model.train()
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 entry = _checkpoint(model, tokenizer, tmp / f"step-{step}", dev, base_meta, step, started, losses)
                 checkpoints.append({"step": step, "path": f"step-{step}", "dev": entry["scores"]["dev"]})
                 model.train()
         bar.close()
         extra = {"checkpoints": checkpoints} if checkpoints else {}
+        if recorder is not None:
+            extra["cartography"] = recorder.save(tmp)
         metadata = _checkpoint(model, tokenizer, tmp, dev, {**base_meta, **extra}, config.steps, started, losses)
     return TrainResult(Path(out), metadata)
 

@@ -213,7 +213,7 @@ def download(repo: str | None = None, *, cache_dir: str | Path | None = None,
 # What each tab of the app needs from the zoo, as a test on its entries, and the recipes that provide it.
 _NEEDS = {
     "Evaluate": ("a fine-tuned model", ("demo", "default"),
-                 lambda rows, pairs: any(r["kind"] in ("full", "lora", "ia3", "multitask") for r in rows)),
+                 lambda rows, pairs: any(r["kind"] in ("full", "lora", "ia3", "bottleneck", "multitask") for r in rows)),
     "Merge": ("two models fine-tuned from one pretrained model", ("demo", "default"),
               lambda rows, pairs: sum(r["kind"] == "full" and not str(r["base"]).startswith("scratch:")
                                       for r in rows) >= 2),
@@ -292,9 +292,11 @@ def _mean_headline(tasks: list[str], dev: dict) -> float | None:
 
 def pairs() -> list[dict]:
     """Pairs of zoo checkpoints worth a curve, by what separates them: the seed, the initialization (models
-    pretrained from scratch), the training step, the data partition, or the task. Each: {"kind", "label",
+    pretrained from scratch), the pretraining step they were fine-tuned from, the training step, the data
+    partition, or the task. Each: {"kind", "label",
     "a", "b", "tasks"}."""
-    rows = [r for r in entries() if r["task"] and len(r["tasks"]) == 1 and r["kind"] in ("full", "lora", "ia3")]
+    rows = [r for r in entries() if r["task"] and len(r["tasks"]) == 1
+            and r["kind"] in ("full", "lora", "ia3", "bottleneck")]
     found: list[dict] = []
 
     def add(kind: str, a: dict, b: dict, tasks: list[str]) -> None:
@@ -309,6 +311,10 @@ def pairs() -> list[dict]:
             origins = _origin(a, by_name), _origin(b, by_name)
             if a["task"] == b["task"] and None not in origins and origins[0] != origins[1]:
                 add("different initializations", a, b, [a["task"]])
+            elif (a["task"] == b["task"] and a["kind"] == b["kind"] and a["base"] != b["base"]
+                  and _run(a["base"]) in by_name and _run(a["base"]) == _run(b["base"])):
+                # fine-tunes of two checkpoints of one pretraining run (`scratch-s0/step-100`, `scratch-s0`)
+                add("different pretraining steps", a, b, [a["task"]])
             elif a["task"] == b["task"] and a["partition"] == b["partition"] and a["seed"] != b["seed"] and same_run_settings:
                 add("same task, different seeds", a, b, [a["task"]])
             elif a["task"] == b["task"] and a["partition"] != b["partition"]:
@@ -330,12 +336,18 @@ def pairs() -> list[dict]:
 
 
 def _origin(row: dict, by_name: dict[str, dict]) -> str | None:
-    """The zoo entry pretrained from scratch that a checkpoint descends from (None: from a pretrained model)."""
+    """The zoo entry pretrained from scratch that a checkpoint descends from (None: from a pretrained model);
+    a fine-tune of an intermediate checkpoint (`scratch-s0/step-100`) descends from its run (`scratch-s0`)."""
     seen = set()
     while row is not None and row["name"] not in seen:
         seen.add(row["name"])
         base = str(row.get("base") or "")
         if base.startswith("scratch:"):
-            return row["name"]
+            return _run(row["name"])
         row = by_name.get(base)
     return None
+
+
+def _run(name: str | None) -> str:
+    """The zoo entry a checkpoint name belongs to: `scratch-s0` for `scratch-s0/step-100` and for itself."""
+    return str(name or "").split("/")[0]

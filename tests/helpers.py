@@ -43,3 +43,24 @@ def _compare(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: fl
         else:
             diff = f"shapes {tuple(actual.shape)} vs {tuple(expected.shape)} on {actual.device} vs {expected.device}"
         raise AssertionError(f"{where + ': ' if where else ''}{diff} (atol={atol}, rtol={rtol})\n{error}") from None
+
+
+def randomised(model: torch.nn.Module, seed: int = 7) -> torch.nn.Module:
+    """A copy whose every weight, bias and LayerNorm parameter is random (a fresh BERT's constant biases and
+    LayerNorms would hide a permutation, a merge or an unmerge that forgot them)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def token_batch() -> dict[str, torch.Tensor]:
+    """Three fixed rows of 12 token ids, the first padded after 8 tokens."""
+    ids = torch.randint(1000, 5000, (3, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0  # padding too
+    return {"input_ids": ids, "attention_mask": mask}

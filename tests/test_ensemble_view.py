@@ -92,8 +92,8 @@ def test_missing_modules_are_explained_in_plain_words(isolated_home):
     with pytest.raises(ml.MergeLabError, match=r"the zoo has 0 ia3 modules; .*build the `peft` recipe"):
         matrix_modules("ia3")  # the demo recipe has no (IA)3 modules
     _module(isolated_home, "demo-lora-sst2", "sst2")
-    with pytest.raises(ml.MergeLabError, match="none of the zoo's 1 lora module is of a classification or regression "
-                                               "task other than SST-2"):
+    with pytest.raises(ml.MergeLabError, match="none of the zoo's 1 lora module is of a classification, regression "
+                                               "or token task other than SST-2"):
         default_sources("sst2", "lora")
 
 

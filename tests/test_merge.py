@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import merging_core as ml
 from merging_core.errors import MergeLabError
 from merging_core.merge import merge, merge_from_config
-from merging_core.methods import METHODS, TensorJob, get_method
+from merging_core.methods import METHODS, TensorJob, WholeModel, get_method
 from merging_core.methods.ties_dare import kth_largest
 
 from .conftest import make_pico
@@ -157,7 +157,7 @@ def test_ties_model_scope_follows_the_paper():
     t1 = torch.tensor([5.0, -1.0, 0.2, 4.0, 0.0, 0.0])
     t2 = torch.tensor([3.0, 2.0, 0.1, -6.0, 0.0, 0.0])
     spec, job = _job([t1, t2], base=base, method="ties", density=0.5, scope="model", **{"lambda": 1.0})
-    job.context = spec.prepare(lambda: iter([("w", job.info, [t1, t2], base)]), job.params)
+    job.context = spec.prepare(WholeModel(["w"], lambda: iter([("w", job.info, [t1, t2], base)])), job.params)
     # top 3 by magnitude: t1 keeps 5, 4, -1; t2 keeps 3, -6, 2. Elected: +, + (−1+2), −(4−6)
     assert_close(spec.merge_tensor(job), torch.tensor([4.0, 2.0, 0.0, -6.0, 0.0, 0.0]), atol=1e-8, rtol=1e-5)
 

@@ -11,31 +11,15 @@ import merging_core as ml
 from merging_core.align import KINDS, permute_checkpoint, permute_state, random_permutation
 from merging_core.arch import canonical
 
+from .helpers import randomised, token_batch
+
 COMBINATIONS = [("ff",), ("heads",), ("residual",), ("ff", "heads"), ("ff", "residual"), ("heads", "residual"), KINDS]
-
-
-def _randomised(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose every weight, bias and LayerNorm parameter is random (a fresh BERT's constant biases and
-    LayerNorms would hide a permutation that forgot them)."""
-    model = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return model
-
-
-def _batch():
-    ids = torch.randint(1000, 5000, (3, 12), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[0, 8:] = 0  # padding too
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 @pytest.mark.parametrize("task", ["sst2", "conll2003", "wikitext2"])
 @pytest.mark.parametrize("kinds", COMBINATIONS, ids=["+".join(c) for c in COMBINATIONS])
 def test_permuted_model_computes_the_same_function(pico, task, kinds):
-    model = _randomised(ml.load(str(pico(task)), ml.get_task(task)).model)
+    model = randomised(ml.load(str(pico(task)), ml.get_task(task)).model)
     state = {canonical(k): v for k, v in model.state_dict().items()}
     perm = random_permutation(model.config, seed=1, kinds=kinds)
     permuted = permute_state(state, perm, token_head=task == "conll2003")
@@ -44,7 +28,7 @@ def test_permuted_model_computes_the_same_function(pico, task, kinds):
     moved = [n for n in state if not torch.equal(state[n], permuted[n])]
     assert moved, "the permutation changed nothing"
     with torch.no_grad():
-        before, after = model(**_batch()).logits, other(**_batch()).logits
+        before, after = model(**token_batch()).logits, other(**token_batch()).logits
     assert (before - after).abs().max().item() <= 1e-4
     if "residual" in kinds:  # every tensor that touches the hidden size moves, LayerNorms and embeddings included
         assert "embeddings.LayerNorm.weight" in moved and "embeddings.word_embeddings.weight" in moved
@@ -53,7 +37,7 @@ def test_permuted_model_computes_the_same_function(pico, task, kinds):
 
 def test_permuting_a_single_site_wrongly_changes_the_function(pico):
     """The check above can fail: permuting only the rows of one feed-forward layer breaks the model."""
-    model = _randomised(ml.load(str(pico("sst2")), ml.get_task("sst2")).model)
+    model = randomised(ml.load(str(pico("sst2")), ml.get_task("sst2")).model)
     state = {canonical(k): v for k, v in model.state_dict().items()}
     broken = dict(state)
     name = "encoder.layer.0.intermediate.dense.weight"
@@ -61,7 +45,7 @@ def test_permuting_a_single_site_wrongly_changes_the_function(pico):
     other = copy.deepcopy(model)
     other.load_state_dict({k: broken[canonical(k)] for k in other.state_dict()})
     with torch.no_grad():
-        assert (model(**_batch()).logits - other(**_batch()).logits).abs().max().item() > 1e-3
+        assert (model(**token_batch()).logits - other(**token_batch()).logits).abs().max().item() > 1e-3
 
 
 def test_permuted_checkpoint_scores_like_its_source(pico, tmp_path):

@@ -2,6 +2,13 @@
 with distances and barriers beside the plot, merges placed on the path, and the plane through three
 checkpoints as a heatmap. Every run is one engine call (`merging_core.curve` / `merging_core.plane`).
 
+"Knowledge along the path" runs one more line curve with per-example recording on (`CurveSpec(examples=
+True)`; Qin et al. 2022, arXiv:2210.14102, how task knowledge changes along the path): which examples
+each point answers correctly, drawn as a heatmap of the examples that flip, with the most-forgotten
+examples' texts. On the training examples of
+a checkpoint's data map (Swayamdipta et al. 2020, arXiv:2009.10795) it also draws the map and relates
+forgetting to confidence and variability.
+
 A Bezier curve is always walked after the straight line, so there is a line to compare it with; the
 engine's `bend_warnings` says when the trained bend ends with the higher barrier. The engine runs in a
 worker thread so that the status line follows every stage (loading, each bend training step, each
@@ -23,6 +30,7 @@ import gradio as gr
 import pandas as pd
 
 import merging_core as ml
+from merging_core import cartography
 from merging_core.curves import CurveSpec, PlaneSpec, bend_warnings
 
 from . import controls as ui
@@ -42,7 +50,10 @@ NONE = ("(none)", "")
 # Engine inputs named in errors -> this tab's control labels.
 LABELS = {"models": "Checkpoints (A, B, C)", "tasks": "Tasks", "points": "Points", "limit": "Limit",
           "head_from": "Head from", "base": "Base model", "merges": "Merges to place on the line", "path": "Path",
-          "bend_steps": "Bezier bend steps", "grid": "Grid points per axis", "space": "Space"}
+          "bend_steps": "Bezier bend steps", "grid": "Grid points per axis", "space": "Space",
+          "split": "Examples", "datamap": "Examples"}
+# The per-example view's example sets: a split, or the training examples of A's or B's data map.
+EXAMPLE_SETS = ("dev", "train", "data map of A", "data map of B")
 
 
 def _tasks(tasks: list[str] | None) -> list[tuple[str, str]]:
@@ -265,6 +276,122 @@ def run_plane(a: str, b: str, c: str, task: str, grid: float, limit: float | Non
            f"{best['value']:.4f} at (x {best['x']:.2f}, y {best['y']:.2f}).", plane)
 
 
+def knowledge_summary(entry: dict, others: list[str] | None = None) -> str:
+    """Markdown: what flips along the path, what is forgotten at the barrier, and, on a data map's
+    examples, how the forgotten examples sit on the map."""
+    share = entry["forgotten_at_barrier_share"]
+    ever = entry["forgotten_ever_share"]
+    top = entry["top_decile_share"]
+    lines = [f"**{entry['task']}**, {entry['examples']} {entry['split']} examples, {entry['points']} points.", "",
+             "| | examples |", "|---|---|",
+             f"| flip somewhere along the path | {len(entry['flips'])} |",
+             f"| right at both ends | {entry['known_both']} |",
+             (f"| … wrong at the barrier (t = {entry['barrier_t']:.2f}) | {entry['forgotten_at_barrier']} "
+              f"({'–' if share is None else f'{share:.1%}'}) |"),
+             f"| … wrong at some point | {entry['forgotten_ever']} ({'–' if ever is None else f'{ever:.1%}'}) |"]
+    if top is not None:
+        lines += ["", (f"The most-forgotten tenth of the examples right at both ends bears {top:.0%} of all "
+                       f"{entry['forget_events']} (example, point) forgettings.")]
+    relation = entry.get("datamap")
+    if relation and relation.get("shared"):
+        lines += ["", f"**Against the data map of {relation['model']}** ({relation['shared']} examples on both):", "",
+                  "| examples | n | confidence | variability | correctness | ambiguous | hard |",
+                  "|---|---|---|---|---|---|---|"]
+        for key, name in (("forgotten", "forgotten along the path"), ("forgotten_at_barrier", "… at the barrier"),
+                          ("kept", "kept all along"), ("lost_to_b", "right at A, wrong at B"), ("all", "all")):
+            g = relation[key]
+            regions = relation["regions"][key]
+            lines.append(f"| {name} | {g['n']} | {_fmt(g['confidence'], 3)} | {_fmt(g['variability'], 3)} | "
+                         f"{_fmt(g['correctness'], 3)} | {_fmt(regions.get('ambiguous'), 2)} | "
+                         f"{_fmt(regions.get('hard'), 2)} |")
+        lines += ["", (f"Spearman of the point of first loss with confidence: "
+                       f"{_fmt(relation['spearman_first_loss_confidence'], 3)}, with variability: "
+                       f"{_fmt(relation['spearman_first_loss_variability'], 3)}; of the number of points forgotten "
+                       f"with confidence: {_fmt(relation['spearman_points_forgotten_confidence'], 3)}, with "
+                       f"variability: {_fmt(relation['spearman_points_forgotten_variability'], 3)}; of the point "
+                       f"where an example right at A but wrong at B is lost with confidence: "
+                       f"{_fmt(relation.get('spearman_first_loss_confidence_lost_to_b'), 3)}, with variability: "
+                       f"{_fmt(relation.get('spearman_first_loss_variability_lost_to_b'), 3)}.")]
+    elif relation:
+        lines += ["", f"Data map of {relation['model']}: {relation.get('note', 'no shared examples')}."]
+    if others:
+        lines += ["", f"Also recorded (in the JSON download): {', '.join(others)}."]
+    return "\n".join(lines)
+
+
+def forgotten_table(entry: dict, datamap: cartography.DataMap | None = None) -> pd.DataFrame:
+    """The most-forgotten examples: text fields, gold label, points forgotten, first loss (and, on a data
+    map's examples, their confidence and variability)."""
+    values = {r["index"]: r for r in datamap.table()} if datamap is not None else {}
+    rows = []
+    for m in entry["most_forgotten"]:
+        row = {k: v for k, v in m.items() if k not in ("index", "first_lost", "example")}
+        row = {"example": m["example"], **row,
+               "first lost at t": None if m["first_lost"] is None else round(entry["ts"][m["first_lost"]], 3)}
+        if m["example"] in values:
+            row["confidence"] = round(values[m["example"]]["confidence"], 3)
+            row["variability"] = round(values[m["example"]]["variability"], 3)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else ["example", "points_forgotten", "first lost at t"])
+
+
+def _datamap_model(choice: str, a: str, b: str) -> str | None:
+    return a if choice == "data map of A" else b if choice == "data map of B" else None
+
+
+@engine_errors(labels=LABELS)
+def run_knowledge(a: str, b: str, tasks: list[str] | None, points: float, limit: float | None,
+                  head_from: str | None, base: str | None, examples: str, request: gr.Request = None,
+                  progress: gr.Progress = gr.Progress()):
+    """Stream the per-example curve: yields (knowledge figure, summary markdown, most-forgotten table, data map
+    figure, status, files)."""
+    visitor = session(request)
+    ends = (visitor.model(a), visitor.model(b))
+    if not all(ends):
+        raise ml.MergeLabError("pick two checkpoints, A and B (or a suggested pair)", param="models")
+    if examples not in EXAMPLE_SETS:
+        raise ml.MergeLabError(f"examples must be one of {list(EXAMPLE_SETS)}, got {examples!r}", param="split")
+    datamap_model = _datamap_model(examples, *ends)
+    optional = {name: visitor.model(value, name) or None for name, value in (("head_from", head_from), ("base", base))}
+    spec = CurveSpec(ends, tuple(tasks or ()), points=visitor.bound("points", whole(points, "points"), "points"),
+                     limit=visitor.bound("examples", all_or(limit, "limit"), "limit"), examples=True,
+                     split="dev" if examples == "dev" else "train", datamap=datamap_model, **optional)
+    summary = None
+    yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), "Loading the checkpoints…", None
+    for event, value in in_background(lambda relay: _walk(spec, relay), progress_fn(progress, request)):
+        if event == "status":
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), value, gr.skip()
+        elif event == "summary":
+            summary = value
+    found = summary.get("knowledge", {}) if summary else {}
+    if not found:
+        raise ml.MergeLabError("none of the tasks is a classification task: per-example knowledge needs a gold label "
+                               "per example", param="tasks")
+    task, entry = next(iter(found.items()))
+    # the data map drawn: the one the curve was scored on, else A's or B's when they have one
+    owner = datamap_model or next((m for m in ends if cartography.read(m) is not None), None)
+    shown = cartography.read(owner) if owner else None
+    datamap_plot = gr.skip()
+    if shown is not None and shown.task == task:
+        marked = {}
+        if entry.get("datamap"):
+            right = {i for i, row in zip(entry["indices"], entry["matrix"]) if row[0] and row[-1]}
+            lost = {entry["indices"][f["index"]] for f in entry["flips"]}
+            marked = {i: "forgotten along the path" for i in right & lost}
+            marked.update({i: "right at A, wrong at B" for i, row in zip(entry["indices"], entry["matrix"])
+                           if row[0] and not row[-1]})
+        datamap_plot = figures.datamap_figure(shown.table(), redact(f"Data map of {Path(owner).name} ({task}, "
+                                                                    f"{len(shown.indices)} training examples, "
+                                                                    f"{len(shown.steps)} records)"), marked)
+    folder = visitor.downloads()
+    out = folder / redact(f"knowledge-{Path(ends[0]).name}-{Path(ends[1]).name}.json")
+    out.write_text(redact(json.dumps(found)))
+    done = (f"Done in {summary['seconds']:.1f} s: {len(entry['flips'])} of {entry['examples']} {task} "
+            f"{entry['split']} examples flip along the path.")
+    yield (figures.knowledge_figure(entry), redact(knowledge_summary(entry, [t for t in found if t != task])),
+           forgotten_table(entry, shown if entry.get("datamap") else None), datamap_plot, done, [str(out)])
+
+
 def merge_choices() -> list[tuple[str, str]]:
     """Every registered merge method, by title (the registry is the only list of methods)."""
     return [(m.title, name) for name, m in ml.METHODS.items()]
@@ -364,6 +491,29 @@ def build(demo: gr.Blocks) -> dict:
                 summary = gr.Markdown(elem_id="curve-summary")
         files = gr.File(file_count="multiple", label="Download (CSV, JSON)", interactive=False, elem_id="curve-files")
 
+        with gr.Accordion("Knowledge along the path (per example)", open=False, elem_id="knowledge-box"):
+            gr.Markdown("Which examples each point of the line answers correctly (classification tasks): the "
+                        "examples that flip, those forgotten at the barrier although both ends know them, and the "
+                        "most-forgotten ones. On the training examples of a checkpoint's data map (fine-tuned with "
+                        "cartography on), the map is drawn with the forgotten examples marked.")
+            with gr.Row(equal_height=True):
+                example_set = ui.Radio(list(EXAMPLE_SETS), value="dev", label="Examples", elem_id="knowledge-examples",
+                                       info="a split (first Limit examples), or the training examples of A's or "
+                                            "B's data map")
+                knowledge_run = gr.Button("Run per-example curve", elem_id="knowledge-run", scale=0)
+                knowledge_halt = stop_button("knowledge-stop")
+            knowledge_status = gr.Markdown(elem_id="knowledge-status")
+            with gr.Row(equal_height=False):
+                knowledge_plot = gr.Plot(label="Examples along the path", elem_id="knowledge-plot", scale=3,
+                                         min_width=560)
+                with gr.Column(scale=2, min_width=380):
+                    knowledge_md = gr.Markdown(elem_id="knowledge-summary")
+            forgotten = gr.Dataframe(label="Most-forgotten examples (right at both ends)", interactive=False,
+                                     wrap=True, elem_id="knowledge-table")
+            datamap_plot = gr.Plot(label="Data map", elem_id="datamap-plot")
+            knowledge_files = gr.File(file_count="multiple", label="Download (JSON)", interactive=False,
+                                      elem_id="knowledge-files")
+
         with gr.Accordion("Plane through three checkpoints", open=False, elem_id="plane-box"):
             with gr.Row(equal_height=True):
                 c = ui.Dropdown(choices, value=None, allow_custom_value=True, label="C", elem_id="plane-c",
@@ -383,6 +533,11 @@ def build(demo: gr.Blocks) -> dict:
                             [plot, summary, status, files], api_name="curve", concurrency_id="gpu",
                             show_progress_on=status)
         on_stop(halt, [walking], status)
+        knowing = knowledge_run.click(run_knowledge, [a, b, tasks, points, limit, head_from, base, example_set],
+                                      [knowledge_plot, knowledge_md, forgotten, datamap_plot, knowledge_status,
+                                       knowledge_files], api_name="knowledge", concurrency_id="gpu",
+                                      show_progress_on=knowledge_status)
+        on_stop(knowledge_halt, [knowing], knowledge_status)
         gridding = plane_run.click(run_plane, [a, b, c, plane_task, grid, limit, merges, base, show],
                                    [plane_plot, plane_status, plane_state], api_name="plane", concurrency_id="gpu",
                                    show_progress_on=plane_status)

@@ -1,5 +1,5 @@
-"""Ensemble tab: weight parameter-efficient modules of other tasks by their similarity to a target
-(Lv et al. 2023, "Parameter-Efficient Weight Ensembling Facilitates Task-Level Knowledge Transfer", ACL
+"""Ensemble tab: weight parameter-efficient modules (LoRA, (IA)³, prefix) of other tasks by their similarity
+to a target task (a sentence task or CoNLL-2003 NER) (Lv et al. 2023, "Parameter-Efficient Weight Ensembling Facilitates Task-Level Knowledge Transfer", ACL
 2023), see the similarities and weights (the temperature slider re-weights without recomputing anything:
 the plot, the status and the merge command follow it; the few-shot table says at which temperature it
 was measured), the leave-one-out similarity and weight heatmaps, and the few-shot result of starting
@@ -224,9 +224,10 @@ def refresh(kind: str, target: str | None, sources: list[str] | None):
 
 def build(demo: gr.Blocks) -> dict:
     with gr.Tab("Ensemble", id="ensemble") as tab:
-        gr.Markdown("Transfer to a target task by averaging parameter-efficient modules trained on other tasks, "
-                    "weighted by softmax(similarity / temperature), and fine-tune that average on a few target "
-                    "examples (Lv et al. 2023).")
+        gr.Markdown("Transfer to a target task by averaging parameter-efficient modules (LoRA, (IA)³ or prefix) "
+                    "trained on other tasks, weighted by softmax(similarity / temperature), and fine-tune that "
+                    "average on a few target examples (Lv et al. 2023). Targets include CoNLL-2003 NER (span F1): "
+                    "sentence-task modules bring their module tensors, and the target gets its own head.")
         notice = start.notice(tab, "Ensemble")
         with gr.Row():
             target = ui.Dropdown(target_choices(), value=target_default(), label=LABELS["target"],

@@ -312,3 +312,93 @@ def matrix_figure(matrix: dict, weights: dict[str, dict[str, float]], temperatur
     figure.update_xaxes(title_text="source module")
     figure.update_layout(height=490, **TITLED)
     return figure
+
+
+KNOWLEDGE_COLORS = [[0.0, "#ef4444"], [0.5, "#ef4444"], [0.5, "#10b981"], [1.0, "#10b981"]]  # wrong | right
+KNOWLEDGE_ROWS = 200  # flipped examples drawn at most (the first by first loss)
+
+
+def knowledge_figure(entry: dict, max_rows: int = KNOWLEDGE_ROWS) -> go.Figure:
+    """Knowledge along a path (a curve's `knowledge()[task]`): per-point counts on top (forgotten: right at
+    both ends, wrong here; lost / gained against A), and a heatmap of the examples that flip (rows, sorted
+    by the point of first loss) by point (columns), green where answered correctly, red where not."""
+    ts = entry["ts"]
+    flipped = {f["index"] for f in entry["flips"]}
+    rows = [i for i in entry["order"] if i in flipped][:max_rows]
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.3, 0.7], vertical_spacing=0.06,
+                           subplot_titles=(f"{entry['task']} {entry['split']}: examples per point",
+                                           f"{len(flipped)} of {entry['examples']} examples flip along the path"
+                                           + (f" (first {len(rows)} by first loss)" if len(rows) < len(flipped)
+                                              else ", sorted by first loss")))
+    for k, (key, name) in enumerate((("forgotten", "forgotten (right at both ends)"), ("lost", "lost vs A"),
+                                     ("gained", "gained vs A"))):
+        figure.add_trace(go.Scatter(x=ts, y=[c[key] for c in entry["counts"]], mode="lines+markers", name=name,
+                                    line={"color": ("#ef4444", "#f59e0b", "#10b981")[k]},
+                                    hovertemplate=f"t %{{x:.2f}}: %{{y}} {key}<extra></extra>"), row=1, col=1)
+    if rows:
+        labels = [f"#{entry['indices'][i]}" for i in rows]
+        figure.add_trace(go.Heatmap(z=[entry["matrix"][i] for i in rows], x=ts, y=labels, zmin=0, zmax=1,
+                                    colorscale=KNOWLEDGE_COLORS, showscale=False, xgap=1, ygap=0,
+                                    hovertemplate="example %{y}, t %{x:.2f}: %{z}<extra>1 = right</extra>"),
+                         row=2, col=1)
+        figure.update_yaxes(autorange="reversed", showticklabels=len(rows) <= 40, title_text="example", row=2,
+                            col=1)
+    barrier = entry["barrier_t"]
+    for row in (1, 2):
+        figure.add_vline(x=barrier, line={"color": "#111827", "dash": "dash", "width": 1}, row=row, col=1)
+    figure.add_annotation(x=barrier, y=1, yref="paper", text="barrier", showarrow=False, yanchor="bottom",
+                          font={"size": 11})
+    figure.update_xaxes(title_text="t (A → B)", row=2, col=1)
+    figure.update_yaxes(title_text="examples", row=1, col=1)
+    figure.update_layout(height=640, **TITLED)
+    return figure
+
+
+def datamap_figure(rows: list[dict], title: str, marked: dict[int, str] | None = None) -> go.Figure:
+    """A data map (Swayamdipta et al. 2020, Fig. 1): each training example at (variability, confidence),
+    coloured by correctness. `rows` are `DataMap.table()` rows; `marked` maps example indices to a group
+    name (e.g. "forgotten along the path"), drawn as open circles over the map."""
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(
+        x=[r["variability"] for r in rows], y=[r["confidence"] for r in rows], mode="markers", name="examples",
+        text=[f"#{r['index']} ({r['region']})" for r in rows],
+        marker={"size": 6, "color": [r["correctness"] for r in rows], "colorscale": "Viridis", "cmin": 0, "cmax": 1,
+                "colorbar": {"title": "correctness"}, "opacity": 0.75},
+        hovertemplate="%{text}<br>variability %{x:.3f}<br>confidence %{y:.3f}<br>correctness "
+                      "%{marker.color:.2f}<extra></extra>"))
+    by_index = {r["index"]: r for r in rows}
+    groups: dict[str, list[dict]] = {}
+    for index, group in (marked or {}).items():
+        if index in by_index:
+            groups.setdefault(group, []).append(by_index[index])
+    for k, (group, members) in enumerate(groups.items()):
+        figure.add_trace(go.Scatter(
+            x=[r["variability"] for r in members], y=[r["confidence"] for r in members], mode="markers",
+            name=f"{group} ({len(members)})", text=[f"#{r['index']}" for r in members],
+            marker={"size": 11, "symbol": "circle-open", "color": ("#ef4444", "#111827", "#f59e0b")[k % 3],
+                    "line": {"width": 2}},
+            hovertemplate=f"%{{text}} ({group})<extra></extra>"))
+    figure.update_layout(height=520, title={"text": title, "x": 0}, xaxis_title="variability (std of p(gold))",
+                         yaxis_title="confidence (mean p(gold))", **TITLED)
+    figure.update_yaxes(range=[-0.02, 1.02])
+    return figure
+
+
+def data_amount_figure(rows: list[dict], vanilla: float | None = None) -> go.Figure:
+    """Loss barrier of the aligned line against the number of tokens the alignment's activation statistics
+    read (log axis), one line per merge type (`rows`: {"label", "tokens", "loss_barrier"}); the barrier of
+    plain (vanilla) interpolation as a dashed reference."""
+    figure = go.Figure()
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    for i, label in enumerate(labels):
+        mine = sorted((r for r in rows if r["label"] == label), key=lambda r: r["tokens"])
+        figure.add_trace(go.Scatter(x=[r["tokens"] for r in mine], y=[r["loss_barrier"] for r in mine],
+                                    mode="lines+markers", name=label, line={"color": _color(i)},
+                                    hovertemplate="%{x} tokens: barrier %{y:.4f}<extra>" + label + "</extra>"))
+    if vanilla is not None:
+        figure.add_hline(y=vanilla, line={"dash": "dash", "color": "#6b7280"},
+                         annotation_text=f"vanilla averaging {vanilla:.3f}", annotation_position="top right")
+    figure.update_xaxes(type="log", title_text="tokens read for the activation statistics")
+    figure.update_yaxes(title_text="loss barrier (above the chord)")
+    figure.update_layout(height=450, **LAYOUT)
+    return figure

@@ -37,6 +37,7 @@ ROW_KEYS = ("model", "kind", "mean")
 # Slider for a bounded number whose range has at most this many integer steps (else a number box).
 MAX_INT_SLIDER = 1000
 PER_ROW = 3  # parameter controls per row (they wrap on narrow screens)
+TOP_RESIDUALS = 12  # solved parameters listed under a MaTS merge (worst first)
 # Engine inputs named in errors -> this tab's control labels (a method's parameters keep their names).
 LABELS = {"models": "Checkpoints", "base": "Base model", "method": "Method", "params": "Parameters",
           "components": "Components", "fallback": "Fallback", "heads": "Heads", "out": "Output folder",
@@ -151,16 +152,27 @@ def merged_row(label: str, results: dict[str, dict]) -> dict:
 
 
 def residual_summary(report: dict[str, dict]) -> str:
-    """MaTS: the conjugate-gradient residuals ‖Ax − b‖ / ‖b‖ over the parameters it solved."""
-    rows = [r for r in report.values() if "residual_after" in r]
+    """MaTS: how far each solved parameter got, ‖Ax − b‖ / ‖b‖ before → after: one line over all of them,
+    then a folded table of the worst ones (the whole list is in merge_config.json)."""
+    rows = ml.methods.mats.convergence(report)
     if not rows:
         return ""
-    before = statistics.median(r["residual_before"] for r in rows)
     after = statistics.median(r["residual_after"] for r in rows)
-    worst = max(r["residual_after"] for r in rows)
-    steps = statistics.median(r.get("steps", 0) for r in rows)
-    return (f"Conjugate gradient on {len(rows)} parameters: median relative residual {before:.2e} → {after:.2e} "
-            f"(worst {worst:.2e}), median {steps:.0f} steps.")
+    reached = sum(r["converged"] for r in rows)
+    count = f"{len(rows)} parameter{'s' if len(rows) != 1 else ''}"
+    if all(r["residual_before"] is None for r in rows):  # solver=closed_form
+        return (f"Closed form on {count}: median relative residual {after:.2e} "
+                f"(worst {rows[0]['residual_after']:.2e}).")
+    before = statistics.median(r["residual_before"] for r in rows)
+    steps = statistics.median(r["steps"] for r in rows)
+    line = (f"Conjugate gradient on {count}, {reached} reached the tolerance: median relative "
+            f"residual {before:.2e} → {after:.2e} (worst {rows[0]['residual_after']:.2e}), median {steps:.0f} steps.")
+    shown = rows[:TOP_RESIDUALS]
+    table = "\n".join(["| parameter | before | after | steps | converged |", "|---|---|---|---|---|"] +
+                      [f"| `{r['parameter']}` | {r['residual_before']:.2e} | {r['residual_after']:.2e} | {r['steps']} | "
+                       f"{'yes' if r['converged'] else 'no'} |" for r in shown])
+    title = f"Convergence per parameter (worst {len(shown)} of {len(rows)})"
+    return f"{line}\n\n<details><summary>{title}</summary>\n\n{table}\n\n</details>"
 
 
 def _settings(config: dict) -> str:

@@ -3,7 +3,10 @@ alignment), look at the correlation heatmaps and the head matching, and compare 
 plain (vanilla) interpolation with interpolation after alignment (Verma & Elbayad 2024, "Merging Text
 Transformer Models from Different Initializations", arXiv:2403.00986). Engine calls: `merging_core.align`
 (its progress names each stage, its notes say when A and B share an initialization),
-`merging_core.curve`; the heatmaps come from the engine as plain lists."""
+`merging_core.curve`; the heatmaps come from the engine as plain lists. Method `zip` writes the ZipIt merge
+of A and B (merge/unmerge matrices, Stoica et al. 2023, arXiv:2305.03053) instead of B permuted; the tab
+then scores that merged model beside the vanilla line's midpoint. `Tokens` caps the activations' data
+amount (Verma & Elbayad, Sec. 6)."""
 
 from __future__ import annotations
 
@@ -13,13 +16,21 @@ from collections import defaultdict
 import gradio as gr
 
 import merging_core as ml
-from merging_core.align import ATTENTION, MERGE_TYPES, RESIDUAL, AlignSpec, initialization_note, load_alignment
+from merging_core.align import ATTENTION, MERGE_TYPES, METHODS, RESIDUAL, AlignSpec, initialization_note, load_alignment
 
 from . import controls as ui
-from . import figures
-from . import start
-from .common import (all_or, engine_errors, model_choices, on_open, on_stop, progress_fn, stop_button, task_choices,
-                     whole)
+from . import figures, start
+from .common import (
+    all_or,
+    engine_errors,
+    model_choices,
+    on_open,
+    on_stop,
+    progress_fn,
+    stop_button,
+    task_choices,
+    whole,
+)
 from .session import redact, session
 
 DEFAULT_LIMIT = 64
@@ -30,7 +41,7 @@ PAIR_KIND = "different initializations"  # the zoo pairs the tab starts from
 LABELS = {"a": "A (reference basis)", "b": "B (permuted into A's basis)", "merge_type": "Merge type",
           "attention": "Attention matching", "residual": "Residual order from", "qk": "Separate Q/K order",
           "text": "Text for activations", "examples": "Examples", "tasks": "Curve tasks", "points": "Points per curve",
-          "limit": "Limit", "site": "Site"}
+          "limit": "Limit", "site": "Site", "method": "Method", "tokens": "Tokens", "zip_same": "Same-model pairs"}
 
 
 def default_pair() -> dict | None:
@@ -57,22 +68,32 @@ def init_warning(a: str | None, b: str | None, request: gr.Request = None) -> st
                   f"“{PAIR_KIND}” pairs.") if note else ""
 
 
+def _count(value):
+    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else value
+
+
 def align_spec(a: str | None, b: str | None, merge_type: str, attention: str, residual: str, qk: bool,
-               text: str, examples: float | None) -> AlignSpec:
+               text: str, examples: float | None, method: str = AlignSpec.method, tokens: float | None = 0,
+               zip_same: float | None = 0.0) -> AlignSpec:
     """The alignment request of the tab's controls (the spec checks every choice)."""
-    count = int(examples) if isinstance(examples, (int, float)) and math.isfinite(examples) else examples
     return AlignSpec((a or "").strip(), (b or "").strip(), merge_type=merge_type, attention=attention,
-                     residual=residual, qk=bool(qk), text=text, examples=count)
+                     residual=residual, qk=bool(qk), text=text, examples=_count(examples), method=method,
+                     tokens=_count(tokens if tokens is not None else 0),
+                     zip_same=float(zip_same or 0.0) if method == "zip" else 0.0)
 
 
-def alignment_summary(summary: dict, barriers: dict[str, dict]) -> str:
-    """Markdown: settings, mean matched correlation per site kind before -> after, barriers, timings."""
+def alignment_summary(summary: dict, barriers: dict[str, dict], zipped: dict[str, dict] | None = None) -> str:
+    """Markdown: settings, mean matched correlation per site kind before -> after, barriers, timings;
+    `zipped`: task -> the zip merge's scores and the vanilla line's (midpoint, mean of the ends)."""
     kinds: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for site, values in summary["sites"].items():
         if values["permuted"]:
             kinds[site.split(".")[0]].append((values["before"], values["after"]))
     names = {"ff": "feed-forward neurons", "attn": "attention (V·O)", "qk": "attention (Q·K)", "res": "residual sites"}
-    lines = [f"**{summary['b']} → {summary['a']}'s basis** · {summary['merge_type']} · attention "
+    zip_pairs = summary.get("zip_pairs")
+    head = (f"**{summary['a']} ⊕ {summary['b']} zipped** (a-b pairs {zip_pairs['a-b']}, same-model pairs "
+            f"{zip_pairs['a-a']} + {zip_pairs['b-b']})" if zip_pairs else f"**{summary['b']} → {summary['a']}'s basis**")
+    lines = [f"{head} · {summary['merge_type']} · attention "
              f"{summary['attention']}{' + separate Q/K' if summary['qk'] else ''} · residual {summary['residual']} · "
              + ("function-preserving" if summary["function_preserving"] else "**not function-preserving**"), ""]
     for note in summary.get("notes") or []:  # e.g. A and B share an initialization
@@ -87,6 +108,11 @@ def alignment_summary(summary: dict, barriers: dict[str, dict]) -> str:
         lines += ["", "| task | interpolation | loss barrier | metric barrier |", "|---|---|---|---|"]
         for (task, label), b in barriers.items():
             lines.append(f"| {ml.tasks.title(task)} | {label} | {b['loss_barrier']:.4f} | {b['metric']} {b['metric_barrier']:.4f} |")
+    if zipped:
+        lines += ["", "| task | zip merge loss | vanilla midpoint loss | loss of A / B |", "|---|---|---|---|"]
+        for task, z in zipped.items():
+            lines.append(f"| {ml.tasks.title(task)} | {z['zip']:.4f} | {z['midpoint']:.4f} | "
+                         f"{z['ends'][0]:.4f} / {z['ends'][-1]:.4f} |")
     seconds = summary["seconds"]
     lines += ["", f"{summary['text']['tokens']} tokens of {summary['text']['task']} ({summary['text']['split']}); "
               f"activations {seconds['features']:.1f} s, matching {seconds['matching']:.1f} s, "
@@ -111,6 +137,7 @@ def _first_site(alignment) -> str:
 @engine_errors(labels=LABELS)
 def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk: bool, text: str,
               examples: float, tasks: list[str] | None, points: float, limit: float | None,
+              method: str = AlignSpec.method, tokens: float | None = 0, zip_same: float | None = 0.0,
               request: gr.Request = None, progress: gr.Progress = gr.Progress()):
     """Align, show the heatmaps, then stream vanilla and aligned interpolation curves.
     Yields (status, summary, site choices, heatmaps, head cost, curves, the alignment's folder)."""
@@ -119,11 +146,12 @@ def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk
     if visitor.public and isinstance(examples, (int, float)) and math.isfinite(examples):
         examples = visitor.bound("align_examples", int(examples), "examples")
     spec = align_spec(visitor.model(a, "a"), visitor.model(b, "b"), merge_type, attention, residual, qk, text,
-                      examples)
+                      examples, method, tokens, zip_same)
     points = visitor.bound("points", int(points), "points")
     limit = visitor.bound("examples", all_or(limit, "limit"), "limit")
     # at once, before any work: the engine's own reports (loading, activations, ...) follow within moments
-    yield (redact(f"Aligning {str(b).strip()} to {str(a).strip()}: loading the models…"), gr.skip(), gr.skip(), gr.skip(),
+    verb = "Zipping" if spec.method == "zip" else "Aligning"
+    yield (redact(f"{verb} {str(b).strip()} to {str(a).strip()}: loading the models…"), gr.skip(), gr.skip(), gr.skip(),
            gr.skip(), gr.skip(), gr.skip())
     report = progress_fn(progress, request)
     report(0.0, "starting")
@@ -134,12 +162,15 @@ def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk
     sites = gr.Dropdown(choices=list(result.correlations), value=site)
     heat, heads = figures.alignment_figure(maps), figures.head_cost_figure(maps)
     summary = result.summary()
-    yield ("Aligned; walking the vanilla and the aligned line…", redact(alignment_summary(summary, {})), sites, heat,
+    zipping = spec.method == "zip"
+    walking = "the vanilla line, then scoring the zip merge" if zipping else "the vanilla and the aligned line"
+    yield (f"Aligned; walking {walking}…", redact(alignment_summary(summary, {})), sites, heat,
            heads, figures.curve_figure([], []), folder)
 
-    curves, barriers = [], {}
+    curves, barriers, zipped = [], {}, {}
     options = {"points": points, "limit": limit}
-    for n, (label, other) in enumerate((("vanilla", spec.b), ("aligned", folder))):
+    lines = (("vanilla", spec.b),) if zipping else (("vanilla", spec.b), ("aligned", folder))
+    for n, (label, other) in enumerate(lines):
         part = ml.progress.scaled(report, 0.3 + 0.35 * n, 0.65 + 0.35 * n, f"{label}: ")
         run = ml.curve(spec.a, other, tasks or None, progress=part, **options)
         shown = [(r.spec.name, r.spec.main_metric) for r in run.rigs]
@@ -152,9 +183,17 @@ def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk
                    gr.skip(), gr.skip(), gr.skip(), figures.curve_figure(curves, shown), folder)
         for task, values in run.summary()["barriers"].items():
             barriers[(task, label)] = values
+    if zipping:  # the zip merge is one model (ZipIt's midpoint), scored beside the vanilla line's midpoint
+        middle = current["items"][len(current["items"]) // 2]["scores"]
+        for task, values in barriers.items():
+            scores = ml.evaluate(folder, task[0], limit=options["limit"] or None)
+            zipped[task[0]] = {"zip": scores["loss"], "midpoint": middle[task[0]]["loss"], "ends": values["ends"]["loss"]}
+        summary_text = redact(alignment_summary(summary, barriers, zipped))
+    else:
+        summary_text = redact(alignment_summary(summary, barriers))
     scope = f"first {options['limit']} examples" if options["limit"] else "full split"
     # the last yield carries every output again: an API caller sees only the final values
-    yield (f"Done ({scope} of each task's dev set).", redact(alignment_summary(summary, barriers)), sites, heat, heads,
+    yield (f"Done ({scope} of each task's dev set).", summary_text, sites, heat, heads,
            figures.curve_figure(curves, shown), folder)
 
 
@@ -191,6 +230,14 @@ def build(demo: gr.Blocks) -> dict:
                                 info="LayerNorm sites; sep: one per site (not function-preserving)")
             qk = gr.Checkbox(value=AlignSpec.qk, label=LABELS["qk"], elem_id="align-qk")
         with gr.Row(equal_height=True):
+            method = ui.Radio(list(METHODS), value=AlignSpec.method, label=LABELS["method"], elem_id="align-method",
+                              info="permute: B in A's basis, then interpolate; zip: one merged model (ZipIt)")
+            zip_same = ui.Slider(0.0, 1.0, value=AlignSpec.zip_same, step=0.05, label=LABELS["zip_same"],
+                                 elem_id="align-zip-same",
+                                 info="zip: share of each model's ff/residual features zipped with its own")
+            tokens = ui.Number(value=AlignSpec.tokens, precision=0, minimum=0, label=LABELS["tokens"],
+                               elem_id="align-tokens", info="data amount: first N tokens of the examples; 0 = all")
+        with gr.Row(equal_height=True):
             text = ui.Dropdown(list(TEXTS), value=AlignSpec.text, label=LABELS["text"], allow_custom_value=True,
                                elem_id="align-text")
             examples = ui.Number(value=128, precision=0, minimum=1, label=LABELS["examples"],
@@ -215,7 +262,8 @@ def build(demo: gr.Blocks) -> dict:
         folder = gr.State(None)
 
         aligning = run.click(run_align, [a, b, merge_type, attention, residual, qk, text, examples, tasks, points,
-                                         limit], [status, summary, site, heatmap, head_cost, curve_plot, folder],
+                                         limit, method, tokens, zip_same],
+                             [status, summary, site, heatmap, head_cost, curve_plot, folder],
                              api_name="align", concurrency_id="gpu", show_progress_on=status)
         on_stop(halt, [aligning], status)
         site.change(site_view, [folder, site], [heatmap, head_cost], api_visibility="private")

@@ -6,7 +6,11 @@ Stoica et al. 2023, "ZipIt! Merging Models from Different Tasks without Training
 the same text, correlates their hidden units at every site (`features`), matches them with Hungarian
 solves (`match`) and writes B permuted into A's basis (`permute`). Averaging or interpolating A with
 that copy (`merging_core.merge`, `merging_core.curve`) is then a merge of aligned models; with a
-function-preserving setting the copy computes exactly what B computes.
+function-preserving setting the copy computes exactly what B computes. With `method="zip"` it writes the
+ZipIt merge of A and B instead, from each feature space's merge and unmerge matrices (`zip`: permutation
+alignment is the special case M = [I/2, P/2], U = [I; Pᵀ]; a share `zip_same` of same-model pairs makes
+it more), the MLM decoder unmerged so the logits stay in vocabulary order. `tokens` caps the activations'
+data amount (Verma & Elbayad, Sec. 6: how much data the statistics need).
 
 Every stage reports progress with its name, counts and the time left ("activations: batch 3/16, ~40 s
 left", "matching: ff.2 (5/18)", "writing: ..."), often enough (a transformer layer, a site's sums, one
@@ -38,8 +42,17 @@ from ..tasks import get_task
 from .features import correlations
 from .match import ATTENTION, MERGE_TYPES, RESIDUAL, Matching, find_permutation
 from .origin import initialization_note
-from .permute import KINDS, Permutation, permute_checkpoint, permute_state, random_permutation, write_permuted
-from .spec import AlignSpec
+from .permute import (
+    KINDS,
+    Permutation,
+    permute_checkpoint,
+    permute_state,
+    random_permutation,
+    write_permuted,
+    write_state,
+)
+from .spec import METHODS, AlignSpec
+from .zip import Zip, from_groups, unmerge_state, zip_state, zips_for
 
 SEED = 0  # which text examples are read
 ALIGNMENT = "alignment"  # the subfolder of an aligned model that records how it was aligned
@@ -70,6 +83,7 @@ class Alignment:
     seconds: dict[str, float]
     spec: AlignSpec | None = None  # the request it answers (None: written before specs were recorded)
     notes: list[str] = field(default_factory=list)  # e.g. A and B share an initialization
+    zips: dict[str, Zip] | None = None  # method zip: every feature space's merge and unmerge matrices
 
     def order(self, site: str) -> torch.Tensor | None:
         """The order applied to B's units at a correlation site (None: left as they are)."""
@@ -111,7 +125,14 @@ class Alignment:
             sites[site] = {"before": before, "after": float(self.aligned(site).diagonal().mean()),
                            "permuted": self.order(site) is not None}
         m = self.matching
-        return {"a": self.a, "b": self.b, "out": str(self.out), "merge_type": m.merge_type, "attention": m.attention,
+        zipped = None
+        if self.zips is not None:  # pairs over every space, each shared residual Zip counted once
+            zipped = {"a-b": 0, "a-a": 0, "b-b": 0}
+            for z in {id(z): z for z in self.zips.values()}.values():
+                for kind, count in z.pairs().items():
+                    zipped[kind] += count
+        return {"a": self.a, "b": self.b, "out": str(self.out), "method": self.spec.method if self.spec else "permute",
+                "zip_pairs": zipped, "merge_type": m.merge_type, "attention": m.attention,
                 "residual": m.residual, "qk": m.qk, "function_preserving": m.function_preserving, "text": self.text,
                 "seconds": self.seconds, "sites": sites,
                 "head_costs": {str(layer): cost.tolist() for layer, cost in m.head_costs.items()},
@@ -132,19 +153,23 @@ def text_batches(task: str, split: str, tokenizer, examples: int, batch_size: in
 def align(a: str | AlignSpec, b: str | None = None, *, merge_type: str = AlignSpec.merge_type,
           attention: str = AlignSpec.attention, residual: str = AlignSpec.residual, qk: bool = AlignSpec.qk,
           text: str = AlignSpec.text, split: str = AlignSpec.split, examples: int = AlignSpec.examples,
-          batch_size: int = AlignSpec.batch_size, out: str | Path | None = None, overwrite: bool = False,
+          batch_size: int = AlignSpec.batch_size, tokens: int = AlignSpec.tokens, method: str = AlignSpec.method,
+          zip_same: float = AlignSpec.zip_same, out: str | Path | None = None, overwrite: bool = False,
           progress: ProgressFn | None = None) -> Alignment:
     """Align model B to model A and write B permuted into A's basis (see the module doc).
 
     `merge_type` picks what is permuted (`MERGE_TYPES`), `attention` and `residual` how those sites are
     matched, `qk` a separate order for Q and K; the features come from `examples` inputs of `text`'s
-    `split`. These make one `AlignSpec`; an `AlignSpec` may be given instead, as the first argument.
-    `out` receives B permuted (an HF folder) and, in `out/alignment/`, `permutation.safetensors`,
-    `correlations.safetensors` and `alignment.json` (which records the spec); by default a new folder
-    under $MERGELAB_HOME/aligned.
+    `split` (`tokens` > 0: their first `tokens` tokens only). `method="zip"` writes the ZipIt merge of A
+    and B (`zip_same`: the share of same-model pairs) instead of B permuted. These make one `AlignSpec`; an
+    `AlignSpec` may be given instead, as the first argument. `out` receives B permuted (or the zipped
+    model; an HF folder) and, in `out/alignment/`, `permutation.safetensors`, `correlations.safetensors`,
+    `alignment.json` (which records the spec) and, for zip, `zip.safetensors` (each space's pairs); by
+    default a new folder under $MERGELAB_HOME/aligned.
     """
     options = {"merge_type": merge_type, "attention": attention, "residual": residual, "qk": qk, "text": text,
-               "split": split, "examples": examples, "batch_size": batch_size}
+               "split": split, "examples": examples, "batch_size": batch_size, "tokens": tokens, "method": method,
+               "zip_same": zip_same}
     if isinstance(a, AlignSpec):
         given = [name for name, value in options.items() if value != getattr(AlignSpec, name)]
         if b is not None or given:
@@ -211,11 +236,15 @@ def _run(spec: AlignSpec, *, out: str | Path | None, overwrite: bool, progress: 
     model_b = load(spec.b, device=device).model
     if loading:
         loading(0.7, f"text ({get_task(spec.text).name}, {spec.split}, {spec.examples} examples)")
-    batches = text_batches(spec.text, spec.split, source_a.tokenizer, spec.examples, spec.batch_size, device)
+    batches = token_budget(text_batches(spec.text, spec.split, source_a.tokenizer, spec.examples, spec.batch_size,
+                                        device), spec.tokens)
+    cap, within = spec.tokens or None, spec.method == "zip" and spec.zip_same > 0
     if progress is None:  # a terminal: one bar over the batches
-        corrs = correlations(model_a, model_b, track(batches, len(batches), "activations", None), total=len(batches))
+        corrs = correlations(model_a, model_b, track(batches, len(batches), "activations", None), total=len(batches),
+                             max_tokens=cap, within=within)
     else:
-        corrs = correlations(model_a, model_b, batches, progress=_stage(progress, "activations"), total=len(batches))
+        corrs = correlations(model_a, model_b, batches, progress=_stage(progress, "activations"), total=len(batches),
+                             max_tokens=cap, within=within)
     timings["features"] = time.perf_counter() - started
     del model_a, model_b
 
@@ -233,21 +262,35 @@ def _run(spec: AlignSpec, *, out: str | Path | None, overwrite: bool, progress: 
     if target is None:
         root = settings.home() / "aligned"
         root.mkdir(parents=True, exist_ok=True)
-        stem = f"{Path(source_b.ref.name).name}-to-{Path(source_a.ref.name).name}-{spec.merge_type}".replace("/", "_")
+        joined = "zip" if spec.method == "zip" else "to"
+        stem = f"{Path(source_b.ref.name).name}-{joined}-{Path(source_a.ref.name).name}-{spec.merge_type}".replace("/", "_")
         target = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=root)) / "model"
+    tokens_read = int(sum(int(x["attention_mask"].sum()) for x in batches))
     text_record = {"task": get_task(spec.text).name, "split": spec.split,
                    "examples": sum(len(x["input_ids"]) for x in batches),
-                   "tokens": int(sum(int(x["attention_mask"].sum()) for x in batches))}
-    write_permuted(source_b, matching.permutation, target,
-                   # no "base": B permuted is no fine-tune of B's base in weight space (no task vector)
-                   {"kind": "aligned", "aligned_from": source_b.ref.spec, "aligned_to": source_a.ref.spec,
-                    "alignment": spec.to_dict(), "text": text_record,
-                    "function_preserving": matching.function_preserving}, overwrite=overwrite)
+                   "tokens": min(tokens_read, spec.tokens) if spec.tokens else tokens_read}
+    zips = None
+    if spec.method == "zip":
+        zips = zips_for(matching, config, corrs, spec.zip_same)
+        token_head = source_a.head.kind == "token"
+        state = zip_state({n: source_a.get(n) for n in source_a.names}, {n: source_b.get(n) for n in source_b.names},
+                          zips, model_type=config.model_type, token_head=token_head,
+                          tied=bool(getattr(config, "tie_word_embeddings", True)))
+        # no "base": a merge of two initializations is no fine-tune of either's base (no task vector)
+        write_state(source_a, state, target, {"kind": "zipped", "zipped_from": [source_a.ref.spec, source_b.ref.spec],
+                                              "alignment": spec.to_dict(), "text": text_record}, overwrite=overwrite)
+    else:
+        write_permuted(source_b, matching.permutation, target,
+                       # no "base": B permuted is no fine-tune of B's base in weight space (no task vector)
+                       {"kind": "aligned", "aligned_from": source_b.ref.spec, "aligned_to": source_a.ref.spec,
+                        "alignment": spec.to_dict(), "text": text_record,
+                        "function_preserving": matching.function_preserving}, overwrite=overwrite)
     if writing_progress:
         writing_progress(0.7, "the alignment record")
     timings["apply"] = time.perf_counter() - started
+    corrs = {k: v for k, v in corrs.items() if ":" not in k}  # the same-model correlations served the matching only
     result = Alignment(spec.a, spec.b, matching, corrs, target, text_record,
-                       {k: round(v, 3) for k, v in timings.items()}, spec, notes)
+                       {k: round(v, 3) for k, v in timings.items()}, spec, notes, zips)
     # a subfolder: a model folder's own *.safetensors files are all read as its weights
     record = target / ALIGNMENT
     with writing(record):
@@ -255,6 +298,8 @@ def _run(spec: AlignSpec, *, out: str | Path | None, overwrite: bool, progress: 
         save_file(matching.permutation.tensors() or {"none": torch.zeros(0, dtype=torch.int64)},
                   record / "permutation.safetensors")
         save_file({k: v.contiguous() for k, v in corrs.items()}, record / "correlations.safetensors")
+        if zips is not None:
+            save_file({space: z.groups() for space, z in zips.items()}, record / "zip.safetensors")
         (record / "alignment.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
     if writing_progress:
         writing_progress(1.0, "aligned")
@@ -282,10 +327,27 @@ def load_alignment(folder: str | Path) -> Alignment:
                         {int(k): torch.tensor(v) for k, v in summary["head_costs"].items()},
                         {int(k): torch.tensor(v) for k, v in summary["head_orders"].items()})
     spec = AlignSpec.from_dict(summary["spec"]) if summary.get("spec") else None
+    zips = None
+    if (folder / "zip.safetensors").is_file():
+        zips = {space: from_groups(groups, len(groups)) for space, groups in load_file(folder / "zip.safetensors").items()}
     return Alignment(summary["a"], summary["b"], matching, load_file(folder / "correlations.safetensors"),
-                     model_folder, summary["text"], summary["seconds"], spec, list(summary.get("notes") or []))
+                     model_folder, summary["text"], summary["seconds"], spec, list(summary.get("notes") or []), zips)
 
 
-__all__ = ["ATTENTION", "KINDS", "MERGE_TYPES", "RESIDUAL", "AlignSpec", "Alignment", "Matching", "Permutation",
-           "align", "find_permutation", "in_place_note", "initialization_note", "load_alignment", "permute_checkpoint",
-           "permute_state", "random_permutation", "text_batches", "write_permuted"]
+def token_budget(batches: list[dict], tokens: int) -> list[dict]:
+    """The batches whose non-padding tokens reach `tokens` (0: all of them): later ones are never read."""
+    if not tokens:
+        return batches
+    kept, seen = [], 0
+    for batch in batches:
+        if seen >= tokens:
+            break
+        kept.append(batch)
+        seen += int(batch["attention_mask"].sum())
+    return kept
+
+
+__all__ = ["ATTENTION", "KINDS", "MERGE_TYPES", "METHODS", "RESIDUAL", "AlignSpec", "Alignment", "Matching",
+           "Permutation", "Zip", "align", "find_permutation", "in_place_note", "initialization_note", "load_alignment",
+           "permute_checkpoint", "permute_state", "random_permutation", "text_batches", "token_budget",
+           "unmerge_state", "write_permuted", "zip_state", "zips_for"]

@@ -12,6 +12,10 @@ every non-padding token ([CLS] and [SEP] included):
 
 Streaming sums (float64) give each site's Pearson correlation between A's unit i and B's unit j:
 corr_ij = (E[a_i b_j] − E[a_i] E[b_j]) / (σ(a_i) σ(b_j)).
+
+`within=True` also gives each model's own unit-unit correlations (`<site>:aa`, `<site>:bb`), which ZipIt's
+matching needs to zip two features of one model. `max_tokens` caps the token rows the sums see (the
+first ones in reading order): the data amount of Verma & Elbayad's ablation (Sec. 6, Fig. 6).
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ from ..progress import ProgressFn
 class _Sums:
     """Running sums over token rows of one site's features in A and B."""
 
-    def __init__(self, width_a: int, width_b: int, device):
+    def __init__(self, width_a: int, width_b: int, device, within: bool = False):
         kwargs = {"dtype": torch.float64, "device": device}
         self.n = 0
         self.sum_a, self.sum_b = torch.zeros(width_a, **kwargs), torch.zeros(width_b, **kwargs)
         self.sq_a, self.sq_b = torch.zeros(width_a, **kwargs), torch.zeros(width_b, **kwargs)
         self.cross = torch.zeros(width_a, width_b, **kwargs)
+        # each model's own Gram, only when asked (ZipIt's same-model pairs): it doubles the matrix work
+        self.gram_a = torch.zeros(width_a, width_a, **kwargs) if within else None
+        self.gram_b = torch.zeros(width_b, width_b, **kwargs) if within else None
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         # one batch's sums in float32 (a few thousand rows: ~1e-7 relative error, ~1.7x faster than
@@ -44,15 +51,27 @@ class _Sums:
         self.sq_a += (a * a).sum(0)
         self.sq_b += (b * b).sum(0)
         self.cross += a.T @ b
+        if self.gram_a is not None:
+            self.gram_a += a.T @ a
+            self.gram_b += b.T @ b
+
+    @staticmethod
+    def _pearson(cross, n, sum_x, sq_x, sum_y, sq_y) -> torch.Tensor:
+        mean_x, mean_y = sum_x / n, sum_y / n
+        std_x = (sq_x / n - mean_x ** 2).clamp_min(0).sqrt()
+        std_y = (sq_y / n - mean_y ** 2).clamp_min(0).sqrt()
+        covariance = cross / n - mean_x[:, None] * mean_y[None, :]
+        # a dead unit (σ = 0) correlates with nothing: 0, not NaN
+        return (covariance / (std_x[:, None] * std_y[None, :]).clamp_min(1e-12)).float().cpu()
 
     def correlation(self) -> torch.Tensor:
+        return self._pearson(self.cross, max(self.n, 1), self.sum_a, self.sq_a, self.sum_b, self.sq_b)
+
+    def own(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each model's unit-unit correlations (A x A, B x B); needs `within`."""
         n = max(self.n, 1)
-        mean_a, mean_b = self.sum_a / n, self.sum_b / n
-        std_a = (self.sq_a / n - mean_a ** 2).clamp_min(0).sqrt()
-        std_b = (self.sq_b / n - mean_b ** 2).clamp_min(0).sqrt()
-        covariance = self.cross / n - mean_a[:, None] * mean_b[None, :]
-        # a dead unit (σ = 0) correlates with nothing: 0, not NaN
-        return (covariance / (std_a[:, None] * std_b[None, :]).clamp_min(1e-12)).float().cpu()
+        return (self._pearson(self.gram_a, n, self.sum_a, self.sq_a, self.sum_a, self.sq_a),
+                self._pearson(self.gram_b, n, self.sum_b, self.sq_b, self.sum_b, self.sq_b))
 
 
 def _taps(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
@@ -89,9 +108,12 @@ def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 @torch.inference_mode()
 def correlations(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
-                 progress: ProgressFn | None = None, total: int | None = None) -> dict[str, torch.Tensor]:
+                 progress: ProgressFn | None = None, total: int | None = None, *, max_tokens: int | None = None,
+                 within: bool = False) -> dict[str, torch.Tensor]:
     """{site: corr (units of A x units of B)} over the non-padding tokens of `batches` (see the module doc).
-    `qk.<l>` is the mean of the query and key correlations.
+    `qk.<l>` is the mean of the query and key correlations. `max_tokens`: only the first this many
+    non-padding tokens count (later batches are not read); `within`: also `<site>:aa` and `<site>:bb`, each
+    model's own unit-unit correlations, for every site but `qk`.
 
     `progress` hears ("batch i/n") after every transformer layer of either model and after every site's
     sums, a fraction of a second of work each even for a large model on a CPU, so a callback that raises
@@ -121,8 +143,11 @@ def correlations(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: It
 
     handles += [layer.register_forward_hook(lambda *_: tick()) for layer in layers]
     sums: dict[str, _Sums] = {}
+    seen = 0
     try:
         for i, batch in enumerate(batches):
+            if max_tokens is not None and seen >= max_tokens:
+                break
             position["batch"], position["step"] = i, 0
             if progress is not None:
                 progress(i / total if total else 0.0, f"batch {i + 1}/{total}" if total else f"batch {i + 1}")
@@ -130,10 +155,13 @@ def correlations(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: It
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             model_a.base_model(**inputs)
             model_b.base_model(**inputs)
+            keep = int(mask.sum()) if max_tokens is None else min(int(mask.sum()), max_tokens - seen)
+            seen += keep
             for site, (a, b) in captured.items():
-                rows_a, rows_b = a[mask], b[mask]  # non-padding tokens only
+                rows_a, rows_b = a[mask][:keep], b[mask][:keep]  # non-padding tokens only, within the budget
                 if site not in sums:
-                    sums[site] = _Sums(rows_a.shape[-1], rows_b.shape[-1], rows_a.device)
+                    sums[site] = _Sums(rows_a.shape[-1], rows_b.shape[-1], rows_a.device,
+                                       within=within and not site.startswith("qk."))
                 sums[site].add(rows_a, rows_b)
                 tick()
     finally:
@@ -145,6 +173,8 @@ def correlations(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: It
             progress(1.0, f"correlations ({n + 1}/{len(sums)} sites)")
         if not site.startswith("qk."):
             out[site] = s.correlation()
+            if s.gram_a is not None:
+                out[f"{site}:aa"], out[f"{site}:bb"] = s.own()
     for site in [s for s in sums if s.endswith(".q")]:
         layer = site.split(".")[1]
         out[f"qk.{layer}"] = (sums[site].correlation() + sums[f"qk.{layer}.k"].correlation()) / 2

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import MergeLabError
 from ..models import SCRATCH, ModelRef, resolve
 
-_OWN_BASIS = ("aligned", "permuted")  # kinds whose units were reordered: no longer in their source's basis
+_OWN_BASIS = ("aligned", "permuted", "zipped")  # kinds whose units were reordered: no longer in their source's basis
 _DEPTH = 16  # how far a chain of bases is followed
 
 

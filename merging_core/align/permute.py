@@ -164,6 +164,12 @@ def write_permuted(source: Checkpoint, perm: Permutation, out: str | Path, metad
     """Write `source` (an open checkpoint) permuted by `perm` as an HF folder, atomically."""
     state = permute_state({n: source.get(n) for n in source.names}, perm, model_type=source.config.model_type,
                           token_head=source.head.kind == "token")
+    return write_state(source, state, out, metadata, overwrite=overwrite)
+
+
+def write_state(source: Checkpoint, state: dict[str, torch.Tensor], out: str | Path, metadata: dict, *,
+                overwrite: bool = False) -> Path:
+    """Write a canonical state dict with `source`'s names, config and tokenizer as an HF folder, atomically."""
     with writing(out), staging(out, overwrite=overwrite) as tmp:
         save_file({source.names[n]: t for n, t in state.items()}, tmp / "model.safetensors", {"format": "pt"})
         source.config.save(tmp)

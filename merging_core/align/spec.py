@@ -17,6 +17,8 @@ from ..errors import MergeLabError
 from ..tasks import get_task, split_names
 from .match import check_settings
 
+METHODS = ("permute", "zip")  # B permuted into A's basis; or A and B zipped into one model (merge/unmerge matrices)
+
 
 def _whole(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -29,7 +31,11 @@ def _whole(value: Any, name: str) -> None:
 class AlignSpec:
     """Align model `b` to model `a` (see `merging_core.align`): what is permuted (`merge_type`), how the
     attention and residual sites are matched, whether Q and K get their own order (`qk`), and which text
-    the activations come from (`examples` inputs of task `text`'s `split`, read `batch_size` at a time)."""
+    the activations come from (`examples` inputs of task `text`'s `split`, read `batch_size` at a time;
+    `tokens` > 0: only the first `tokens` non-padding tokens of them, the data amount of Verma & Elbayad's
+    ablation, Sec. 6). `method`: `permute` writes B permuted into A's basis; `zip` writes the ZipIt merge
+    of A and B from merge/unmerge matrices (`merging_core.align.zip`), in which up to a share `zip_same` of
+    each model's feed-forward and residual features may be zipped with a feature of the same model."""
 
     a: str  # the reference basis
     b: str  # the model that is permuted into A's basis
@@ -41,6 +47,9 @@ class AlignSpec:
     split: str = "train"
     examples: int = 256
     batch_size: int = 16
+    tokens: int = 0  # 0: every token of the examples
+    method: str = "permute"
+    zip_same: float = 0.0
 
     def __post_init__(self):
         for name, what in (("a", "A (the reference basis)"), ("b", "B (the model to permute)")):
@@ -63,6 +72,17 @@ class AlignSpec:
                                 f"{', '.join(split_names(task))}", param="split")
         _whole(self.examples, "examples")
         _whole(self.batch_size, "batch_size")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 0:
+            raise MergeLabError(f"tokens must be a whole number, 0 (all) or more, got {self.tokens!r}", param="tokens")
+        if self.method not in METHODS:
+            raise MergeLabError(f"method must be one of {list(METHODS)}, got {self.method!r}", param="method")
+        same = self.zip_same
+        if isinstance(same, bool) or not isinstance(same, (int, float)) or not 0.0 <= same <= 1.0:
+            raise MergeLabError(f"zip_same must be a share from 0 to 1, got {same!r}", param="zip_same")
+        if same and self.method != "zip":
+            raise MergeLabError("zip_same applies to method zip only; set method to zip or zip_same to 0",
+                                param="zip_same")
+        object.__setattr__(self, "zip_same", float(same))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values, every field included."""

@@ -1,9 +1,11 @@
 """Similarity-weighted ensembling of parameter-efficient modules (Lv et al. 2023, "Parameter-Efficient
 Weight Ensembling Facilitates Task-Level Knowledge Transfer", ACL 2023).
 
-To transfer to a target task, average modules (LoRA, (IA)³) trained on other tasks, weighted by
-w = softmax(s / T) of their similarity s to the target (Sec. 3.2), and use the average as the starting
-point of few-shot tuning on the target (Sec. 3). `similarity.py` has the measures (the registry
+To transfer to a target task, average modules (LoRA, (IA)³, prefix: Li & Liang 2021, arXiv:2101.00190)
+trained on other tasks, weighted by w = softmax(s / T) of their similarity s to the target (Sec. 3.2), and
+use the average as the starting point of few-shot tuning on the target (Sec. 3). Targets and sources are
+sentence classification, regression and token (CoNLL-2003 NER) tasks: a module brings its encoder-side
+tensors whatever head it was trained with, and the target always gets a fresh head of its own. `similarity.py` has the measures (the registry
 `MEASURES`), `modules.py` the combination (module space, the paper's; or weight space, exact),
 `fewshot.py` the tuning protocol. The weights can also be the model weights of any merge method
 (`merging_core.merge(..., params={"weights": ...})`): `merge_command` writes that merge for any
@@ -28,13 +30,13 @@ from ..models import load_tokenizer
 from ..progress import ProgressFn, scaled
 from ..tasks import get_task
 from .fewshot import draw_shots, evaluator_for, few_shot_score
-from .modules import SPACES, Module, check_combinable, combine, deltas, layer_groups, read_module, write_module
+from .modules import KINDS, SPACES, Module, check_combinable, combine, deltas, layer_groups, read_module, write_module
 from .similarity import MEASURES, Measure, Scores, get_measure, measure, register_measure
 
 GRANULARITIES = ("model", "layer", "block")
 INITS = ("fresh", "uniform", "weighted")
 MATRIX_MODULES = 3  # the leave-one-out matrix needs modules of at least this many
-TARGET_KINDS = ("classification", "regression")  # the tasks modules are weighted for (and trained on)
+TARGET_KINDS = ("classification", "regression", "token")  # the tasks modules are weighted for (and trained on)
 
 
 def softmax_weights(scores: dict[str, float], temperature: float) -> dict[str, float]:
@@ -81,17 +83,19 @@ def layer_weights(result: Scores, name: str, temperature: float, granularity: st
     return out
 
 
-def _recipes_with(kind: str) -> list[str]:
-    """The zoo recipes that train modules of `kind`, the demo recipe first."""
-    found = []
+def _recipes_with(kind: str, most: int = 2) -> list[str]:
+    """The zoo recipes that train the most modules of `kind` (at most `most` of them), the demo recipe first:
+    advice names the quick recipe and the full one, not every experiment that happens to train one."""
+    counts = {}
     for path in sorted(zoo.RECIPES.glob("*.yaml")):
         try:
             entries = zoo.load_recipe(path).entries.values()
         except MergeLabError:
             continue
-        if any(config.peft == kind for config in entries):
-            found.append(path.stem)
-    return sorted(found, key=lambda name: (name != "demo", name))
+        found = sum(config.peft == kind for config in entries)
+        if found:
+            counts[path.stem] = found
+    return sorted(counts, key=lambda name: (name != "demo", -counts[name], name))[:most]
 
 
 def build_advice(kind: str) -> str:
@@ -116,8 +120,8 @@ def default_sources(target: str, kind: str = "lora") -> list[str]:
     if not found:
         have = len(zoo_modules(kind))
         what = (f"the zoo has 0 {kind} modules" if not have else
-                f"none of the zoo's {have} {kind} module{'s' if have > 1 else ''} is of a classification or "
-                f"regression task other than {spec.title}")
+                f"none of the zoo's {have} {kind} module{'s' if have > 1 else ''} is of a classification, "
+                f"regression or token task other than {spec.title}")
         raise MergeLabError(f"{what}; transfer to {spec.title} needs at least one {kind} module of another task: "
                             f"{build_advice(kind)}, or pick source modules", param="sources")
     return found
@@ -252,7 +256,7 @@ def similarity_matrix(modules: Sequence[str], measure_name: str, *, shots: int =
     return {"tasks": tasks, "modules": [m.ref.spec for m in loaded], "measure": measure_name, "scores": out}
 
 
-__all__ = ["GRANULARITIES", "INITS", "MEASURES", "SPACES", "EnsembleResult", "Measure", "Module", "build_advice",
-           "combine", "command_at", "default_sources", "default_target", "deltas", "ensemble", "get_measure",
+__all__ = ["GRANULARITIES", "INITS", "KINDS", "MEASURES", "SPACES", "EnsembleResult", "Measure", "Module",
+           "build_advice", "check_combinable", "combine", "command_at", "default_sources", "default_target", "deltas", "ensemble", "get_measure",
            "layer_weights", "matrix_modules", "merge_command", "read_module", "register_measure", "similarity_matrix",
            "softmax_weights", "write_module", "zoo_modules"]

@@ -1,10 +1,13 @@
 """Few-shot tuning of an adapter module on a target task (Lv et al. 2023, Sec. 3: the weighted module
 initialises few-shot tuning; lr 5e-4, batch 8 in the paper).
 
-The k shots and a disjoint probe set are drawn from the target's train split with a seed; the model is
-the base with a fresh head for the target (seeded) and an adapter of the sources' kind and rank,
-initialised from given module tensors (module space) or left as PEFT initialises it (a fresh module:
-LoRA's B = 0, (IA)³'s l = 1). Scores come from the target's dev split.
+The k shots and a disjoint probe set are drawn from the target's train split with a seed (for a token
+task such as CoNLL-2003 NER, k sentences, one holding each tag first when k allows); the model is the
+base with a fresh head for the target (seeded; a sequence or token head, whatever head the sources were
+trained with) and an adapter of the sources' kind and rank, initialised from given module tensors
+(module space) or left as PEFT initialises it (a fresh module: LoRA's B = 0, (IA)³'s l = 1, a prefix's fixed
+start). A prefix is tuned as the prefix itself (P × 2·L·H, no reparametrization MLP), the tensor its file
+holds. Scores come from the target's dev split (span F1 for NER).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from ..models import ModelRef, adapter_base, load, load_tokenizer, peft_file_nam
 from ..tasks import TaskSpec
 from ..losses import task_loss
 from ..training import TrainConfig, wrap_peft
-from .modules import Module
+from .modules import PREFIX, Module
 
 PROBE = 64  # held-out train examples the similarity measures score on
 
@@ -45,19 +48,31 @@ class Shots:
 
 
 def draw_shots(spec: TaskSpec, tokenizer, k: int, seed: int, probe: int = PROBE) -> Shots:
-    """`k` seeded train examples of `spec` (every label represented when k allows) and `probe` others."""
-    if spec.kind not in ("classification", "regression"):
-        raise MergeLabError(f"task {spec.name} is a {spec.kind} task; few-shot ensembling takes classification and "
-                            "regression tasks", param="target")
+    """`k` seeded train examples of `spec` (every label represented when k allows; for a token task, a
+    sentence holding each tag) and `probe` others."""
+    if spec.kind not in ("classification", "regression", "token"):
+        raise MergeLabError(f"task {spec.name} is a {spec.kind} task; few-shot ensembling takes classification, "
+                            "regression and token (NER) tasks", param="target")
     if k < 1:
         raise MergeLabError(f"shots must be at least 1, got {k}", param="shots")
     data = encode(spec, "train", tokenizer)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
     chosen: list[int] = []
-    if spec.kind == "classification":  # one of each label first, so a 16-shot emotion set sees every class
-        labels = data.labels.tolist()
+    if spec.kind in ("classification", "token"):  # one of each label first: a 16-shot emotion set sees every class
+        if spec.kind == "token":
+            tags = {}
+
+            def holds(i: int, label: int) -> bool:
+                if i not in tags:
+                    tags[i] = set(data.word_tags(i))
+                return label in tags[i]
+        else:
+            labels = data.labels.tolist()
+
+            def holds(i: int, label: int) -> bool:
+                return labels[i] == label
         for label in range(min(spec.num_labels, k)):
-            hit = next((i for i in order if labels[i] == label), None)
+            hit = next((i for i in order if holds(i, label) and i not in chosen), None)
             if hit is not None:
                 chosen.append(hit)
     taken = set(chosen)
@@ -68,16 +83,31 @@ def draw_shots(spec: TaskSpec, tokenizer, k: int, seed: int, probe: int = PROBE)
                  tokenizer.pad_token_id or 0, settings.device())
 
 
+def live_tensors(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """A live adapter model's parameters by the file key they are saved under (heads included): PEFT's names
+    for LoRA and (IA)³; a prefix model's prefix (its flat embedding) as `prompt_embeddings`."""
+    out = {}
+    for name, param in model.named_parameters():
+        if name.startswith("prompt_encoder.") and name.endswith(".embedding.weight"):
+            out[PREFIX] = param  # `adapter_model` builds prefixes flat: the embedding is the saved prefix
+        elif not name.startswith("prompt_encoder.") and (key := peft_file_name(name)) is not None:
+            out[key] = param
+    return out
+
+
 def adapter_model(template: Module, spec: TaskSpec, seed: int, init: dict[str, torch.Tensor] | None = None):
     """The base with a fresh `spec` head (from `seed`) and an adapter shaped like `template`'s, holding
-    `init` (module-space tensors by file key) or PEFT's fresh initialisation."""
+    `init` (module-space tensors by file key) or PEFT's fresh initialisation (a prefix: its fixed start)."""
     torch.manual_seed(seed)
     base = load(adapter_base(template.ref), spec, new_head=True, device="cpu").model
     config = TrainConfig(task=spec.name, peft=template.kind, lora_r=template.config.get("r") or 8,
-                         lora_alpha=template.config.get("lora_alpha") or 16)
+                         lora_alpha=template.config.get("lora_alpha") or 16,
+                         prefix_tokens=template.config.get("num_virtual_tokens") or 20, prefix_projection=False)
     model = wrap_peft(base, spec, config)
+    if template.kind == "prefix" and not init:  # the start the template's modules were trained from
+        init = {PREFIX: template.start()}
     if init:
-        live = {peft_file_name(n): p for n, p in model.named_parameters()}
+        live = live_tensors(model)
         with torch.no_grad():
             for key, tensor in init.items():
                 if key not in live:

@@ -1,20 +1,33 @@
-"""Parameter-efficient modules (LoRA, (IA)³) as plain tensors: read them, combine them, write them.
+"""Parameter-efficient modules (LoRA, (IA)³, prefix) as plain tensors: read them, combine them, write them.
 
 A module file holds, per adapted layer, LoRA's factors A (r × d_in) and B (d_out × r), whose update is
 ΔW = (α / r) B A (Hu et al. 2022, eq. 3), or an (IA)³ vector l that rescales the layer (Liu et al. 2022,
 eq. 1: a key / value layer's outputs are multiplied by l, ΔW = (diag(l) − I) W; the feed-forward output
 layer's inputs, ΔW = W (diag(l) − I)); plus the task head (PEFT's `modules_to_save`).
 
+A prefix module (Li & Liang 2021, "Prefix-Tuning", arXiv:2101.00190, Sec. 4.2) holds one tensor,
+`prompt_embeddings` (P × 2·L·H, as PEFT saves it): for each of its P virtual tokens, the key and the value
+vector every one of the L layers' attention sees before the input's (layer l's key at column block 2l, its
+value at 2l + 1). That tensor is the module's weight vector; a reparametrization MLP it was trained through
+(`prefix_projection`) is not saved, as Li & Liang drop it after training (Sec. 4.3). Per-layer views split it
+into each layer's P keys and values (P × 2 × H), named `encoder.layer.<l>.attention.self.prefix`. Its
+"update" (`deltas`) is prefix − start, the fixed draw every prefix module MergeLab trains with one
+configuration starts from (`models.prefix_start`), so that measures on updates compare what training changed, and slot j of one
+module means slot j of another (a prefix's slots carry no position: with independent starts a slot-wise
+average would mix unrelated slots).
+
 Modules are combined with weights w (Σ w = 1) in one of two spaces, always labelled:
 
-- **module space**: θ = Σ_j w_j θ_j over the module's own tensors (A, B or l), as Lv et al. (2023)
-  average adapter parameters; the result is again a module of the same kind and rank, so it can
-  initialise few-shot tuning. For LoRA this is *not* the average of the updates (B̄Ā ≠ mean of B_j A_j).
+- **module space**: θ = Σ_j w_j θ_j over the module's own tensors (A, B, l or the prefix), as Lv et al.
+  (2023) average adapter parameters; the result is again a module of the same kind and rank (prefix
+  length), so it can initialise few-shot tuning. For LoRA this is *not* the average of the updates
+  (B̄Ā ≠ mean of B_j A_j); for a prefix it is (start + Σ w_j (prefix_j − start)).
 - **weight space**: ΔW = Σ_j w_j ΔW_j, the exact average of the updates (rank up to Σ r_j); the same as
-  `merging_core.merge("average", modules, params={"weights": w})` on the folded models.
+  `merging_core.merge("average", modules, params={"weights": w})` on the folded models. A prefix module
+  cannot be folded into weights; its weight-space result is Σ_j w_j (prefix_j − start) per layer.
 
-Heads are left out of both: modules trained on other tasks have other label sets, and a target task
-gets its own head.
+Heads are left out of both: modules trained on other tasks have other label sets or head kinds (a
+sentence classifier's module can start a token tagger's), and a target task gets its own head.
 """
 
 from __future__ import annotations
@@ -32,12 +45,29 @@ from safetensors.torch import save_file
 from ..arch import adapter_for, canonical
 from ..checkpoint import open_checkpoint
 from ..errors import MergeLabError, writing
-from ..models import ADAPTER_FILE, METADATA, ModelRef, adapter_base, copy_tokenizer, read_config, resolve
+from ..models import (
+    ADAPTER_FILE,
+    METADATA,
+    ModelRef,
+    adapter_base,
+    adapter_kind,
+    copy_tokenizer,
+    prefix_start,
+    read_config,
+    resolve,
+)
 from ..outputs import staging
 from ..tensorio import LazyFiles
 
 SPACES = ("module", "weights")
+KINDS = ("lora", "ia3", "prefix")
+PREFIX = "prompt_embeddings"  # a prefix module's one tensor in its file
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
+
+
+def prefix_layer(layer: int) -> str:
+    """The name of layer `layer`'s part of a prefix (its P keys and values), like an adapted layer's name."""
+    return f"encoder.layer.{layer}.attention.self.prefix"
 
 
 @dataclass
@@ -45,7 +75,7 @@ class Module:
     """One adapter module: its own tensors by file name, what they are, and what it was trained for."""
 
     ref: ModelRef
-    kind: str  # "lora" | "ia3"
+    kind: str  # "lora" | "ia3" | "prefix"
     config: dict  # adapter_config.json
     task: str
     tensors: dict[str, torch.Tensor]  # file key -> tensor (heads included)
@@ -53,8 +83,29 @@ class Module:
 
     @property
     def body(self) -> list[str]:
-        """The keys of the module's own tensors (LoRA factors, (IA)³ vectors), without the head."""
+        """The keys of the module's own tensors (LoRA factors, (IA)³ vectors, the prefix), without the head."""
         return [k for k, (group, _, factor) in self.roles.items() if factor is not None]
+
+    @property
+    def tokens(self) -> int | None:
+        """A prefix module's number of virtual tokens P (None for other kinds)."""
+        return self.config.get("num_virtual_tokens") if self.kind == "prefix" else None
+
+    def start(self) -> torch.Tensor:
+        """A prefix module's starting prefix (`models.prefix_start`), computed once."""
+        if "_start" not in self.__dict__:
+            self.__dict__["_start"] = prefix_start(self.config)
+        return self.__dict__["_start"]
+
+    def pieces(self, tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        """(adapted layer, tensor) for each of the module's own tensors in `tensors` (file key -> tensor, the
+        layout of this module): a LoRA factor or (IA)³ vector whole, a prefix cut into its layers' parts."""
+        if self.kind != "prefix":
+            return [(self.layer_of(key), tensors[key]) for key in self.body]
+        flat = tensors[PREFIX]
+        layers = flat.shape[-1] // (2 * self.config["token_dim"])
+        parts = flat.reshape(flat.shape[0], 2 * layers, -1)
+        return [(prefix_layer(layer), parts[:, 2 * layer: 2 * layer + 2]) for layer in range(layers)]
 
     @property
     def scale(self) -> float:
@@ -74,18 +125,24 @@ def read_module(spec: str | ModelRef) -> Module:
     ref = spec if isinstance(spec, ModelRef) else resolve(spec)
     if not ref.is_adapter:
         raise MergeLabError(f"model {ref.spec!r} is not an adapter module (no adapter_config.json)", param="sources",
-                            hint="train a LoRA or (IA)3 module (PEFT training) and name that")
+                            hint="train a LoRA, (IA)3 or prefix module (PEFT training) and name that")
     config = json.loads((ref.path / "adapter_config.json").read_text())
-    kind = {"LORA": "lora", "IA3": "ia3"}.get(config.get("peft_type"))
-    if kind is None:
-        raise MergeLabError(f"module {ref.spec!r} is a {config.get('peft_type')} module; MergeLab combines LoRA and "
-                            "(IA)3 modules", param="sources")
+    kind = adapter_kind(ref)
+    if kind not in KINDS:
+        raise MergeLabError(f"module {ref.spec!r} is a {config.get('peft_type')} module; MergeLab combines LoRA, "
+                            "(IA)3 and prefix modules", param="sources")
     reader = LazyFiles([ref.path / ADAPTER_FILE])
     adapter = adapter_for(read_config(ref).model_type)
     roles = {}
     for key in reader.keys():
+        if kind == "prefix":  # the prefix, and the head copy (`base_model.classifier.*`)
+            roles[key] = ("prefix", None, "prefix") if key == PREFIX else ("head", None, None)
+            continue
         info = adapter.describe(key)
         roles[key] = (info.group, info.layer, info.factor)
+    if kind == "prefix" and PREFIX not in roles:
+        raise MergeLabError(f"prefix module {ref.spec!r} has no {PREFIX} tensor; re-train or re-export it",
+                            param="sources")
     return Module(ref, kind, config, ref.metadata().get("task"), {k: reader.get(k) for k in reader.keys()}, roles)
 
 
@@ -100,6 +157,10 @@ def check_combinable(modules: list[Module]) -> None:
                                 "different kinds; combine modules of one kind")
         if adapter_base(m.ref).location != adapter_base(first.ref).location:
             raise MergeLabError(f"modules {first.ref.spec!r} and {m.ref.spec!r} adapt different base models")
+        if m.tokens != first.tokens:  # slot j of one prefix has no counterpart in a shorter one
+            raise MergeLabError(f"prefix modules {first.ref.spec!r} ({first.tokens} virtual tokens) and {m.ref.spec!r} "
+                                f"({m.tokens}) have different prefix lengths; combine prefix modules of one length",
+                                param="sources")
         shapes = {k: tuple(m.tensors[k].shape) for k in m.body}
         if shapes != {k: tuple(first.tensors[k].shape) for k in first.body}:
             raise MergeLabError(f"modules {first.ref.spec!r} and {m.ref.spec!r} adapt different layers or ranks")
@@ -131,6 +192,18 @@ def combine(modules: list[Module], weights: list[float] | torch.Tensor | dict[st
         return _normalised(raw, len(modules))
 
     out: dict[str, torch.Tensor] = {}
+    if space == "module" and first.kind == "prefix":  # one tensor, weighted layer by layer
+        for key in first.body:
+            total = torch.empty_like(first.tensors[key], dtype=torch.float32)
+            parts = [m.pieces({key: m.tensors[key].float()}) for m in modules]
+            for i, (layer, into) in enumerate(first.pieces({key: total})):  # views of `total`
+                w = w_for(layer)
+                piece = parts[0][i][1] * w[0]  # exact for a single module with weight 1
+                for m_parts, c in zip(parts[1:], w[1:]):
+                    piece = piece + c * m_parts[i][1]
+                into.copy_(piece)
+            out[key] = total.to(first.tensors[key].dtype)
+        return out
     if space == "module":
         for key in first.body:
             w = w_for(first.layer_of(key))
@@ -153,8 +226,12 @@ def _layers_and_deltas(modules: list[Module]) -> tuple[list[str], list[list[torc
 
 def deltas(module: Module, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The update ΔW of every adapted layer (canonical weight name -> tensor): LoRA's (α/r) B A; for
-    (IA)³, (diag(l) − I) W or W (diag(l) − I), which needs the base weights (read when not given)."""
+    (IA)³, (diag(l) − I) W or W (diag(l) − I), which needs the base weights (read when not given); for a
+    prefix, each layer's part of prefix − start (P × 2 × H: keys and values)."""
     out: dict[str, torch.Tensor] = {}
+    if module.kind == "prefix":  # what training changed: prefix − its fixed start, layer by layer
+        moved = {key: module.tensors[key].float() - module.start() for key in module.body}
+        return {layer: piece.clone() for layer, piece in module.pieces(moved)}
     if module.kind == "lora":
         for key in module.body:
             if module.roles[key][2] != "A":

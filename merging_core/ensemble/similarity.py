@@ -20,6 +20,15 @@ measure reads is prepared once and shared (`Measure.needs`):
 
 `weight_cosine` and `euclidean` also give one score per adapted layer, for per-layer and per-block
 weights.
+
+Prefix modules (Li & Liang 2021, arXiv:2101.00190) are measured on their one tensor, the prefix's keys and
+values (`modules.py`): weight cosine compares prefix − start (what training changed, per layer), the
+Euclidean distance how far tuning on the shots moves the prefix (per layer); the output measures run the
+model with the prefix, as for the other kinds.
+
+Token tasks (CoNLL-2003 NER): the output measures read one output per labelled token (each word's first
+sub-word) of the probe sentences: loss, KL, EL2N and cosine are averaged over tokens, and the performance
+gain is in span F1 over the probe sentences' labelled tokens.
 """
 
 from __future__ import annotations
@@ -33,12 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import metrics
+from ..encode import IGNORE
 from ..errors import MergeLabError
-from ..models import peft_file_name
 from ..tasks import TaskSpec
 from ..losses import task_loss
-from .fewshot import Shots, adapter_model, tune
-from .modules import Module, deltas
+from .fewshot import Shots, adapter_model, live_tensors, tune
+from .modules import PREFIX, Module, deltas
 
 HEAD_STEPS, HEAD_LR = 30, 1e-2  # the linear probe's tuning
 
@@ -122,19 +131,42 @@ def _head_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def _body(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A live adapter model's own tensors by file key (no head)."""
-    return {key: p for n, p in model.named_parameters()
-            if (key := peft_file_name(n)) is not None and ("lora_" in key or key.endswith("ia3_l"))}
+    return {key: p for key, p in live_tensors(model).items()
+            if "lora_" in key or key.endswith("ia3_l") or key == PREFIX}
+
+
+def _probe_batches(shots: Shots) -> list[dict[str, torch.Tensor]]:
+    return shots.batches("probe", 32)
 
 
 @torch.no_grad()
 def _outputs(model: torch.nn.Module, shots: Shots) -> torch.Tensor:
+    """The model's outputs on the probe examples: one row per example, or per labelled token (token tasks)."""
     model.eval()
-    return torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()
-                      for b in shots.batches("probe", 32)])
+    out = []
+    for b in _probe_batches(shots):
+        logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()
+        out.append(logits[b["labels"] != IGNORE] if shots.spec.kind == "token" else logits)
+    return torch.cat(out)
 
 
-def _headline(spec: TaskSpec, outputs: torch.Tensor, labels: torch.Tensor) -> float:
-    return metrics.sequence_metrics(spec, outputs.cpu().numpy(), labels.cpu().numpy())[spec.main_metric]
+def probe_labels(shots: Shots) -> torch.Tensor:
+    """The probe examples' labels, in `_outputs`' order (token tasks: of the labelled tokens), on the device."""
+    if shots.spec.kind != "token":
+        return shots.probe.labels.to(shots.device)
+    return torch.cat([b["labels"][b["labels"] != IGNORE] for b in _probe_batches(shots)])
+
+
+def _headline(shots: Shots, outputs: torch.Tensor, labels: torch.Tensor) -> float:
+    spec = shots.spec
+    if spec.kind != "token":
+        return metrics.sequence_metrics(spec, outputs.cpu().numpy(), labels.cpu().numpy())[spec.main_metric]
+    sizes = [int(n) for b in _probe_batches(shots) for n in (b["labels"] != IGNORE).sum(1)]
+    names = spec.labels
+    predicted, gold = outputs.argmax(-1).cpu().split(sizes), labels.cpu().split(sizes)
+    found = metrics.span_metrics([[names[t] for t in p.tolist()] for p in predicted],
+                                 [[names[t] for t in g.tolist()] for g in gold])
+    return found[spec.main_metric]
 
 
 def _module_of(template: Module, model: torch.nn.Module) -> Module:
@@ -280,19 +312,18 @@ def weight_cosine_score(ctx: Context) -> Measured:
 
 def euclidean_score(ctx: Context) -> Measured:
     source = ctx.source
-    after = {k: v.detach().cpu() for k, v in _body(ctx.moved).items()}
+    after = {k: v.detach().cpu().float() for k, v in _body(ctx.moved).items()}
+    before = {k: source.tensors[k].float() for k in source.body}
     squares: dict[str, float] = {}
-    for key in source.body:
-        layer = source.layer_of(key)
-        moved = float((after[key].float() - source.tensors[key].float()).pow(2).sum())
-        squares[layer] = squares.get(layer, 0.0) + moved
+    for (layer, a), (_, b) in zip(source.pieces(after), source.pieces(before)):
+        squares[layer] = squares.get(layer, 0.0) + float((a - b).pow(2).sum())
     per_layer = {layer: -value ** 0.5 for layer, value in squares.items()}
     return Measured(sum(per_layer.values()), per_layer)
 
 
 def performance_score(ctx: Context) -> float:
-    before = _headline(ctx.spec, ctx.outputs, ctx.labels)
-    return _headline(ctx.spec, _outputs(ctx.moved, ctx.shots), ctx.labels) - before
+    before = _headline(ctx.shots, ctx.outputs, ctx.labels)
+    return _headline(ctx.shots, _outputs(ctx.moved, ctx.shots), ctx.labels) - before
 
 
 SEC = f"{PAPER}, Sec. 3.2"
@@ -347,7 +378,7 @@ def measure(sources: list[Module], shots: Shots, *, measures: tuple[str, ...] | 
         result.scores[m.name] = {}
         result.seconds[m.name] = 0.0
     order = [m for m in MEASURES.values() if m in chosen]  # computed in registry order, whatever was asked
-    labels = shots.probe.labels.to(shots.device)
+    labels = probe_labels(shots)
     reference = None
     tuned = [m for m in order if TUNED_REFERENCE in m.needs]
     if tuned:  # once per target: the module tuned from scratch on the shots, its P_t and ΔW_t

@@ -14,6 +14,7 @@ Following MaTS (Tam et al.), a merge is a statistic (none / diagonal Fisher / Gr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -43,6 +44,19 @@ class TensorJob:
     seed: int = 0  # this parameter's own seed (derived from the merge seed and the name)
 
 
+@dataclass
+class WholeModel:
+    """What a method's `prepare` pass sees: every parameter the method merges with all models.
+
+    `tensors()` iterates (name, info, tensors, base) afresh, loading one parameter at a time (TIES's
+    model-wide magnitude threshold); `stats` holds each model's statistics {name: {kind: tensor}}, or None
+    for a data-free merge (Fisher's whole-model normalisation)."""
+
+    names: list[str]
+    tensors: Callable[[], Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]]
+    stats: list[dict[str, dict[str, torch.Tensor]]] | None = None
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -57,9 +71,11 @@ class Method:
     needs_stats: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = ()
     min_models: int = 1
     max_models: int | None = None
-    # An optional pass over every (task vector of every) parameter before merging, e.g. TIES's
-    # model-wide magnitude threshold. Gets an iterator factory over (name, info, tensors, base).
-    prepare: Callable[[Callable, dict[str, Any]], dict[str, Any]] | None = None
+    # An optional pass over the whole model before merging (TIES's model-wide magnitude threshold and
+    # zero-sign fallback, Fisher's whole-model normalisation); what it returns is every job's `context`.
+    prepare: Callable[[WholeModel, dict[str, Any]], dict[str, Any]] | None = None
+    # Checks a combination of parameter values that each parameter alone cannot (raises MergeLabError).
+    check: Callable[[dict[str, Any]], None] | None = None
     mergekit: Callable[[dict[str, Any]], dict | None] | None = None  # mergekit YAML pieces, when expressible
     doc: str = ""
     # Parameters under which merging one model (or N copies of it) returns that model: the values the
@@ -80,8 +96,11 @@ class Method:
         if unknown:
             raise MergeLabError(f"method {self.name!r} has no parameter {unknown[0]!r}; "
                                 f"its parameters are: {', '.join(known) or 'none'}", param=unknown[0])
-        return {name: (p.parse(values[name], f"method {self.name!r}") if name in values else p.default)
-                for name, p in known.items()}
+        parsed = {name: (p.parse(values[name], f"method {self.name!r}") if name in values else p.default)
+                  for name, p in known.items()}
+        if self.check is not None:
+            self.check(parsed)
+        return parsed
 
 
 METHODS: dict[str, Method] = {}

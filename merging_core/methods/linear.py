@@ -6,7 +6,10 @@
 - `task_arithmetic`: θ = θ_pre + λ Σ_i τ_i, τ_i = θ_i − θ_pre (Ilharco et al. 2023, "Editing models
   with task arithmetic", arXiv:2212.04089, eq. 1). Equals mergekit's `task_arithmetic` with every weight = λ.
 - `slerp`: θ = sin((1−t)Ω)/sin Ω · θ_A + sin(tΩ)/sin Ω · θ_B with cos Ω the cosine of the two
-  flattened tensors (Shoemake 1985), falling back to linear interpolation when they are (anti)parallel.
+  flattened tensors (Shoemake 1985, "Animating rotation with quaternion curves", SIGGRAPH), falling back
+  to linear interpolation when they are (anti)parallel. As in mergekit, each whole tensor is one vector,
+  and a tensor whose norm is below 1e-8 is not normalised: an all-zero tensor counts as orthogonal to the
+  other one (Ω = π/2), so the result is sin(tπ/2) · θ_B when θ_A = 0.
 """
 
 from __future__ import annotations
@@ -27,15 +30,19 @@ def task_arithmetic(job: TensorJob) -> torch.Tensor:
     return job.base + job.params["lambda"] * deltas.sum(0)
 
 
+SLERP_EPS = 1e-8  # below this norm a tensor is left unnormalised (mergekit's rule)
+
+
 def slerp(job: TensorJob) -> torch.Tensor:
     a, b = job.tensors
     t = job.params["t"]
     a64, b64 = a.double().flatten(), b.double().flatten()
-    norms = a64.norm() * b64.norm()
-    cosine = float((a64 @ b64) / norms) if norms > 1e-12 else 1.0
+    norm_a, norm_b = float(a64.norm()), float(b64.norm())
+    cosine = float((a64 / (norm_a if norm_a > SLERP_EPS else 1.0)) @ (b64 / (norm_b if norm_b > SLERP_EPS else 1.0)))
+    cosine = min(1.0, max(-1.0, cosine))
     if abs(cosine) > job.params["dot_threshold"]:
         return (1 - t) * a + t * b
-    omega = torch.tensor(cosine, dtype=torch.float64).clamp(-1, 1).acos()
+    omega = torch.tensor(cosine, dtype=torch.float64).acos()
     sin = omega.sin()
     return (((1 - t) * omega).sin() / sin * a.double() + (t * omega).sin() / sin * b.double()).to(a.dtype)
 
@@ -51,8 +58,7 @@ def _task_arithmetic_yaml(params: dict) -> dict:
 
 
 def _slerp_yaml(params: dict) -> dict:
-    return {"merge_method": "slerp", "parameters": {"t": params["t"]}, "first_is_base": True,
-            "note": "mergekit 0.1.5 interpolates each output row separately; MergeLab uses the whole tensor"}
+    return {"merge_method": "slerp", "parameters": {"t": params["t"]}, "first_is_base": True}
 
 
 register(Method(

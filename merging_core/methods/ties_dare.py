@@ -4,13 +4,23 @@
   models", arXiv:2306.01708, Algorithm 1): trim each task vector to
   its top-`density` entries by magnitude, elect a sign per entry γ = sign(Σ_i τ̂_i), take the mean of
   the surviving entries whose sign agrees with γ (disjoint mean), and θ = θ_pre + λ τ_m.
-  Trim scope `model` ranks magnitudes over the whole model (the paper; a zero elected sign takes the
-  sign of the grand total); scope `tensor` ranks within each tensor and breaks a zero sum towards +,
-  exactly as mergekit's `ties` (so the two agree to float precision).
+  - **Trim scope.** `model` ranks magnitudes over the whole model (the paper); `tensor` ranks within
+    each tensor, as mergekit's `ties` does (the two agree to float precision).
+  - **Trim count.** Exactly k = max(1, ⌊density · n⌋) entries survive, the way mergekit counts; ties at
+    the threshold are broken by mergekit's sort. The authors' code keeps every entry at least as large
+    as the (n − k)-th smallest, i.e. k + 1 entries plus ties: one more entry per ranked set.
+  - **Zero sign** (`zero_sign`): where Σ_i τ̂_i is exactly 0 (e.g. +a and −a) the elected sign is
+    undefined and decides which entries survive. `total` takes the sign of the grand total of the trimmed
+    task vectors over the trim scope (the paper's text, Sec. 3); `majority` the more frequent elected
+    sign over the scope (the authors' code, `resolve_zero_signs(..., "majority")`); `plus` takes + (mergekit).
+    `auto` is `total` for scope `model` and `plus` for scope `tensor`. The fallback is computed for
+    every density, 1 included.
 - `dare` (Yu et al. 2024, "Language models are Super Mario", arXiv:2311.03099,
   eq. 2-3): drop each entry of every task
   vector with probability p and rescale the survivors by 1/(1−p); then combine linearly
   (θ_pre + λ Σ τ̃_i) or TIES-style (elected sign, disjoint mean, λ). The drop masks come from a seed.
+  mergekit's `dare_linear` differs twice: it draws its own masks, and it rescales each sparsified
+  tensor to the L1 norm of the tensor before the drop instead of by 1/(1−p).
 
 Scope `model` holds the magnitudes of all task vectors at once to find the exact threshold; scope
 `tensor` streams one tensor at a time.
@@ -18,11 +28,11 @@ Scope `model` holds the magnitudes of all task vectors at once to find the exact
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from . import Method, Param, TensorJob, register, stack
+from . import Method, Param, TensorJob, WholeModel, register, stack
 
 
 def kth_largest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
@@ -78,29 +88,48 @@ def disjoint_mean_(deltas: torch.Tensor, elected: torch.Tensor) -> torch.Tensor:
     return deltas.clamp_min_(0).sum(0).mul_(elected).div_(count)
 
 
-def _model_thresholds(iterate: Callable, params: dict[str, Any]) -> dict[str, Any]:
-    """Per model, the magnitude of its k-th largest task-vector entry over the whole model; then the
-    sign of the grand total of the trimmed task vectors (the fallback for a zero elected sign)."""
-    if params.get("scope", "model") != "model" or params.get("density", 1.0) >= 1:
+def zero_sign_rule(params: dict[str, Any]) -> str:
+    """`total`, `majority` or `plus`: the rule `zero_sign` names, with `auto` resolved by the scope."""
+    rule = params.get("zero_sign", "auto")
+    if rule == "auto":
+        return "total" if params.get("scope", "model") == "model" else "plus"
+    return rule
+
+
+def _fallback(total: float, votes: float, rule: str) -> float:
+    """The sign for entries whose elected sign is 0; + when the scope's own total (or vote) is 0 too."""
+    value = {"total": total, "majority": votes, "plus": 1.0}[rule]
+    return -1.0 if value < 0 else 1.0
+
+
+def _model_thresholds(model: WholeModel, params: dict[str, Any]) -> dict[str, Any]:
+    """Scope `model`: per model, the magnitude of its k-th largest task-vector entry over the whole model
+    (density < 1), and the zero-sign fallback over the whole trimmed model."""
+    if params.get("scope", "model") != "model":
         return {}
-    magnitudes: list[list[torch.Tensor]] = []
-    for _, _, tensors, base in iterate():
-        for i, t in enumerate(tensors):
-            if len(magnitudes) <= i:
-                magnitudes.append([])
-            magnitudes[i].append((t - base).abs().flatten().cpu())
-    thresholds = []
-    for parts in magnitudes:
-        flat = torch.cat(parts)
-        k = max(1, int(params["density"] * flat.numel()))
-        thresholds.append(float(kth_largest(flat, k)))
-    del magnitudes
-    total = 0.0
-    for _, _, tensors, base in iterate():
-        for t, threshold in zip(tensors, thresholds):
-            delta = t - base
-            total += float((delta * (delta.abs() >= threshold)).sum())
-    return {"thresholds": thresholds, "grand_sign": 1.0 if total >= 0 else -1.0}
+    thresholds = None
+    if params.get("density", 1.0) < 1:
+        magnitudes: list[list[torch.Tensor]] = []
+        for _, _, tensors, base in model.tensors():
+            for i, t in enumerate(tensors):
+                if len(magnitudes) <= i:
+                    magnitudes.append([])
+                magnitudes[i].append((t - base).abs().flatten().cpu())
+        thresholds = []
+        for parts in magnitudes:
+            flat = torch.cat(parts)
+            k = max(1, int(params["density"] * flat.numel()))
+            thresholds.append(float(kth_largest(flat, k)))
+        del magnitudes
+    rule = zero_sign_rule(params)
+    total = votes = 0.0
+    if rule != "plus":
+        for _, _, tensors, base in model.tensors():
+            summed = sum((t - base) * (t - base).abs().ge(h) if thresholds else t - base
+                         for t, h in zip(tensors, thresholds or [0.0] * len(tensors)))
+            total += float(summed.double().sum())
+            votes += float(summed.sign().sum())
+    return {"thresholds": thresholds, "zero_sign": _fallback(total, votes, rule)}
 
 
 def task_vectors(job: TensorJob) -> torch.Tensor:
@@ -116,14 +145,17 @@ def ties(job: TensorJob) -> torch.Tensor:
     if job.params["scope"] == "tensor":
         for d in deltas:
             trim_tensor_(d, density)
-        elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
-    else:
-        if density < 1:
-            thresholds = torch.tensor(job.context["thresholds"], dtype=deltas.dtype, device=deltas.device)
-            deltas.mul_(deltas.abs() >= thresholds.view(-1, *([1] * (deltas.dim() - 1))))
         total = deltas.sum(0)
-        grand = job.context.get("grand_sign", 1.0)
-        elected = torch.where(total == 0, torch.full_like(total, grand), total.sign())
+        rule = zero_sign_rule(job.params)
+        fallback = 1.0 if rule == "plus" else _fallback(float(total.double().sum()), float(total.sign().sum()), rule)
+    else:
+        thresholds = job.context.get("thresholds")
+        if density < 1 and thresholds is not None:
+            limits = torch.tensor(thresholds, dtype=deltas.dtype, device=deltas.device)
+            deltas.mul_(deltas.abs() >= limits.view(-1, *([1] * (deltas.dim() - 1))))
+        total = deltas.sum(0)
+        fallback = job.context.get("zero_sign", 1.0)
+    elected = torch.where(total == 0, torch.full_like(total, fallback), total.sign())
     return disjoint_mean_(deltas, elected).mul_(job.params["lambda"]).add_(job.base)
 
 
@@ -143,8 +175,8 @@ def dare(job: TensorJob) -> torch.Tensor:
 
 
 def _ties_yaml(params: dict) -> dict | None:
-    if params["scope"] != "tensor":
-        return None  # mergekit trims per tensor only
+    if params["scope"] != "tensor" or zero_sign_rule(params) != "plus":
+        return None  # mergekit trims per tensor only, and breaks a zero elected sign towards +
     return {"merge_method": "ties", "default_weight": 1.0, "model_parameters": {"density": params["density"]},
             "parameters": {"lambda": params["lambda"], "normalize": True}}
 
@@ -154,7 +186,8 @@ def _dare_yaml(params: dict) -> dict | None:
         return None  # mergekit's dare_ties sums instead of taking the disjoint mean
     return {"merge_method": "dare_linear", "default_weight": params["lambda"],
             "model_parameters": {"density": 1 - params["drop_rate"]},
-            "note": "mergekit draws its own random masks: same method, different drops"}
+            "note": "mergekit draws its own random masks and rescales each sparsified tensor to its L1 norm "
+                    "before the drop (MergeLab: by 1/(1-p), as the DARE paper): same method, different numbers"}
 
 
 register(Method(
@@ -164,7 +197,11 @@ register(Method(
                   high=1.0),
             Param("scope", "choice", "model", "rank magnitudes over the whole model (paper) or per tensor "
                   "(mergekit)", choices=("model", "tensor")),
-            Param("lambda", "float", 1.0, "scale λ of the merged task vector", low=0.0, high=3.0)),
+            Param("lambda", "float", 1.0, "scale λ of the merged task vector", low=0.0, high=3.0),
+            Param("zero_sign", "choice", "auto", "sign where the elected sum is 0: the sign of the grand total "
+                  "(total, paper), of the majority of elected signs (majority, authors' code), + (plus, "
+                  "mergekit); auto = total for scope model, plus for scope tensor",
+                  choices=("auto", "total", "majority", "plus"))),
     merge_tensor=ties, needs_base=True, prepare=_model_thresholds, mergekit=_ties_yaml,
     neutral={"density": 1.0, "lambda": 1.0},
     doc="Trim small task-vector entries, elect a sign, average the agreeing ones."))

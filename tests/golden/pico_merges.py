@@ -43,6 +43,15 @@ CASES: dict[str, tuple[str, list[str], str | None, dict, dict]] = {
                   {"stats": ["gram", "grad_gram"]}),
     "mats-diagonal-fisher": ("mats", ["sst2-0", "sst2-1"], "base", {"objective": "diagonal_fisher"},
                              {"stats": ["fisher"]}),
+    # The conventions each reference code follows (see docs/methods.md).
+    "regmean-tokens": ("regmean", ["sst2-0", "sst2-1"], None, {"weighting": "tokens"}, {"stats": ["gram"]}),
+    "mats-regmean-tokens-plain-cg": ("mats", ["sst2-0", "sst2-1"], "base",
+                                     {"objective": "regmean", "weighting": "tokens", "preconditioner": "none"},
+                                     {"stats": ["gram"]}),
+    "mats-regmean-closed-form": ("mats", ["sst2-0", "sst2-1"], "base", {"objective": "regmean", "solver": "closed_form"},
+                                 {"stats": ["gram"]}),
+    "fisher-model-normalized": ("fisher", ["sst2-0", "cola-1"], None, {"normalize": "model"}, {"stats": ["fisher"]}),
+    "ties-majority": ("ties", ["sst2-0", "sst2-1", "sst2-2"], "base", {"zero_sign": "majority", "density": 1.0}, {}),
 }
 
 
