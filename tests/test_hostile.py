@@ -82,10 +82,13 @@ BASE: dict[str, dict[str, Any]] = {
                "fallback": "average", "heads": "auto", "limit": 4, "compare": False, "multitask": "", "out": ""},
     "/curve": {"a": "pico-sst2", "b": "pico-cola", "tasks": ["sst2"], "points": 3, "path": "line", "limit": 4,
                "head_from": "", "base": "", "merges": [], "bend_steps": 10},
+    "/knowledge": {"a": "pico-sst2", "b": "pico-cola", "tasks": ["sst2"], "points": 3, "limit": 4, "head_from": "",
+                   "base": "", "examples": "dev"},
     "/plane": {"a": "pico-sst2", "b": "pico-cola", "c": "pico-mrpc", "task": "sst2", "grid": 3, "limit": 4,
                "merges": [], "base": "", "show": "metric"},
     "/align": {"a": "pico-sst2", "b": "pico-cola", "merge_type": "ff+attn", "attention": "head-perm",
-               "residual": "first", "qk": False, "text": "sst2", "examples": 8, "tasks": [], "points": 3, "limit": 4},
+               "residual": "first", "qk": False, "text": "sst2", "examples": 8, "tasks": [], "points": 3, "limit": 4,
+               "method": "permute", "tokens": 0, "zip_same": 0.0},
     "/ensemble": {"target": "sst2", "kind": "lora", "sources": [], "similarity": "loss", "log10_t": -1.0,
                   "granularity": "model", "shots": 8, "seeds": "0", "steps": 5, "limit": 4},
     "/ensemble_matrix": {"kind": "lora", "similarity": "loss", "log10_t": -1.0, "shots": 8},
@@ -142,6 +145,9 @@ MODEL_FIELDS = [  # endpoint, field, label, which names, how the field takes a n
     ("/curve", "b", r"Checkpoints \(A, B, C\)", FEW, str, {}),
     ("/curve", "head_from", "Head from", FEW, str, {}),
     ("/curve", "base", "Base model", FEW, str, {}),
+    ("/knowledge", "a", r"Checkpoints \(A, B, C\)", FEW, str, {}),
+    ("/knowledge", "b", r"Checkpoints \(A, B, C\)", FEW, str, {}),
+    ("/knowledge", "base", "Base model", FEW, str, {}),
     ("/plane", "c", r"Checkpoints \(A, B, C\)", FEW, str, {}),
     ("/plane", "base", "Base model", FEW, str, {}),
     ("/align", "a", r"A \(reference basis\)", FEW, str, {}),
@@ -168,6 +174,12 @@ case("/merge", "models-huge-count", r"^Checkpoints: 100000 is more than this app
      models=["pico-sst2"] * 100_000)
 case("/merge", "models-seven", r"^Checkpoints: 7 is more than this app allows \(6\)", models=["pico-sst2"] * 7)
 case("/curve", "a-empty", r"^Checkpoints \(A, B, C\): pick two checkpoints", a="")
+case("/knowledge", "a-empty", r"^Checkpoints \(A, B, C\): pick two checkpoints", a="")
+case("/knowledge", "points-over-limit", r"^Points: 20 is more than this app allows \(5\)", points=20)
+case("/knowledge", "limit-huge", r"^Limit: 1000000000 is more than this app allows \(8\)", limit=10**9)
+case("/knowledge", "examples-unknown", r"^Examples: ", examples="../dev")
+case("/align", "method-unknown", r"^Method: ", method="../zip")
+case("/align", "zip_same-nan", r"^Same-model pairs: ", method="zip", zip_same=float("nan"))
 case("/curve", "b-none", r"^Checkpoints \(A, B, C\): pick two checkpoints", b=None)
 case("/plane", "c-none", r"^Checkpoints \(A, B, C\): pick three checkpoints", c=None)
 case("/align", "a-none", r"^A \(reference basis\): pick two checkpoints", a=None)
