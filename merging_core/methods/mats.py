@@ -28,6 +28,7 @@ the tolerance was reached are recorded per parameter (the merge's report).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -69,12 +70,15 @@ def conjugate_gradient(apply: Operator, b: torch.Tensor, x: torch.Tensor, iterat
     return x, iterations
 
 
+@dataclass(frozen=True)
 class _Problem:
     """One parameter's linear system: A (matrix-free), b, A's diagonal, and a direct solution when one exists."""
 
-    def __init__(self, apply: Operator, b: torch.Tensor, diagonal: torch.Tensor, transposed: bool,
-                 direct: Callable[[], torch.Tensor] | None):
-        self.apply, self.b, self.diagonal, self.transposed, self.direct = apply, b, diagonal, transposed, direct
+    apply: Operator
+    b: torch.Tensor
+    diagonal: torch.Tensor
+    transposed: bool  # solved for X = Wᵀ
+    direct: Callable[[], torch.Tensor] | None
 
 
 def _problem(job: TensorJob) -> _Problem | None:

@@ -125,8 +125,10 @@ def _model_thresholds(model: WholeModel, params: dict[str, Any]) -> dict[str, An
     total = votes = 0.0
     if rule != "plus":
         for _, _, tensors, base in model.tensors():
-            summed = sum((t - base) * (t - base).abs().ge(h) if thresholds else t - base
-                         for t, h in zip(tensors, thresholds or [0.0] * len(tensors)))
+            summed = torch.zeros_like(base)
+            for i, t in enumerate(tensors):
+                delta = t - base
+                summed += delta * (delta.abs() >= thresholds[i]) if thresholds else delta
             total += float(summed.double().sum())
             votes += float(summed.sign().sum())
     return {"thresholds": thresholds, "zero_sign": _fallback(total, votes, rule)}
