@@ -28,7 +28,7 @@ from .methods import METHODS
 from .methods.mats import convergence
 from .params import parse_assignments
 from .paths import PATHS
-from .spec import FALLBACKS, HEAD_POLICIES, MergeSpec, parse_method_text
+from .spec import FALLBACKS, HEAD_POLICIES, MERGE_SPACES, MergeSpec, parse_method_text
 from .training import MODULE_KINDS, PEFT_KINDS, SAMPLING, TrainConfig, train
 
 
@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="merge heads of one label set, or keep one per task (auto: merge when they agree)")
     p.add_argument("--stats-task", nargs="+", default=None, help="data for each model's statistics (default: its task)")
     p.add_argument("--stats-file", nargs="+", default=None, help="precomputed statistics files, one per model")
+    p.add_argument("--space", choices=list(MERGE_SPACES), default="weights",
+                   help="(IA)3 modules: merge their scaling vectors (module), or the weights they fold into")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -142,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--stats-data", choices=list(STATS_DATA), default="task",
                            help="statistics of data-aware methods: on each model's task's train split, or on its "
                                 "own training partition (own)")
+            p.add_argument("--space", choices=list(MERGE_SPACES), default="weights",
+                           help="(IA)3 modules: merge their scaling vectors (module), or the weights they fold into")
         else:
             p.add_argument("--method", required=True, help=f"a method with settings, e.g. regmean:alpha=0.9 "
                                                                  f"{_methods()}")
@@ -293,10 +297,10 @@ def _run(args: argparse.Namespace) -> None:
                                     param="subsets")
             rows = compare_subsets(args.models, args.methods, size=args.subsets or 2, base=args.base,
                                    multitask=args.multitask, ensemble=args.ensemble, limit=args.limit,
-                                   stats_data=args.stats_data)
+                                   stats_data=args.stats_data, space=args.space)
         elif args.command == "compare":
             rows = compare(args.models, args.methods, base=args.base, multitask=args.multitask,
-                           ensemble=args.ensemble, limit=args.limit, stats_data=args.stats_data)
+                           ensemble=args.ensemble, limit=args.limit, stats_data=args.stats_data, space=args.space)
         else:
             name, params = parse_method_text(args.method)
             rows = greedy(args.models, name, params, base=args.base, limit=args.limit)
@@ -362,7 +366,7 @@ def _merge(args: argparse.Namespace) -> None:
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
     spec = MergeSpec(args.method, tuple(args.models), base=args.base, params=parse_assignments(args.set, "--set"),
                      components=components, fallback=args.fallback, heads=args.heads, stats_tasks=args.stats_task,
-                     stats_files=args.stats_file, seed=args.seed, allow_pickle=args.allow_pickle)
+                     stats_files=args.stats_file, seed=args.seed, allow_pickle=args.allow_pickle, space=args.space)
     result = merge(spec, out=args.out, overwrite=args.overwrite)
     solved = convergence(result.report)
     summary = {"out": str(result.out), "method": args.method, "tasks": result.tasks,

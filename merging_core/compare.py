@@ -183,16 +183,18 @@ def _ticker(progress: ProgressFn | None, steps: int) -> Callable[[str], Progress
 
 def compare(models: list[str], methods: list[str | tuple[str, dict]], *, base: str | None = None,
             multitask: str | None = None, ensemble: str = "logits", limit: int | None = None, split: str = "dev",
-            stats_data: str = "task", progress: ProgressFn | None = None) -> Iterator[dict[str, Any]]:
+            stats_data: str = "task", space: str = "weights", progress: ProgressFn | None = None
+            ) -> Iterator[dict[str, Any]]:
     """Rows of the comparison table, yielded as they are computed: each individual model (on its own
     task), the ensemble, the multi-task model (when given), then one row per merge method.
 
     `stats_data`: where data-aware methods take each model's statistics: its task's train split
-    ("task", as `merge`), or its own training partition ("own", `own_data_statistics`)."""
+    ("task", as `merge`), or its own training partition ("own", `own_data_statistics`). `space`: how
+    (IA)³ modules are merged (`MergeSpec.space`)."""
     if len(models) < 2:
         raise MergeLabError("compare needs at least two models", param="models")
     _check_stats_data(stats_data)
-    merges = specs_from_texts(methods, models, base=base, heads="auto")
+    merges = specs_from_texts(methods, models, base=base, heads="auto", space=space)
     inputs = Inputs.open(models)
     scorer = Scorer(inputs, limit, split)
     tasks = list(dict.fromkeys(inputs.tasks))
@@ -294,7 +296,7 @@ def _mean(values: list[float]) -> float:
 def compare_subsets(models: list[str], methods: list[str | tuple[str, dict]], *, size: int = 2,
                     base: str | None = None, multitask: str | None = None, ensemble: str = "logits",
                     limit: int | None = None, split: str = "dev", stats_data: str = "task",
-                    progress: ProgressFn | None = None) -> Iterator[dict[str, Any]]:
+                    space: str = "weights", progress: ProgressFn | None = None) -> Iterator[dict[str, Any]]:
     """Merge every subset of `size` models (every pair by default; `size=len(models)`: all together)
     with each method, and average over the subsets (the pairwise tables of Jin et al. 2023).
 
@@ -305,7 +307,7 @@ def compare_subsets(models: list[str], methods: list[str | tuple[str, dict]], *,
     is more than one subset, summary rows follow, one per row label, with "subset" "mean of K": each
     task's column is the mean over the subsets that have that task, and "mean" the mean over the
     subsets of their rows' means. Individual and reference scores are computed once per model and task.
-    `stats_data`: as in `compare` ("own": each model's statistics on its own training partition).
+    `stats_data`, `space`: as in `compare` ("own": each model's statistics on its own training partition).
     """
     if len(models) < 2:
         raise MergeLabError("compare needs at least two models", param="models")
@@ -318,7 +320,7 @@ def compare_subsets(models: list[str], methods: list[str | tuple[str, dict]], *,
     _check_stats_data(stats_data)
     subsets = [list(s) for s in combinations(models, size)]
     # Every merge of every subset is described (and checked) before any work.
-    plans = [specs_from_texts(methods, subset, base=base, heads="auto") for subset in subsets]
+    plans = [specs_from_texts(methods, subset, base=base, heads="auto", space=space) for subset in subsets]
     inputs = Inputs.open(models)
     scorer = Scorer(inputs, limit, split)
     tasks = list(dict.fromkeys(inputs.tasks))

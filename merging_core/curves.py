@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -58,25 +57,19 @@ import numpy as np
 import torch
 
 from . import cartography, knowledge, paths, settings
-from .arch import adapter_for, canonical
+from .arch import canonical
 from .checkpoint import HEAD_GROUPS, Checkpoint, check_compatible, load_canonical, open_checkpoint, recorded_base
 from .errors import MergeLabError
 from .evaluation import Evaluator
 from .losses import task_loss
 from .merge import merge
-from .models import (ADAPTER_FILE, ModelRef, adapter_base, adapter_kind, check_head, head_info, load, load_adapter,
-                     peft_file_name, read_config, resolve)
+from .module_space import SPACES, module_checkpoint, module_parameters, module_space
+from .models import check_head, load, load_adapter, resolve
 from .progress import ProgressFn, scaled, time_left, track
 from .spec import MergeSpec, parse_method_text, specs_from_texts
-from .stats import weights_fingerprint
 from .tasks import TaskSpec, get_task
-from .tensorio import LazyFiles
 from .training import train_batches
 
-SPACES = ("auto", "weights", "module")
-# Adapter settings that must agree for two modules to share one module space.
-ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "feedforward_modules", "use_rslora", "use_dora",
-                "rank_pattern", "alpha_pattern", "bottleneck_size", "nonlinearity")
 
 
 def _merge_text(item: str | tuple[str, dict]) -> str:
@@ -180,74 +173,12 @@ class Rig:
     spare: torch.nn.Module | None = None  # a copy to score merges in, made on first use
 
 
-# ----------------------------------------------------------------------------------------------------
-# opening checkpoints in weight or module space
-
-
-def _adapter_settings(ref: ModelRef) -> dict:
-    config = json.loads((ref.path / "adapter_config.json").read_text())
-    return {k: (sorted(config[k]) if isinstance(config.get(k), list) else config.get(k)) for k in ADAPTER_KEYS}
-
-
-def _module_space(refs: list[ModelRef], space: str) -> tuple[bool, str | None]:
-    """Whether the path runs in adapter module space, and a note when `auto` falls back to weight space."""
-    if space not in SPACES:
-        raise MergeLabError(f"space must be one of {list(SPACES)}, got {space!r}")
-    prefix = next((r.spec for r in refs if adapter_kind(r) == "prefix"), None)
-    if prefix:  # a prefix adds keys and values: nothing to fold into weights, and no module-space path here
-        raise MergeLabError(f"{prefix!r} is a prefix module, which curves cannot walk (it adds attention keys and "
-                            "values, not a weight update); use LoRA or (IA)3 modules, or full checkpoints",
-                            param="models")
-    if space == "weights":
-        return False, None
-    adapters = [r.is_adapter for r in refs]
-    reason = None
-    if not all(adapters):
-        reason = "not every checkpoint is an adapter module"
-    elif len({weights_fingerprint(adapter_base(r)) for r in refs}) > 1:
-        reason = "the adapter modules have different base models"
-    elif any(_adapter_settings(r) != _adapter_settings(refs[0]) for r in refs[1:]):
-        reason = "the adapter modules differ in kind, rank, alpha or target modules"
-    elif _adapter_settings(refs[0])["use_dora"]:
-        reason = "DoRA modules are not supported in module space"
-    if reason is None:
-        return True, None
-    if space == "module":
-        raise MergeLabError(f"space 'module' needs adapter modules of one kind on one base, but {reason}; "
-                            "use space 'weights' (adapters folded into their base)")
-    return False, (f"weight space: {reason} (adapters are folded into their base)" if any(adapters) else None)
-
-
-def _module_checkpoint(ref: ModelRef) -> Checkpoint:
-    """An adapter module's own tensors (LoRA factors or (IA)³ vectors, and the head), canonically named, lazily read."""
-    config = read_config(ref)
-    reader = LazyFiles([ref.path / ADAPTER_FILE])
-    adapter = adapter_for(config.model_type)
-    names, infos = {}, {}
-    for key in reader.keys():
-        name = canonical(key.removeprefix("base_model.model."), config.model_type)
-        names[name], infos[name] = key, adapter.describe(key)
-    task = get_task(ref.metadata()["task"]).name
-    return Checkpoint(ref, config, head_info(ref, config), task, reader, names, infos)
-
-
 def _fits(checkpoint: Checkpoint, spec: TaskSpec) -> bool:
     try:
         check_head(checkpoint.ref.spec, checkpoint.head, spec)
     except MergeLabError:
         return False
     return True
-
-
-def _parameters(model: torch.nn.Module, module_space: bool) -> dict[str, torch.nn.Parameter]:
-    """A model's parameters by canonical name (PEFT's live names mapped to the module file's names)."""
-    model_type = model.config.model_type
-    out = {}
-    for name, param in model.named_parameters():
-        key = peft_file_name(name) if module_space else name
-        if key is not None:
-            out[canonical(key.removeprefix("base_model.model."), model_type)] = param
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,11 +198,11 @@ class _Path:
         self.split, self.limit = spec.split, spec.limit
         self.device = settings.device()
         refs = [resolve(s) for s in self.specs]
-        self.module_space, note = _module_space(refs, spec.space)
+        self.module_space, note = module_space(refs, spec.space)
         if note:
             self.notes.append(note)
         self.space = "module" if self.module_space else "weights"
-        self.checkpoints = [(_module_checkpoint if self.module_space else open_checkpoint)(r) for r in refs]
+        self.checkpoints = [(module_checkpoint if self.module_space else open_checkpoint)(r) for r in refs]
         check_compatible(self.checkpoints, None)
         self.tasks = self._tasks(spec.tasks)
         # merges get the base as given (they find a recorded base themselves)
@@ -342,7 +273,7 @@ class _Path:
             model = load_adapter(owner).to(self.device).eval()
         else:
             model = load(owner, spec, device=self.device).model
-        params = _parameters(model, self.module_space)
+        params = module_parameters(model, self.module_space)
         # MLM and token models have no pooler: nothing of theirs reads it, so it need not move
         names = [n for n in names if n in params or self.checkpoints[0].infos[n].group != "pooler"]
         missing = [n for n in names if n not in params]

@@ -14,6 +14,11 @@ keep model A). Heads: models with the same label set may merge their heads (`hea
 default when all label sets agree); otherwise every task keeps its own head (`heads="separate"`)
 and the output is a multi-head checkpoint: the merged encoder plus one head file per task.
 
+(IA)³ modules can be merged in module space (`space="module"`, see `module_space`): the method then
+merges their scaling vectors, with the (IA)³ initialisation (all ones) as the base of task vectors and
+statistics of the vectors themselves, and the merged vectors are folded into the base for the output;
+heads are handled as above.
+
 The output folder is an HF model (config, tokenizer, safetensors) plus `merge_config.json`, which
 `merge_from_config` turns back into the same merge (seed included), and `mergekit.yaml` when mergekit
 can express the merge.
@@ -32,13 +37,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from safetensors.torch import save_file
 
-from . import settings
+from . import module_space, settings
 from ._version import __version__
 from .arch import GROUPS, ParamInfo
 from .checkpoint import HEAD_GROUPS, Checkpoint, check_compatible, open_checkpoint, recorded_base
 from .errors import MergeLabError, writing
 from .methods import METHODS, Method, TensorJob, WholeModel, get_method, sum_weighted
-from .models import HEAD_SUFFIXES, METADATA, ConfigView, copy_tokenizer, resolve
+from .models import HEAD_SUFFIXES, METADATA, ConfigView, copy_tokenizer, resolve, task_head_kwargs
 from .outputs import check_out, staging
 from .progress import ProgressFn, scaled, track
 from .spec import MergeSpec
@@ -170,21 +175,27 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     base_ckpt = open_checkpoint(base_spec, allow_pickle=spec.allow_pickle) if base_spec else None
     check_compatible(checkpoints, base_ckpt)
     plan = _plan(method, params, checkpoints, base_ckpt, spec.components, spec.fallback, spec.heads)
+    work = _vector_plan(plan) if spec.space == "module" else plan  # what the method merges
     device = torch.device(spec.device) if spec.device else settings.device()
 
     kinds = method.stats_required(params)
-    stats, stats_records = _gather_stats(plan, kinds, params, spec.stats_tasks, spec.stats_files,
-                                         scaled(progress, 0.0, 0.5 if kinds else 0.0, "statistics: "))
+    stats, stats_records = _gather_stats(work, kinds, params, spec.stats_tasks, spec.stats_files,
+                                         scaled(progress, 0.0, 0.5 if kinds else 0.0, "statistics: "), spec.space)
     weights = _weights(params, len(checkpoints), device)
     context = {}
     if method.prepare is not None:
-        whole = WholeModel(_method_names(plan), lambda: _method_tensors(plan, device), stats)
+        whole = WholeModel(_method_names(work), lambda: _method_tensors(work, device), stats)
         context = method.prepare(whole, params)
 
     merged_progress = scaled(progress, 0.5 if kinds else 0.0, 0.95, "merging: ")
     report: dict[str, dict] = {}
 
     def merged_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        if spec.space == "module":
+            yield from _folded(plan, {name: _merge_one(work, name, weights, stats, context, report, spec.seed, device)
+                                      for name in track(work.encoder, len(work.encoder), f"{spec.method} merge of "
+                                                        "the (IA)3 vectors", merged_progress)})
+            return
         for name in track(plan.encoder, len(plan.encoder), f"{spec.method} merge", merged_progress):
             yield name, _merge_one(plan, name, weights, stats, context, report, spec.seed, device)
 
@@ -206,12 +217,12 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     with writing(out), staging(out, overwrite=overwrite) as tmp:  # a full disk: one line naming `out`
         _write(tmp, plan, merged_tensors(), head_tensors)
         config["seconds"] = round(time.perf_counter() - started, 2)
-        yaml_text = mergekit_yaml(plan, base_spec)
+        yaml_text = mergekit_yaml(plan, base_spec) if spec.space == "weights" else None
         if yaml_text:
             (tmp / "mergekit.yaml").write_text(yaml_text)
         config["mergekit"] = "mergekit.yaml" if yaml_text else (
             "not expressible in mergekit (per-task heads, a subset of components, TIES scope model, "
-            "a data-aware method, or a base of another architecture class)")
+            "a data-aware method, module space, or a base of another architecture class)")
         (tmp / "merge_config.json").write_text(json.dumps({**config, "report": report, "notes": plan.notes},
                                                           indent=2) + "\n")
         metadata = {"kind": "merge", "method": spec.method, "models": config["models"], "base": base_spec,
@@ -223,6 +234,29 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     if progress:
         progress(1.0, "merged")
     return MergeResult(out, resolved, config, report, plan.notes, tasks, time.perf_counter() - started)
+
+
+def _vector_plan(plan: Plan) -> Plan:
+    """The plan of a module-space merge: the (IA)³ vectors of every model, from the all-ones initialisation."""
+    module_space.check_mergeable([m.ref for m in plan.models])
+    vectors = [module_space.vectors(module_space.module_checkpoint(m.ref)) for m in plan.models]
+    base = module_space.initialisation(vectors[0]) if plan.method.base_required(plan.params) else None
+    work = Plan(plan.method, plan.params, vectors, base, plan.components, plan.fallback, "none")
+    work.encoder = list(vectors[0].names)
+    return work
+
+
+def _folded(plan: Plan, merged: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A module-space merge's output tensors: the base with the merged vectors folded in; a shared head
+    (heads=merge) averaged, as a head the base lacks is in weight space."""
+    folded = module_space.fold(plan.models[0].ref, merged)
+    for name in plan.encoder:
+        if _info(plan, name).group in HEAD_GROUPS or name not in folded:
+            holders = _holders(plan, name)
+            tensors = [plan.models[i].get(name).float() for i in holders]
+            yield name, sum_weighted(tensors, torch.full((len(tensors),), 1 / len(tensors))).to(_meta(plan, name)[0])
+        else:
+            yield name, folded[name].to(_meta(plan, name)[0])
 
 
 def _head(plan: Plan, members: list[int]) -> dict[str, torch.Tensor]:
@@ -293,7 +327,8 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _gather_stats(plan: Plan, kinds: tuple[str, ...], params: dict, stats_tasks: list[str] | None,
-                  stats_files: list[str] | None, progress: ProgressFn | None) -> tuple[list[dict] | None, list[dict]]:
+                  stats_files: list[str] | None, progress: ProgressFn | None, space: str = "weights"
+                  ) -> tuple[list[dict] | None, list[dict]]:
     if not kinds:
         return None, []
     n = len(plan.models)
@@ -312,9 +347,9 @@ def _gather_stats(plan: Plan, kinds: tuple[str, ...], params: dict, stats_tasks:
             raise MergeLabError(f"model {m.ref.spec!r} has no recorded task to compute statistics on; name the "
                                 "task whose data to use", param="stats_tasks")
         part = scaled(progress, i / n, (i + 1) / n, f"{m.ref.name}: ")
-        results.append(statistics(m.ref, task, kinds, params, progress=part))
+        results.append(statistics(m.ref, task, kinds, params, space=space, progress=part))
         records.append({"model": m.ref.spec, "task": get_task(task).name, "kinds": list(kinds),
-                        **settings_of(kinds, params)})
+                        **({"space": space} if space != "weights" else {}), **settings_of(kinds, params)})
     return results, records
 
 
@@ -332,12 +367,20 @@ def _write(folder: Path, plan: Plan, tensors: Iterator[tuple[str, torch.Tensor]]
     with StreamingWriter(folder / "model.safetensors", layout, {"format": "pt"}) as writer:
         for name, tensor in tensors:
             writer.write(names[name], tensor)
-    first.config.save(folder, architectures=architectures)
+    changes = {"architectures": architectures}
+    if first.ref.is_adapter and plan.heads == "merge" and first.task:
+        # an adapter module's config is its base's (a bare encoder): the output has the module's head
+        changes = {"architectures": [_encoder_class(first.config).removesuffix("Model") + HEAD_SUFFIX[first.head.kind]],
+                   **task_head_kwargs(get_task(first.task))}
+    first.config.save(folder, **changes)
     copy_tokenizer(first.ref, folder)
     if plan.heads == "separate":
         (folder / "heads").mkdir()
         for task, tensors_ in heads.items():
             save_file({k: v.contiguous() for k, v in tensors_.items()}, folder / "heads" / f"{task}.safetensors")
+
+
+HEAD_SUFFIX = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification", "mlm": "ForMaskedLM"}
 
 
 def _encoder_class(config: ConfigView) -> str:

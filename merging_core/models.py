@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from . import bottleneck, caches, settings
 from .arch import adapter_for
 from .errors import MergeLabError, writing
-from .fingerprint import digests
+from .fingerprint import combined, digests
 from .outputs import staging
 from .tasks import TaskSpec, get_task
 from .tensorio import check_safetensors, open_safetensors
@@ -815,3 +815,31 @@ def write_into(folder: Path, model: torch.nn.Module, tokenizer, metadata: dict) 
         model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n")
+
+
+WEIGHT_FILES = ("*.safetensors", "heads/*.safetensors", "pytorch_model*.bin")
+CONFIG_FILES = ("config.json", "adapter_config.json")
+
+
+def weights_fingerprint(ref: ModelRef) -> str:
+    """A hash of the *content* of the checkpoint's weight files (an adapter module's: and of its base's), so
+    it changes with any rewrite, even one that keeps the size and mtime. The files' SHA-256 digests are
+    recorded beside the checkpoint (`fingerprint.RECORD`), so an unchanged multi-GB file is hashed once."""
+    if ref.path is None:
+        return ref.location  # hub ids, scratch specs
+    files = sorted({p for pattern in WEIGHT_FILES for p in ref.path.glob(pattern) if p.is_file()})
+    parts = digests(files, root=ref.path) if files else {"location": ref.location}
+    if ref.is_adapter:
+        parts["base"] = weights_fingerprint(adapter_base(ref))
+    return combined(parts)
+
+
+def config_fingerprint(ref: ModelRef) -> str:
+    """A hash of the content of the checkpoint's config (an adapter module's: and of its base's)."""
+    if ref.path is None:
+        return ref.location
+    files = [ref.path / n for n in CONFIG_FILES if (ref.path / n).is_file()]
+    parts = digests(files, root=ref.path, remember=False)
+    if ref.is_adapter:
+        parts["base"] = config_fingerprint(adapter_base(ref))
+    return combined(parts)

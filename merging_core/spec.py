@@ -23,6 +23,7 @@ from .params import parse_assignments
 
 FALLBACKS = ("average", "first")  # what the components outside `components` get
 HEAD_POLICIES = ("auto", "merge", "separate")
+MERGE_SPACES = ("weights", "module")  # adapters folded into their base, or (IA)³ vectors merged themselves
 
 
 class FrozenParams(dict):
@@ -54,6 +55,7 @@ class MergeSpec:
     seed: int = 0  # seeds everything random in the merge (a method's own `seed` parameter wins)
     allow_pickle: bool = False  # accept pytorch_model.bin (loaded weights_only)
     device: str | None = None  # where the math runs (default: the GPU when present)
+    space: str = "weights"  # "module": merge (IA)³ modules' scaling vectors, then fold them (`module_space`)
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -93,6 +95,8 @@ class MergeSpec:
             raise MergeLabError(f"{len(self.stats_files)} statistics files for {len(models)} models; give one per "
                                 "model", param="stats_files")
         setter("seed", int(self.seed))
+        if self.space not in MERGE_SPACES:
+            raise MergeLabError(f"space must be one of {list(MERGE_SPACES)}, got {self.space!r}", param="space")
 
     # -- serialization ------------------------------------------------------------------------------
 

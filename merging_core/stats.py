@@ -7,6 +7,16 @@
 - `fisher`: for every parameter, the diagonal Fisher F = E[(∇θ log p(y|x))²] (Matena & Raffel 2022,
   eq. 2). Per-example gradients by default (a true diagonal Fisher); `gradients=batch_mean` squares
   the gradient of a batch-mean loss instead (the RegMean codebase's variant, batch 16).
+- `block_fisher`: for every (IA)³ scaling vector l, the full Fisher block F = E[∇l log p ∇l log pᵀ]
+  (d x d, per-example gradients), the statistic of MaTS's blockwise-Fisher objective for (IA)³ (Tam et
+  al. 2024, arXiv:2312.04339, Sec. 5). Module space only.
+
+**Module space** (`space="module"`, (IA)³ modules): the statistics of the module's own tensors, on the
+live module (not folded). `fisher` is over the scaling vectors and the head; `gram` of a scaling vector
+is the diagonal of the Gram of the activation it scales (the layer's output for keys and values, its
+input for the feed-forward output), which is all of RegMean's objective for a diagonal map (see
+`methods.regmean`); `block_fisher` as above. The record says `"space": "module"`, so the cache keys of
+the two spaces never meet.
 
 Labels in log p(y|x): `empirical` = gold, `true` = sampled from the model, `hard` = its argmax. For
 regression (STS-B), log p is a unit Gaussian around the prediction; `hard` there would give zero
@@ -39,15 +49,17 @@ from .arch import canonical
 from .encode import IGNORE, encode, mlm_mask
 from .errors import MergeLabError
 from .losses import masked_lm_logits
-from .fingerprint import combined, digests
-from .models import ModelRef, adapter_base, load, resolve, tokenizer_files
+from .fingerprint import combined
+from .models import (ModelRef, config_fingerprint, load, load_adapter, load_tokenizer, resolve, tokenizer_files,
+                     weights_fingerprint)
+from .module_space import check_mergeable, module_checkpoint, module_parameters
 from .outputs import staging_file
 from .params import Param
 from .progress import ProgressFn, track
 from .tasks import TaskSpec, get_task
 
 FORMAT_VERSION = 1
-KINDS = ("gram", "grad_gram", "fisher")
+KINDS = ("gram", "grad_gram", "fisher", "block_fisher")
 SEED = 0  # example subset, MLM masks and sampled labels
 BATCH = 16
 
@@ -61,7 +73,8 @@ GRADIENTS = Param("gradients", "choice", "per_example", "square per-example grad
                   "or the gradient of a batch-mean loss (RegMean codebase)", choices=("per_example", "batch_mean"))
 SETTINGS: dict[str, tuple[Param, ...]] = {"gram": (EXAMPLES, MASK_PADDING),
                                           "grad_gram": (EXAMPLES, MASK_PADDING, FISHER_LABELS),
-                                          "fisher": (EXAMPLES, FISHER_LABELS, GRADIENTS)}
+                                          "fisher": (EXAMPLES, FISHER_LABELS, GRADIENTS),
+                                          "block_fisher": (EXAMPLES, FISHER_LABELS)}
 DEFAULTS = {p.name: p.default for params in SETTINGS.values() for p in params}
 
 
@@ -75,38 +88,12 @@ def settings_of(kinds: tuple[str, ...], params: dict[str, Any]) -> dict[str, Any
     return {p.name: params.get(p.name, p.default) for p in setting_params(*kinds)}
 
 
-WEIGHT_FILES = ("*.safetensors", "heads/*.safetensors", "pytorch_model*.bin")
-CONFIG_FILES = ("config.json", "adapter_config.json")
-
-
-def weights_fingerprint(ref: ModelRef) -> str:
-    """A hash of the *content* of the checkpoint's weight files (an adapter module's: and of its base's), so
-    it changes with any rewrite, even one that keeps the size and mtime. The files' SHA-256 digests are
-    recorded beside the checkpoint (`fingerprint.RECORD`), so an unchanged multi-GB file is hashed once."""
-    if ref.path is None:
-        return ref.location  # hub ids, scratch specs
-    files = sorted({p for pattern in WEIGHT_FILES for p in ref.path.glob(pattern) if p.is_file()})
-    parts = digests(files, root=ref.path) if files else {"location": ref.location}
-    if ref.is_adapter:
-        parts["base"] = weights_fingerprint(adapter_base(ref))
-    return combined(parts)
-
-
-def config_fingerprint(ref: ModelRef) -> str:
-    """A hash of the content of the checkpoint's config (an adapter module's: and of its base's)."""
-    if ref.path is None:
-        return ref.location
-    files = [ref.path / n for n in CONFIG_FILES if (ref.path / n).is_file()]
-    parts = digests(files, root=ref.path, remember=False)
-    if ref.is_adapter:
-        parts["base"] = config_fingerprint(adapter_base(ref))
-    return combined(parts)
-
-
-def record(ref: ModelRef, task: TaskSpec, kind: str, options: dict[str, Any]) -> dict[str, Any]:
+def record(ref: ModelRef, task: TaskSpec, kind: str, options: dict[str, Any], space: str = "weights"
+           ) -> dict[str, Any]:
     """How a statistic is computed: everything its cache key depends on, by content: the weights, the config
-    (e.g. the activation function), the tokenizer files, the data file, and the settings."""
-    return {"format": FORMAT_VERSION, "kind": kind, "model": ref.spec, "model_location": ref.location,
+    (e.g. the activation function), the tokenizer files, the data file, the settings, and the space
+    (recorded only for module space, so weight-space records keep their keys)."""
+    return {**({"space": space} if space != "weights" else {}), "format": FORMAT_VERSION, "kind": kind, "model": ref.spec, "model_location": ref.location,
             "weights": weights_fingerprint(ref), "config": config_fingerprint(ref),
             "tokenizer": combined(tokenizer_files(ref)) if ref.path is not None else ref.location,
             "task": task.name, "split": "train", "data": data.local_fingerprint(task, "train") or "hub",
@@ -155,8 +142,9 @@ def save_stats(values: dict[str, dict[str, torch.Tensor]], rec: dict[str, Any], 
 
 
 def statistics(model: str | ModelRef, task: str | TaskSpec, kinds: tuple[str, ...], options: dict[str, Any] | None = None,
-               *, progress: ProgressFn | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """{canonical parameter name: {kind: tensor}} for `model` on `task`'s train data, cached."""
+               *, space: str = "weights", progress: ProgressFn | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """{canonical parameter name: {kind: tensor}} for `model` on `task`'s train data, cached. `space="module"`:
+    an (IA)³ module's own vectors (see the module doc)."""
     ref = model if isinstance(model, ModelRef) else resolve(model)
     spec = get_task(task) if isinstance(task, str) else task
     options = {**DEFAULTS, **{k: v for k, v in (options or {}).items() if k in DEFAULTS}}
@@ -164,7 +152,7 @@ def statistics(model: str | ModelRef, task: str | TaskSpec, kinds: tuple[str, ..
     for kind in kinds:
         if kind not in KINDS:
             raise MergeLabError(f"unknown statistic {kind!r}; known: {', '.join(KINDS)}")
-        rec = record(ref, spec, kind, options)
+        rec = record(ref, spec, kind, options, space)
         path = cache_path(rec)
         values = None
         if path.is_file():
@@ -174,7 +162,7 @@ def statistics(model: str | ModelRef, task: str | TaskSpec, kinds: tuple[str, ..
                 values = None
         if values is None:
             started = time.perf_counter()
-            values = compute(ref, spec, kind, options, progress=progress)
+            values = compute(ref, spec, kind, options, space=space, progress=progress)
             save_stats(values, {**rec, "seconds": round(time.perf_counter() - started, 2),
                                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, path)
         for param, kv in values.items():
@@ -191,6 +179,8 @@ def _examples(spec: TaskSpec, tokenizer, n: int, device: torch.device) -> list[d
     encoded = encode(spec, "train", tokenizer)
     generator = torch.Generator().manual_seed(SEED)
     index = torch.randperm(len(encoded), generator=generator)[:n]
+    if not len(index):
+        raise MergeLabError(f"task {spec.name} has no training examples to compute statistics on")
     subset = encoded.subset(index)
     if spec.kind == "mlm":
         masked, labels = mlm_mask(subset.ids, tokenizer, generator)
@@ -255,20 +245,52 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def compute(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, Any], *,
+def compute(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, Any], *, space: str = "weights",
             progress: ProgressFn | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Compute one statistic for `ref` on `spec` (no cache)."""
+    if space == "module":
+        return _module_statistic(ref, spec, kind, options, progress)
+    if kind == "block_fisher":
+        raise MergeLabError("the blockwise Fisher is computed for (IA)3 scaling vectors: merge (IA)3 modules with "
+                            "space=module, or use the diagonal_fisher objective", param="objective")
     loaded = load(ref, spec)
     model = loaded.model
+    for p in model.parameters():  # an adapter module folded in comes back from PEFT frozen
+        p.requires_grad_(True)
     device = next(model.parameters()).device
     examples = _examples(spec, loaded.tokenizer, options["examples"], device)
-    if not examples:
-        raise MergeLabError(f"task {spec.name} has no training examples to compute statistics on")
     generator = torch.Generator().manual_seed(SEED)
     desc = f"{kind} of {ref.name} on {spec.name}"
     if kind == "fisher":
-        return _fisher(model, examples, spec, options, generator, desc, progress)
+        params = {canonical(n, model.config.model_type): p for n, p in model.named_parameters() if p.requires_grad}
+        return _fisher(model, params, examples, spec, options, generator, desc, progress)
     return _grams(model, examples, spec, kind, options, generator, desc, progress)
+
+
+def _module_statistic(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, Any],
+                      progress: ProgressFn | None) -> dict[str, dict[str, torch.Tensor]]:
+    """One statistic of an (IA)³ module's own tensors, on the live module."""
+    check_mergeable([ref])
+    if kind == "grad_gram":
+        raise MergeLabError("K-FAC factors are for full linear layers; for (IA)3 modules in module space use the "
+                            "block_fisher, diagonal_fisher or regmean objective", param="objective")
+    model = load_adapter(ref).to(settings.device()).eval()
+    own = module_checkpoint(ref)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = {n: p for n, p in module_parameters(model).items() if n in own.names}
+    vectors = {n for n in params if own.infos[n].factor == "ia3"}
+    # the Fisher covers the vectors and the head; its blocks, the vectors; a Gram needs no gradient
+    chosen = {"fisher": params, "block_fisher": {n: p for n, p in params.items() if n in vectors}, "gram": {}}[kind]
+    for p in chosen.values():
+        p.requires_grad_(True)
+    device = next(model.parameters()).device
+    examples = _examples(spec, load_tokenizer(ref), options["examples"], device)
+    generator = torch.Generator().manual_seed(SEED)
+    desc = f"{kind} of {ref.name} on {spec.name} (module space)"
+    if kind == "gram":
+        return _scaled_activations(model, vectors, examples, spec, options, desc, progress)
+    return _fisher(model, chosen, examples, spec, options, generator, desc, progress, block=kind == "block_fisher")
 
 
 def _grams(model, examples, spec, kind, options, generator, desc, progress) -> dict[str, dict[str, torch.Tensor]]:
@@ -318,11 +340,16 @@ def _forward_only(model, batch, spec: TaskSpec) -> None:
         model(**{k: v for k, v in batch.items() if k != "labels"})
 
 
-def _fisher(model, examples, spec, options, generator, desc, progress) -> dict[str, dict[str, torch.Tensor]]:
-    params = {canonical(n, model.config.model_type): p for n, p in model.named_parameters() if p.requires_grad}
-    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+def _fisher(model, params: dict[str, torch.nn.Parameter], examples, spec, options, generator, desc, progress,
+            block: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """The diagonal Fisher of `params`, or (`block`) the full Fisher block of each vector in `params`."""
+    if block:
+        sums = {name: torch.zeros(p.numel(), p.numel(), dtype=torch.float32, device=p.device)
+                for name, p in params.items()}
+    else:
+        sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     rows = _SparseEmbeddingGrad.attach(model, params)
-    size = 1 if options["gradients"] == "per_example" else BATCH
+    size = 1 if block or options["gradients"] == "per_example" else BATCH
     batches = [_collate(examples[i: i + size], spec) for i in range(0, len(examples), size)]
     try:
         for batch in track(batches, len(batches), desc, progress):
@@ -332,14 +359,57 @@ def _fisher(model, examples, spec, options, generator, desc, progress) -> dict[s
             extra = [rows.output] if rows is not None else []
             grads = torch.autograd.grad(log_p, wanted + extra, allow_unused=True)
             for name, g in zip([n_ for n_ in params if rows is None or n_ != rows.name], grads):
-                if g is not None:
-                    sums[name] += g.float() ** 2
+                if g is None:
+                    continue
+                g = g.float()
+                if block:
+                    sums[name] += torch.outer(g.reshape(-1), g.reshape(-1))
+                else:
+                    sums[name] += g ** 2
             if rows is not None:
                 rows.accumulate(sums[rows.name], batch["input_ids"], grads[-1])
     finally:
         if rows is not None:
             rows.detach()
-    return {name: {"fisher": s / len(batches)} for name, s in sums.items()}
+    return {name: {"block_fisher" if block else "fisher": s / len(batches)} for name, s in sums.items()}
+
+
+def _scaled_activations(model, vectors: set[str], examples, spec, options, desc, progress
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+    """Per (IA)³ vector: E[a²] feature by feature over the tokens of the activation a it scales (the diagonal
+    of that activation's Gram), with the token count."""
+    owners = {id(p): n for n, p in module_parameters(model).items() if n in vectors}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        rows = _rows(x.detach(), state["mask"] if options["mask_padding"] else None).double()
+        sums[name] = sums.get(name, 0) + (rows ** 2).sum(0)
+        counts[name] = counts.get(name, 0) + rows.shape[0]
+
+    handles = []
+    for module in model.modules():
+        scaling = getattr(module, "ia3_l", None)
+        if scaling is None or not hasattr(module, "base_layer"):
+            continue
+        name = next(owners[id(p)] for p in scaling.values() if id(p) in owners)
+        if module.is_feedforward:  # l scales the layer's input: y = W (l ⊙ x) + b
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: accumulate(name, args[0])))
+        else:  # l scales the layer's output: y = l ⊙ (W x + b)
+            handles.append(module.base_layer.register_forward_hook(
+                lambda m, args, out, name=name: accumulate(name, out)))
+    batches = [_collate(examples[i: i + BATCH], spec) for i in range(0, len(examples), BATCH)]
+    try:
+        for batch in track(batches, len(batches), desc, progress):
+            state["mask"] = batch["attention_mask"]
+            with torch.inference_mode():
+                _forward_only(model, batch, spec)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: {"gram": (sums[name] / counts[name]).float(), "gram_count": torch.tensor(float(counts[name]))}
+            for name in sums if counts[name] > 0}
 
 
 class _SparseEmbeddingGrad:

@@ -90,6 +90,26 @@ def test_merge_and_compare(pico_cola_entry, client, app_home):
     assert (app_home / "merges" / row["model"]).is_dir() and "weights=[3.0, 1.0]" in status
 
 
+def test_merge_with_every_pair(pico_cola_entry, pico, client, app_home):
+    # three checkpoints: the merge of all three, then each pair merged with the same method and each
+    # row's mean over the three pairs (the same-task tables of Jin et al. 2023)
+    entry = copy_model(pico("sst2", seed=2), app_home / "zoo" / "pico-sst2-b")
+    (entry / "mergelab.json").write_text(json.dumps({"task": "sst2", "kind": "full", "seed": 2, "steps": 0}))
+    table, status, _ = _merge(client, models=("pico-sst2", "pico-cola", "pico-sst2-b"), out="trio", compare=False,
+                              pairwise=True)
+    rows = _rows(table)
+    assert table["headers"] == ["model", "kind", "pair", "CoLA", "SST-2", "mean"]
+    assert rows[0]["model"] == "trio" and rows[0]["pair"] == ""
+    pairs = {r["pair"] for r in rows[1:] if r["pair"] != "mean of 3"}
+    assert pairs == {"pico-sst2 + pico-cola", "pico-sst2 + pico-sst2-b", "pico-cola + pico-sst2-b"}
+    merged = [r for r in rows if r["kind"] == "merge" and r["pair"] not in ("", "mean of 3")]
+    (mean,) = [r for r in rows if r["kind"] == "merge" and r["pair"] == "mean of 3"]
+    assert len(merged) == 3 and mean["mean"] == pytest.approx(sum(r["mean"] for r in merged) / 3, abs=1e-3)
+    # two checkpoints: the merge is the only pair
+    _, status, _ = _merge(client, out="duo", compare=False, pairwise=True)
+    assert "Pairs skipped" in status
+
+
 def test_merge_errors_are_one_line(pico_cola_entry, client, app_home):
     cases = [({"method": "task_arithmetic"}, "^Base model: .*give the model they were fine-tuned from"),
              ({"method": "ties", "base": "pico-sst2", "params": {"density": 5}}, r"'density'.*\[0\.0, 1\.0\]"),

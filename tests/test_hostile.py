@@ -79,7 +79,8 @@ BASE: dict[str, dict[str, Any]] = {
     "/evaluate": {"model": "pico-sst2", "tasks": ["sst2"], "split": "dev", "limit": 4},
     "/merge": {"models": ["pico-sst2", "pico-cola"], "base": "", "method": "average", "params": {},
                "components": ["embeddings", "attention", "feed_forward", "layer_norm", "pooler", "head", "mlm_head"],
-               "fallback": "average", "heads": "auto", "limit": 4, "compare": False, "multitask": "", "out": ""},
+               "fallback": "average", "heads": "auto", "limit": 4, "compare": False, "multitask": "", "out": "",
+               "space": "weights", "pairwise": False},
     "/curve": {"a": "pico-sst2", "b": "pico-cola", "tasks": ["sst2"], "points": 3, "path": "line", "limit": 4,
                "head_from": "", "base": "", "merges": [], "bend_steps": 10},
     "/knowledge": {"a": "pico-sst2", "b": "pico-cola", "tasks": ["sst2"], "points": 3, "limit": 4, "head_from": "",
@@ -167,6 +168,8 @@ case("/evaluate", "model-empty", r"no model given", model="")
 case("/evaluate", "model-blank", r"no model given", model="   ")
 case("/evaluate", "model-none", r"no model given", model=None)
 case("/merge", "models-empty", r"^Checkpoints: pick the checkpoints", models=[])
+case("/merge", "pairwise-multitask-dotdot", r"^Multi-task model: model .* is not available here", pairwise=True,
+     multitask=NAMES["dotdot"])
 case("/merge", "models-none", r"^Checkpoints: pick the checkpoints", models=None)
 case("/merge", "models-one-string", r"^Checkpoints: model 'passwd' is not available here", models="/etc/passwd")
 case("/merge", "models-dict", r"^Checkpoints: pick models by their names", models=[{"path": "/etc"}])
@@ -329,6 +332,10 @@ CHOICES = [  # endpoint, id, expect, marks, override
     ("/merge", "fallback-none", r"^Fallback: fallback must be one of", [], {"fallback": None}),
     ("/merge", "heads-unknown", CHOICE, [], {"heads": "nope"}),
     ("/merge", "heads-none", r"^Heads: heads must be one of", [], {"heads": None}),
+    ("/merge", "space-unknown", CHOICE, [], {"space": "nope"}),
+    ("/merge", "space-none", r"^Adapter modules: space must be one of", [], {"space": None}),
+    ("/merge", "space-module-full-models", r"^Adapter modules: space 'module' needs adapter modules of one kind",
+     [], {"space": "module"}),
     ("/curve", "path-unknown", CHOICE, [], {"path": "nope"}),
     ("/curve", "path-none", r"^Path: path must be one of", [], {"path": None}),
     ("/curve", "tasks-unknown", CHOICE, [], {"tasks": ["nope"]}),

@@ -22,7 +22,7 @@ import merging_core as ml
 from merging_core.arch import GROUPS
 from merging_core.params import parse_assignments
 from merging_core.progress import scaled
-from merging_core.spec import FALLBACKS, HEAD_POLICIES, MergeSpec
+from merging_core.spec import FALLBACKS, HEAD_POLICIES, MERGE_SPACES, MergeSpec
 
 from . import controls as ui
 from . import start
@@ -33,7 +33,7 @@ from .session import Session, redact, session
 DEFAULT_METHOD = "average"
 DEFAULT_LIMIT = 200
 NONE = ("(none)", "")
-ROW_KEYS = ("model", "kind", "mean")
+ROW_KEYS = ("model", "kind", "subset", "subsets", "mean")
 # Slider for a bounded number whose range has at most this many integer steps (else a number box).
 MAX_INT_SLIDER = 1000
 PER_ROW = 3  # parameter controls per row (they wrap on narrow screens)
@@ -41,6 +41,7 @@ TOP_RESIDUALS = 12  # solved parameters listed under a MaTS merge (worst first)
 # Engine inputs named in errors -> this tab's control labels (a method's parameters keep their names).
 LABELS = {"models": "Checkpoints", "base": "Base model", "method": "Method", "params": "Parameters",
           "components": "Components", "fallback": "Fallback", "heads": "Heads", "out": "Output folder",
+          "space": "Adapter modules",
           "stats_tasks": "Checkpoints (each needs a recorded task)", "limit": "Limit", "multitask": "Multi-task model"}
 
 
@@ -135,10 +136,19 @@ def _reset_js() -> str:
 # the run
 
 
+def _pair(subset: list[str] | str | None) -> str:
+    """A pairwise row's models ("a + b") or its summary label ("mean of 3")."""
+    if subset is None:
+        return ""
+    return subset if isinstance(subset, str) else " + ".join(redact(str(m)) for m in subset)
+
+
 def score_table(rows: list[dict]) -> pd.DataFrame:
     tasks = sorted({k for r in rows for k in r if k not in ROW_KEYS})
-    rows = [{**r, "model": redact(str(r["model"]))} for r in rows]
-    frame = pd.DataFrame(rows, columns=["model", "kind", *tasks, "mean"])
+    paired = any("subset" in r for r in rows)
+    rows = [{**r, "model": redact(str(r["model"])), "subset": _pair(r.get("subset"))} for r in rows]
+    frame = pd.DataFrame(rows, columns=["model", "kind", *(["subset"] if paired else []), *tasks, "mean"])
+    frame = frame.rename(columns={"subset": "pair"})
     return frame.round(4).rename(columns={task: ml.tasks.title(task) for task in tasks})
 
 
@@ -229,10 +239,11 @@ def _params(method: str, params: dict | str | None) -> dict:
 @engine_errors(labels=LABELS)
 def run_merge(models: list[str] | None, base: str | None, method: str, params: dict | str | None,
               components: list[str] | None, fallback: str, heads: str, limit: float | None, compare: bool,
-              multitask: str | None, out: str | None, request: gr.Request = None,
-              progress: gr.Progress = gr.Progress()):
+              multitask: str | None, out: str | None, space: str = "weights", pairwise: bool = False,
+              request: gr.Request = None, progress: gr.Progress = gr.Progress()):
     """Merge, save, then stream the score table: the merge first, then (compare on) each individual
-    model, the ensemble and the multi-task model. Yields (table, status, downloadable files)."""
+    model, the ensemble and the multi-task model, then (pairwise on) every pair merged with the same
+    method and the mean over the pairs. Yields (table, status, downloadable files)."""
     visitor = session(request)
     models = visitor.models(models, "models")
     if not models:
@@ -245,7 +256,7 @@ def run_merge(models: list[str] | None, base: str | None, method: str, params: d
     limit = visitor.bound("examples", all_or(limit, "limit"), "limit")
     report = progress_fn(progress, request)
     spec = MergeSpec(method, tuple(models), base=base, params=_params(method, params), components=tuple(components),
-                     fallback=fallback, heads=heads)
+                     fallback=fallback, heads=heads, space=space)
     folder = visitor.output("merges", out, method)
     yield score_table([]), "", None
     result = ml.merge(spec, out=folder, progress=scaled(report, 0.0, 0.4 if compare else 0.7, "merge: "))
@@ -268,12 +279,26 @@ def run_merge(models: list[str] | None, base: str | None, method: str, params: d
         rows.append(merged_row(result.out.name, results))
         yield score_table(rows), summary(result, extra + (["Scoring the individual models and the ensemble…"]
                                                           if compare else []), visitor), files
+    if pairwise and len(models) < 3:
+        extra.append("Pairs skipped: with fewer than three checkpoints the merge above is the only pair.")
+    elif pairwise:
+        try:
+            defaults = ml.methods.get_method(method).parse({})
+            changed = {k: v for k, v in spec.params.items() if v != defaults.get(k)}  # the row label's settings
+            for row in ml.compare_subsets(models, [(method, changed)], size=2, base=base,
+                                                  multitask=multitask, limit=limit, space=space,
+                                                  progress=scaled(report, 0.55, 0.8 if compare else 1.0,
+                                                                  "pairs: ")):
+                rows.append(row)
+                yield score_table(rows), summary(result, extra + ["Merging and scoring every pair…"], visitor), files
+        except ml.MergeLabError as exc:  # the merge is saved; say why the pairs stopped
+            extra.append(f"Pairs stopped: {exc}")
     if compare and len(models) < 2:
         extra.append("Comparison skipped: it needs at least two models.")
     elif compare:
         try:
             for row in ml.compare(models, [], base=base, multitask=multitask, limit=limit,
-                                  progress=scaled(report, 0.55, 1.0, "compare: ")):
+                                  progress=scaled(report, 0.8 if pairwise else 0.55, 1.0, "compare: ")):
                 rows.append(row)
                 yield score_table(rows), summary(result, extra + ["Scoring…"], visitor), files
         except ml.MergeLabError as exc:  # the merge is saved; say why the comparison stopped
@@ -350,7 +375,7 @@ def build(demo: gr.Blocks) -> dict:
                 for control in made:
                     control.change(None, made, params, js=_collect_js(names), api_visibility="private")
 
-        with gr.Accordion("Components and heads", open=False, elem_id="merge-components-box"):
+        with gr.Accordion("Components, heads and adapter modules", open=False, elem_id="merge-components-box"):
             with gr.Row():
                 components = ui.CheckboxGroup(list(GROUPS), value=list(GROUPS), label="Components", scale=3,
                                               elem_id="merge-components",
@@ -359,11 +384,17 @@ def build(demo: gr.Blocks) -> dict:
                                     info="for groups left out: average, or keep model A")
                 heads = ui.Radio(list(HEAD_POLICIES), value="auto", label="Heads", scale=1,
                                  info="auto: merge heads of one label set, else one head per task")
+                space = ui.Radio(list(MERGE_SPACES), value="weights", label="Adapter modules", scale=1,
+                                 elem_id="merge-space",
+                                 info="(IA)3 modules: merge the weights they fold into, or their scaling vectors "
+                                      "(module)")
         with gr.Row(equal_height=True):
             limit = ui.Number(value=DEFAULT_LIMIT, precision=0, minimum=0, label="Limit", scale=1, min_width=120,
                               info="first N dev examples per task; 0 = all", elem_id="merge-limit")
             compare = gr.Checkbox(value=True, label="Compare", scale=1, min_width=140, elem_id="merge-compare",
                                   info="score the individual models and their ensemble too")
+            pairwise = gr.Checkbox(value=False, label="Every pair", scale=1, min_width=140, elem_id="merge-pairwise",
+                                   info="also merge each pair of the checkpoints, then average over the pairs")
             multitask = ui.Dropdown([NONE, *multitask_choices()], value="", allow_custom_value=True, scale=2,
                                     label="Multi-task model", elem_id="merge-multitask",
                                     info="optional: one more row to beat (with Compare)")
@@ -386,7 +417,7 @@ def build(demo: gr.Blocks) -> dict:
         method.change(method_doc, method, doc, api_name="method_doc", api_visibility="private")
         method.change(None, method, params, js=_reset_js(), api_visibility="private")
         merging = run.click(run_merge, [models, base, method, params, components, fallback, heads, limit, compare,
-                                        multitask, out], [table, status, files], api_name="merge",
+                                        multitask, out, space, pairwise], [table, status, files], api_name="merge",
                             concurrency_id="gpu", show_progress_on=status)
         on_stop(halt, [merging], status, api=True)
         merging.then(lambda saved: gr.File(visible=bool(saved)), files, files, api_visibility="private",

@@ -9,10 +9,18 @@ per parameter, matrix-free, with conjugate gradient from an initialisation:
 | diagonal_fisher | (Σ c_i F_i) ⊙ X        | Σ c_i F_i ⊙ θ_i         | Σ c_i F_i                    |
 | regmean         | (Σ G̃_i) X, X = Wᵀ      | Σ G̃_i W_iᵀ              | diag(Σ G̃_i) along each column |
 | kfac            | Σ G̃_i X B̃_i            | Σ G̃_i W_iᵀ B̃_i          | Σ diag(G̃_i) diag(B̃_i)ᵀ       |
+| block_fisher    | (Σ c_i F̂_i) X          | Σ c_i F̂_i θ_i           | diag(Σ c_i F̂_i)              |
 
 G_i is the Gram of a linear layer's inputs, B_i the Gram of the gradients at its outputs (K-FAC
 factors), both with off-diagonals scaled by α; the models count as RegMean's `weighting` says (c_i, or
 c_i N_i). Parameters without statistics are averaged.
+
+**(IA)³ modules** are merged in module space (`merge(..., space="module")`): the objectives act on the
+scaling vectors. `block_fisher` is the objective MaTS uses for (IA)³ (Sec. 5): each vector's full Fisher
+block F_i = E[g gᵀ] (d x d, `stats`' `block_fisher`), floored as F̂_i = F_i + ε I so that directions no
+example moves take the average; `regmean` there is RegMean's diagonal form (`methods.regmean`);
+`diagonal_fisher` and `average` are unchanged; `kfac` does not apply. `normalize` acts on the diagonal
+Fisher only.
 
 **Convergence.** Linear layers' Grams are ill-conditioned (condition numbers of 1e6 on a feed-forward
 output are common), and plain CG from the task-arithmetic start is then far from the solution after
@@ -21,7 +29,7 @@ methods for sparse linear systems", Sec. 9.2) divides the residual by A's diagon
 differences of scale between input features: it solves `diagonal_fisher` in one step and cuts the
 iterations `regmean` needs by orders of magnitude (measured in docs/results/merging.md). `solver=closed_form`
 skips the iterations where a direct solution exists (average, diagonal_fisher, regmean: RegMean's
-solve), and is refused for `kfac`, whose system Σ G̃_i X B̃_i = C has no direct solution short of a
+solve; block_fisher: one d x d solve per vector), and is refused for `kfac`, whose system Σ G̃_i X B̃_i = C has no direct solution short of a
 Kronecker-sized matrix. The relative residual ‖Ax − b‖ / ‖b‖ before and after, the steps and whether
 the tolerance was reached are recorded per parameter (the merge's report).
 """
@@ -37,7 +45,8 @@ from . import WEIGHTS, Method, Param, TensorJob, register, stack, weighted_mean
 from ..errors import MergeLabError
 from ..stats import setting_params
 from .fisher import EPSILON, NORMALIZE, fisher_norms, fisher_weights
-from .regmean import ALPHA, WEIGHTING, scale_off_diagonal, solve_regmean, weighted_grams
+from .regmean import (ALPHA, WEIGHTING, diagonal_grams, scale_off_diagonal, solve_diagonal, solve_regmean,
+                      weighted_grams)
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -95,6 +104,14 @@ def _problem(job: TensorJob) -> _Problem | None:
         total = weighted.double().sum(0)
         b = (weighted.double() * torch.stack(thetas)).sum(0)
         return _Problem(lambda x: total * x, b, total, False, lambda: b / total)
+    if objective == "block_fisher":
+        return _block_problem(job, thetas)
+    diagonal = diagonal_grams(job) if objective == "regmean" else None
+    if diagonal is not None:  # an (IA)³ vector: RegMean of a diagonal map
+        total = diagonal.sum(0)
+        b = (diagonal * torch.stack(thetas)).sum(0)
+        return _Problem(lambda x: total * x, b, total.clamp_min(torch.finfo(total.dtype).tiny), False,
+                        lambda: solve_diagonal(diagonal, job).double())
     grams = weighted_grams(job)
     if grams is None:
         return None
@@ -109,6 +126,20 @@ def _problem(job: TensorJob) -> _Problem | None:
     return _Problem(lambda x: sum(g @ x @ o for g, o in zip(grams, outs)),
                     sum(g @ w.T @ o for g, w, o in zip(grams, thetas, outs)),
                     diagonal.clamp_min(torch.finfo(diagonal.dtype).tiny), True, None)
+
+
+def _block_problem(job: TensorJob, thetas: list[torch.Tensor]) -> _Problem | None:
+    """(Σ c_i F̂_i) θ = Σ c_i F̂_i θ_i over one vector's Fisher blocks, F̂ = F + εI."""
+    if not job.stats or any("block_fisher" not in s for s in job.stats):
+        return None
+    eye = torch.eye(thetas[0].numel(), dtype=torch.float64, device=thetas[0].device)
+    blocks = [float(c) * (s["block_fisher"].to(eye) + job.params["epsilon"] * eye)
+              for s, c in zip(job.stats, job.weights)]
+    total = sum(blocks)
+    b = sum(f @ t.reshape(-1) for f, t in zip(blocks, thetas)).reshape(thetas[0].shape)
+    return _Problem(lambda x: (total @ x.reshape(-1)).reshape(x.shape), b,
+                    torch.diagonal(total).reshape(b.shape).clamp_min(torch.finfo(total.dtype).tiny), False,
+                    lambda: torch.linalg.solve(total, b.reshape(-1)).reshape(b.shape))
 
 
 def _initial(job: TensorJob) -> torch.Tensor:
@@ -155,14 +186,14 @@ def _needs_base(params: dict) -> bool:
 
 
 OBJECTIVE_STATS = {"average": (), "diagonal_fisher": ("fisher",), "regmean": ("gram",),
-                   "kfac": ("gram", "grad_gram")}
+                   "kfac": ("gram", "grad_gram"), "block_fisher": ("block_fisher",)}
 
 
 register(Method(
     name="mats", title="MaTS (conjugate gradient)", family="data-aware",
     paper="Tam et al. 2024, Merging by matching models in task parameter subspaces (MaTS), arXiv:2312.04339, eq. 6 and Table 1, solved by conjugate gradient",
     params=(Param("objective", "choice", "regmean", "the merging objective whose linear system is solved",
-                  choices=("average", "diagonal_fisher", "regmean", "kfac")),
+                  choices=("average", "diagonal_fisher", "regmean", "kfac", "block_fisher")),
             Param("init", "choice", "task_arithmetic", "where conjugate gradient starts (first = model A)",
                   choices=("average", "task_arithmetic", "base", "first")),
             Param("init_lambda", "float", 0.3, "λ of the task-arithmetic initialisation", low=0.0, high=3.0),
@@ -171,8 +202,8 @@ register(Method(
             Param("preconditioner", "choice", "jacobi", "divide the residual by the diagonal of the system "
                   "(jacobi) or not (none)", choices=("jacobi", "none")),
             Param("solver", "choice", "cg", "conjugate gradient, or the direct solution where one exists "
-                  "(average, diagonal_fisher, regmean)", choices=("cg", "closed_form")),
-            WEIGHTS, ALPHA, WEIGHTING, *setting_params("gram", "grad_gram", "fisher"),
+                  "(average, diagonal_fisher, regmean, block_fisher)", choices=("cg", "closed_form")),
+            WEIGHTS, ALPHA, WEIGHTING, *setting_params("gram", "grad_gram", "fisher", "block_fisher"),
             NORMALIZE, EPSILON),
     merge_tensor=mats, needs_stats=lambda params: OBJECTIVE_STATS[params["objective"]], needs_base=_needs_base,
     prepare=fisher_norms, check=_check,

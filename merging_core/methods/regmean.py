@@ -15,7 +15,13 @@ average by diag(G).
 - `tokens`: G̃_i ← c_i N_i G̃_i, i.e. the summed Grams X_iᵀX_i of eq. 2 taken literally: a model whose
   statistics saw more tokens (longer texts, more examples) pulls the solution towards itself. It needs
   the token count each statistics file records.
+
+**(IA)³ vectors in module space.** An (IA)³ vector l acts as the diagonal linear map a ↦ l ⊙ a on the
+activation a it scales, so eq. 2 restricted to diagonal weights, min_l Σ_i ‖(l − l_i) ⊙ A_i‖², is solved
+feature by feature: l_j = Σ_i c_i G_i,jj l_i,j / Σ_i c_i G_i,jj, with only the diagonal of each Gram
+(what `stats` records for a vector in module space). α does not enter (it scales off-diagonals only).
 """
+
 
 from __future__ import annotations
 
@@ -49,11 +55,30 @@ def model_scale(job: TensorJob, stats: dict[str, torch.Tensor], weight: torch.Te
 def weighted_grams(job: TensorJob, key: str = "gram") -> list[torch.Tensor] | None:
     """The scaled Gram of each model for this parameter (see `weighting`), or None when it is not a solved
     linear weight."""
-    if not job.stats or any(key not in s for s in job.stats) or job.tensors[0].dim() != 2:
+    if not job.stats or any(key not in s or s[key].dim() != 2 for s in job.stats) or job.tensors[0].dim() != 2:
         return None
     dtype = torch.float64
     return [scale_off_diagonal(s[key].to(job.tensors[0].device, dtype), job.params["alpha"])
             * model_scale(job, s, c, key) for s, c in zip(job.stats, job.weights)]
+
+
+def diagonal_grams(job: TensorJob) -> torch.Tensor | None:
+    """For an (IA)³ vector in module space: each model's scaled Gram diagonal in the vector's shape, stacked,
+    or None when the parameter has no such statistic."""
+    shape = job.tensors[0].shape  # PEFT keeps a vector as (d, 1) or (1, d)
+    if not job.stats or any("gram" not in s or s["gram"].dim() != 1 or s["gram"].numel() != shape.numel()
+                            for s in job.stats):
+        return None
+    return torch.stack([s["gram"].to(job.tensors[0].device, torch.float64).reshape(shape)
+                        * model_scale(job, s, c, "gram") for s, c in zip(job.stats, job.weights)])
+
+
+def solve_diagonal(weights: torch.Tensor, job: TensorJob) -> torch.Tensor:
+    """Σ_i w_i θ_i / Σ_i w_i feature by feature; the plain weighted mean where no model has any weight."""
+    total = weights.sum(0)
+    thetas = stack(job).double()
+    solved = (weights * thetas).sum(0) / total.clamp_min(torch.finfo(total.dtype).tiny)
+    return torch.where(total > 0, solved, weighted_mean(thetas, job.weights.double()))
 
 
 def solve_regmean(grams: list[torch.Tensor], tensors: list[torch.Tensor], report: dict) -> torch.Tensor:
@@ -68,6 +93,9 @@ def solve_regmean(grams: list[torch.Tensor], tensors: list[torch.Tensor], report
 
 
 def regmean(job: TensorJob) -> torch.Tensor:
+    diagonal = diagonal_grams(job)
+    if diagonal is not None:
+        return solve_diagonal(diagonal, job).to(job.tensors[0].dtype)
     grams = weighted_grams(job)
     if grams is None:
         return weighted_mean(stack(job), job.weights)
