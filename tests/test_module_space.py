@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -47,7 +49,7 @@ def test_linear_methods_agree_in_both_spaces(ia3, method, params):
     module = ml.merge(method, models, params=params, space="module")
     weights = ml.merge(method, models, params=params, space="weights")
     _close(module.state, weights.state)
-    assert "space" not in ml.MergeSpec(method, models).to_dict() or ml.MergeSpec(method, models).space == "weights"
+    assert ml.MergeSpec(method, models).space == "weights"  # folded unless asked
 
 
 @pytest.mark.parametrize("method, params", [
@@ -191,3 +193,16 @@ def test_gradient_statistics_of_folded_modules(ia3, method, params):
     assert all(torch.isfinite(t).all() for t in merged.state.values())
     fisher = ml.stats.statistics(ia3["cola"], "cola", ("fisher",), STATS)
     assert "encoder.layer.0.attention.self.key.weight" in fisher
+
+
+def test_cli_merges_in_module_space(ia3, tmp_path, capsys):
+    from merging_core.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["merge", "--method", "mats", "--models", ia3["sst2-a"], ia3["cola"], "--space", "module",
+                 "--set", "objective=block_fisher", "examples=16", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    config = json.loads((out / "merge_config.json").read_text())
+    assert config["space"] == "module" and config["stats"][0]["space"] == "module"
+    assert summary["tasks"] == ["cola", "sst2"] and summary["convergence"]
+    assert all(row["parameter"].endswith("ia3_l") for row in summary["convergence"])
