@@ -409,7 +409,7 @@ def build(demo: gr.Blocks) -> dict:
             halt = stop_button("merge-stop")
         status = gr.Markdown(elem_id="merge-status")
         table = gr.Dataframe(headers=["model", "kind", "mean"], label="Scores (headline dev metric per task)",
-                             interactive=False, elem_id="merge-table", buttons=["copy"])
+                             interactive=False, elem_id="merge-table", buttons=["copy"], max_height=900)
         files = gr.File(file_count="multiple", label="Merge config (re-creates the merge; mergekit YAML when "
                                                      "mergekit can express it)", interactive=False,
                         elem_id="merge-files", visible=False)
