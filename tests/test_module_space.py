@@ -206,3 +206,12 @@ def test_cli_merges_in_module_space(ia3, tmp_path, capsys):
     assert config["space"] == "module" and config["stats"][0]["space"] == "module"
     assert summary["tasks"] == ["cola", "sst2"] and summary["convergence"]
     assert all(row["parameter"].endswith("ia3_l") for row in summary["convergence"])
+
+
+def test_the_merge_tab_says_the_vectors_were_merged(ia3):
+    from views.merge_tab import _settings
+
+    result = ml.merge("ties", [ia3["sst2-a"], ia3["cola"]], params={"density": 0.5}, space="module")
+    assert "(IA)3 vectors merged, then folded" in _settings(result.config)
+    weights = ml.merge("ties", [ia3["sst2-a"], ia3["cola"]], params={"density": 0.5})
+    assert "(IA)3" not in _settings(weights.config)

@@ -186,7 +186,7 @@ def residual_summary(report: dict[str, dict]) -> str:
 
 
 def _settings(config: dict) -> str:
-    """One line: method, the parameters that differ from its defaults, base, components, heads."""
+    """One line: method, the parameters that differ from its defaults, base, components, space, heads."""
     default = {p.name: p.default for p in ml.METHODS[config["method"]].params}
     shown = ", ".join(f"{k}={v}" for k, v in config["params"].items() if v != default.get(k)) or "defaults"
     parts = [f"{config['method']} ({shown})"]
@@ -194,6 +194,8 @@ def _settings(config: dict) -> str:
         parts.append(f"base {config['base']}")
     if set(config["components"]) != set(GROUPS):
         parts.append(f"method on {', '.join(config['components'])}, {config['fallback']} elsewhere")
+    if config.get("space") == "module":
+        parts.append("(IA)3 vectors merged, then folded")
     parts.append(f"heads: {config['heads']}")
     return " · ".join(parts)
 
@@ -283,7 +285,7 @@ def run_merge(models: list[str] | None, base: str | None, method: str, params: d
         extra.append("Pairs skipped: with fewer than three checkpoints the merge above is the only pair.")
     elif pairwise:
         try:
-            defaults = ml.methods.get_method(method).parse({})
+            defaults = {p.name: p.default for p in ml.METHODS[method].params}
             changed = {k: v for k, v in spec.params.items() if v != defaults.get(k)}  # the row label's settings
             for row in ml.compare_subsets(models, [(method, changed)], size=2, base=base,
                                                   multitask=multitask, limit=limit, space=space,
