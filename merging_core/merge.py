@@ -252,9 +252,8 @@ def _folded(plan: Plan, merged: dict[str, torch.Tensor]) -> Iterator[tuple[str, 
     folded = module_space.fold(plan.models[0].ref, merged)
     for name in plan.encoder:
         if _info(plan, name).group in HEAD_GROUPS or name not in folded:
-            holders = _holders(plan, name)
-            tensors = [plan.models[i].get(name).float() for i in holders]
-            yield name, sum_weighted(tensors, torch.full((len(tensors),), 1 / len(tensors))).to(_meta(plan, name)[0])
+            tensors = [plan.models[i].get(name).float() for i in _holders(plan, name)]
+            yield name, _average(tensors).to(_meta(plan, name)[0])
         else:
             yield name, folded[name].to(_meta(plan, name)[0])
 
@@ -300,7 +299,7 @@ def _merge_one(plan: Plan, name: str, weights: torch.Tensor, stats: list[dict] |
         if plan.fallback == "first" and holders[0] == 0:
             merged = tensors[0]
         else:
-            merged = sum_weighted(tensors, torch.full((len(tensors),), 1 / len(tensors)))
+            merged = _average(tensors)
     else:
         job = TensorJob(name=name, info=_info(plan, name), tensors=tensors, weights=weights, params=plan.params,
                         base=base, stats=[s.get(name, {}) for s in stats] if stats is not None else None,
@@ -318,6 +317,11 @@ def _merge_one(plan: Plan, name: str, weights: torch.Tensor, stats: list[dict] |
         raise MergeLabError(f"method {plan.method.name!r} produced NaN/inf for {name}; check its parameters "
                             "(e.g. a zero weight sum or an all-zero statistic)")
     return merged.to(dtype).cpu()
+
+
+def _average(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The plain mean of the tensors (the fallback of parameters the method does not merge)."""
+    return sum_weighted(tensors, torch.full((len(tensors),), 1 / len(tensors)))
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -370,8 +374,8 @@ def _write(folder: Path, plan: Plan, tensors: Iterator[tuple[str, torch.Tensor]]
     changes = {"architectures": architectures}
     if first.ref.is_adapter and plan.heads == "merge" and first.task:
         # an adapter module's config is its base's (a bare encoder): the output has the module's head
-        changes = {"architectures": [_encoder_class(first.config).removesuffix("Model") + HEAD_SUFFIX[first.head.kind]],
-                   **task_head_kwargs(get_task(first.task))}
+        head_class = _encoder_class(first.config).removesuffix("Model") + HEAD_SUFFIX[first.head.kind]
+        changes = {"architectures": [head_class], **task_head_kwargs(get_task(first.task))}
     first.config.save(folder, **changes)
     copy_tokenizer(first.ref, folder)
     if plan.heads == "separate":

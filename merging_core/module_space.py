@@ -71,7 +71,8 @@ def module_space(refs: list[ModelRef], space: str) -> tuple[bool, str | None]:
 
 
 def module_checkpoint(ref: ModelRef) -> Checkpoint:
-    """An adapter module's own tensors (LoRA factors or (IA)³ vectors, and the head), canonically named, lazily read."""
+    """An adapter module's own tensors (LoRA factors or (IA)³ vectors, and the head), canonically named,
+    lazily read."""
     config = read_config(ref)
     reader = LazyFiles([ref.path / ADAPTER_FILE])
     adapter = adapter_for(config.model_type)

@@ -93,8 +93,9 @@ def record(ref: ModelRef, task: TaskSpec, kind: str, options: dict[str, Any], sp
     """How a statistic is computed: everything its cache key depends on, by content: the weights, the config
     (e.g. the activation function), the tokenizer files, the data file, the settings, and the space
     (recorded only for module space, so weight-space records keep their keys)."""
-    return {**({"space": space} if space != "weights" else {}), "format": FORMAT_VERSION, "kind": kind, "model": ref.spec, "model_location": ref.location,
-            "weights": weights_fingerprint(ref), "config": config_fingerprint(ref),
+    return {**({"space": space} if space != "weights" else {}), "format": FORMAT_VERSION, "kind": kind,
+            "model": ref.spec, "model_location": ref.location, "weights": weights_fingerprint(ref),
+            "config": config_fingerprint(ref),
             "tokenizer": combined(tokenizer_files(ref)) if ref.path is not None else ref.location,
             "task": task.name, "split": "train", "data": data.local_fingerprint(task, "train") or "hub",
             **{p.name: options[p.name] for p in SETTINGS[kind]}, "seed": SEED}

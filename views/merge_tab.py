@@ -185,10 +185,15 @@ def residual_summary(report: dict[str, dict]) -> str:
     return f"{line}\n\n<details><summary>{title}</summary>\n\n{table}\n\n</details>"
 
 
+def _changed(method: str, params: dict) -> dict:
+    """The parameters whose values differ from the method's defaults."""
+    default = {p.name: p.default for p in ml.METHODS[method].params}
+    return {k: v for k, v in params.items() if v != default.get(k)}
+
+
 def _settings(config: dict) -> str:
     """One line: method, the parameters that differ from its defaults, base, components, space, heads."""
-    default = {p.name: p.default for p in ml.METHODS[config["method"]].params}
-    shown = ", ".join(f"{k}={v}" for k, v in config["params"].items() if v != default.get(k)) or "defaults"
+    shown = ", ".join(f"{k}={v}" for k, v in _changed(config["method"], config["params"]).items()) or "defaults"
     parts = [f"{config['method']} ({shown})"]
     if config.get("base"):
         parts.append(f"base {config['base']}")
@@ -285,12 +290,10 @@ def run_merge(models: list[str] | None, base: str | None, method: str, params: d
         extra.append("Pairs skipped: with fewer than three checkpoints the merge above is the only pair.")
     elif pairwise:
         try:
-            defaults = {p.name: p.default for p in ml.METHODS[method].params}
-            changed = {k: v for k, v in spec.params.items() if v != defaults.get(k)}  # the row label's settings
-            for row in ml.compare_subsets(models, [(method, changed)], size=2, base=base,
-                                                  multitask=multitask, limit=limit, space=space,
-                                                  progress=scaled(report, 0.55, 0.8 if compare else 1.0,
-                                                                  "pairs: ")):
+            # each pair's rows are labelled with the settings that differ from the method's defaults
+            for row in ml.compare_subsets(models, [(method, _changed(method, spec.params))], size=2, base=base,
+                                          multitask=multitask, limit=limit, space=space,
+                                          progress=scaled(report, 0.55, 0.8 if compare else 1.0, "pairs: ")):
                 rows.append(row)
                 yield score_table(rows), summary(result, extra + ["Merging and scoring every pair…"], visitor), files
         except ml.MergeLabError as exc:  # the merge is saved; say why the pairs stopped

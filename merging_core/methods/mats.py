@@ -29,9 +29,10 @@ methods for sparse linear systems", Sec. 9.2) divides the residual by A's diagon
 differences of scale between input features: it solves `diagonal_fisher` in one step and cuts the
 iterations `regmean` needs by orders of magnitude (measured in docs/results/merging.md). `solver=closed_form`
 skips the iterations where a direct solution exists (average, diagonal_fisher, regmean: RegMean's
-solve; block_fisher: one d x d solve per vector), and is refused for `kfac`, whose system Σ G̃_i X B̃_i = C has no direct solution short of a
-Kronecker-sized matrix. The relative residual ‖Ax − b‖ / ‖b‖ before and after, the steps and whether
-the tolerance was reached are recorded per parameter (the merge's report).
+solve; block_fisher: one d x d solve per vector), and is refused for `kfac`, whose system
+Σ G̃_i X B̃_i = C has no direct solution short of a Kronecker-sized matrix. The relative residual
+‖Ax − b‖ / ‖b‖ before and after, the steps and whether the tolerance was reached are recorded per
+parameter (the merge's report).
 """
 
 from __future__ import annotations
