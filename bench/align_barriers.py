@@ -20,7 +20,6 @@ import argparse
 import itertools
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,8 +119,7 @@ def main() -> None:
         details.update(glue_details)
     print_table(rows, ["task", "variant", "pairs", "loss_barrier_mean", "loss_barrier_sd", "vs_mean_ends",
                        "metric_barrier_mean", "midpoint_metric_mean", "ends_metric_mean", "function_preserving"])
-    write_results("align_barriers_glue" if args.no_mlm else "align_barriers", {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/align_barriers.py "
-                                     + " ".join(sys.argv[1:]), "models": args.models, "points": args.points,
+    write_results("align_barriers_glue" if args.no_mlm else "align_barriers", {"models": args.models, "points": args.points,
                                      "limit": args.limit, "glue_limit": args.glue_limit,
                                      "glue_tasks": args.glue_tasks if args.glue else [], "examples": args.examples,
                                      "rows": rows, "pairs": details})

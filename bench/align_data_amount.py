@@ -91,7 +91,6 @@ def main() -> None:
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
     data_amount_figure(rows, vanilla["loss_barrier"]).write_html(FIGURE, include_plotlyjs="cdn")
     write_results("align_data_amount", {
-        "command": "MERGELAB_HOME=/tmp/align-home python bench/align_data_amount.py " + " ".join(sys.argv[1:]),
         "a": args.a, "b": args.b, "examples": args.examples, "total_tokens": total, "seed": 0,
         "points": args.points, "limit": args.limit, "vanilla": vanilla, "rows": rows})
 

@@ -98,7 +98,7 @@ def main() -> None:
                      "max_corr_diff": agree})
         print(rows[-1], flush=True)
     print_table(rows, list(rows[0]))
-    write_results("align_speed", {"command": "python bench/align_speed.py", "examples": args.examples, "rows": rows})
+    write_results("align_speed", {"examples": args.examples, "rows": rows})
 
 
 if __name__ == "__main__":

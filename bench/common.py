@@ -35,11 +35,20 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
 
 
+def command_line() -> str:
+    """The command that reproduces this run: the zoo's home as it was set, then the script and its arguments."""
+    home = os.environ.get("MERGELAB_HOME")
+    script = f"bench/{Path(sys.argv[0]).name}"
+    return " ".join(([f"MERGELAB_HOME={home}"] if home else []) + ["python", script, *sys.argv[1:]])
+
+
 def write_results(name: str, payload: dict) -> Path:
+    """Write `payload` to bench/results/<name>-<device>.json, with the environment and the command of this run."""
     RESULTS.mkdir(exist_ok=True)
     device = "gpu" if torch.cuda.is_available() else "cpu"
     path = RESULTS / f"{name}-{device}.json"
-    path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
+    record = {"environment": environment(), "command": command_line(), **payload}
+    path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
     return path
 

@@ -81,9 +81,7 @@ def main() -> None:
     print_table(rows, list(rows[0]))
     summary = run.summary()["barriers"][args.task]
     print(f"{args.points} points, {evaluator.n} {args.task} dev examples; loss barrier {summary['loss_barrier']:.4f}")
-    command = "MERGELAB_HOME=/tmp/zoo-home python bench/curve_speed.py" + (
-        " " + " ".join(os.sys.argv[1:]) if os.sys.argv[1:] else "")
-    write_results("curve_speed", {"command": command, "a": args.a, "b": args.b, "task": args.task,
+    write_results("curve_speed", {"a": args.a, "b": args.b, "task": args.task,
                                   "points": args.points, "examples": evaluator.n, "rows": rows,
                                   "agree_1e-4": all(v <= 1e-4 for v in agreement.values()),
                                   "load_average": os.getloadavg()})

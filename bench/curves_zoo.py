@@ -65,7 +65,7 @@ def main() -> None:
                   + ", ".join(f"{t} {s[ml.get_task(t).main_metric]:.4f}" for t, s in m["scores"].items()), flush=True)
     print_table(rows, ["pair", "path", "task", "at_A", "at_B", "worst_on_path", "metric_barrier", "loss_barrier",
                        "l2", "cosine", "task_cosine", "seconds"])
-    write_results("curves_zoo", {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/curves_zoo.py", "points": args.points,
+    write_results("curves_zoo", {"points": args.points,
                                  "bend_steps": args.bend_steps, "limit": args.limit, "rows": rows, "curves": curves})
 
 

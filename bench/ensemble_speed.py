@@ -68,8 +68,7 @@ def main() -> None:
                "goal_ms": 50}
     print_table(rows, ["measure", "sources", "seconds", "s_per_source"])
     print(rebuild)
-    write_results("ensemble_speed", {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/ensemble_speed.py",
-                                     "target": spec.name, "kind": args.kind, "shots": args.shots, "steps": args.steps,
+    write_results("ensemble_speed", {"target": spec.name, "kind": args.kind, "shots": args.shots, "steps": args.steps,
                                      "rows": rows, "reweight": rebuild})
 
 

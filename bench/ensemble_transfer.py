@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 from common import print_table, write_results
@@ -83,9 +82,7 @@ def main() -> None:
                      "seeds": len(args.seeds)})
     print_table(rows, ["target", "init", "metric", "mean", "sd", "seeds"])
     name = args.name or ("ensemble_transfer" if args.kind == "lora" else f"ensemble_transfer_{args.kind}")
-    write_results(name, {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/ensemble_transfer.py "
-                                        + " ".join(sys.argv[1:]),
-                                        "kind": args.kind, "shots": args.shots, "seeds": args.seeds,
+    write_results(name, {"kind": args.kind, "shots": args.shots, "seeds": args.seeds,
                                         "measures": args.measures, "steps": args.steps, "limit": args.limit,
                                         "lr": args.lr,
                                         "rows": rows, "runs": raw})

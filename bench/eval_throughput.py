@@ -67,7 +67,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     print_table(rows, ["task", "examples", "tokenize_s", "mergelab_ex_per_s", "naive_ex_per_s", "speedup",
                        "loss_agrees", "model"])
-    write_results("eval_throughput", {"command": "python bench/eval_throughput.py", "rows": rows})
+    write_results("eval_throughput", {"rows": rows})
 
 
 if __name__ == "__main__":

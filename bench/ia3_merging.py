@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 from common import print_table, write_results
@@ -84,7 +83,6 @@ def main() -> None:
     columns = ["row"] + [f"{name} {what}" for name in runs for what in ("mean", "normalised")]
     print_table(table, columns)
     write_results("ia3_merging", {
-        "command": "MERGELAB_HOME=/tmp/zoo-home python bench/ia3_merging.py " + " ".join(sys.argv[1:]),
         "full": args.full, "ia3": args.ia3, "tasks": tasks, "limit": args.limit, "table": table,
         "seconds": {name: round(seconds, 1) for name, (_, seconds) in runs.items()},
         "rows": {name: rows for name, (rows, _) in runs.items()}})

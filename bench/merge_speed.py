@@ -171,10 +171,8 @@ def main() -> None:
     print_table(rows, columns)
     print(f"median of {args.repeats} fresh processes each; inputs {', '.join(args.models)}, base {args.base}; "
           f"outputs kept in {work}")
-    command = "MERGELAB_HOME=/tmp/zoo-home python bench/merge_speed.py" + (
-        "" if sys.argv[1:] == [] else " " + " ".join(sys.argv[1:]))
     write_results("merge_speed", {
-        "command": command, "models": args.models, "base": args.base, "repeats": args.repeats,
+        "models": args.models, "base": args.base, "repeats": args.repeats,
         "density": args.density, "load_average": os.getloadavg(), "rows": rows, "details": details,
         "notes": ["wall = spawn to exit of a fresh process (imports included); merge_s = MergeResult.seconds",
                   "peak RSS = ru_maxrss of that process (os.wait4), mmapped weight pages included",

@@ -84,7 +84,7 @@ def main() -> None:
                      "median_cg_residual": round(sorted(residuals)[len(residuals) // 2], 6) if residuals else None})
         print(rows[-1], flush=True)
     print_table(rows, ["what", "examples", "seconds", "examples_per_s", "median_cg_residual"])
-    write_results("merge_stats", {"command": "python bench/merge_stats.py", "models": args.models, "rows": rows})
+    write_results("merge_stats", {"models": args.models, "rows": rows})
 
 
 if __name__ == "__main__":

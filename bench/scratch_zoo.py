@@ -44,8 +44,7 @@ def main() -> None:
                          "dev_perplexity": None, "sst2_accuracy": meta["scores"]["dev"].get("accuracy")})
         print(rows[-1], flush=True)
     print_table(rows, list(rows[0]))
-    write_results("scratch_zoo", {"command": "MERGELAB_HOME=/tmp/zoo-home python bench/scratch_zoo.py",
-                                  "recipe": args.recipe, "rows": rows})
+    write_results("scratch_zoo", {"recipe": args.recipe, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def main() -> None:
     print_table(rows, ["entry", "task", "metric", "dev_score", "status", "seconds"])
     print(f"total: {total:.0f} s")
     name = "zoo_build" if args.recipe == "default" else f"zoo_build_{args.recipe}"
-    write_results(name, {"command": f"python bench/zoo_build.py --recipe {args.recipe}", "recipe": args.recipe,
+    write_results(name, {"recipe": args.recipe,
                                 "total_seconds": round(total, 1), "rows": rows})
 
 
