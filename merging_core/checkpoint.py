@@ -5,6 +5,9 @@ A `Checkpoint` reads a model's tensors on demand (safetensors, mmap), named *can
 wrapper's prefix stripped (`arch.Adapter.canonical`), so a `BertForSequenceClassification`, a
 `BertForTokenClassification` and the bare `BertModel` base line up. Merges, curves, alignment and
 ensembling all open their inputs here.
+
+A checkpoint of a family without an adapter opens with the generic fallback (`arch.generic`): its
+groups are guesses, which data-free merges can use and everything else refuses (`arch.require`).
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch import ParamInfo, adapter_for, canonical
+from .arch import Adapter, ParamInfo, adapter_for, canonical
 from .errors import MergeLabError
 from .models import (ConfigView, HeadInfo, ModelRef, adapter_kind, head_info, load, load_tokenizer, read_config,
                      resolve, vocabulary_fingerprint)
 from .tasks import TASKS, get_task
 from .tensorio import InMemory, LazyFiles
 
-HEAD_GROUPS = ("head", "mlm_head")
+# A model's task head: kept per task when label sets differ (heads=separate), free to differ in shape, and
+# optional in a base model. A causal / seq2seq LM head is the head of the generation task.
+HEAD_GROUPS = ("head", "mlm_head", "lm_head")
 
 
 @dataclass
@@ -34,6 +39,7 @@ class Checkpoint:
     reader: LazyFiles | InMemory
     names: dict[str, str]  # canonical -> name in the file
     infos: dict[str, ParamInfo]  # canonical -> group / role / layer
+    adapter: Adapter | None = None  # the family's adapter (generic for a family without one)
 
     def get(self, name: str) -> torch.Tensor:
         return self.reader.get(self.names[name])
@@ -79,7 +85,7 @@ def open_checkpoint(spec: str | ModelRef, *, allow_pickle: bool = False) -> Chec
         task = get_task(ref.metadata()["task"]) if ref.is_adapter else None
         model = load(ref, task, allow_pickle=allow_pickle, device="cpu").model
         reader = InMemory({k: v.detach() for k, v in model.state_dict().items()})
-    adapter = adapter_for(config.model_type)
+    adapter = adapter_for(config.model_type, generic=True)
     names, infos = {}, {}
     for key in reader.keys():
         info = adapter.describe(key)
@@ -87,7 +93,7 @@ def open_checkpoint(spec: str | ModelRef, *, allow_pickle: bool = False) -> Chec
             continue
         name = adapter.canonical(key)
         names[name], infos[name] = key, info
-    return Checkpoint(ref, config, head, head_task(ref, head), reader, names, infos)
+    return Checkpoint(ref, config, head, head_task(ref, head), reader, names, infos, adapter)
 
 
 def check_compatible(models: list[Checkpoint], base: Checkpoint | None) -> None:
@@ -99,8 +105,9 @@ def check_compatible(models: list[Checkpoint], base: Checkpoint | None) -> None:
             raise MergeLabError(f"{role} {other.ref.spec!r} is a {other.config.model_type} model but "
                                 f"{first.ref.spec!r} is {first.config.model_type}; merge models of one architecture",
                                 param=param)
-        if (vocabulary_fingerprint(other.ref) != vocabulary_fingerprint(first.ref)
-                or other.config.vocab_size != first.config.vocab_size):
+        prints = vocabulary_fingerprint(other.ref), vocabulary_fingerprint(first.ref)
+        # "" = no tokenizer files to compare (a weights-only folder): the vocabulary size still must agree
+        if (all(prints) and prints[0] != prints[1]) or other.config.get("vocab_size") != first.config.get("vocab_size"):
             raise MergeLabError(f"{role} {other.ref.spec!r} uses a different vocabulary from {first.ref.spec!r}; "
                                 "merged embeddings would mix unrelated tokens", param=param)
         for name, info in first.infos.items():
@@ -110,6 +117,8 @@ def check_compatible(models: list[Checkpoint], base: Checkpoint | None) -> None:
                 raise MergeLabError(f"{role} {other.ref.spec!r} has {name} of shape {list(other.meta(name)[1])}, "
                                     f"{first.ref.spec!r} of shape {list(first.meta(name)[1])}: the architectures "
                                     "differ (hidden size, layers or heads)", param=param)
+        if other is not base:
+            _check_tied(first, other)
         # The same parameters in both directions: a model missing a layer must fail whichever place it has
         # (the merge walks the first model's parameters, so a gap there would silently drop them).
         for has, lacks in ((first, other), (other, first)):
@@ -121,6 +130,23 @@ def check_compatible(models: list[Checkpoint], base: Checkpoint | None) -> None:
                 raise MergeLabError(f"{who} has no parameter {missing[0]}{more} that "
                                     f"{has.ref.spec!r} has: every model must hold the same parameters (the "
                                     "architectures differ, or a checkpoint file is incomplete)", param=param)
+
+
+def _check_tied(first: Checkpoint, other: Checkpoint) -> None:
+    """Models whose LM head is tied to the input embeddings (GPT-2, Gemma, T5 v1.0: no `lm_head` tensor in
+    their files) and models with an untied one (Llama, Flan-T5) cannot be merged tensor by tensor: the tied
+    model's output matrix is its embedding matrix, which the untied one merges elsewhere. Both the configs
+    and the files must disagree: a tied model loaded from pickle lists its tied copy as a tensor of its own,
+    and transformers 5 writes `tie_word_embeddings: true` into every T5 config it saves."""
+    if first.head.kind != other.head.kind:
+        return
+    own = [any(i.group == "lm_head" for i in m.infos.values()) for m in (first, other)]
+    ties = [m.config.get("tie_word_embeddings", True) is not False for m in (first, other)]  # transformers' default
+    if own[0] != own[1] and ties[0] != ties[1]:
+        tied, untied = (first, other) if ties[0] else (other, first)
+        raise MergeLabError(f"model {tied.ref.spec!r} ties its output layer to its input embeddings but "
+                            f"{untied.ref.spec!r} has its own (lm_head); merge models that tie alike "
+                            "(tie_word_embeddings in config.json)", param="models")
 
 
 def recorded_base(models: list[Checkpoint]) -> str | None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics, settings
+from .arch import require
 from .encode import IGNORE, encode, mlm_mask
 from .errors import MergeLabError
 from .losses import masked_lm_logits
@@ -78,6 +79,9 @@ class Evaluator:
 
         A model whose logits or loss are not finite (NaN/inf weights, an overflow) fails with a
         `MergeLabError` (`name` names it) instead of getting a meaningless score."""
+        config = getattr(model, "config", None)
+        if config is not None:  # inputs (token type ids) and heads are the BERT family's so far
+            require(config.model_type, "scoring", name)
         model.eval()
         score = {"mlm": self._mlm, "token": self._token}.get(self.spec.kind, self._sequence)
         who = f"model {name!r}" if name else "the model"

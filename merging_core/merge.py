@@ -9,10 +9,15 @@ Names are compared in *canonical* form (the task wrapper's `bert.` prefix stripp
 `BertForSequenceClassification`, a `BertForTokenClassification` and the bare `BertModel` base align.
 
 Components: `components` picks parameter groups (embeddings, attention, feed_forward, layer_norm,
-pooler, head, mlm_head) that the method merges; the rest follow `fallback` ("average" or "first" =
-keep model A). Heads: models with the same label set may merge their heads (`heads="merge"`, the
-default when all label sets agree); otherwise every task keeps its own head (`heads="separate"`)
-and the output is a multi-head checkpoint: the merged encoder plus one head file per task.
+pooler, head, mlm_head, lm_head, other: `arch.GROUPS`) that the method merges; the rest follow `fallback`
+("average" or "first" = keep model A). Every family with an adapter (`arch`) maps each tensor to its
+group; a family without one gets groups guessed from names, and the merge's notes say so.
+
+Heads: models with the same label set may merge their heads (`heads="merge"`, the default when all
+label sets agree, and for causal / seq2seq LMs, whose LM head is the head); otherwise every task keeps
+its own head (`heads="separate"`) and the output is a multi-head checkpoint: the merged encoder plus
+one head file per task. Head tensors of a kind MergeLab does not know (a multiple-choice head) are
+merged like the rest, never dropped.
 
 (IA)³ modules can be merged in module space (`space="module"`, see `module_space`): the method then
 merges their scaling vectors, with the (IA)³ initialisation (all ones) as the base of task vectors and
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import zlib
 from dataclasses import dataclass, field, replace
@@ -39,7 +45,7 @@ from safetensors.torch import save_file
 
 from . import module_space, settings
 from ._version import __version__
-from .arch import GROUPS, ParamInfo
+from .arch import ParamInfo, fallback_note
 from .checkpoint import HEAD_GROUPS, Checkpoint, check_compatible, open_checkpoint, recorded_base
 from .errors import MergeLabError, writing
 from .methods import METHODS, Method, TensorJob, WholeModel, get_method, sum_weighted
@@ -97,11 +103,19 @@ def _plan(method: Method, params: dict, models: list[Checkpoint], base: Checkpoi
         for task, members in plan.head_groups.items():
             if len(members) > 1:
                 plan.notes.append(f"{task} head: {len(members)} models share it; their heads are averaged")
-    shared = [n for n, info in first.infos.items() if info.group not in HEAD_GROUPS or plan.heads == "merge"]
+    if first.adapter is not None and first.adapter.generic:
+        plan.notes.append(fallback_note(first.config.model_type, first.infos.values()))
+    # heads "none": no model has a head MergeLab knows the kind of (a bare encoder has no head tensors; a
+    # multiple-choice or QA model has some). Those tensors are merged like the rest, not dropped.
+    shared = [n for n, info in first.infos.items() if info.group not in HEAD_GROUPS or plan.heads != "separate"]
     extra = [n for m in models[1:] for n, info in m.infos.items() if info.group == "pooler" and n not in first.infos]
     plan.encoder = shared + sorted(set(extra))
     for n in sorted(set(extra)):
         plan.notes.append(f"{n}: only some models have it; averaged over those")
+    if plan.heads == "none":
+        for n in shared:
+            if first.infos[n].group in HEAD_GROUPS and len(_holders(plan, n)) < len(models):
+                plan.notes.append(f"{n}: only some models have it; averaged over those")
     return plan
 
 
@@ -362,7 +376,8 @@ def _write(folder: Path, plan: Plan, tensors: Iterator[tuple[str, torch.Tensor]]
     """The merged model as an HF folder: one model (shared head) or encoder + heads/ (separate heads)."""
     first = plan.models[0]
     architectures = first.config.get("architectures")
-    if plan.heads == "separate" or plan.heads == "none" and first.head.kind is None:
+    headless = not any(_info(plan, n).group in HEAD_GROUPS for n in plan.encoder)
+    if plan.heads == "separate" or plan.heads == "none" and first.head.kind is None and headless:
         names = {n: n for n in plan.encoder}  # the bare encoder's naming (BertModel)
         architectures = [_encoder_class(first.config)]
     else:
@@ -377,7 +392,12 @@ def _write(folder: Path, plan: Plan, tensors: Iterator[tuple[str, torch.Tensor]]
         head_class = _encoder_class(first.config).removesuffix("Model") + HEAD_SUFFIX[first.head.kind]
         changes = {"architectures": [head_class], **task_head_kwargs(get_task(first.task))}
     first.config.save(folder, **changes)
-    copy_tokenizer(first.ref, folder)
+    if not copy_tokenizer(first.ref, folder):
+        plan.notes.append(f"model {first.ref.spec!r} has no tokenizer files, so the merged model has none either; "
+                          "copy its tokenizer in before using it")
+    if first.ref.path is not None and (first.ref.path / "generation_config.json").is_file():
+        # a causal or seq2seq LM's decoding defaults (special token ids, lengths): part of the model
+        shutil.copy2(first.ref.path / "generation_config.json", folder / "generation_config.json")
     if plan.heads == "separate":
         (folder / "heads").mkdir()
         for task, tensors_ in heads.items():
@@ -395,7 +415,9 @@ def _encoder_class(config: ConfigView) -> str:
                 return name.removesuffix(suffix) + "Model"
         if name.endswith("Model"):
             return name
-    return {"bert": "BertModel", "roberta": "RobertaModel", "electra": "ElectraModel"}.get(config.model_type, "AutoModel")
+    return {"bert": "BertModel", "roberta": "RobertaModel", "electra": "ElectraModel", "distilbert": "DistilBertModel",
+            "deberta-v2": "DebertaV2Model", "t5": "T5Model", "gpt2": "GPT2Model", "llama": "LlamaModel",
+            "mistral": "MistralModel", "qwen2": "Qwen2Model", "gemma": "GemmaModel"}.get(config.model_type, "AutoModel")
 
 
 def _prefixed(first: Checkpoint, name: str) -> str:
@@ -411,8 +433,9 @@ def _meta(plan: Plan, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
 
 def mergekit_yaml(plan: Plan, base: str | None) -> str | None:
     """The same merge as a mergekit config, when mergekit can express it (all components, one head)."""
-    if plan.method.mergekit is None or plan.heads == "separate" or set(plan.components) != set(GROUPS):
-        return None
+    present = {info.group for m in plan.models for info in m.infos.values()}
+    if plan.method.mergekit is None or plan.heads == "separate" or not present <= set(plan.components):
+        return None  # (a group the models do not have, e.g. a BERT model's lm_head, is no restriction)
     if plan.base is not None and plan.method.base_required(plan.params) and \
             plan.base.config.get("architectures") != plan.models[0].config.get("architectures"):
         return None  # e.g. a bare BertModel base under classifiers: mergekit refuses mixed architectures

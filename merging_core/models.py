@@ -55,11 +55,17 @@ HEAD_CLASS_NAMES = {
     "sequence": "AutoModelForSequenceClassification",
     "token": "AutoModelForTokenClassification",
     "mlm": "AutoModelForMaskedLM",
+    "causal": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
     None: "AutoModel",
 }
 # What a tokenizer is made of on disk (the files `save_pretrained` writes for the tokenizers in use).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model")
+                   "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json")
+# The files that hold a vocabulary by themselves (WordPiece, BPE, SentencePiece: BERT, GPT-2, T5, Llama).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model",
+                    "tokenizer.model")
 # BERT sizes to pretrain from scratch on a CPU (the names of Turc et al. 2019's compact BERTs).
 SCRATCH_SIZES = {
     "tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512},
@@ -99,7 +105,8 @@ def hf():
 
 
 def head_class(kind: str | None):
-    """The transformers Auto class of a head kind ("sequence", "token", "mlm", None = bare encoder)."""
+    """The transformers Auto class of a head kind ("sequence", "token", "mlm", "causal", "seq2seq", None = bare
+    model)."""
     return getattr(hf(), HEAD_CLASS_NAMES[kind])
 
 
@@ -369,43 +376,56 @@ def _vocabulary_fingerprint(location: str, stamp: tuple) -> str:
             return hashlib.sha1(json.dumps([items, added]).encode()).hexdigest()
     if (folder / "vocab.txt").is_file():
         return hashlib.sha1((folder / "vocab.txt").read_bytes()).hexdigest()
+    for name in ("spiece.model", "tokenizer.model", "sentencepiece.bpe.model"):  # SentencePiece: the model is the map
+        if (folder / name).is_file():
+            return hashlib.sha1((folder / name).read_bytes()).hexdigest()
     return ""
 
 
 def vocabulary_fingerprint(ref: ModelRef) -> str:
     """A hash of a checkpoint's token -> id map, from its tokenizer files when it has them (no
-    transformers import), else from the loaded tokenizer. Equal maps give equal fingerprints."""
+    transformers import), else from the loaded tokenizer. Equal maps give equal fingerprints. A local
+    folder without any vocabulary file (weights and config only) gives "": nothing to compare."""
     folder = ref.path
     if folder is not None and folder.is_dir():
         stamp = tuple(sorted(tokenizer_files(ref).items()))  # content, not size and mtime
         found = _vocabulary_fingerprint(str(folder), stamp)
         if found:
             return found
+        if not any((folder / n).is_file() for n in VOCABULARY_FILES):
+            return ""
     vocab = load_tokenizer(ref).get_vocab()
     return hashlib.sha1(json.dumps(sorted(vocab.items())).encode()).hexdigest()
 
 
-def copy_tokenizer(ref: ModelRef, folder: Path) -> None:
-    """Give `folder` the tokenizer of `ref`: its files copied as they are, or (hub) saved by transformers."""
+def copy_tokenizer(ref: ModelRef, folder: Path) -> bool:
+    """Give `folder` the tokenizer of `ref`: its files copied as they are, or (hub) saved by transformers.
+    False when there is none to give: a local folder without any tokenizer file (weights and config only)."""
     source = ref.path
     files = [source / n for n in TOKENIZER_FILES if (source / n).is_file()] if source is not None else []
-    if "tokenizer.json" in {f.name for f in files} or "vocab.txt" in {f.name for f in files}:
+    if any(f.name in VOCABULARY_FILES for f in files):  # whatever the family's tokenizer is made of
         for f in files:
             shutil.copy2(f, Path(folder) / f.name)
+    elif not files and source is not None and source.is_dir():
+        return False
     else:
         load_tokenizer(ref).save_pretrained(folder)
+    return True
 
 
 @dataclass(frozen=True)
 class HeadInfo:
-    kind: str | None  # "sequence" | "token" | "mlm" | None (bare encoder)
+    kind: str | None  # "sequence" | "token" | "mlm" | "causal" | "seq2seq" | None (bare model)
     num_labels: int = 0
     labels: tuple[str, ...] = ()  # empty when the checkpoint only has generic LABEL_i names
 
 
 # Class-name suffixes of the task models of a family (BertForSequenceClassification, ...) -> head kind.
+# Causal LMs (`LlamaForCausalLM`, `GPT2LMHeadModel`) and seq2seq LMs (`T5ForConditionalGeneration`) carry the
+# head of the generation task: without these suffixes they would pass for bare models and lose that head.
 HEAD_SUFFIXES = {"ForSequenceClassification": "sequence", "ForTokenClassification": "token", "ForMaskedLM": "mlm",
-                 "ForPreTraining": "mlm"}
+                 "ForPreTraining": "mlm", "ForCausalLM": "causal", "LMHeadModel": "causal",
+                 "ForConditionalGeneration": "seq2seq"}
 
 
 def _head_kind(class_name: str) -> str | None:

@@ -45,13 +45,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import data, settings
-from .arch import canonical
+from .arch import canonical, require
 from .encode import IGNORE, encode, mlm_mask
 from .errors import MergeLabError
 from .losses import masked_lm_logits
 from .fingerprint import combined
-from .models import (ModelRef, config_fingerprint, load, load_adapter, load_tokenizer, resolve, tokenizer_files,
-                     weights_fingerprint)
+from .models import (ModelRef, config_fingerprint, load, load_adapter, load_tokenizer, read_config, resolve,
+                     tokenizer_files, weights_fingerprint)
 from .module_space import check_mergeable, module_checkpoint, module_parameters
 from .outputs import staging_file
 from .params import Param
@@ -147,6 +147,7 @@ def statistics(model: str | ModelRef, task: str | TaskSpec, kinds: tuple[str, ..
     """{canonical parameter name: {kind: tensor}} for `model` on `task`'s train data, cached. `space="module"`:
     an (IA)³ module's own vectors (see the module doc)."""
     ref = model if isinstance(model, ModelRef) else resolve(model)
+    require(read_config(ref).model_type, "statistics", ref.spec)  # hooks and inputs are the BERT family's so far
     spec = get_task(task) if isinstance(task, str) else task
     options = {**DEFAULTS, **{k: v for k, v in (options or {}).items() if k in DEFAULTS}}
     merged: dict[str, dict[str, torch.Tensor]] = {}

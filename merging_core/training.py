@@ -37,7 +37,7 @@ import torch
 
 from . import bottleneck, cartography, partition, settings
 from ._version import __version__
-from .arch import adapter_for
+from .arch import adapter_for, require
 from .encode import Encoded, encode, mlm_mask
 from .errors import MergeLabError, writing
 from .evaluation import Evaluator
@@ -208,6 +208,7 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     _seed_everything(config.seed)
     device = settings.device()
     loaded = load(config.base, spec, new_head=True, device=device)
+    require(loaded.model.config.model_type, "training", config.base)
     model, tokenizer = loaded.model, loaded.tokenizer
     if config.peft:
         model = wrap_peft(model, spec, config)
@@ -313,6 +314,7 @@ def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str 
     _seed_everything(config.seed)
     device = settings.device()
     loaded = [load(config.base, spec, new_head=True, device=device) for spec in specs]
+    require(loaded[0].model.config.model_type, "training", config.base)
     tokenizer = loaded[0].tokenizer
     # Share the encoder of a sequence-task model: it has the pooler the sequence heads read (a token
     # model's encoder has none; token heads ignore the pooler's output).

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .arch import adapter_for
+from .arch import adapter_for, require
 from .errors import MergeLabError, writing
 from .fingerprint import RECORD
 from .models import HEAD_SUFFIXES, METADATA, MINILM, head_class, hf, load_tokenizer, read_config, resolve
@@ -195,7 +195,7 @@ def _check_config(config: dict) -> dict:
         raise MergeLabError("config.json has no model_type (e.g. \"bert\"); export it with save_pretrained",
                             param="files")
     try:
-        adapter_for(model_type)
+        require(model_type, "uploads")  # a Space scores and aligns what it accepts: the fully supported families
     except MergeLabError as exc:
         raise MergeLabError(f"config.json: {exc.message}", param="files") from None
     for key in ("vocab_size", "num_hidden_layers"):

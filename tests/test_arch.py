@@ -49,5 +49,5 @@ def test_peft_names_map_to_the_adapted_layer():
 def test_unknown_names_and_types_are_errors():
     with pytest.raises(MergeLabError, match="not known to the bert adapter"):
         arch.BERT.describe("encoder.layer.0.mystery.weight")
-    with pytest.raises(MergeLabError, match="model type 'llama' is not supported yet"):
-        arch.adapter_for("llama")
+    with pytest.raises(MergeLabError, match="model type 'mystery' is not supported yet"):
+        arch.adapter_for("mystery")

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import settings
+from ..arch import require
 from ..checkpoint import check_compatible, open_checkpoint
 from ..encode import encode
 from ..errors import MergeLabError, writing
@@ -221,6 +222,7 @@ def _run(spec: AlignSpec, *, out: str | Path | None, overwrite: bool, progress: 
         loading(0.0, "opening A and B")
     source_a, source_b = _blaming("a", open_checkpoint, spec.a), _blaming("b", open_checkpoint, spec.b)
     _blaming("b", check_compatible, [source_a, source_b], None)
+    _blaming("a", require, source_a.config.model_type, "alignment", spec.a)
     if source_b.ref.is_adapter:
         raise MergeLabError(f"model {spec.b!r} is an adapter module (LoRA, (IA)3); align full checkpoints", param="b")
     notes = [note for note in [initialization_note(source_a.ref, source_b.ref)] if note]

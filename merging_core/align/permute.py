@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..arch import adapter_for
+from ..arch import adapter_for, require
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import MergeLabError, writing
 from ..models import METADATA, copy_tokenizer
@@ -188,6 +188,7 @@ def permute_checkpoint(spec: str, out: str | Path, *, kinds: tuple[str, ...] = K
     if source.ref.is_adapter:
         raise MergeLabError(f"model {spec!r} is an adapter module (LoRA, (IA)3); permute full checkpoints",
                             param="model")
+    require(source.config.model_type, "alignment", spec)
     perm = random_permutation(source.config, seed=seed, kinds=kinds)
     return write_permuted(source, perm, out, {"kind": "permuted", "permuted_from": source.ref.spec,
                                               "permutation": {"kinds": list(kinds), "seed": seed}},
