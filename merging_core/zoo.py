@@ -24,7 +24,7 @@ import yaml
 from . import settings
 from .errors import MergeLabError, writing
 from .models import METADATA
-from .outputs import staging
+from .outputs import staging, sweep
 from .progress import ProgressFn, remaining, scaled
 from .tasks import get_task
 from .training import TrainConfig, train
@@ -138,6 +138,9 @@ def build(recipe: str | Path = "default", *, only: list[str] | None = None, rebu
             raise MergeLabError(f"recipe {plan.name} has no entries {missing}; it has {names}")
         names = [n for n in names if n in only]
     rows = []
+    # A build killed midway leaves its claimed, empty entry folder and its staging folder behind: clear
+    # them (only those of processes that are gone) so the entry is built again instead of refused.
+    sweep(settings.zoo_dir())
     todo = [n for n in names if rebuild or not (settings.zoo_dir() / n / METADATA).is_file()]
     # Progress and the time left are shared out by training steps, the bulk of every entry's time.
     weight = {n: plan.entries[n].steps for n in todo}

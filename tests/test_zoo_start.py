@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,24 @@ def test_recipe_build_reports_entries_and_time_left(isolated_home, pico, tmp_pat
     assert meta["recipe"] == "three"
     assert {r["name"]: r["recipe"] for r in zoo.entries()} == {"one": "three", "two": "three", "three": "three"}
     assert zoo.load_recipe(recipe).missing() == []
+
+
+def test_a_build_killed_midway_resumes(isolated_home, pico, tmp_path):
+    """A killed build leaves its claimed (empty) entry folder and its staging folder behind; building the
+    recipe again must build that entry, not stop at "already exists"."""
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(f"defaults: {{base: '{pico(None)}', steps: 3, batch_size: 4, eval_limit: 8}}\nmodels:\n"
+                      "  one: {task: sst2}\n  two: {task: sst2, seed: 1}\n")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id that no longer runs: the killed build's
+    zoo_root = isolated_home / "zoo"
+    (zoo_root / "one").mkdir(parents=True)  # the claimed placeholder
+    (zoo_root / f".one.staging-{gone.pid}-0badf00d").mkdir()  # its half-written staging folder
+    (zoo_root / f".one.staging-{gone.pid}-0badf00d" / "model.safetensors").write_bytes(b"half")
+    rows = zoo.build(recipe)
+    assert [r["status"] for r in rows] == ["built", "built"]
+    assert (zoo_root / "one" / "mergelab.json").is_file()
+    assert sorted(p.name for p in zoo_root.iterdir()) == ["one", "two"]  # nothing left behind
 
 
 def _hub_cache(root: Path, repo: str, entries: dict[str, Path]) -> Path:
