@@ -40,6 +40,7 @@ from ..models import load
 from ..outputs import check_out
 from ..progress import Cancelled, ProgressFn, scaled, track, with_eta
 from ..tasks import get_task
+from .decoders import DecoderPermutation, HeadOrder
 from .features import correlations
 from .match import ATTENTION, MERGE_TYPES, RESIDUAL, Matching, find_permutation
 from .origin import initialization_note
@@ -349,7 +350,7 @@ def token_budget(batches: list[dict], tokens: int) -> list[dict]:
     return kept
 
 
-__all__ = ["ATTENTION", "KINDS", "MERGE_TYPES", "METHODS", "RESIDUAL", "AlignSpec", "Alignment", "Matching",
-           "Permutation", "Zip", "align", "find_permutation", "in_place_note", "initialization_note", "load_alignment",
-           "permute_checkpoint", "permute_state", "random_permutation", "text_batches", "token_budget",
-           "unmerge_state", "write_permuted", "zip_state", "zips_for"]
+__all__ = ["ATTENTION", "KINDS", "MERGE_TYPES", "METHODS", "RESIDUAL", "AlignSpec", "Alignment", "DecoderPermutation",
+           "HeadOrder", "Matching", "Permutation", "Zip", "align", "find_permutation", "in_place_note",
+           "initialization_note", "load_alignment", "permute_checkpoint", "permute_state", "random_permutation",
+           "text_batches", "token_budget", "unmerge_state", "write_permuted", "zip_state", "zips_for"]

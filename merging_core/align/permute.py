@@ -20,6 +20,10 @@ A transformer computes the same function after any consistent relabelling of its
 Residual sites are named after the LayerNorm that closes them: `embeddings`, `attn.<l>` (after the
 attention block of layer l), `ff.<l>` (after its feed-forward block). Tensors are canonical state dicts
 (`merging_core.arch.canonical` names) described by their arch roles.
+
+Decoder-only checkpoints (GPT-2, the Llama layout) have their own orders (`decoders.DecoderPermutation`:
+gated MLPs, grouped-query attention, rotary positions, RMSNorm); `random_permutation`, `permute_state`
+and `permute_checkpoint` hand them to `decoders` by model type.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import MergeLabError, writing
 from ..models import METADATA, copy_tokenizer
 from ..outputs import staging
+from .decoders import DecoderPermutation, permute_decoder_state, random_decoder_permutation, supports
 
 KINDS = ("ff", "heads", "residual")
 EMBEDDINGS = ("word", "position", "token_type", "ln_embeddings")
@@ -92,10 +97,16 @@ def _sites(role: str, layer: int | None, last: int) -> tuple[str | None, str | N
     }.get(role, ("embeddings", "embeddings") if role in EMBEDDINGS else (None, None))
 
 
-def permute_state(state: dict[str, torch.Tensor], perm: Permutation, *, model_type: str = "bert",
-                  token_head: bool = False) -> dict[str, torch.Tensor]:
+def permute_state(state: dict[str, torch.Tensor], perm: Permutation | DecoderPermutation, *,
+                  model_type: str = "bert", token_head: bool = False) -> dict[str, torch.Tensor]:
     """A permuted copy of a canonical state dict (see the module doc). `token_head`: the classifier reads
-    the hidden states (token classification) rather than the pooled output."""
+    the hidden states (token classification) rather than the pooled output. A decoder (GPT-2, Llama
+    layout) takes a `DecoderPermutation` (`decoders`), every other family a `Permutation`."""
+    if isinstance(perm, DecoderPermutation) or supports(model_type):
+        if not isinstance(perm, DecoderPermutation):  # BERT's flat q/k orders ignore GQA and rotary positions
+            raise MergeLabError(f"a {model_type} model is permuted by a DecoderPermutation (random_permutation "
+                                "of its config), not a Permutation", param="permutation")
+        return permute_decoder_state(state, perm, model_type=model_type)
     adapter = adapter_for(model_type)
     infos = {name: adapter.describe(name) for name in state}
     last = max((i.layer for i in infos.values() if i.layer is not None), default=0)
@@ -135,11 +146,14 @@ def permute_state(state: dict[str, torch.Tensor], perm: Permutation, *, model_ty
     return out
 
 
-def random_permutation(config, *, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> Permutation:
-    """A random function-preserving permutation of a model with this config (`kinds` ⊆ ff, heads, residual)."""
+def random_permutation(config, *, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> Permutation | DecoderPermutation:
+    """A random function-preserving permutation of a model with this config (`kinds` ⊆ ff, heads, residual):
+    a `DecoderPermutation` for GPT-2 and the Llama layout, a `Permutation` otherwise."""
     if not kinds or set(kinds) - set(KINDS):
         raise MergeLabError(f"permutation kinds must be a non-empty subset of {list(KINDS)}, got {list(kinds)}",
                             param="kinds")
+    if supports(config.model_type):
+        return random_decoder_permutation(config, seed=seed, kinds=kinds)
     generator = torch.Generator().manual_seed(seed)
     heads, hidden = config.num_attention_heads, config.hidden_size
     head_dim = hidden // heads
@@ -159,7 +173,7 @@ def random_permutation(config, *, seed: int = 0, kinds: tuple[str, ...] = KINDS)
     return perm
 
 
-def write_permuted(source: Checkpoint, perm: Permutation, out: str | Path, metadata: dict, *,
+def write_permuted(source: Checkpoint, perm: Permutation | DecoderPermutation, out: str | Path, metadata: dict, *,
                    overwrite: bool = False) -> Path:
     """Write `source` (an open checkpoint) permuted by `perm` as an HF folder, atomically."""
     state = permute_state({n: source.get(n) for n in source.names}, perm, model_type=source.config.model_type,
@@ -188,7 +202,8 @@ def permute_checkpoint(spec: str, out: str | Path, *, kinds: tuple[str, ...] = K
     if source.ref.is_adapter:
         raise MergeLabError(f"model {spec!r} is an adapter module (LoRA, (IA)3); permute full checkpoints",
                             param="model")
-    require(source.config.model_type, "alignment", spec)
+    if not supports(source.config.model_type):  # decoders are permuted here, before they can be aligned
+        require(source.config.model_type, "alignment", spec)
     perm = random_permutation(source.config, seed=seed, kinds=kinds)
     return write_permuted(source, perm, out, {"kind": "permuted", "permuted_from": source.ref.spec,
                                               "permutation": {"kinds": list(kinds), "seed": seed}},
