@@ -5,7 +5,14 @@ on disk under `$MERGELAB_HOME/cache/tokenized` as safetensors (ragged sequences 
 offsets; no pickle). Token tasks label the first sub-word of every word (others get -100) and keep
 the word-level gold tags, so span F1 is computed on whole sentences even when one is truncated.
 MLM splits are the text cut into blocks of `max_length` tokens; masking happens later (`mlm_mask`)
-with an explicit generator, so evaluation masks are fixed by a seed.
+with an explicit generator, so evaluation masks are fixed by a seed. The same blocks serve causal LMs
+(next-token loss): a BERT-style tokenizer frames each block with [CLS] ... [SEP], a decoder's tokenizer
+(no CLS/SEP) starts it with its BOS token when it has one, as it starts any text.
+
+Batches are always right-padded (`Encoded.batch`), with `pad_id(tokenizer)`: the tokenizer's pad token,
+else its EOS token (GPT-2 and Llama tokenizers have no pad token), else id 0. The user's tokenizer is
+never changed; padding is masked by the attention mask, and `model_inputs` leaves out what a family's
+forward must not see.
 """
 
 from __future__ import annotations
@@ -119,6 +126,30 @@ class Encoded:
         return self.word_labels[int(self.word_offsets[i]): int(self.word_offsets[i + 1])].tolist()
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS token, else 0. Decoder
+    tokenizers (GPT-2, Llama) define no pad token; EOS is what transformers' examples pad them with, and
+    padding is masked anyway (a sequence head finds the last real token through `config.pad_token_id`,
+    which `models.match_padding` sets to this id on the loaded model)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def model_inputs(batch: dict[str, torch.Tensor], config=None) -> dict[str, torch.Tensor]:
+    """The inputs a model's forward takes from a batch: everything but the labels, and token type ids only
+    for models with token-type embeddings (`config.type_vocab_size` > 0: BERT, RoBERTa, ELECTRA).
+
+    Decided by the config, not by the forward's signature: DistilBERT's and Llama's forwards have no such
+    argument, DeBERTa-v2 ignores it without type embeddings (its default `type_vocab_size=0`), and GPT-2's
+    forward accepts it but embeds the ids with its *word* embeddings, so zeros would add the embedding of
+    token 0 to every position: a model it was never trained to be. A tokenizer that is not the family's own
+    (a generic fast tokenizer) produces type ids for any of them."""
+    types = getattr(config, "type_vocab_size", 0) if config is not None else 1
+    return {k: v for k, v in batch.items() if k != "labels" and (k != "token_type_ids" or (types or 0) > 0)}
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of the tokenizer's full definition (vocabulary, normalizer, special tokens)."""
     try:
@@ -215,12 +246,16 @@ def _tokenize_text(lines: list[str], tokenizer, max_length: int) -> Encoded:
     unk = tokenizer.unk_token or "<unk>"
     pieces = tokenizer([_clean_wikitext(line, unk) for line in lines], add_special_tokens=False)["input_ids"]
     stream = np.fromiter((t for p in pieces for t in p), dtype=np.int64)
-    body = max_length - 2  # room for [CLS] and [SEP]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls is not None and sep is not None:  # BERT family: [CLS] block [SEP]
+        start, end = [cls], [sep]
+    else:  # a decoder's tokenizer: BOS (when it has one) then the block, as it starts any text
+        start, end = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []), []
+    body = max_length - len(start) - len(end)  # room for the framing tokens
     blocks = [stream[i: i + body] for i in range(0, len(stream), body)]
     if len(blocks) > 1 and len(blocks[-1]) < body // 2:
         blocks.pop()  # a short tail block would weigh its few tokens like a whole block
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    ids, offsets = _flat([[cls, *b.tolist(), sep] for b in blocks], torch.int32)
+    ids, offsets = _flat([[*start, *b.tolist(), *end] for b in blocks], torch.int32)
     return Encoded(ids, offsets, torch.full(ids.shape, IGNORE, dtype=torch.long))
 
 

@@ -7,8 +7,19 @@ data, not K tokenizations. MLM masks are drawn once from a seeded generator, so 
 on the same masked tokens.
 
 Loss is the mean cross-entropy (classification: per example; token tasks: per labelled token; MLM:
-per masked token) or the mean squared error (regression). For MLM only the masked positions go
-through the vocabulary projection, which saves most of the head's compute and memory.
+per masked token; causal LM: per predicted next token) or the mean squared error (regression). For MLM
+only the masked positions go through the vocabulary projection, which saves most of the head's compute
+and memory.
+
+A text task (wikitext2) scores a masked LM on masked tokens and a causal LM (`*ForCausalLM`,
+`GPT2LMHeadModel`) on the next token of every position: the mean shifted cross-entropy over the tokens
+that follow a real token, padding left out, and its perplexity (`losses.causal_lm_hidden`). Which head
+kinds score which tasks is the task registry's (`TaskSpec.heads`); any other combination is one line
+naming the model, the task and the tasks its head can be scored on.
+
+Decoders' sequence heads read the last non-padding token: batches are right-padded with
+`encode.pad_id(tokenizer)` and the scored model's `config.pad_token_id` is set to it
+(`models.match_padding`), so transformers finds that token.
 """
 
 from __future__ import annotations
@@ -23,14 +34,15 @@ import torch.nn.functional as F
 
 from . import metrics, settings
 from .arch import require
-from .encode import IGNORE, encode, mlm_mask
+from .encode import IGNORE, encode, mlm_mask, model_inputs, pad_id
 from .errors import MergeLabError
-from .losses import masked_lm_logits
-from .models import Loaded, ModelRef, check_head, load, model_head, resolve
+from .losses import causal_lm_hidden, is_causal_lm, masked_lm_logits
+from .models import Loaded, ModelRef, check_head, load, match_padding, model_head, resolve
 from .progress import ProgressFn, scaled, track
 from .tasks import TaskSpec, get_task
 
 MASK_SEED = 0  # the fixed MLM masking seed: changing it changes every MLM score
+LM_ROWS = 2048  # causal LM: positions per vocabulary projection (2048 x a 150k vocabulary: 1.2 GB of logits)
 
 
 class _NonFinite(Exception):
@@ -56,7 +68,10 @@ class Evaluator:
                                     param="indices")
             encoded = encoded.subset(index)
         encoded = encoded.head(limit)
-        if self.spec.kind == "mlm":
+        self.text = encoded  # unmasked: what a causal LM is scored on
+        # a decoder's tokenizer has no mask token: its text task is scored by a causal LM only
+        self.masked = self.spec.kind == "mlm" and tokenizer.mask_token_id is not None
+        if self.masked:
             masked, labels = mlm_mask(encoded.ids, tokenizer, torch.Generator().manual_seed(mask_seed))
             encoded = replace(encoded, ids=masked.to(encoded.ids.dtype), labels=labels)
         self.encoded = encoded
@@ -67,11 +82,13 @@ class Evaluator:
         batch_size = batch_size or (256 if self.device.type == "cuda" else 64)
         # Longest first: the first batch shows the peak memory at once, and similar lengths share a batch.
         self.order = torch.argsort(encoded.lengths, descending=True, stable=True)
-        pad_id = tokenizer.pad_token_id or 0
+        self.pad_id = pad_id(tokenizer)
+        self.batch_size = batch_size
         self.batches = [
-            {k: v.to(self.device) for k, v in encoded.batch(self.order[i: i + batch_size], pad_id).items()}
+            {k: v.to(self.device) for k, v in encoded.batch(self.order[i: i + batch_size], self.pad_id).items()}
             for i in range(0, self.n, batch_size)
         ]
+        self._text_batches: list[dict[str, torch.Tensor]] | None = None  # built on first causal-LM score
 
     @torch.inference_mode()
     def __call__(self, model: torch.nn.Module, progress: ProgressFn | None = None, *, name: str | None = None) -> dict:
@@ -80,10 +97,17 @@ class Evaluator:
         A model whose logits or loss are not finite (NaN/inf weights, an overflow) fails with a
         `MergeLabError` (`name` names it) instead of getting a meaningless score."""
         config = getattr(model, "config", None)
-        if config is not None:  # inputs (token type ids) and heads are the BERT family's so far
+        causal = False
+        if config is not None:  # families whose inputs and heads MergeLab handles (`arch.SCORED`)
             require(config.model_type, "scoring", name)
+            head = model_head(model)
+            if head.kind is not None and head.kind not in self.spec.heads:  # e.g. a causal LM on conll2003
+                check_head(name or type(model).__name__, head, self.spec)
+            causal = self.spec.kind == "mlm" and is_causal_lm(model)
+            match_padding(model, self.pad_id)
         model.eval()
-        score = {"mlm": self._mlm, "token": self._token}.get(self.spec.kind, self._sequence)
+        score = self._causal if causal else {"mlm": self._mlm, "token": self._token}.get(self.spec.kind,
+                                                                                         self._sequence)
         who = f"model {name!r}" if name else "the model"
         try:
             values = score(model, progress)
@@ -103,8 +127,7 @@ class Evaluator:
         return logits
 
     def _forward(self, model, batch) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return self._finite(model(**inputs).logits.float())
+        return self._finite(model(**model_inputs(batch, getattr(model, "config", None))).logits.float())
 
     def _sequence(self, model, progress) -> dict:
         outputs = [self._forward(model, b) for b in track(self.batches, len(self.batches), self._desc, progress)]
@@ -139,6 +162,9 @@ class Evaluator:
         return {**metrics.select(self.spec, metrics.span_metrics(predicted, gold)), "loss": loss_sum / max(count, 1)}
 
     def _mlm(self, model, progress) -> dict:
+        if not self.masked:
+            raise MergeLabError(f"the tokenizer this evaluator was built with has no mask token, so {self._desc} "
+                                "cannot be scored as masked-LM loss; use the masked LM's own tokenizer")
         loss_sum, count = 0.0, 0
         for batch in track(self.batches, len(self.batches), self._desc, progress):
             logits, targets = masked_lm_logits(model, batch)
@@ -146,6 +172,22 @@ class Evaluator:
             loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
             count += len(targets)
         return {**metrics.mlm_metrics(loss_sum / max(count, 1)), "masked_tokens": count}
+
+    def _causal(self, model, progress) -> dict:
+        """Mean next-token cross-entropy over every real token that follows a real token, and perplexity."""
+        if self._text_batches is None:
+            self._text_batches = [
+                {k: v.to(self.device) for k, v in self.text.batch(self.order[i: i + self.batch_size],
+                                                                  self.pad_id).items()}
+                for i in range(0, self.n, self.batch_size)]
+        loss_sum, count = 0.0, 0
+        for batch in track(self._text_batches, len(self._text_batches), self._desc, progress):
+            hidden, targets, head = causal_lm_hidden(model, batch)
+            for i in range(0, len(targets), LM_ROWS):
+                logits = self._finite(head(hidden[i: i + LM_ROWS]).float())
+                loss_sum += F.cross_entropy(logits, targets[i: i + LM_ROWS], reduction="sum").item()
+            count += len(targets)
+        return {**metrics.mlm_metrics(loss_sum / max(count, 1)), "predicted_tokens": count}
 
     @property
     def _desc(self) -> str:

@@ -5,7 +5,8 @@
 - Pearson and Spearman correlation (STS-B);
 - span-level precision / recall / F1 with seqeval's default (conlleval) rules, under which an I- tag
   after O opens a span, as a few do in the CoNLL-2003 files; plus token accuracy;
-- MLM loss (mean cross-entropy over masked tokens) and its perplexity.
+- language-model loss and its perplexity: MLM (mean cross-entropy over masked tokens) and causal LM
+  (mean cross-entropy of each next token), both through `mlm_metrics`.
 
 All functions return plain floats so results serialise to JSON as they are.
 """
@@ -59,6 +60,7 @@ def span_metrics(predicted: Sequence[Sequence[str]], gold: Sequence[Sequence[str
 
 
 def mlm_metrics(loss: float) -> dict[str, float]:
+    """Loss and perplexity of a language model on a text task (masked-LM or causal-LM loss alike)."""
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 

@@ -43,10 +43,11 @@ from safetensors.torch import save_file
 
 from . import bottleneck, caches, settings
 from .arch import adapter_for
+from .encode import pad_id
 from .errors import MergeLabError, writing
 from .fingerprint import combined, digests
 from .outputs import staging
-from .tasks import TaskSpec, get_task
+from .tasks import TaskSpec, get_task, tasks_for_head
 from .tensorio import check_safetensors, open_safetensors
 
 METADATA = "mergelab.json"
@@ -455,17 +456,20 @@ def model_head(model: torch.nn.Module) -> HeadInfo:
 
 
 def check_head(name: str, head: HeadInfo, task: TaskSpec) -> None:
-    """Fail clearly when a model (called `name` in the message) has no head that can score `task`."""
+    """Fail clearly when a model (called `name` in the message) has no head that can score `task` (the task
+    registry says which head kinds score which tasks: `TaskSpec.heads`)."""
     retrain = f"fine-tune it first (on {task.name}, starting from this model)"
     if head.kind is None:
         if task.kind == "mlm":
-            raise MergeLabError(f"model {name!r} has no MLM head, so it cannot be scored on {task.name}; "
-                                "use a model with one (the zoo's mlm-head, or train an MLM head alone)")
+            raise MergeLabError(f"model {name!r} has no MLM head (nor a causal-LM head), so it cannot be scored on "
+                                f"{task.name}; use a model with one (the zoo's mlm-head, or train an MLM head alone)")
         raise MergeLabError(f"model {name!r} is a bare encoder with no head for task {task.name}; {retrain}")
-    if head.kind != task.head:
-        raise MergeLabError(f"model {name!r} has a {head.kind} head but task {task.name} needs a {task.head} "
-                            f"head; {retrain}")
-    if task.head == "mlm":
+    if head.kind not in task.heads:
+        own = tasks_for_head(head.kind)
+        instead = f"a {head.kind} head can be scored on {', '.join(own)} instead, or " if own else ""
+        raise MergeLabError(f"model {name!r} has a {head.kind} head but task {task.name} needs a "
+                            f"{' or '.join(task.heads)} head; {instead}{retrain}")
+    if task.kind == "mlm":
         return
     if head.num_labels != task.num_labels:
         raise MergeLabError(f"model {name!r} has a head with {head.num_labels} outputs but task {task.name} "
@@ -616,7 +620,9 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
         head = head_info(ref, config)
         if task is not None and not new_head:
             check_head(ref.spec, head, task)
-        kind = task.head if task is not None else head.kind
+        # scoring keeps the checkpoint's own head where it scores the task (a causal LM on a text task)
+        kind = head.kind if task is not None and not new_head and head.kind in task.heads else (
+            task.head if task is not None else head.kind)
         kwargs = _weights_kwargs(ref, allow_pickle)
         fresh = task is not None and new_head
         with _hub_errors(ref), _shape_errors(ref):
@@ -636,7 +642,20 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
         check_loading(ref, model, info, fresh=("head", "mlm_head", "pooler") if fresh else
                       ("pooler",) if kind is None else ())
     model.to(device or settings.device()).eval()
+    match_padding(model, pad_id(tokenizer))
     return Loaded(model, tokenizer, ref, ref.metadata())
+
+
+def match_padding(model: torch.nn.Module, padding: int) -> None:
+    """Make a last-token sequence head (GPT-2, Llama: `Adapter.last_token_head`) find the last real token of
+    batches right-padded with `padding`: transformers takes the rightmost token that is not
+    `config.pad_token_id`, so that must be the padding id. Set on the loaded object only: the checkpoint's
+    files are never changed, and other heads and families do not read it."""
+    config = getattr(model, "config", None)
+    if config is None or model_head(model).kind != "sequence":
+        return
+    if adapter_for(config.model_type, generic=True).last_token_head and config.pad_token_id != padding:
+        config.pad_token_id = padding
 
 
 def head_tasks(ref: ModelRef) -> list[str]:

@@ -1,8 +1,8 @@
 """Statistics that data-aware merges need, computed once per (model, data, settings) and reused.
 
-- `gram`: for every `nn.Linear`, G = XᵀX / N over its N input rows (tokens; padding left out when
+- `gram`: for every linear layer, G = XᵀX / N over its N input rows (tokens; padding left out when
   `mask_padding`), the statistic of RegMean (Jin et al. 2023, Sec. 3.2) and MaTS's RegMean objective.
-- `grad_gram`: for every `nn.Linear`, B = E[g gᵀ] over the gradients g of log p(y|x) at its outputs,
+- `grad_gram`: for every linear layer, B = E[g gᵀ] over the gradients g of log p(y|x) at its outputs,
   the second K-FAC factor (Tam et al. 2024, Table 1; Martens & Grosse 2015).
 - `fisher`: for every parameter, the diagonal Fisher F = E[(∇θ log p(y|x))²] (Matena & Raffel 2022,
   eq. 2). Per-example gradients by default (a true diagonal Fisher); `gradients=batch_mean` squares
@@ -18,9 +18,19 @@ input for the feed-forward output), which is all of RegMean's objective for a di
 `methods.regmean`); `block_fisher` as above. The record says `"space": "module"`, so the cache keys of
 the two spaces never meet.
 
-Labels in log p(y|x): `empirical` = gold, `true` = sampled from the model, `hard` = its argmax. For
-regression (STS-B), log p is a unit Gaussian around the prediction; `hard` there would give zero
-gradients, so it uses the gold score, as the RegMean codebase does.
+**Linear layers** are `nn.Linear` and transformers' `Conv1D` (GPT-2), hooked alike: G is (in x in) and B
+(out x out) for both, whatever the weight's storage. A `Conv1D` stores its weight (in, out), the
+transpose of `nn.Linear`'s; the merge methods turn such weights to (out, in) before using G and B
+(`ParamInfo.transposed`, `methods.regmean`), so the factors line up with the weight in both layouts.
+A decoder's sequence head (`score` of GPT-2 and Llama) runs on every position but only its output at
+the last real token is read, so its G and B are over those rows only (one per example, as BERT's head
+sees its pooled input); the rest of its input rows never reach the loss.
+
+log p(y|x) is the model's own: the classification (or token-tagging) head's, the masked-LM head's on a
+text task, and for a causal LM on a text task the sum over tokens of log p(x_t | x_<t) (next tokens
+after a real token; padding left out). Labels: `empirical` = gold, `true` = sampled from the model,
+`hard` = its argmax. For regression (STS-B), log p is a unit Gaussian around the prediction; `hard`
+there would give zero gradients, so it uses the gold score, as the RegMean codebase does.
 
 Examples are a seeded random subset of the task's train split. Each statistic is saved under
 `$MERGELAB_HOME/cache/stats` as safetensors whose metadata (and a `.json` beside it) records how it
@@ -45,13 +55,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import data, settings
-from .arch import canonical, require
-from .encode import IGNORE, encode, mlm_mask
+from .arch import adapter_for, canonical, require
+from .encode import IGNORE, encode, mlm_mask, model_inputs, pad_id
 from .errors import MergeLabError
-from .losses import masked_lm_logits
 from .fingerprint import combined
-from .models import (ModelRef, config_fingerprint, load, load_adapter, load_tokenizer, read_config, resolve,
-                     tokenizer_files, weights_fingerprint)
+from .losses import is_causal_lm, language_model_logits
+from .models import (ModelRef, config_fingerprint, hf, load, load_adapter, load_tokenizer, model_head, read_config,
+                     resolve, tokenizer_files, weights_fingerprint)
 from .module_space import check_mergeable, module_checkpoint, module_parameters
 from .outputs import staging_file
 from .params import Param
@@ -147,7 +157,7 @@ def statistics(model: str | ModelRef, task: str | TaskSpec, kinds: tuple[str, ..
     """{canonical parameter name: {kind: tensor}} for `model` on `task`'s train data, cached. `space="module"`:
     an (IA)³ module's own vectors (see the module doc)."""
     ref = model if isinstance(model, ModelRef) else resolve(model)
-    require(read_config(ref).model_type, "statistics", ref.spec)  # hooks and inputs are the BERT family's so far
+    require(read_config(ref).model_type, "statistics", ref.spec)  # families whose inputs and heads are handled
     spec = get_task(task) if isinstance(task, str) else task
     options = {**DEFAULTS, **{k: v for k, v in (options or {}).items() if k in DEFAULTS}}
     merged: dict[str, dict[str, torch.Tensor]] = {}
@@ -176,23 +186,26 @@ def statistics(model: str | ModelRef, task: str | TaskSpec, kinds: tuple[str, ..
 # computing them
 
 
-def _examples(spec: TaskSpec, tokenizer, n: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """A seeded random subset of the train split as a list of single-example batches."""
+def _examples(spec: TaskSpec, tokenizer, n: int, device: torch.device, *, causal: bool = False
+              ) -> list[dict[str, torch.Tensor]]:
+    """A seeded random subset of the train split as a list of single-example batches (text tasks: masked
+    for a masked LM, as they are for a causal LM)."""
     encoded = encode(spec, "train", tokenizer)
     generator = torch.Generator().manual_seed(SEED)
     index = torch.randperm(len(encoded), generator=generator)[:n]
     if not len(index):
         raise MergeLabError(f"task {spec.name} has no training examples to compute statistics on")
     subset = encoded.subset(index)
-    if spec.kind == "mlm":
+    if spec.kind == "mlm" and not causal:
         masked, labels = mlm_mask(subset.ids, tokenizer, generator)
         subset = replace(subset, ids=masked.to(subset.ids.dtype), labels=labels)
-    pad = tokenizer.pad_token_id or 0
+    pad = pad_id(tokenizer)
     return [{k: v.to(device) for k, v in subset.batch(torch.tensor([i]), pad).items()} for i in range(len(subset))]
 
 
-def _collate(examples: list[dict[str, torch.Tensor]], spec: TaskSpec) -> dict[str, torch.Tensor]:
-    """Pad single-example batches into one batch."""
+def _collate(examples: list[dict[str, torch.Tensor]], spec: TaskSpec, pad: int = 0) -> dict[str, torch.Tensor]:
+    """Pad single-example batches into one batch, on the right; token ids with `pad` (`encode.pad_id`: a
+    decoder's sequence head looks for it to find the last real token)."""
     length = max(e["input_ids"].shape[1] for e in examples)
     out = {}
     for key in examples[0]:
@@ -200,7 +213,7 @@ def _collate(examples: list[dict[str, torch.Tensor]], spec: TaskSpec) -> dict[st
         for e in examples:
             v = e[key]
             if v.dim() == 2:
-                fill = IGNORE if key == "labels" else 0
+                fill = IGNORE if key == "labels" else pad if key == "input_ids" else 0
                 v = F.pad(v, (0, length - v.shape[1]), value=fill)
             parts.append(v)
         out[key] = torch.cat(parts)
@@ -210,11 +223,11 @@ def _collate(examples: list[dict[str, torch.Tensor]], spec: TaskSpec) -> dict[st
 def _log_likelihood(model, batch: dict[str, torch.Tensor], spec: TaskSpec, labels_mode: str,
                     generator: torch.Generator) -> torch.Tensor:
     """Σ over examples of log p(y|x), with y gold / sampled / argmax."""
-    if spec.kind == "mlm":
-        logits, gold = masked_lm_logits(model, batch)
+    if spec.kind == "mlm":  # masked tokens of a masked LM, next tokens of a causal LM
+        logits, gold = language_model_logits(model, batch)
         mask = torch.ones_like(gold, dtype=torch.bool)
     else:
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        logits = model(**model_inputs(batch, model.config)).logits.float()
         gold = batch["labels"]
         if spec.kind == "regression":
             prediction = logits.squeeze(-1)
@@ -234,10 +247,39 @@ def _log_likelihood(model, batch: dict[str, torch.Tensor], spec: TaskSpec, label
     return log_probs.gather(-1, target.unsqueeze(-1)).sum()
 
 
-def _linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+def _linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every linear layer by its weight's canonical name: `nn.Linear`, and transformers' `Conv1D` (GPT-2's
+    layers: y = x W + b with W stored (in, out))."""
     model_type = model.config.model_type
+    conv1d = hf().pytorch_utils.Conv1D
     return {canonical(f"{name}.weight", model_type): m for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear)}
+            if isinstance(m, (torch.nn.Linear, conv1d))}
+
+
+def _sizes(module: torch.nn.Module) -> tuple[int, int]:
+    """(in, out) features of a linear layer in either storage."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]  # Conv1D: (in, out)
+
+
+def _last_token_heads(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> set[str]:
+    """The layers of a decoder's sequence head: run on every position, read at the last real token only."""
+    adapter = adapter_for(model.config.model_type, generic=True)
+    if not adapter.last_token_head or model_head(model).kind != "sequence":
+        return set()
+    return {name for name in modules if adapter.describe(name).group == "head"}
+
+
+def _last_tokens(input_ids: torch.Tensor, pad: int | None) -> torch.Tensor:
+    """(batch, length) bool: the position a last-token sequence head reads in each row, found as
+    transformers finds it (the rightmost token that is not `config.pad_token_id`)."""
+    if pad is None:
+        index = torch.full(input_ids.shape[:1], input_ids.shape[1] - 1, device=input_ids.device)
+    else:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        index = (positions * (input_ids != pad)).argmax(-1)
+    return F.one_hot(index, input_ids.shape[1]).bool()
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -260,13 +302,14 @@ def compute(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, Any], *
     for p in model.parameters():  # an adapter module folded in comes back from PEFT frozen
         p.requires_grad_(True)
     device = next(model.parameters()).device
-    examples = _examples(spec, loaded.tokenizer, options["examples"], device)
+    examples = _examples(spec, loaded.tokenizer, options["examples"], device, causal=is_causal_lm(model))
     generator = torch.Generator().manual_seed(SEED)
     desc = f"{kind} of {ref.name} on {spec.name}"
+    pad = pad_id(loaded.tokenizer)
     if kind == "fisher":
         params = {canonical(n, model.config.model_type): p for n, p in model.named_parameters() if p.requires_grad}
-        return _fisher(model, params, examples, spec, options, generator, desc, progress)
-    return _grams(model, examples, spec, kind, options, generator, desc, progress)
+        return _fisher(model, params, examples, spec, options, generator, desc, progress, pad=pad)
+    return _grams(model, examples, spec, kind, options, generator, desc, progress, pad=pad)
 
 
 def _module_statistic(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, Any],
@@ -295,18 +338,21 @@ def _module_statistic(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[st
     return _fisher(model, chosen, examples, spec, options, generator, desc, progress, block=kind == "block_fisher")
 
 
-def _grams(model, examples, spec, kind, options, generator, desc, progress) -> dict[str, dict[str, torch.Tensor]]:
+def _grams(model, examples, spec, kind, options, generator, desc, progress, *, pad: int = 0
+           ) -> dict[str, dict[str, torch.Tensor]]:
     modules = _linear_modules(model)
-    sums = {name: torch.zeros(m.in_features if kind == "gram" else m.out_features,
-                              m.in_features if kind == "gram" else m.out_features,
-                              dtype=torch.float64, device=m.weight.device) for name, m in modules.items()}
+    sizes = {name: _sizes(m)[0 if kind == "gram" else 1] for name, m in modules.items()}
+    sums = {name: torch.zeros(sizes[name], sizes[name], dtype=torch.float64, device=m.weight.device)
+            for name, m in modules.items()}
     counts = dict.fromkeys(modules, 0)
-    state: dict[str, torch.Tensor | None] = {"mask": None}
+    heads = _last_token_heads(model, modules)
+    state: dict[str, torch.Tensor | None] = {"mask": None, "last": None}
 
     def accumulate(name: str, x: torch.Tensor) -> None:
         # One batch's XᵀX in float32 (a few hundred rows: relative error ~1e-7; the accumulation runs
         # ~1.7x faster than in float64 on a CPU), summed over batches in float64.
-        rows = _rows(x.detach(), state["mask"] if options["mask_padding"] else None).float()
+        mask = state["last"] if name in heads else state["mask"] if options["mask_padding"] else None
+        rows = _rows(x.detach(), mask).float()
         sums[name] += rows.T @ rows
         counts[name] += rows.shape[0]
 
@@ -317,10 +363,12 @@ def _grams(model, examples, spec, kind, options, generator, desc, progress) -> d
         else:
             handles.append(module.register_full_backward_hook(
                 lambda m, grad_in, grad_out, name=name: accumulate(name, grad_out[0])))
-    batches = [_collate(examples[i: i + BATCH], spec) for i in range(0, len(examples), BATCH)]
+    batches = [_collate(examples[i: i + BATCH], spec, pad) for i in range(0, len(examples), BATCH)]
     try:
         for batch in track(batches, len(batches), desc, progress):
             state["mask"] = batch["attention_mask"]
+            if heads:
+                state["last"] = _last_tokens(batch["input_ids"], model.config.pad_token_id)
             if kind == "gram":
                 with torch.inference_mode():
                     _forward_only(model, batch, spec)
@@ -337,13 +385,13 @@ def _grams(model, examples, spec, kind, options, generator, desc, progress) -> d
 
 def _forward_only(model, batch, spec: TaskSpec) -> None:
     if spec.kind == "mlm":
-        masked_lm_logits(model, batch)
+        language_model_logits(model, batch)
     else:
-        model(**{k: v for k, v in batch.items() if k != "labels"})
+        model(**model_inputs(batch, model.config))
 
 
 def _fisher(model, params: dict[str, torch.nn.Parameter], examples, spec, options, generator, desc, progress,
-            block: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+            block: bool = False, *, pad: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """The diagonal Fisher of `params`, or (`block`) the full Fisher block of each vector in `params`."""
     if block:
         sums = {name: torch.zeros(p.numel(), p.numel(), dtype=torch.float32, device=p.device)
@@ -352,7 +400,7 @@ def _fisher(model, params: dict[str, torch.nn.Parameter], examples, spec, option
         sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     rows = _SparseEmbeddingGrad.attach(model, params)
     size = 1 if block or options["gradients"] == "per_example" else BATCH
-    batches = [_collate(examples[i: i + size], spec) for i in range(0, len(examples), size)]
+    batches = [_collate(examples[i: i + size], spec, pad) for i in range(0, len(examples), size)]
     try:
         for batch in track(batches, len(batches), desc, progress):
             n = batch["input_ids"].shape[0]
@@ -433,6 +481,8 @@ class _SparseEmbeddingGrad:
         embedding = model.get_input_embeddings()
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if output is not None and output.weight is embedding.weight:
+            return None
+        if type(embedding) is not torch.nn.Embedding:  # Gemma's scales its output: not ∂/∂ of a row as is
             return None
         name = next((n for n, p in params.items() if p is embedding.weight), None)
         return cls(embedding, name) if name else None

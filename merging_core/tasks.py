@@ -59,8 +59,19 @@ class TaskSpec:
 
     @property
     def head(self) -> str:
-        """The head type a model needs for this task: "sequence", "token" or "mlm"."""
+        """The head type a model is given to train on this task: "sequence", "token" or "mlm"."""
         return {"classification": "sequence", "regression": "sequence", "token": "token", "mlm": "mlm"}[self.kind]
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The head kinds that can be scored on this task (`SCORING_HEADS`), `head` first."""
+        return SCORING_HEADS[self.kind]
+
+
+# The head kinds (`models.HeadInfo.kind`) each kind of task can score. A text task is scored by a masked LM
+# (loss on masked tokens) or by a causal LM (next-token loss, `evaluation`); labelled tasks need their head.
+SCORING_HEADS: dict[str, tuple[str, ...]] = {"classification": ("sequence",), "regression": ("sequence",),
+                                             "token": ("token",), "mlm": ("mlm", "causal")}
 
 
 def _glue(name: str, title: str, kind: Kind, text_columns: tuple[str, ...], label_column: str,
@@ -145,6 +156,11 @@ def get_task(name: str) -> TaskSpec:
     if spec is None:
         raise MergeLabError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     return spec
+
+
+def tasks_for_head(kind: str | None) -> list[str]:
+    """The listed tasks a model with a head of `kind` can be scored on (a causal LM: wikitext2)."""
+    return [spec.name for spec in TASKS.values() if spec.listed and kind in spec.heads]
 
 
 def title(name: str) -> str:

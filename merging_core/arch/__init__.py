@@ -34,7 +34,8 @@ Design choices shared by the families:
 - **Stacks**: an encoder-decoder's decoder restarts its layer count at 0, so `ParamInfo.stack` says which
   stack a parameter is in and `ParamInfo.block` = (stack, layer) is the per-layer key (see `t5`).
 - **Features** (`Adapter.features`, `require`): data-free merges and component selection work for every
-  adapter; statistics, scoring, alignment, training and uploads for the BERT family only so far.
+  adapter; statistics and scoring for BERT, DistilBERT, DeBERTa-v2, GPT-2 and the Llama layout (`SCORED`);
+  alignment, training and uploads for the BERT family only so far.
 
 Names are matched after stripping wrapper prefixes (`bert.`, `roberta.`, PEFT's `base_model.model.`);
 LoRA factors (`lora_A` / `lora_B`), (IA)³ scaling vectors (`ia3_l`), bottleneck adapters
@@ -45,13 +46,14 @@ LoRA factors (`lora_A` / `lora_B`), (IA)³ scaling vectors (`ia3_l`), bottleneck
 from __future__ import annotations
 
 from ..errors import MergeLabError
-from .core import DATA_FREE, FEATURES, GROUPS, Adapter, ParamInfo, strip_peft
+from .core import DATA_FREE, FEATURES, GROUPS, SCORED, Adapter, ParamInfo, strip_peft
 from .decoders import GPT2, LLAMA
 from .encoders import BERT, DEBERTA_V2, DISTILBERT
 from .generic import GenericAdapter, fallback_note, generic_adapter
 from .t5 import T5
 
-__all__ = ["ADAPTERS", "BERT", "DATA_FREE", "DEBERTA_V2", "DISTILBERT", "FEATURES", "GPT2", "GROUPS", "LLAMA", "T5",
+__all__ = ["ADAPTERS", "BERT", "DATA_FREE", "DEBERTA_V2", "DISTILBERT", "FEATURES", "GPT2", "GROUPS", "LLAMA",
+           "SCORED", "T5",
            "Adapter", "GenericAdapter", "ParamInfo", "adapter_for", "canonical", "fallback_note", "generic_adapter",
            "group_params", "require", "strip_peft"]
 

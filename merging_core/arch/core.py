@@ -26,8 +26,11 @@ GROUPS = ("embeddings", "attention", "feed_forward", "layer_norm", "pooler", "he
 # component selection, statistics (Fisher, Gram, K-FAC), scoring on tasks, permutation alignment,
 # fine-tuning and public-mode uploads. Only the BERT family has them all so far: each of the last five
 # reads a family's module layout or its inputs (token type ids, an MLM head module), not just names.
+# Statistics and scoring run a model's own forward with generic hooks, so the encoders and decoders whose
+# inputs and heads MergeLab handles have those two as well (`SCORED`).
 FEATURES = ("merge", "components", "statistics", "scoring", "alignment", "training", "uploads")
 DATA_FREE = ("merge", "components")
+SCORED = DATA_FREE + ("statistics", "scoring")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,9 @@ class ParamInfo:
     factor: str | None = None  # an adapter's own tensor: "A" / "B" (LoRA factors), "ia3" ((IA)³ scaling vector),
     # "down" / "up" (a bottleneck adapter's projections, see `bottleneck`)
     stack: str | None = None  # "encoder" / "decoder" in an encoder-decoder model (T5); None in one-stack models
+    transposed: bool = False  # a layer weight stored (in, out), the transpose of `nn.Linear`'s (out, in):
+    # transformers' `Conv1D` (GPT-2). Per-tensor merges ignore it; methods that multiply a weight by its
+    # layer's input Gram (RegMean, MaTS) turn it to (out, in) first.
 
     @property
     def block(self) -> tuple[str | None, int | None]:
@@ -58,6 +64,9 @@ class Adapter:
     # `(?P<stack>)` groups in the regex fill `ParamInfo.layer` and `.stack`
     mlm_head_attr: str | None = None  # attribute of the *ForMaskedLM model holding the vocabulary projection
     features: tuple[str, ...] = DATA_FREE
+    transposed_roles: tuple[str, ...] = ()  # roles whose weights are stored (in, out) (`ParamInfo.transposed`)
+    last_token_head: bool = False  # the sequence head reads the last non-padding token (GPT-2, Llama), which
+    # transformers finds through `config.pad_token_id`; else the first token or a pooler (BERT)
 
     @property
     def generic(self) -> bool:
@@ -80,8 +89,10 @@ class Adapter:
             if match:
                 found = match.groupdict()
                 layer = found.get("layer")
+                # an adapter's own factors (LoRA, (IA)³) are nn.Linear-shaped or vectors whatever the layer
+                transposed = role in self.transposed_roles and factor is None and core.endswith(".weight")
                 return ParamInfo(name, group, role, int(layer) if layer is not None else None, factor,
-                                 found.get("stack"))
+                                 found.get("stack"), transposed)
         raise MergeLabError(f"parameter {name!r} is not known to the {self.family} adapter; "
                             "MergeLab cannot tell which component it belongs to")
 

@@ -8,7 +8,8 @@
   `crossattention.c_attn` (fused keys and values, role `cross_kv`), `crossattention.c_proj` and
   `ln_cross_attn`; `ln_f`; `lm_head` (tied to `wte`, absent from saved files); `score` (sequence head)
   or `classifier` (token head). GPT-2's layers are `Conv1D`s, whose weights are stored (in, out), the
-  transpose of `nn.Linear`: irrelevant to per-tensor merges, which is all this adapter is used for.
+  transpose of `nn.Linear`: irrelevant to per-tensor merges, but RegMean and MaTS multiply a weight by
+  its input Gram, so those roles are `transposed_roles` (`ParamInfo.transposed`).
   The causal-mask buffers older files carry (`attn.bias`, `attn.masked_bias`) are buffers, not weights.
 - **Llama layout** reproduces `LlamaModel` / `LlamaForCausalLM` / `LlamaForSequenceClassification` /
   `LlamaForTokenClassification` and the same classes of Mistral, Qwen2 (biases on q/k/v), Qwen3 (per-head
@@ -23,11 +24,14 @@
 
 Both families are pre-LN: `ln_attn` / `ln_ff` are the norms *before* attention / the MLP (GPT-2's
 `ln_1` / `ln_2`, Llama's `input_layernorm` / `post_attention_layernorm`), `ln_final` the last norm.
+
+Both have statistics and scoring (`SCORED`): their sequence heads (`score`) read the last non-padding
+token (`last_token_head`), their causal LMs are scored by next-token loss on text tasks.
 """
 
 from __future__ import annotations
 
-from .core import WB, Adapter
+from .core import SCORED, WB, Adapter
 
 _H = r"h\.(?P<layer>\d+)\."
 
@@ -35,6 +39,9 @@ GPT2 = Adapter(
     family="gpt2",
     model_types=("gpt2",),
     prefixes=("transformer.",),
+    features=SCORED,
+    transposed_roles=("qkv", "attn_out", "ff_in", "ff_out", "cross_query", "cross_kv", "cross_out"),
+    last_token_head=True,
     rules=(
         (r"wte\.weight", "embeddings", "word"),
         (r"wpe\.weight", "embeddings", "position"),
@@ -62,6 +69,8 @@ LLAMA = Adapter(
     family="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"),
     prefixes=("model.",),
+    features=SCORED,
+    last_token_head=True,
     rules=(
         (r"embed_tokens\.weight", "embeddings", "word"),
         (_L + r"self_attn\.q_proj" + WB, "attention", "query"),

@@ -23,13 +23,17 @@ every task wrapper MergeLab meets (the bare `*Model`, `*ForSequenceClassificatio
   transformers 5 (`legacy=True`: `cls.predictions.*` like BERT; `legacy=False`:
   `lm_predictions.lm_head.{dense,LayerNorm,bias}`, whose decoder is the word embedding matrix itself).
 
+DistilBERT and DeBERTa-v2 have statistics and scoring of their sequence and token heads (`SCORED`); their
+masked-LM heads are not single modules MergeLab can run on the masked positions alone, so they are not
+scored yet.
+
 Layer-norm roles name the sub-block a norm belongs to: `ln_attn` (attention) and `ln_ff`
 (feed-forward); in these post-LN families the norm follows its sub-block.
 """
 
 from __future__ import annotations
 
-from .core import FEATURES, Adapter
+from .core import FEATURES, SCORED, Adapter
 from .core import WB as _WB
 
 _LAYER = r"encoder\.layer\.(?P<layer>\d+)\."
@@ -69,6 +73,7 @@ DISTILBERT = Adapter(
     family="distilbert",
     model_types=("distilbert",),
     prefixes=("distilbert.",),
+    features=SCORED,
     rules=(
         (r"embeddings\.word_embeddings\.weight", "embeddings", "word"),
         (r"embeddings\.position_embeddings\.weight", "embeddings", "position"),
@@ -95,6 +100,7 @@ DEBERTA_V2 = Adapter(
     family="deberta-v2",
     model_types=("deberta-v2",),
     prefixes=("deberta.",),
+    features=SCORED,
     rules=(
         (r"embeddings\.word_embeddings\.weight", "embeddings", "word"),
         (r"embeddings\.position_embeddings\.weight", "embeddings", "position"),  # position_biased_input only

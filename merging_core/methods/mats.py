@@ -13,7 +13,8 @@ per parameter, matrix-free, with conjugate gradient from an initialisation:
 
 G_i is the Gram of a linear layer's inputs, B_i the Gram of the gradients at its outputs (K-FAC
 factors), both with off-diagonals scaled by α; the models count as RegMean's `weighting` says (c_i, or
-c_i N_i). Parameters without statistics are averaged.
+c_i N_i). Parameters without statistics are averaged. A weight stored (in, out) (GPT-2's `Conv1D`) is
+solved in `nn.Linear`'s layout under the Gram objectives (`regmean.linear_layout`), where G and B apply.
 
 **(IA)³ modules** are merged in module space (`merge(..., space="module")`): the objectives act on the
 scaling vectors. `block_fisher` is the objective MaTS uses for (IA)³ (Sec. 5): each vector's full Fisher
@@ -42,12 +43,21 @@ from typing import Callable
 
 import torch
 
-from . import WEIGHTS, Method, Param, TensorJob, register, stack, weighted_mean
 from ..errors import MergeLabError
 from ..stats import setting_params
+from . import WEIGHTS, Method, Param, TensorJob, register, stack, weighted_mean
 from .fisher import EPSILON, NORMALIZE, fisher_norms, fisher_weights
-from .regmean import (ALPHA, WEIGHTING, diagonal_grams, scale_off_diagonal, solve_diagonal, solve_regmean,
-                      weighted_grams)
+from .regmean import (
+    ALPHA,
+    WEIGHTING,
+    diagonal_grams,
+    linear_layout,
+    scale_off_diagonal,
+    solve_diagonal,
+    solve_regmean,
+    stored_layout,
+    weighted_grams,
+)
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -121,7 +131,7 @@ def _problem(job: TensorJob) -> _Problem | None:
         total = sum(grams)
         diagonal = torch.diagonal(total).clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(1).expand(-1, columns)
         return _Problem(lambda x: total @ x, sum(g @ w.T for g, w in zip(grams, thetas)), diagonal, True,
-                        lambda: solve_regmean(grams, thetas, job.report))
+                        lambda: solve_regmean(grams, thetas, job.report, job.weights))
     outs = [scale_off_diagonal(s["grad_gram"].to(grams[0]), job.params["alpha"]) for s in job.stats]
     diagonal = sum(torch.outer(torch.diagonal(g), torch.diagonal(o)) for g, o in zip(grams, outs))
     return _Problem(lambda x: sum(g @ x @ o for g, o in zip(grams, outs)),
@@ -155,6 +165,13 @@ def _initial(job: TensorJob) -> torch.Tensor:
 
 
 def mats(job: TensorJob) -> torch.Tensor:
+    if job.params["objective"] in ("regmean", "kfac") and job.info.transposed:
+        # the Grams multiply the weight in (out, in) layout; Fisher objectives are elementwise, layout-free
+        return stored_layout(job, _solve(linear_layout(job)))
+    return _solve(job)
+
+
+def _solve(job: TensorJob) -> torch.Tensor:
     problem = _problem(job)
     if problem is None:
         return weighted_mean(stack(job), job.weights)

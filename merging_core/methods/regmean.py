@@ -4,7 +4,9 @@ Jin et al. 2023, "Dataless knowledge fusion by merging weights of language model
 closed form of Sec. 3.2 (arXiv:2212.09849): W_Mᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ with G_i the Gram of the
 layer's inputs and G̃ = αG + (1−α)·diag(G) (off-diagonals scaled by α). Only `nn.Linear` weights are
 solved; biases, layer norms and embeddings are averaged. α = 0 reduces to a per-input-feature weighted
-average by diag(G).
+average by diag(G). Where Σ G̃_i is singular (an input feature no example activates, as after a ReLU),
+the solve is least squares on its range and the models' weighted mean along its null space, which the
+objective leaves free: copies of one model then merge back into it.
 
 **Weighting of the models** (`weighting`). MergeLab stores each Gram as a per-token mean, G_i = X_iᵀX_i / N_i.
 
@@ -16,6 +18,10 @@ average by diag(G).
   statistics saw more tokens (longer texts, more examples) pulls the solution towards itself. It needs
   the token count each statistics file records.
 
+**Weights stored (in, out)** (transformers' `Conv1D`, GPT-2: `ParamInfo.transposed`): G is the Gram of the
+layer's inputs whatever the storage, so such a weight is turned to (out, in) before the solve and back
+after (`linear_layout`): W_M = (Σ G̃_i)⁻¹ Σ G̃_i W_i in its stored layout.
+
 **(IA)³ vectors in module space.** An (IA)³ vector l acts as the diagonal linear map a ↦ l ⊙ a on the
 activation a it scales, so eq. 2 restricted to diagonal weights, min_l Σ_i ‖(l − l_i) ⊙ A_i‖², is solved
 feature by feature: l_j = Σ_i c_i G_i,jj l_i,j / Σ_i c_i G_i,jj, with only the diagonal of each Gram
@@ -25,11 +31,13 @@ feature by feature: l_j = Σ_i c_i G_i,jj l_i,j / Σ_i c_i G_i,jj, with only the
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from . import WEIGHTS, Method, Param, TensorJob, register, stack, weighted_mean
 from ..errors import MergeLabError
 from ..stats import setting_params
+from . import WEIGHTS, Method, Param, TensorJob, register, stack, weighted_mean
 
 ALPHA = Param("alpha", "float", 0.9, "scale α of the Grams' off-diagonal entries (1 = full Gram)", low=0.0,
               high=1.0)
@@ -81,15 +89,38 @@ def solve_diagonal(weights: torch.Tensor, job: TensorJob) -> torch.Tensor:
     return torch.where(total > 0, solved, weighted_mean(thetas, job.weights.double()))
 
 
-def solve_regmean(grams: list[torch.Tensor], tensors: list[torch.Tensor], report: dict) -> torch.Tensor:
-    """W_M = ((Σ G̃_i)⁻¹ Σ G̃_i W_iᵀ)ᵀ, least squares when the summed Gram is singular."""
+def solve_regmean(grams: list[torch.Tensor], tensors: list[torch.Tensor], report: dict,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """W_M = ((Σ G̃_i)⁻¹ Σ G̃_i W_iᵀ)ᵀ; when the summed Gram is singular, least squares on its range and the
+    models' mean (weighted by `weights`, uniform when None) along its null space."""
     lhs = sum(grams)
     rhs = sum(g @ w.to(g.dtype).T for g, w in zip(grams, tensors))
     solution, info = torch.linalg.solve_ex(lhs, rhs)
-    if info.item() != 0:  # a singular Gram (e.g. an input feature that is always zero): least squares
-        solution = torch.linalg.pinv(lhs, hermitian=True) @ rhs
+    if info.item() != 0:  # a singular Gram (e.g. an input feature that is always zero, as after a ReLU)
+        inverse = torch.linalg.pinv(lhs, hermitian=True)
+        # Input directions no example reaches leave the objective flat: the minimum-norm solution would zero
+        # those weights, so they take the models' mean instead (the solution where every model agrees:
+        # merging copies of one model returns it), as `solve_diagonal` does for a feature nobody weighs.
+        coefficients = (torch.full((len(tensors),), 1 / len(tensors)) if weights is None else weights).to(lhs)
+        mean = sum(float(c) * w.to(lhs.dtype).T for c, w in zip(coefficients, tensors))
+        null = torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device) - inverse @ lhs
+        solution = inverse @ rhs + null @ mean
         report["singular_gram"] = True
     return solution.T
+
+
+def linear_layout(job: TensorJob) -> TensorJob:
+    """`job` with its weights in `nn.Linear`'s (out, in) layout, the one a layer's input Gram (in x in) and
+    output-gradient Gram (out x out) multiply: a weight stored (in, out) (`ParamInfo.transposed`, GPT-2's
+    Conv1D) transposed, base included; any other job as it is. Turn the result back with `stored_layout`."""
+    if not job.info.transposed or job.tensors[0].dim() != 2:
+        return job
+    return replace(job, tensors=[t.T for t in job.tensors], base=job.base.T if job.base is not None else None)
+
+
+def stored_layout(job: TensorJob, merged: torch.Tensor) -> torch.Tensor:
+    """A merged weight in (out, in) layout back in the layout `job`'s weights are stored in."""
+    return merged.T.contiguous() if job.info.transposed and merged.dim() == 2 else merged
 
 
 def regmean(job: TensorJob) -> torch.Tensor:
@@ -99,7 +130,8 @@ def regmean(job: TensorJob) -> torch.Tensor:
     grams = weighted_grams(job)
     if grams is None:
         return weighted_mean(stack(job), job.weights)
-    return solve_regmean(grams, job.tensors, job.report).to(job.tensors[0].dtype)
+    linear = linear_layout(job)
+    return stored_layout(job, solve_regmean(grams, linear.tensors, job.report, job.weights)).to(job.tensors[0].dtype)
 
 
 register(Method(
