@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import partition, stats
 from .arch import canonical
 from .checkpoint import load_canonical, open_checkpoint
-from .encode import encode
+from .encode import encode, pad_id
 from .errors import MergeLabError
 from .evaluation import Evaluator, headline
 from .merge import MergeResult, merge
@@ -244,16 +244,12 @@ def own_data_statistics(model: str, kinds: tuple[str, ...], params: dict[str, An
     index = partition.training_indices(part, spec, len(encoded), None if encoded.token_level else encoded.labels)
     index = index[torch.randperm(len(index), generator=torch.Generator().manual_seed(stats.SEED))[:options["examples"]]]
     subset = encoded.subset(index)
-    pad = loaded.tokenizer.pad_token_id or 0
+    pad = pad_id(loaded.tokenizer)
     examples = [{k: v.to(device) for k, v in subset.batch(torch.tensor([i]), pad).items()} for i in range(len(subset))]
     values: dict[str, dict[str, torch.Tensor]] = {}
     for kind in kinds:
-        # The estimators of merging_core.stats, run on these examples (stats.compute draws its own from the
-        # whole train split).
-        generator = torch.Generator().manual_seed(stats.SEED)
-        desc = f"{kind} of {ref.name} on its {part} data"
-        computed = (stats._fisher(loaded.model, examples, spec, options, generator, desc, None) if kind == "fisher"
-                    else stats._grams(loaded.model, examples, spec, kind, options, generator, desc, None))
+        # merging_core.stats' estimators on these examples (`statistics` draws its own from the whole split)
+        computed = stats.estimate(loaded, examples, spec, kind, options, f"{kind} of {ref.name} on its {part} data")
         for name, kv in computed.items():
             values.setdefault(name, {}).update(kv)
     stats.save_stats(values, record, path)

@@ -298,13 +298,20 @@ def compute(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, Any], *
         raise MergeLabError("the blockwise Fisher is computed for (IA)3 scaling vectors: merge (IA)3 modules with "
                             "space=module, or use the diagonal_fisher objective", param="objective")
     loaded = load(ref, spec)
+    device = next(loaded.model.parameters()).device
+    examples = _examples(spec, loaded.tokenizer, options["examples"], device, causal=is_causal_lm(loaded.model))
+    return estimate(loaded, examples, spec, kind, options, f"{kind} of {ref.name} on {spec.name}", progress)
+
+
+def estimate(loaded, examples: list[dict[str, torch.Tensor]], spec: TaskSpec, kind: str, options: dict[str, Any],
+             desc: str, progress: ProgressFn | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """One statistic (`gram`, `grad_gram`, `fisher`) of a loaded full model (`models.load`) on these
+    examples (batches of one, padded with the tokenizer's pad id): the estimator `statistics` runs on the
+    train split's draw, for callers that choose the examples themselves."""
     model = loaded.model
     for p in model.parameters():  # an adapter module folded in comes back from PEFT frozen
         p.requires_grad_(True)
-    device = next(model.parameters()).device
-    examples = _examples(spec, loaded.tokenizer, options["examples"], device, causal=is_causal_lm(model))
     generator = torch.Generator().manual_seed(SEED)
-    desc = f"{kind} of {ref.name} on {spec.name}"
     pad = pad_id(loaded.tokenizer)
     if kind == "fisher":
         params = {canonical(n, model.config.model_type): p for n, p in model.named_parameters() if p.requires_grad}

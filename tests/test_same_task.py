@@ -157,3 +157,18 @@ def test_own_data_statistics_come_from_the_models_partition(pico, tmp_path):
                                    stats_files=tuple(str(own_data_statistics(m, ("gram",), options))
                                                      for m in (str(tmp_path / "shard1"), str(tmp_path / "shard2")))))
     assert torch.allclose(merged.state[name], ml.open_checkpoint(whole).get(name), atol=1e-5)  # same weights
+
+
+def test_own_data_fisher_equals_the_task_fisher_for_a_model_of_the_whole_split(pico):
+    """`--stats-data own` with Fisher: for a model trained on the whole train split the diagonal Fisher on
+    "its own data" is the one `merge` computes from the task (same examples, same estimator)."""
+    from merging_core import stats
+    from merging_core.compare import own_data_statistics
+
+    options = {"examples": 6, "fisher_examples": 6}
+    whole = str(pico("sst2", 0))
+    values, record = stats.load_stats(own_data_statistics(whole, ("fisher",), options))
+    expected = stats.statistics(whole, "sst2", ("fisher",), options)
+    assert record["partition"] == "iid" and set(values) == set(expected)
+    for name in expected:
+        assert torch.allclose(values[name]["fisher"], expected[name]["fisher"], rtol=1e-5, atol=1e-12), name
