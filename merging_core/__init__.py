@@ -41,7 +41,7 @@ _LAZY = {
 }
 _MODULES = ("arch", "data", "settings", "stats", "zoo", "models", "evaluation", "training", "tasks", "metrics",
             "encode", "progress", "partition", "losses", "tensorio", "paths", "curves", "checkpoint", "spec", "params",
-            "outputs", "uploads", "caches")
+            "outputs", "uploads", "caches", "catalog")
 
 
 def __getattr__(name: str):

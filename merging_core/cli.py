@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     d = zoo_commands.add_parser("download", help="copy a published zoo from the hub (default: MERGELAB_ZOO_REPO)")
     d.add_argument("--repo", default=None, help="a hub repository id holding one folder per zoo entry")
     d.add_argument("--json", action="store_true")
-    li = zoo_commands.add_parser("list", help="the zoo's models and their dev scores")
+    li = zoo_commands.add_parser("list", help="the zoo's models: family, size, task and dev score")
     li.add_argument("--json", action="store_true")
 
     p = commands.add_parser("merge", help="merge two or more models with one method")
@@ -270,14 +270,15 @@ def _run(args: argparse.Namespace) -> None:
         print(json.dumps(rows) if args.json else "\n".join(f"{r['name']}: {r['status']} ({r['seconds']} s)"
                                                            for r in rows))
     elif args.command == "zoo":
-        rows = zoo.entries()
+        rows = zoo.listing()
         if args.json:
             print(json.dumps(rows, indent=2))
         elif not rows:
             print("the zoo is empty; build it with: python -m merging_core zoo build --recipe demo (a few minutes) "
                   "or zoo build (the default recipe)")
         else:
-            _print_table(rows, ["name", "task", "kind", "seed", "steps", "partition", "metric", "score", "recipe"])
+            _print_table(rows, ["name", "family", "params", "head", "task", "kind", "seed", "steps", "partition",
+                                "metric", "score", "recipe"])
     elif args.command == "merge":
         _merge(args)
     elif args.command == "methods":

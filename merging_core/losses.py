@@ -1,6 +1,7 @@
 """Losses shared by training, evaluation, statistics, curves and ensembling.
 
-`task_loss` is the training loss of one batch: the head's own loss, or masked-only MLM cross-entropy.
+`task_loss` is the training loss of one batch: the head's own loss, masked-only MLM cross-entropy, or on a
+causal LM the shifted next-token cross-entropy below.
 
 `masked_lm_logits` runs the encoder, then the vocabulary projection on the masked positions only.
 A *ForMaskedLM forward projects every position (batch x length x 30k logits), which costs far more
@@ -66,8 +67,13 @@ def language_model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]
 
 def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TaskSpec, *,
               encoder_grad: bool = True) -> torch.Tensor:
-    """The training loss of one batch: the head's own loss, or masked-only MLM cross-entropy."""
+    """The training loss of one batch: the head's own loss, masked-only MLM cross-entropy, or (a causal LM on
+    a text task) the mean next-token cross-entropy of every position followed by a real token."""
     if spec.kind == "mlm":
-        logits, targets = masked_lm_logits(model, batch, encoder_grad=encoder_grad)
+        if is_causal_lm(model):
+            logits, targets = causal_lm_logits(model, batch)
+        else:
+            logits, targets = masked_lm_logits(model, batch, encoder_grad=encoder_grad)
         return F.cross_entropy(logits, targets)
-    return model(**batch).loss
+    # only the inputs the family's forward takes: GPT-2 would embed token type ids as words (`model_inputs`)
+    return model(**model_inputs(batch, getattr(model, "config", None)), labels=batch["labels"]).loss

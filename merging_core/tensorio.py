@@ -46,6 +46,35 @@ def check_safetensors(files: list[Path], what: str = "") -> None:
             pass
 
 
+HEADER_LIMIT = 100 << 20  # the safetensors format's own cap on a header's size
+
+
+def header_numel(path: str | Path) -> int:
+    """The number of values a safetensors file holds (the sum of its tensors' shapes), read from the JSON
+    header alone: the 8-byte length, then the header; no tensor is read or mapped, so counting a 7B
+    checkpoint costs a few kilobytes. Raises OSError, ValueError, KeyError or TypeError when the file or its
+    header is unreadable."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise ValueError("too short for a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > HEADER_LIMIT:
+            raise ValueError(f"header length {length} is not plausible")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise TypeError("header is not a JSON object")
+    total = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        size = 1
+        for dim in entry["shape"]:
+            size *= int(dim)
+        total += size
+    return total
+
+
 class LazyFiles:
     """The tensors of one or more safetensors files, read on demand (mmap)."""
 

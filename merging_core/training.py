@@ -5,6 +5,18 @@ head of the packaged MiniLM, which ships without one, is trained). AdamW with li
 decay, gradient clipping at 1.0, batches of similar lengths (less padding, same examples per epoch).
 MLM batches are masked on the fly from a generator seeded by the run's seed.
 
+**Families.** The BERT family trains everything above. GPT-2 (Radford et al. 2019) and the Llama layout
+(Touvron et al. 2023, arXiv:2302.13971: llama, mistral, qwen2, qwen3, gemma) train sequence and token
+classifiers (full, LoRA, (IA)³; `arch.decoders`) and causal LMs: on a text task (`corpus`, `wikitext2`)
+these families, which have no masked-LM class, get a causal-LM head (`models.training_head`) and learn by
+next-token prediction over blocks of `max_length` tokens (Radford et al. 2019, Sec. 2: the shifted
+cross-entropy, `losses.task_loss`). A decoder's sequence head reads the last real token of right-padded
+batches: the loaded model's `config.pad_token_id` is the padding id (`models.match_padding`), so the saved
+config records it and transformers' own `from_pretrained` reads the checkpoint the same way.
+`scratch-llama:<size>` is a Llama-layout decoder from a random initialization (`scratch`), pretrained this
+way, then fine-tuned like any other decoder. Prefix modules and bottleneck adapters stay BERT-only (they
+are inserted into BERT's module layout).
+
 Every run records its provenance in `mergelab.json`: base, task, seed, steps, partition, training
 settings, the dev scores of the final model and of every intermediate checkpoint (`--save-every`).
 With `cartography=N` a single-task run also records a data map of its first N training examples
@@ -37,12 +49,12 @@ import torch
 
 from . import bottleneck, cartography, partition, settings
 from ._version import __version__
-from .arch import adapter_for, require
-from .encode import Encoded, encode, mlm_mask
+from .arch import BERT, adapter_for, require
+from .encode import Encoded, encode, mlm_mask, pad_id
 from .errors import MergeLabError, writing
 from .evaluation import Evaluator
-from .losses import task_loss
-from .models import load, prefix_model, write_into, write_multihead
+from .losses import is_causal_lm, task_loss
+from .models import load, model_head, prefix_model, read_config, resolve, write_into, write_multihead
 from .outputs import check_out, staging
 from .progress import ProgressFn, with_eta
 from .tasks import TaskSpec, get_task
@@ -145,9 +157,9 @@ def _trainable(model: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Par
     if config.head_only:
         adapter = adapter_for(model.config.model_type)
         # named_parameters() lists a tied parameter once, under its first (encoder) name, so the MLM
-        # decoder tied to the word embeddings stays frozen with them.
+        # decoder (or a causal LM's head) tied to the word embeddings stays frozen with them.
         for name, param in model.named_parameters():
-            param.requires_grad = adapter.describe(name).group in ("head", "mlm_head")
+            param.requires_grad = adapter.describe(name).group in ("head", "mlm_head", "lm_head")
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -156,18 +168,29 @@ def wrap_peft(model: torch.nn.Module, spec: TaskSpec, config: TrainConfig) -> to
     feed-forward activations (Liu et al. 2022), or a prefix of `prefix_tokens` trained keys and values in
     every layer (Li & Liang 2021, arXiv:2101.00190; see `models.prefix_model`); the task type keeps the
     classifier trainable and saved. Bottleneck adapters (Houlsby et al. 2019, arXiv:1902.00751) are
-    MergeLab's own module kind, inserted by `bottleneck.insert` (adapters, layer norms and head trained)."""
+    MergeLab's own module kind, inserted by `bottleneck.insert` (adapters, layer norms and head trained).
+
+    Other families than BERT's take PEFT's own target modules for their model type (`peft_targets`: the
+    fused `c_attn` of GPT-2, `q_proj` / `v_proj` of the Llama layout); prefixes and bottleneck adapters
+    are inserted into BERT's module layout only."""
     from peft import IA3Config, LoraConfig, TaskType, get_peft_model
 
     if spec.kind == "mlm":
         raise MergeLabError(f"{config.peft} modules are for tasks with a classification head; train an MLM head "
                             "alone instead (head only)", param="peft")
+    model_type = model.config.model_type
+    if config.peft in ("prefix", bottleneck.KIND) and adapter_for(model_type) is not BERT:
+        raise MergeLabError(f"{config.peft} modules are trained on BERT-family models only so far, not on model "
+                            f"type {model_type!r}; train LoRA or (IA)³ modules, or fine-tune the whole model",
+                            param="peft")
     if config.peft == bottleneck.KIND:
         return bottleneck.insert(model, bottleneck.BottleneckConfig(size=config.bottleneck_size))
     task_type = TaskType.TOKEN_CLS if spec.kind == "token" else TaskType.SEQ_CLS
+    # GPT-2's layers are `Conv1D`s, whose weights are stored (in, out): PEFT must know to transpose its update
+    stored_in_out = any(type(m).__name__ == "Conv1D" for m in model.modules())
     if config.peft == "lora":
         adapter = LoraConfig(task_type=task_type, r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.1,
-                             target_modules=["query", "value"])
+                             target_modules=peft_targets(model_type, "lora")[0], fan_in_fan_out=stored_in_out)
     elif config.peft == "prefix":
         from peft import PrefixTuningConfig
 
@@ -176,9 +199,33 @@ def wrap_peft(model: torch.nn.Module, spec: TaskSpec, config: TrainConfig) -> to
                                 param="prefix_tokens")
         return prefix_model(model, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=config.prefix_tokens,
                                                       prefix_projection=config.prefix_projection))
-    else:  # regexes: a plain "output.dense" would also catch the attention's output layer
-        adapter = IA3Config(task_type=task_type, target_modules=IA3_TARGETS, feedforward_modules=IA3_FEEDFORWARD)
+    else:
+        targets, feedforward = peft_targets(model_type, "ia3")
+        adapter = IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=feedforward,
+                            fan_in_fan_out=stored_in_out)
     return get_peft_model(model, adapter)
+
+
+def peft_targets(model_type: str, kind: str) -> tuple[list[str] | str, list[str] | str | None]:
+    """(target modules, feed-forward modules) of a LoRA or (IA)³ module on a model of `model_type`.
+
+    The BERT family keeps MergeLab's choice: LoRA on `query` / `value`; (IA)³ as regexes, because PEFT's
+    default `output.dense` also matches the attention's output layer. Other families take PEFT's defaults
+    for their model type (GPT-2: LoRA on `c_attn`, (IA)³ on `c_attn` and `mlp.c_proj`; Llama: LoRA on
+    `q_proj` / `v_proj`, (IA)³ on `k_proj`, `v_proj` and `down_proj`)."""
+    from peft.utils import constants as defaults
+
+    if adapter_for(model_type, generic=True) is BERT:
+        return (["query", "value"], None) if kind == "lora" else (IA3_TARGETS, IA3_FEEDFORWARD)
+    if kind == "lora":
+        targets, feedforward = defaults.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type), None
+    else:
+        targets = defaults.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type)
+        feedforward = defaults.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
+    if not targets:
+        raise MergeLabError(f"PEFT has no default {kind} target modules for model type {model_type!r}; fine-tune "
+                            "the whole model instead", param="peft")
+    return list(targets), list(feedforward) if feedforward else None
 
 
 def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
@@ -197,6 +244,8 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     if config.sampling not in SAMPLING:
         raise MergeLabError(f"sampling {config.sampling!r} is not known; use one of: {', '.join(SAMPLING)}",
                             param="sampling")
+    # the family's gate before any weights are read: one line for a T5 or an unknown family
+    require(read_config(resolve(config.base)).model_type, "training", config.base)
     if len(specs) > 1:
         if config.cartography:
             raise MergeLabError("data maps are recorded for one task at a time; drop cartography or train one task",
@@ -208,8 +257,9 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     _seed_everything(config.seed)
     device = settings.device()
     loaded = load(config.base, spec, new_head=True, device=device)
-    require(loaded.model.config.model_type, "training", config.base)
     model, tokenizer = loaded.model, loaded.tokenizer
+    head = model_head(model).kind  # a text task gives a decoder a causal-LM head (`models.training_head`)
+    masked = spec.kind == "mlm" and not is_causal_lm(model)  # a causal LM reads its text unmasked
     if config.peft:
         model = wrap_peft(model, spec, config)
 
@@ -221,6 +271,10 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
                                     max_length=config.max_length) if config.cartography else None
 
     params = _trainable(model, config)
+    if not params:
+        raise MergeLabError(f"training {config.base!r} on {spec.name} with these settings leaves no parameter to "
+                            "train (a causal LM's head is tied to its frozen embeddings); train the whole model "
+                            "(not the head only)", param="head_only")
     optimizer, schedule = _optimizer(params, config)
     generator = torch.Generator().manual_seed(config.seed)
     batches = _length_grouped_batches(train_data.lengths, config.batch_size, generator)
@@ -229,7 +283,7 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
         "mergelab": __version__, "kind": config.peft or "full", "base": loaded.ref.spec,
         "base_location": loaded.ref.location, "task": spec.name, "seed": config.seed,
         "partition": str(part), "train_examples": len(train_data), "train": asdict(config),
-        "learning_rate": config.learning_rate, "head": spec.head, "labels": list(spec.labels),
+        "learning_rate": config.learning_rate, "head": head, "labels": list(spec.labels),
         **({"recipe": recipe} if recipe else {}),
     }
     checkpoints: list[dict] = []
@@ -239,7 +293,7 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
         model.train()
         bar = _Bar(config.steps, f"train {spec.name}", progress)
         for step in range(1, config.steps + 1):
-            batch = _next_batch(train_data, next(batches), tokenizer, generator, spec, device)
+            batch = _next_batch(train_data, next(batches), tokenizer, generator, spec, device, masked=masked)
             loss = task_loss(model, batch, spec, encoder_grad=not config.head_only)
             if not torch.isfinite(loss):
                 raise MergeLabError(f"training diverged at step {step} (loss {loss.item()}); lower the learning rate",
@@ -358,7 +412,7 @@ def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str 
         for step in range(1, config.steps + 1):
             job = jobs[order[step - 1]]
             batch = _next_batch(job.data, next(job.batches), tokenizer, generator, job.spec, device)
-            loss = job.model(**batch).loss
+            loss = task_loss(job.model, batch, job.spec)  # the inputs the family takes (`model_inputs`)
             if not torch.isfinite(loss):
                 raise MergeLabError(f"training diverged at step {step} on {job.spec.name} (loss {loss.item()}); "
                                     "lower the learning rate", param="lr")
@@ -421,9 +475,12 @@ def train_batches(spec: TaskSpec, tokenizer, batch_size: int, seed: int, device,
         yield _next_batch(data, index, tokenizer, generator, spec, device)
 
 
-def _next_batch(data: Encoded, index: torch.Tensor, tokenizer, generator, spec: TaskSpec, device) -> dict:
-    batch = data.batch(index, tokenizer.pad_token_id or 0)
-    if spec.kind == "mlm":
+def _next_batch(data: Encoded, index: torch.Tensor, tokenizer, generator, spec: TaskSpec, device, *,
+                masked: bool = True) -> dict:
+    """The batch of examples `index`, right-padded with `pad_id`. A text task's batch is masked for a masked
+    LM (`masked`) and left whole for a causal LM, which predicts every next token."""
+    batch = data.batch(index, pad_id(tokenizer))
+    if spec.kind == "mlm" and masked:
         batch["input_ids"], batch["labels"] = mlm_mask(batch["input_ids"], tokenizer, generator)
         batch["labels"] = torch.where(batch["attention_mask"].bool(), batch["labels"], -100)
     return {k: v.to(device) for k, v in batch.items()}

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import yaml
 
-from . import settings
+from . import catalog, settings
 from .errors import MergeLabError, writing
 from .models import METADATA
 from .outputs import staging, sweep
 from .progress import ProgressFn, remaining, scaled
+from .scratch import is_scratch
 from .tasks import get_task
 from .training import TrainConfig, train
 
@@ -142,6 +143,9 @@ def build(recipe: str | Path = "default", *, only: list[str] | None = None, rebu
     # them (only those of processes that are gone) so the entry is built again instead of refused.
     sweep(settings.zoo_dir())
     todo = [n for n in names if rebuild or not (settings.zoo_dir() / n / METADATA).is_file()]
+    refused = untrainable(plan, todo)
+    if refused:  # before the first entry trains: a later entry's base would fail only minutes from now
+        raise MergeLabError(refused, param="recipe")
     # Progress and the time left are shared out by training steps, the bulk of every entry's time.
     weight = {n: plan.entries[n].steps for n in todo}
     total, done, spent = sum(weight.values()) or 1, 0, 0.0
@@ -162,6 +166,18 @@ def build(recipe: str | Path = "default", *, only: list[str] | None = None, rebu
         spent, done = spent + seconds, done + weight[name]
         rows.append({"name": name, "status": "built", "seconds": round(seconds, 1)})
     return rows
+
+
+def untrainable(plan: Recipe, names: list[str] | None = None) -> str:
+    """The one-line reason the first of `names` (default: every entry) whose base model's family cannot be
+    fine-tuned yet cannot be built (`arch.require`'s message), or "". A base that does not exist yet (an
+    earlier entry's checkpoint) is left to the build to check."""
+    for name in plan.entries if names is None else names:
+        base = plan.entries[name].base
+        refused = catalog.unsupported(base, "training", base)
+        if refused:
+            return f"entry {name!r}: {refused}"
+    return ""
 
 
 def _suffixed(progress: ProgressFn, suffix: str) -> ProgressFn:
@@ -218,7 +234,7 @@ _NEEDS = {
     "Evaluate": ("a fine-tuned model", ("demo", "default"),
                  lambda rows, pairs: any(r["kind"] in ("full", "lora", "ia3", "bottleneck", "multitask") for r in rows)),
     "Merge": ("two models fine-tuned from one pretrained model", ("demo", "default"),
-              lambda rows, pairs: sum(r["kind"] == "full" and not str(r["base"]).startswith("scratch:")
+              lambda rows, pairs: sum(r["kind"] == "full" and not is_scratch(r["base"])
                                       for r in rows) >= 2),
     "Curves": ("a pair of checkpoints", ("demo", "default"), lambda rows, pairs: bool(pairs)),
     "Permute": ("two models pretrained from different random initializations", ("demo", "scratch"),
@@ -273,6 +289,12 @@ def entries() -> list[dict]:
             "path": str(folder),
         })
     return rows
+
+
+def listing() -> list[dict]:
+    """`entries()`, each with what the app's model pickers show of it (`catalog.columns`): family, model type,
+    parameter count (as text in "params"), head kind."""
+    return [{**row, **catalog.columns(Path(row["path"]))} for row in entries()]
 
 
 def _spec(name: str | None):
@@ -345,7 +367,7 @@ def _origin(row: dict, by_name: dict[str, dict]) -> str | None:
     while row is not None and row["name"] not in seen:
         seen.add(row["name"])
         base = str(row.get("base") or "")
-        if base.startswith("scratch:"):
+        if is_scratch(base):
             return _run(row["name"])
         row = by_name.get(base)
     return None

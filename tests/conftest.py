@@ -166,6 +166,33 @@ def app_home(isolated_home, pico, tmp_path, monkeypatch):
     return isolated_home
 
 
+def save_family_model(folder: Path, family: str, head: str, metadata: dict, *, labels: tuple[str, ...] = ()) -> Path:
+    """A tiny random checkpoint of another family (`tests/test_family_scoring.py`'s builders: "llama",
+    "gpt2", "distilbert", ... with a "sequence", "token" or "causal" head), saved with its word-level
+    tokenizer and `metadata` as mergelab.json, offline; `labels` names a classifier's labels."""
+    from .test_family_scoring import DECODERS, build, word_tokenizer
+
+    model = build(family, head, labels=len(labels) or None)
+    if labels:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {label: i for i, label in enumerate(labels)}
+    model.save_pretrained(folder)
+    word_tokenizer(pad=family not in DECODERS).save_pretrained(folder)
+    (folder / "mergelab.json").write_text(json.dumps(metadata))
+    return folder
+
+
+@pytest.fixture()
+def family_zoo(app_home) -> Path:
+    """app_home's zoo (pico-sst2, a BERT) plus two other families: `tiny-llama`, a Llama causal LM that
+    records no task, and `tiny-gpt2-sst2`, a GPT-2 SST-2 classifier."""
+    zoo = app_home / "zoo"
+    save_family_model(zoo / "tiny-llama", "llama", "causal", {"kind": "full", "seed": 0})
+    save_family_model(zoo / "tiny-gpt2-sst2", "gpt2", "sequence", {"task": "sst2", "kind": "full", "seed": 0},
+                      labels=("negative", "positive"))
+    return app_home
+
+
 @pytest.fixture()
 def public_home(app_home, pico, monkeypatch):
     """app_home (a zoo with pico-sst2, pico-cola) in public mode."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 
-from .conftest import app_client, copy_model, running_app
+from .conftest import app_client, copy_model, running_app, save_family_model
 
 gradio_client = pytest.importorskip("gradio_client")
 
@@ -220,3 +222,74 @@ def test_ensemble_endpoint(client, app_home, pico):
     assert all(sum(w) == pytest.approx(1.0) for w in weights)
     with pytest.raises(gradio_client.exceptions.AppError, match="seeds must be integers"):
         client.predict("sst2", "lora", [], "loss", -1.0, "model", 8, "zero", 5, 8, api_name="/ensemble")
+
+
+# ----------------------------------------------------------------------------------------------------
+# families beyond BERT: the pickers say which family and size each model is, and offer what it can do
+
+
+def test_model_pickers_show_family_size_and_task(family_zoo):
+    from views.common import model_choices, multitask_choices
+
+    labels = {name: label for label, name in model_choices()}
+    assert list(labels)[-1] == "minilm" and labels["minilm"] == "minilm · bert · 22.7M · no head"
+    assert re.fullmatch(r"pico-sst2 · bert · \d+\.\dM · SST-2", labels["pico-sst2"]), labels
+    assert re.fullmatch(r"tiny-llama · llama · \d+\.\dK · causal LM", labels["tiny-llama"]), labels
+    assert re.fullmatch(r"tiny-gpt2-sst2 · gpt2 · \d+\.\dK · SST-2", labels["tiny-gpt2-sst2"]), labels
+    assert multitask_choices() == []
+
+
+def test_evaluate_offers_a_causal_lm_its_text_task_and_scores_it(family_zoo, client):
+    from views import evaluate_tab
+
+    def offered(update) -> list[str]:
+        return [task for _, task in update.constructor_args["choices"]]
+
+    causal = evaluate_tab.pick_tasks("tiny-llama", ["sst2"])
+    assert offered(causal) == ["wikitext2"] and causal.constructor_args["value"] == ["wikitext2"]
+    assert "next-token loss" in causal.constructor_args["info"]
+    classifier = evaluate_tab.pick_tasks("tiny-gpt2-sst2", [])  # a 2-label SST-2 head: SST-2, its own task
+    assert offered(classifier) == ["sst2"] and classifier.constructor_args["value"] == ["sst2"]
+    assert {"sst2", "wikitext2", "emotion"} <= set(offered(evaluate_tab.pick_tasks("", [])))  # none picked: all
+
+    (row,) = _rows(client.predict("tiny-llama", ["wikitext2"], "dev", 8, api_name="/evaluate"))
+    assert (row["task"], row["n"], row["metric"], row["note"]) == ("WikiText-2", 8, "next-token loss", "")
+    perplexity = float(re.search(r"perplexity ([0-9.]+)", row["other metrics"]).group(1))
+    assert math.isfinite(perplexity) and perplexity > 1.0
+    assert row["score"] == pytest.approx(math.log(perplexity), abs=1e-3)  # the loss the perplexity comes from
+    # an API request still naming a task the head cannot score: the engine's one line, in its row
+    (row,) = _rows(client.predict("tiny-llama", ["sst2"], "dev", 8, api_name="/evaluate"))
+    assert "has a causal head but task sst2 needs a sequence head" in row["note"] and "\n" not in row["note"]
+
+
+def test_aligning_a_family_without_alignment_is_one_line(family_zoo, client):
+    with pytest.raises(gradio_client.exceptions.AppError) as caught:
+        client.predict("pico-sst2", "tiny-llama", "all", "head-perm", "first", True, "wikitext2", 16, [], 3, 4,
+                       api_name="/align")
+    message = str(caught.value)
+    assert message.startswith("B (permuted into A's basis): model 'tiny-llama': model type 'llama' is not "
+                              "supported yet for permutation alignment") and "\n" not in message
+
+
+@pytest.fixture()
+def distil_recipe(family_zoo) -> str:
+    """A recipe (before the app is built: its picker lists the recipes there are) fine-tuning a DistilBERT."""
+    import merging_core as ml
+
+    base = save_family_model(family_zoo / "distilbert-base", "distilbert", "sequence", {"kind": "full"})
+    (ml.zoo.RECIPES / "distil.yaml").write_text(f"defaults: {{base: '{base}', steps: 2, batch_size: 4}}\n"
+                                                "models:\n  distil-sst2: {task: sst2}\n")
+    return "distil"
+
+
+def test_a_recipe_whose_base_cannot_be_fine_tuned_says_so_before_building(family_zoo, distil_recipe, client):
+    from views import zoo_tab
+
+    status = zoo_tab.recipe_refusal(distil_recipe)
+    assert status.startswith("⚠ entry 'distil-sst2': model ") and "\n" not in status
+    assert "model type 'distilbert' is not supported yet for fine-tuning" in status
+    assert zoo_tab.recipe_refusal("tiny", status) == ""  # picking a recipe that builds clears it
+    with pytest.raises(gradio_client.exceptions.AppError, match="^Recipe: entry 'distil-sst2': .* not supported yet "
+                                                                  "for fine-tuning"):
+        client.predict(distil_recipe, api_name="/zoo_build")
+    assert not (family_zoo / "zoo" / "distil-sst2").exists()  # refused before any training

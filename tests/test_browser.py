@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +39,11 @@ def app_page(width: int = 1280, height: int = 900):
             browser.close()
     finally:
         demo.close()
+
+
+def picker_label(name: str) -> re.Pattern:
+    """A model picker's option of the model `name`: its label starts with the name, then family, size, task."""
+    return re.compile(rf"^{re.escape(name)} · ")
 
 
 @contextmanager
@@ -87,14 +93,14 @@ def test_merge_tab_in_chromium(app_home, pico_cola_entry):
         page.wait_for_selector("#merge-models")
         for name in ("pico-sst2", "pico-cola"):
             page.locator("#merge-models input").click()
-            page.get_by_role("option", name=name, exact=True).click()
+            page.get_by_role("option", name=picker_label(name)).click()
         page.locator("#merge-method input").click()
         page.get_by_role("option", name="TIES · data-free").click()
         # the method's docs and generated controls follow the dropdown (server round trips)
         playwright.expect(page.locator("#merge-method-doc")).to_contain_text("Yadav", timeout=30_000)
         playwright.expect(page.locator("#merge-params")).to_contain_text("density", timeout=30_000)
         page.locator("#merge-base input").click()
-        page.get_by_role("option", name="pico-sst2", exact=True).click()
+        page.get_by_role("option", name=picker_label("pico-sst2")).click()
         density = page.locator("#merge-params input[type=number]").first
         density.fill("0.5")
         density.press("Enter")
@@ -171,3 +177,40 @@ def test_ensemble_tab_reweights_live_in_chromium(app_home, pico):
         uniform = f"(() => {{ const w = ({weights_js})(); return w && w.every(x => Math.abs(x - 1 / w.length) < 0.02); }})()"
         page.wait_for_function(uniform, timeout=10_000)
         page.screenshot(path=str(ARTIFACTS / "ensemble.png"), full_page=True)
+
+
+def test_family_pickers_in_chromium(family_zoo):
+    """Model pickers name each model's family, size and task; the Evaluate tab offers a causal LM only its text
+    task and scores it by next-token loss. Screenshots: families-merge-picker.png, families-merge.png,
+    families-evaluate.png."""
+    with app_page(1280, 900) as page:
+        page.get_by_role("tab", name="Merge").click()
+        page.locator("#merge-models input").click()
+        llama = page.get_by_role("option", name=re.compile(r"^tiny-llama · llama · [0-9.]+K · causal LM$"))
+        playwright.expect(llama).to_be_visible(timeout=30_000)
+        playwright.expect(page.get_by_role("option", name=re.compile(r"^minilm · bert · 22\.7M"))).to_be_visible()
+        page.wait_for_timeout(500)  # the list fades in
+        page.screenshot(path=str(ARTIFACTS / "families-merge-picker.png"))
+        for name in ("tiny-gpt2-sst2", "pico-sst2"):
+            page.get_by_role("option", name=picker_label(name)).click()
+            page.locator("#merge-models input").click()
+        page.keyboard.press("Escape")
+        page.locator("#merge-method-doc").click()  # away from the list
+        playwright.expect(page.locator("#merge-models")).to_contain_text("tiny-gpt2-sst2 · gpt2")
+        page.wait_for_timeout(500)  # the list fades out
+        page.screenshot(path=str(ARTIFACTS / "families-merge.png"))
+
+        page.get_by_role("tab", name="Evaluate").click()
+        page.locator("#eval-model input").click()
+        page.get_by_role("option", name=picker_label("tiny-llama")).click()
+        text_task = page.locator("#eval-tasks label", has_text="WikiText-2").locator("input")
+        playwright.expect(text_task).to_be_checked(timeout=30_000)  # the only task a causal LM is scored on
+        playwright.expect(page.locator("#eval-tasks label", has_text="SST-2")).to_have_count(0)
+        page.locator("#eval-limit input").fill("8")
+        page.locator("#eval-run").click()
+        with screenshot_on_failure(page, "families-evaluate"):
+            page.wait_for_function("document.querySelector('#eval-table').innerText.includes('next-token loss')",
+                                   timeout=60_000)
+        page.wait_for_selector("#eval-table .pending", state="detached")
+        assert "perplexity" in page.inner_text("#eval-table")
+        page.screenshot(path=str(ARTIFACTS / "families-evaluate.png"), full_page=True)

@@ -92,6 +92,47 @@ def test_zoo_build_and_list(isolated_home, pico, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["mcc"] == listed["cola-a"]["score"]
 
 
+def test_zoo_list_shows_each_entrys_family_and_size(family_zoo, capsys):
+    """The columns the app's model pickers show: family, parameter count (read from the safetensors headers,
+    equal to the tensors' sizes), head; refreshed when a checkpoint's files change."""
+    from safetensors.torch import load_file
+
+    import merging_core as ml
+
+    assert main(["zoo", "list", "--json"]) == 0
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    for name, family, head in (("pico-sst2", "bert", "sequence"), ("tiny-llama", "llama", "causal"),
+                               ("tiny-gpt2-sst2", "gpt2", "sequence")):
+        values = sum(t.numel() for t in load_file(family_zoo / "zoo" / name / "model.safetensors").values())
+        assert (listed[name]["family"], listed[name]["head"], listed[name]["parameters"]) == (family, head, values)
+        assert listed[name]["params"] == ml.catalog.count_text(values)
+    assert main(["zoo", "list"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split()[:5] == ["name", "family", "params", "head", "task"]
+    assert next(r for r in rows if r.startswith("tiny-llama ")).split()[1:4] == [
+        "llama", listed["tiny-llama"]["params"], "causal"]
+    # a rewritten record is read again (the description is cached by the files' stamps)
+    (family_zoo / "zoo" / "tiny-llama" / "mergelab.json").write_text(json.dumps({"task": "wikitext2", "kind": "full"}))
+    assert ml.catalog.label("tiny-llama").endswith(" · WikiText-2")
+
+
+def test_labels_read_as_people_write_them():
+    from merging_core.catalog import ModelInfo, count_text
+    from merging_core.models import HeadInfo
+
+    assert [count_text(n) for n in (None, 999, 7_900, 99_960, 999_960, 22_713_216, 109_482_240, 7_241_732_096)] == [
+        "", "999", "7.9K", "100K", "1.0M", "22.7M", "109M", "7.2B"]
+    lora = ModelInfo("bert", "bert", 150_000, HeadInfo("sequence", 2), ("sst2",), adapter="lora")
+    assert lora.label("lora-sst2") == "lora-sst2 · bert · 150K LoRA · SST-2"
+    tasks = ("sst2", "cola", "mrpc", "stsb", "emotion")
+    assert ModelInfo("bert", "bert", 22_800_000, HeadInfo(None), tasks, multihead=True).label("mt") == (
+        "mt · bert · 22.8M · SST-2, CoLA, MRPC +2")
+    # pretrained on internal text: what its head is, not the pretraining task
+    assert ModelInfo("llama", "llama", 3_200_000, HeadInfo("causal"), ("corpus",)).label("d0") == (
+        "d0 · llama · 3.2M · causal LM")
+    assert ModelInfo(None, None, None, None).label("org/model") == "org/model"  # a hub id: nothing read
+
+
 def test_bad_recipe_entry(tmp_path, capsys):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("models:\n  x: {task: sst2, stepz: 3}\n")

@@ -93,6 +93,22 @@ def test_the_chord_is_in_the_legend_once_and_accuracy_gets_a_noise_band():
     assert not [t for t in partial.data if t.name == figures.CHORD]
 
 
+def test_a_language_models_loss_is_named_by_its_scores():
+    """The panel titles and hover texts say which loss a text task's curve shows: next-token loss for a causal
+    LM, MLM loss for a masked LM (the token count in the scores says which); a classifier's stays "loss"."""
+    def text_curve(counted: str) -> dict:
+        return {"path": "line", "items": [{"kind": "point", "index": i, "t": t, "scores": {"wikitext2": {
+            "split": "dev", "n": 8, "loss": 4.0 + t, "perplexity": math.exp(4.0 + t), counted: 100}}}
+            for i, t in enumerate((0.0, 1.0))]}
+
+    for counted, name in (("predicted_tokens", "next-token loss"), ("masked_tokens", "MLM loss")):
+        figure = figures.curve_figure([text_curve(counted)], [("wikitext2", "loss")])
+        assert figure.layout.annotations[0].text == f"{name} · 8 dev examples"  # one panel: the loss is the metric
+        assert f"wikitext2 {name}: " in next(t for t in figure.data if t.name == "wikitext2 (line)").hovertemplate
+    classifier = figures.curve_figure([_curve([(0.8, 0.4), (0.7, 0.5)])], SST2)
+    assert [a.text for a in classifier.layout.annotations][-1] == "loss"
+
+
 def test_limit_zero_empty_or_nan_means_all():
     from views.common import all_or
 
@@ -200,7 +216,8 @@ def test_opening_the_tab_preselects_a_pair_of_seeds(two_seeds, pico):
     chosen = json.loads(pair.constructor_args["value"])
     assert chosen["kind"] == "same task, different seeds"
     assert (a.constructor_args["value"], b.constructor_args["value"], tasks) == ("pico-sst2", "pico-sst2-b", ["sst2"])
-    assert "pico-cola" in c.constructor_args["choices"] and ("(none)", "") in base.constructor_args["choices"]
+    assert "pico-cola" in [name for _, name in c.constructor_args["choices"]]  # (label, name) pairs
+    assert ("(none)", "") in base.constructor_args["choices"]
     # A or B already picked: the choices refresh, the picks stay
     pair, a, b, *_ = curves_tab.refresh("pico-cola", "")
     assert all("value" not in u.constructor_args for u in (pair, a, b))

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from .test_browser import ARTIFACTS, CHROMIUM, app_page, playwright, screenshot_on_failure
+from .test_browser import ARTIFACTS, CHROMIUM, app_page, picker_label, playwright, screenshot_on_failure
 
 pytestmark = [pytest.mark.integration]
 assert CHROMIUM  # the browser tests' skip conditions apply here too (module-level importorskip)
@@ -81,10 +81,11 @@ def test_first_ten_minutes(isolated_home):
         page.get_by_role("tab", name="Merge").click()
         for name in ("demo-sst2-s0", "demo-sst2-s1"):
             page.locator("#merge-models input").click()
-            page.get_by_role("option", name=name, exact=True).click()
+            page.get_by_role("option", name=picker_label(name)).click()
         page.keyboard.press("Escape")  # close the list, which covers the controls below it
         page.locator("#merge-method-doc").click()
-        playwright.expect(page.locator("#merge-base input")).to_have_value("minilm", timeout=30_000)
+        # a picker shows its model's label: name, family, size, task
+        playwright.expect(page.locator("#merge-base input")).to_have_value(picker_label("minilm"), timeout=30_000)
         page.locator("#merge-method input").click()
         page.get_by_role("option", name="TIES · data-free").click()
         playwright.expect(page.locator("#merge-params")).to_contain_text("lambda", timeout=30_000)
@@ -111,7 +112,7 @@ def test_first_ten_minutes(isolated_home):
         playwright.expect(offered).to_have_count(1, timeout=10_000)
         page.keyboard.press("Escape")
         page.mouse.click(5, 5)  # away from the list
-        playwright.expect(page.locator("#curve-b input")).to_have_value("demo-sst2-s1")
+        playwright.expect(page.locator("#curve-b input")).to_have_value(picker_label("demo-sst2-s1"))
         page.locator("#curve-run").click()
         timings["curve_first_point_s"] = round(_seconds_until(
             page, f"/point [1-9]/.test({_text('#curve-status')})", 120_000), 2)

@@ -37,9 +37,10 @@ def test_opening_the_tab_picks_the_first_different_initialization_pair(scratch_z
     # an update sends only the properties it was given (`constructor_args`)
     a, b = (update.constructor_args for update in permute_tab.refresh(None, ""))
     assert (a["value"], b["value"]) == ("demo-scratch-s0", "demo-scratch-s1")
-    assert "demo-sst2-s0" in a["choices"]
+    assert "demo-sst2-s0" in [name for _, name in a["choices"]]  # (label, name) pairs
     kept = [update.constructor_args for update in permute_tab.refresh("demo-sst2-s0", "")]
-    assert all("value" not in update and "demo-sst2-s0" in update["choices"] for update in kept)  # a choice is kept
+    assert all("value" not in update and "demo-sst2-s0" in [name for _, name in update["choices"]]
+               for update in kept)  # a choice is kept
 
 
 def test_same_initialization_is_warned_before_running(scratch_zoo):
@@ -78,3 +79,22 @@ def test_the_first_status_comes_before_any_work(scratch_zoo, monkeypatch):
     status, *_ = next(run)
     assert status.startswith("Aligning demo-scratch-s1 to demo-scratch-s0") and not calls
     run.close()
+
+
+def test_a_family_without_alignment_is_explained_in_the_status(family_zoo):
+    """A Llama model picked as A or B: the engine's one line at once under the pickers, and as the error of a
+    run, before anything is loaded; curve tasks offer what either model can be scored on."""
+    import gradio as gr
+
+    gate = "model 'tiny-llama': model type 'llama' is not supported yet for permutation alignment"
+    for a, b in (("tiny-llama", ""), ("pico-sst2", "tiny-llama")):
+        warning = permute_tab.init_warning(a, b)
+        assert warning.startswith(f"⚠ M{gate[1:]}") and "\n" not in warning
+    assert permute_tab.init_warning("pico-sst2", "") == ""
+    run = permute_tab.run_align("pico-sst2", "tiny-llama", "ff+attn", "head-perm", "first", False, "wikitext2", 8,
+                                [], 3, 4)
+    with pytest.raises(gr.Error) as caught:
+        next(run)  # no "loading the models" status first
+    assert caught.value.message.startswith(f"B (permuted into A's basis): {gate}")
+    tasks = permute_tab.pick_tasks("pico-sst2", "tiny-llama", []).constructor_args
+    assert {task for _, task in tasks["choices"]} == {"sst2", "wikitext2"}  # SST-2's head, or the causal LM

@@ -111,6 +111,25 @@ def test_the_quota_bounds_a_session(visitor, public_home, monkeypatch):
     assert not (folder / "merges" / "second").exists()
 
 
+def test_model_picker_labels_hold_names_only(public_home, pico):
+    """Each choice's label says family, size and task; a session's own result is labelled by its name, never by
+    where it is kept."""
+    import json
+    from types import SimpleNamespace
+
+    from views.common import model_choices
+    from views.session import session
+
+    request = SimpleNamespace(session_hash="one-visitor")
+    result = copy_model(pico("sst2", seed=3), session(request).folder / "merges" / "mine")
+    (result / "mergelab.json").write_text(json.dumps({"task": "sst2", "kind": "merge"}))
+    labels = {name: label for label, name in model_choices(request)}
+    assert list(labels) == ["pico-cola", "pico-sst2", "minilm", "merges/mine"]
+    assert labels["merges/mine"].startswith("merges/mine · bert · ") and labels["merges/mine"].endswith(" · SST-2")
+    assert labels["pico-cola"].endswith(" · CoLA")
+    assert not any(str(public_home) in label or "/" in label.replace("merges/mine", "") for label in labels.values())
+
+
 def test_sessions_are_separate(public_home):
     with running_app() as url:
         one, two = app_client(url), app_client(url)

@@ -7,7 +7,8 @@ import inspect
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -116,27 +117,95 @@ def models_info() -> str:
     return "zoo names, local folders, 'minilm' or hub ids"
 
 
-def model_choices(request: gr.Request | None = None) -> list[str]:
+# A single-choice picker whose labels run long (models: name · family · size · task): its text ends in an
+# ellipsis before the arrow instead of running under it (assets/style.css).
+PICKER = "ml-picker"
+
+
+def model_choices(request: gr.Request | None = None) -> list[tuple[str, str]]:
     """Zoo entries first (built ones), then the packaged MiniLM, then results (merges, aligned models,
-    uploads): the session's own in public mode, every one under $MERGELAB_HOME locally."""
+    uploads): the session's own in public mode, every one under $MERGELAB_HOME locally. Each is a (label,
+    name) pair: the label says the family, size and task ("sst2-s0 · bert · 22.7M · SST-2", `catalog`),
+    the name is what the handlers get. Labels hold names only, never a server path."""
     if request is None and ml.settings.public_mode():  # building the app: no visitor yet
-        own = []
+        own, root = [], None
     else:
-        own = session(request).results()
-    return [row["name"] for row in ml.zoo.entries()] + [ml.models.MINILM] + own
+        visitor = session(request)
+        own, root = visitor.results(), visitor.results_root
+    zoo = [(ml.catalog.label(row["name"], Path(row["path"])), row["name"]) for row in ml.zoo.entries()]
+    results = [(ml.catalog.label(name, root / name), name) for name in own]
+    return zoo + [(ml.catalog.label(ml.models.MINILM), ml.models.MINILM)] + results
 
 
-def task_choices(kinds: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+def names(choices: list[tuple[str, str]]) -> list[str]:
+    """The names (values) of labelled choices."""
+    return [value for _, value in choices]
+
+
+def task_choices(kinds: tuple[str, ...] | None = None, only: Iterable[str] | None = None) -> list[tuple[str, str]]:
     """Tasks to pick, as (title, id) pairs ("SST-2", "sst2"): those whose data is here (all known ones when
-    there is no data root: the hub may still serve them), without internal tasks such as pretraining text."""
+    there is no data root: the hub may still serve them), without internal tasks such as pretraining text;
+    with `only`, just those (the tasks picked models can be scored on, `scorable_tasks`)."""
     here = ml.data.available_tasks() or list(ml.TASKS)
     specs = [ml.get_task(name) for name in here]
-    return [(s.title, s.name) for s in specs if s.listed and (kinds is None or s.kind in kinds)]
+    return [(s.title, s.name) for s in specs if s.listed and (kinds is None or s.kind in kinds)
+            and (only is None or s.name in only)]
 
 
-def multitask_choices() -> list[str]:
-    """Zoo models with heads for several tasks (multi-task models, multi-head merges)."""
-    return [row["name"] for row in ml.zoo.entries() if len(row.get("tasks") or []) > 1]
+def scorable_tasks(models: Iterable[str | None], request: gr.Request | None = None) -> tuple[list[str] | None, set]:
+    """The tasks at least one of the picked `models` can be scored on (their heads decide, `catalog`), and
+    the head kinds they have. None for the tasks when no model is picked, or one is not a readable
+    checkpoint (a hub id, a typo): then every task stays offered and scoring says what does not fit."""
+    visitor = session(request)
+    tasks: set[str] = set()
+    kinds: set = set()
+    picked = False
+    for name in models:
+        if not isinstance(name, str) or not name.strip():
+            continue
+        try:
+            info = ml.catalog.describe(visitor.model(name))
+        except ml.MergeLabError:
+            return None, set()
+        found = info.scorable_tasks()
+        if found is None:
+            return None, set()
+        tasks.update(found)
+        kinds.add(info.head_kind)
+        picked = True
+    return (sorted(tasks) if picked else None), kinds
+
+
+def tasks_info(offered: list[str] | None, kinds: set, default: str, always: str = "") -> str:
+    """A task picker's help: `default` while every task is offered, else which tasks the picked models'
+    heads can be scored on (and how a causal LM is scored); `always` follows either."""
+    if offered is None:
+        text = default
+    elif not offered:
+        text = "none: no picked model has a task head (fine-tune it first, or pick a model with one)"
+    else:
+        how = " (a causal LM: text, by next-token loss)" if "causal" in kinds else ""
+        text = "the tasks the picked models' heads can be scored on" + how
+    return "; ".join(part for part in (text, always) if part)
+
+
+def task_update(models: Iterable[str | None], value: list[str] | None, default_info: str,
+                request: gr.Request | None = None, preferred: list[str] | None = None,
+                always: str = "") -> gr.CheckboxGroup:
+    """A task picker showing only the tasks the picked models can be scored on, ticking `preferred` (a
+    model's own tasks), else the ticked ones still offered, else the only one offered."""
+    offered, kinds = scorable_tasks(models, request)
+    choices = task_choices(only=offered)
+    ids = names(choices)
+    kept = ([t for t in preferred or [] if t in ids] or [t for t in value or [] if t in ids]
+            or (ids if len(ids) == 1 else []))
+    return gr.CheckboxGroup(choices=choices, value=kept, info=tasks_info(offered, kinds, default_info, always))
+
+
+def multitask_choices() -> list[tuple[str, str]]:
+    """Zoo models with heads for several tasks (multi-task models, multi-head merges), labelled."""
+    return [(ml.catalog.label(row["name"], Path(row["path"])), row["name"]) for row in ml.zoo.entries()
+            if len(row.get("tasks") or []) > 1]
 
 
 def on_open(demo: gr.Blocks, tab: gr.Tab, handler: Callable, inputs: list | None, outputs: list) -> None:

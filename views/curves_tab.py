@@ -36,7 +36,8 @@ from merging_core.curves import CurveSpec, PlaneSpec, bend_warnings
 from . import controls as ui
 from . import figures
 from . import start
-from .common import all_or, engine_errors, model_choices, on_open, on_stop, progress_fn, stop_button, task_choices, whole
+from .common import (PICKER, all_or, engine_errors, model_choices, on_open, on_stop, progress_fn, scorable_tasks,
+                     stop_button, task_choices, task_update, whole)
 from .session import redact, session
 
 BOTH = "line + bezier"
@@ -54,6 +55,7 @@ LABELS = {"models": "Checkpoints (A, B, C)", "tasks": "Tasks", "points": "Points
           "split": "Examples", "datamap": "Examples"}
 # The per-example view's example sets: a split, or the training examples of A's or B's data map.
 EXAMPLE_SETS = ("dev", "train", "data map of A", "data map of B")
+OWN_TASKS = "empty: the checkpoints' own tasks"
 
 
 def _tasks(tasks: list[str] | None) -> list[tuple[str, str]]:
@@ -430,6 +432,20 @@ def refresh(a: str | None = None, b: str | None = None, request: gr.Request = No
             gr.Dropdown(choices=[NONE, *choices]), gr.Dropdown(choices=[NONE, *choices]), list(pick["tasks"]))
 
 
+def pick_tasks(a: str | None, b: str | None, head_from: str | None, tasks: list[str] | None,
+               request: gr.Request = None) -> gr.CheckboxGroup:
+    """The tasks A, B or the head donor can be scored on (a path scores a task with any one's fitting head)."""
+    return task_update([a, b, head_from], tasks, "", request, always=OWN_TASKS)
+
+
+def pick_plane_task(a: str | None, b: str | None, c: str | None, task: str | None,
+                    request: gr.Request = None) -> gr.Dropdown:
+    """The plane's task picker: the tasks A, B or C can be scored on; the pick stays while it is one."""
+    offered, _ = scorable_tasks([a, b, c], request)
+    choices = task_choices(only=offered)
+    return gr.Dropdown(choices=choices, value=task if task in [v for _, v in choices] else None)
+
+
 class PathRadio(ui.Radio):
     """The Path control: "line" or "line + bezier"; "bezier" (what API callers sent before) means both."""
 
@@ -451,16 +467,17 @@ def build(demo: gr.Blocks) -> dict:
         notice = start.notice(tab, "Curves")
         choices = model_choices()
         with gr.Row():
-            pair = ui.Dropdown(pair_choices(), value=None, label="Suggested pair", scale=2, elem_id="curve-pair",
+            pair = ui.Dropdown(pair_choices(), value=None, label="Suggested pair", scale=2, min_width=300,
+                               elem_id="curve-pair", elem_classes=PICKER,
                                info="zoo pairs: same task / different seeds, same run / different steps, "
                                     "different data partitions, different tasks")
-            a = ui.Dropdown(choices, value=None, allow_custom_value=True, label="A (t = 0)", scale=1,
-                            elem_id="curve-a")
-            b = ui.Dropdown(choices, value=None, allow_custom_value=True, label="B (t = 1)", scale=1,
-                            elem_id="curve-b")
+            a = ui.Dropdown(choices, value=None, allow_custom_value=True, label="A (t = 0)", scale=2, min_width=280,
+                            elem_classes=PICKER, elem_id="curve-a")
+            b = ui.Dropdown(choices, value=None, allow_custom_value=True, label="B (t = 1)", scale=2, min_width=280,
+                            elem_classes=PICKER, elem_id="curve-b")
         with gr.Row(equal_height=True):
             tasks = ui.CheckboxGroup(task_choices(), value=[], label="Tasks", scale=3, elem_id="curve-tasks",
-                                     info="empty: the checkpoints' own tasks")
+                                     info=OWN_TASKS)
             path = PathRadio(["line", BOTH], value="line", label="Path", scale=1, elem_id="curve-path",
                              info="a Bezier curve trains a bend first, and is drawn beside the line")
         with gr.Row(equal_height=True):
@@ -473,9 +490,11 @@ def build(demo: gr.Blocks) -> dict:
         with gr.Accordion("Heads, base and merges", open=False):
             with gr.Row():
                 head_from = ui.Dropdown([NONE, *choices], value="", allow_custom_value=True, label="Head from",
+                                        elem_classes=PICKER,
                                         info="score tasks neither checkpoint has a head for with this model's "
                                              "head (e.g. mlm-head for wikitext2)")
                 base = ui.Dropdown([NONE, *choices], value="", allow_custom_value=True, label="Base model",
+                                   elem_classes=PICKER,
                                    info="for the task-vector cosine and task-vector merges; default: the "
                                         "checkpoints' recorded base")
             merges = ui.CheckboxGroup(merge_choices(), value=[], label="Merges to place on the line",
@@ -517,6 +536,7 @@ def build(demo: gr.Blocks) -> dict:
         with gr.Accordion("Plane through three checkpoints", open=False, elem_id="plane-box"):
             with gr.Row(equal_height=True):
                 c = ui.Dropdown(choices, value=None, allow_custom_value=True, label="C", elem_id="plane-c",
+                                elem_classes=PICKER,
                                 info="the plane passes through A, B and C")
                 plane_task = ui.Dropdown(task_choices(), value=None, label="Task", elem_id="plane-task")
                 grid = ui.Slider(3, 15, value=7, step=1, label="Grid points per axis", elem_id="plane-grid")
@@ -529,6 +549,13 @@ def build(demo: gr.Blocks) -> dict:
             plane_plot = gr.Plot(label="Plane", elem_id="plane-plot")
 
         pair.change(pick_pair, pair, [a, b, tasks], api_visibility="private")
+        # the task pickers follow the picked models (in this browser session; an API caller may name any task)
+        for picker in (a, b, head_from):
+            picker.change(pick_tasks, [a, b, head_from, tasks], tasks, api_visibility="private",
+                          show_progress="hidden")
+        for picker in (a, b, c):
+            picker.change(pick_plane_task, [a, b, c, plane_task], plane_task, api_visibility="private",
+                          show_progress="hidden")
         walking = run.click(run_curve, [a, b, tasks, points, path, limit, head_from, base, merges, bend_steps],
                             [plot, summary, status, files], api_name="curve", concurrency_id="gpu",
                             show_progress_on=status)

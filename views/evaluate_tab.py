@@ -9,11 +9,12 @@ import merging_core as ml
 
 from . import controls as ui
 from . import start
-from .common import (all_or, engine_errors, model_choices, models_info, on_open, on_stop, progress_fn, stop_button,
-                     task_choices)
+from .common import (PICKER, all_or, engine_errors, model_choices, models_info, names, on_open, on_stop, progress_fn,
+                     stop_button, task_choices, task_update)
 from .session import redact, session
 
 COLUMNS = ["task", "split", "n", "metric", "score", "loss", "other metrics", "note"]
+TASKS_INFO = "tasks found in the data root (MERGELAB_DATA)"
 
 
 def result_table(results: list[dict]) -> pd.DataFrame:
@@ -24,7 +25,10 @@ def result_table(results: list[dict]) -> pd.DataFrame:
             continue
         metric, score = ml.evaluation.headline(r)
         others = {k: v for k, v in r.items() if k not in ("task", "split", "n", "loss", metric)}
-        rows.append({"task": ml.tasks.title(r["task"]), "split": r["split"], "n": r["n"], "metric": metric, "score": round(score, 4),
+        # named from the scores: a language model's loss says which loss (next-token, MLM)
+        label = ml.metrics.metric_label(metric, r)
+        rows.append({"task": ml.tasks.title(r["task"]), "split": r["split"], "n": r["n"], "metric": label,
+                     "score": round(score, 4),
                      "loss": round(r["loss"], 4),
                      "other metrics": ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in others.items()),
@@ -52,31 +56,36 @@ def own_task(model: str | None) -> list[str] | None:
     return None
 
 
-def preselect(model: str | None):
-    return own_task(model) or gr.skip()
+def pick_tasks(model: str | None, tasks: list[str] | None, request: gr.Request = None) -> gr.CheckboxGroup:
+    """The tasks the picked model's head can be scored on (a causal LM: text tasks), its own ticked."""
+    return task_update([model], tasks, TASKS_INFO, request, preferred=own_task(model))
 
 
-def refresh(model: str | None, request: gr.Request = None) -> tuple:
+def refresh(model: str | None, tasks: list[str] | None, request: gr.Request = None) -> tuple:
     """On page load and when the tab opens: the zoo may have grown, and there may be new results. The
     picked model stays (a first fine-tuned model is picked when none is, or it is the bare MiniLM)."""
     choices = model_choices(request)
     if model and model != ml.models.MINILM:
-        return gr.Dropdown(choices=choices), gr.skip()
-    return gr.Dropdown(choices=choices, value=choices[0]), preselect(choices[0])
+        return gr.Dropdown(choices=choices), pick_tasks(model, tasks, request)
+    first = names(choices)[0]
+    return gr.Dropdown(choices=choices, value=first), pick_tasks(first, [], request)
 
 
 def build(demo: gr.Blocks) -> dict:
     with gr.Tab("Evaluate", id="evaluate") as tab:
-        gr.Markdown("Score a checkpoint on task dev sets. A task needs a model whose head fits it "
-                    "(same head type and labels); other rows say why they were skipped.")
+        gr.Markdown("Score a checkpoint on task dev sets. Tasks offers those the model's head fits (same head "
+                    "type and labels; a causal LM: text, by next-token loss); a row that cannot be scored says why.")
         notice = start.notice(tab, "Evaluate")
         with gr.Row():
             choices = model_choices()
-            model = ui.Dropdown(choices, value=choices[0], label="Model", allow_custom_value=True, scale=2,
-                                info=models_info(), elem_id="eval-model")
+            first = names(choices)[0]
+            model = ui.Dropdown(choices, value=first, label="Model", allow_custom_value=True, scale=2, min_width=320,
+                                info=models_info(), elem_id="eval-model", elem_classes=PICKER)
+            # every task at first, so an API caller may name any (scoring says what does not fit); a browser
+            # gets the picked model's tasks as soon as the page loads (`refresh`)
             here = task_choices()
-            tasks = ui.CheckboxGroup(here, value=own_task(choices[0]) or [here[0][1]], label="Tasks", scale=3,
-                                     elem_id="eval-tasks", info="tasks found in the data root (MERGELAB_DATA)")
+            tasks = ui.CheckboxGroup(here, value=own_task(first) or [here[0][1]], label="Tasks", scale=3,
+                                     elem_id="eval-tasks", info=TASKS_INFO)
         with gr.Row():
             split = ui.Radio(["dev", "test", "train"], value="dev", label="Split")
             limit = ui.Number(value=0, precision=0, minimum=0, label="Limit", elem_id="eval-limit",
@@ -85,10 +94,10 @@ def build(demo: gr.Blocks) -> dict:
             halt = stop_button("eval-stop")
         table = gr.Dataframe(headers=COLUMNS, label="Scores", interactive=False, elem_id="eval-table",
                              buttons=["copy"], wrap=True)
-        model.change(preselect, model, tasks, api_name="own_task", api_visibility="private")
+        model.change(pick_tasks, [model, tasks], tasks, api_name="own_task", api_visibility="private")
         scoring = run.click(run_evaluation, [model, tasks, split, limit], table, api_name="evaluate",
                             concurrency_id="gpu")
         on_stop(halt, [scoring], None)
-        on_open(demo, tab, refresh, [model], [model, tasks])
-        notice.then(refresh, [model], [model, tasks], api_visibility="private", show_progress="hidden")
+        on_open(demo, tab, refresh, [model, tasks], [model, tasks])
+        notice.then(refresh, [model, tasks], [model, tasks], api_visibility="private", show_progress="hidden")
     return {"model": model, "table": table}

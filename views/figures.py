@@ -7,6 +7,8 @@ import math
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from merging_core.metrics import metric_label
+
 # One colour per task, one dash per path kind: a line and a Bezier curve of the same task read together.
 PALETTE = ("#4f46e5", "#0ea5e9", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#ec4899")
 DASH = {"line": "solid", "bezier": "dot"}
@@ -90,6 +92,18 @@ def _panel_title(names: list[str], tasks: list[tuple[str, str]], counts: dict) -
                       for name, (t, _) in zip(names, tasks))
 
 
+def _labels(curves: list[dict], tasks: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """(task, key) -> how the key reads, from the task's first scores: a language model's loss says which
+    loss it is ("next-token loss" for a causal LM, "MLM loss" for a masked LM), anything else its name."""
+    out: dict[tuple[str, str], str] = {}
+    for task, metric in tasks:
+        scores = next((item["scores"][task] for curve in curves for item in curve["items"]
+                       if task in item.get("scores", {})), None)
+        for key in (metric, "loss"):
+            out[task, key] = metric_label(key, scores)
+    return out
+
+
 def curve_figure(curves: list[dict], tasks: list[tuple[str, str]]) -> go.Figure:
     """Metric (top) and loss (bottom) along one or more paths between the same two checkpoints.
 
@@ -102,14 +116,18 @@ def curve_figure(curves: list[dict], tasks: list[tuple[str, str]]) -> go.Figure:
     the values so far and a minimum span around the value at A (`min_span`), growing but never shrinking.
     """
     counts = _counts(curves, tasks)
-    metric_names = list(dict.fromkeys(f"{task} {metric}" for task, metric in tasks))
-    # MLM's headline metric is the loss itself: one panel, not the same curve twice
+    labels = _labels(curves, tasks)
+    metric_names = list(dict.fromkeys(f"{task} {labels[task, metric]}" for task, metric in tasks))
+    # a language model's headline metric is its loss itself: one panel, not the same curve twice
     loss_only = bool(tasks) and all(metric == "loss" for _, metric in tasks)
     panels = ((1, "loss"),) if loss_only else ((1, None), (2, "loss"))
+    # the loss panel is named by its loss when every task has the same kind ("next-token loss"), else "loss"
+    loss_names = {labels[task, "loss"] for task, _ in tasks}
+    loss_name = loss_names.pop() if len(loss_names) == 1 else "loss"
     if loss_only:
-        titles = (_panel_title(["loss"], tasks[:1], counts),)
+        titles = (_panel_title([loss_name], tasks[:1], counts),)
     else:
-        titles = (_panel_title(metric_names, tasks, counts) if metric_names else "headline metric", "loss")
+        titles = (_panel_title(metric_names, tasks, counts) if metric_names else "headline metric", loss_name)
     figure = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.08, subplot_titles=titles)
     drawn: dict[int, list[float]] = {row: [] for row, _ in panels}
     anchors: dict[int, dict[tuple[str, str], tuple[float, float, str]]] = {row: {} for row, _ in panels}
@@ -137,7 +155,8 @@ def curve_figure(curves: list[dict], tasks: list[tuple[str, str]]) -> go.Figure:
                     x=ts, y=values, mode="lines+markers", name=f"{task} ({label})",
                     legendgroup=f"{task}-{label}", showlegend=row == 1,
                     line={"color": _color(k), "dash": dash, "width": 2.5},
-                    marker={"size": 6}, hovertemplate=f"{task} {key}: %{{y:.4f}}<br>t = %{{x:.2f}}<extra></extra>"),
+                    marker={"size": 6},
+                    hovertemplate=f"{task} {labels[task, key]}: %{{y:.4f}}<br>t = %{{x:.2f}}<extra></extra>"),
                     row=row, col=1)
         merges = [i for i in curve["items"] if i["kind"] == "merge"]
         for j, m in enumerate(merges):
@@ -150,8 +169,8 @@ def curve_figure(curves: list[dict], tasks: list[tuple[str, str]]) -> go.Figure:
                         legendgroup=f"merge-{m['method']}", showlegend=row == 1 and k == 0,
                         marker={"symbol": MERGE_SYMBOLS[j % len(MERGE_SYMBOLS)], "size": 13, "color": _color(k),
                                 "line": {"width": 1.5, "color": "#111827"}},
-                        hovertemplate=(f"{m['method']}<br>{task} {key}: %{{y:.4f}}<br>projection t = %{{x:.3f}}"
-                                       f"<br>distance from the line: {m['off_line']:.3g}<extra></extra>")),
+                        hovertemplate=(f"{m['method']}<br>{task} {labels[task, key]}: %{{y:.4f}}<br>projection t = "
+                                       f"%{{x:.3f}}<br>distance from the line: {m['off_line']:.3g}<extra></extra>")),
                         row=row, col=1)
     # t in [0, 1] with a little room for the end markers; wider only for a merge projected beyond an end
     low, high = min(ts_drawn), max(ts_drawn)

@@ -26,7 +26,7 @@ from merging_core.spec import FALLBACKS, HEAD_POLICIES, MERGE_SPACES, MergeSpec
 
 from . import controls as ui
 from . import start
-from .common import (all_or, engine_errors, model_choices, models_info, multitask_choices, on_open, on_stop,
+from .common import (PICKER, all_or, engine_errors, model_choices, models_info, multitask_choices, on_open, on_stop,
                      progress_fn, stop_button)
 from .session import Session, redact, session
 
@@ -354,6 +354,7 @@ def build(demo: gr.Blocks) -> dict:
                                  label="Checkpoints", elem_id="merge-models",
                                  info=f"{models_info()}; the first one is model A")
             base = ui.Dropdown([NONE, *choices], value="", allow_custom_value=True, scale=2, label="Base model",
+                               elem_classes=PICKER,
                                elem_id="merge-base",
                                info="the pretrained model they were fine-tuned from, filled in from what they "
                                     "record; task-vector methods (task arithmetic, TIES, DARE) use it")
@@ -401,6 +402,7 @@ def build(demo: gr.Blocks) -> dict:
             pairwise = gr.Checkbox(value=False, label="Every pair", scale=1, min_width=140, elem_id="merge-pairwise",
                                    info="also merge each pair of the checkpoints, then average over the pairs")
             multitask = ui.Dropdown([NONE, *multitask_choices()], value="", allow_custom_value=True, scale=2,
+                                    elem_classes=PICKER,
                                     label="Multi-task model", elem_id="merge-multitask",
                                     info="optional: one more row to beat (with Compare)")
             out = gr.Textbox("", label="Output folder", scale=2, elem_id="merge-out",

@@ -21,6 +21,7 @@ from merging_core.align import ATTENTION, MERGE_TYPES, METHODS, RESIDUAL, AlignS
 from . import controls as ui
 from . import figures, start
 from .common import (
+    PICKER,
     all_or,
     engine_errors,
     model_choices,
@@ -29,6 +30,7 @@ from .common import (
     progress_fn,
     stop_button,
     task_choices,
+    task_update,
     whole,
 )
 from .session import redact, session
@@ -37,6 +39,7 @@ DEFAULT_LIMIT = 64
 # The activations' text: (shown, task id); any task id may be typed too.
 TEXTS = (("WikiText-2", "wikitext2"), ("all data-root text", "corpus"), ("SST-2", "sst2"))
 PAIR_KIND = "different initializations"  # the zoo pairs the tab starts from
+OWN_TASKS = "empty: the models' own tasks (the language-model loss for pretrained models)"
 # Engine inputs named in errors -> this tab's control labels.
 LABELS = {"a": "A (reference basis)", "b": "B (permuted into A's basis)", "merge_type": "Merge type",
           "attention": "Attention matching", "residual": "Residual order from", "qk": "Separate Q/K order",
@@ -54,9 +57,30 @@ def _sentence(note: str) -> str:
     return note[:1].upper() + note[1:] + ("" if note.endswith(".") else ".")
 
 
+def refusal(a: str | None, b: str | None, request: gr.Request = None) -> tuple[str, str] | None:
+    """(control, the engine's one line) when A's or B's family cannot be aligned yet (`arch.require`, e.g. a
+    Llama model), naming the model as it was picked; None when both can, or are missing or unknown."""
+    visitor = session(request)
+    for name, param in ((a, "a"), (b, "b")):
+        picked = (name or "").strip() if isinstance(name, str) else ""
+        if not picked:
+            continue
+        try:
+            refused = ml.catalog.unsupported(visitor.model(picked, param), "alignment", picked)
+        except ml.MergeLabError:  # an unknown model: the run says why
+            continue
+        if refused:
+            return param, refused
+    return None
+
+
 def init_warning(a: str | None, b: str | None, request: gr.Request = None) -> str:
-    """Before running: a warning when A and B share an initialization (the engine's check of what they
-    record), so aligning them changes little; "" otherwise or while either is missing or unknown."""
+    """Before running: the engine's one line when A's or B's family cannot be aligned yet; else a warning
+    when A and B share an initialization (the engine's check of what they record), so aligning them
+    changes little; "" otherwise or while either is missing or unknown."""
+    refused = refusal(a, b, request)
+    if refused:
+        return redact(f"⚠ {_sentence(refused[1])}")
     if not (a or "").strip() or not (b or "").strip():
         return ""
     try:
@@ -142,6 +166,10 @@ def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk
     """Align, show the heatmaps, then stream vanilla and aligned interpolation curves.
     Yields (status, summary, site choices, heatmaps, head cost, curves, the alignment's folder)."""
     visitor = session(request)
+    refused = refusal(a, b, request)
+    if refused:  # before the first status (which would say the models are loading); the line under the
+        # pickers says it already, the error's toast says it again (an error badge would cover a status line)
+        raise ml.MergeLabError(refused[1], param=refused[0])
     points = whole(points, "points")
     if visitor.public and isinstance(examples, (int, float)) and math.isfinite(examples):
         examples = visitor.bound("align_examples", int(examples), "examples")
@@ -197,6 +225,11 @@ def run_align(a: str, b: str, merge_type: str, attention: str, residual: str, qk
            figures.curve_figure(curves, shown), folder)
 
 
+def pick_tasks(a: str | None, b: str | None, tasks: list[str] | None, request: gr.Request = None) -> gr.CheckboxGroup:
+    """The curve tasks A or B can be scored on (each line scores a task with a fitting head of either)."""
+    return task_update([a, b], tasks, "", request, always=OWN_TASKS)
+
+
 def refresh(a: str | None, b: str | None, request: gr.Request = None) -> tuple:
     """The model pickers' choices; when A and B are both empty, the zoo's first pair trained from different
     initializations (`default_pair`)."""
@@ -216,8 +249,10 @@ def build(demo: gr.Blocks) -> dict:
         choices = model_choices()
         with gr.Row():
             a = ui.Dropdown(choices, value=None, allow_custom_value=True, label=LABELS["a"], elem_id="align-a",
+                            elem_classes=PICKER,
                             info="e.g. demo-scratch-s0 (recipe `demo`) or scratch-s0 (recipe `scratch`)")
             b = ui.Dropdown(choices, value=None, allow_custom_value=True, label=LABELS["b"], elem_id="align-b",
+                            elem_classes=PICKER,
                             info="trained from another initialization, e.g. demo-scratch-s1")
         warning = gr.Markdown(elem_id="align-warning")
         with gr.Row(equal_height=True):
@@ -243,7 +278,7 @@ def build(demo: gr.Blocks) -> dict:
             examples = ui.Number(value=128, precision=0, minimum=1, label=LABELS["examples"],
                                  info="inputs read (train split)")
             tasks = ui.CheckboxGroup(task_choices(), value=[], label=LABELS["tasks"], elem_id="align-tasks",
-                                     info="empty: the models' own tasks (MLM loss for pretrained models)")
+                                     info=OWN_TASKS)
         with gr.Row(equal_height=True):
             points = ui.Slider(2, 26, value=11, step=1, label=LABELS["points"])
             limit = ui.Number(value=DEFAULT_LIMIT, precision=0, minimum=0, label=LABELS["limit"],
@@ -270,6 +305,7 @@ def build(demo: gr.Blocks) -> dict:
         for picker in (a, b):
             picker.change(init_warning, [a, b], warning, api_visibility="private", show_progress="hidden",
                           queue=False)
+            picker.change(pick_tasks, [a, b, tasks], tasks, api_visibility="private", show_progress="hidden")
         on_open(demo, tab, refresh, [a, b], [a, b])
         notice.then(refresh, [a, b], [a, b], api_visibility="private", show_progress="hidden")
     return {"heatmap": heatmap, "curves": curve_plot}

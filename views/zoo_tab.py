@@ -9,15 +9,20 @@ import merging_core as ml
 
 from . import controls as ui
 from .common import engine_errors, on_stop, progress_fn, stop_button
+from .session import redact
 from .start import build_demo, build_status, check_admin, demo_minutes, demo_offered, readiness_text, run_build
 
-COLUMNS = ["name", "task", "kind", "seed", "steps", "partition", "metric", "score", "recipe"]
+# family and params: what the model pickers show of each entry (`catalog`), as `zoo list` prints them
+COLUMNS = ["name", "family", "params", "head", "task", "kind", "seed", "steps", "partition", "metric", "score",
+           "recipe"]
 
 
 def zoo_table() -> pd.DataFrame:
-    rows = ml.zoo.entries()
+    rows = ml.zoo.listing()
     frame = pd.DataFrame(rows, columns=COLUMNS + ["dev", "path"])[COLUMNS]
-    frame["task"] = [", ".join(ml.tasks.title(t) for t in (task or "").split(",") if t) for task in frame["task"]]
+    # an entry that records no task (a pretrained causal LM) has none to title
+    frame["task"] = [", ".join(ml.tasks.title(t) for t in task.split(",") if t) if isinstance(task, str) else ""
+                     for task in frame["task"]]
     return frame.round({"score": 4})
 
 
@@ -46,6 +51,16 @@ def recipe_info(name: str | None) -> str:
     todo = (f"{len(missing)} of its {len(recipe.entries)} models still to build" if missing
             else f"all {len(recipe.entries)} models built")
     return f"{recipe.about}{took} · {todo}."
+
+
+def recipe_refusal(name: str | None, status: str | None = None):
+    """On picking a recipe: the engine's one line, in the status, when an entry's base model belongs to a
+    family that cannot be fine-tuned yet (building would stop there); such a line is cleared once another
+    recipe is picked, any other status is left as it is."""
+    refused = ml.zoo.untrainable(ml.zoo.load_recipe(name)) if name in recipes() else ""
+    if refused:
+        return redact(f"⚠ {refused}")
+    return "" if (status or "").startswith("⚠ ") else gr.skip()
 
 
 def opened() -> tuple:
@@ -101,6 +116,7 @@ def build(demo: gr.Blocks) -> dict:
         demo_building.then(opened, None, [table, start, demo_row], api_visibility="private", queue=False)
         on_stop(demo_halt, [demo_building], demo_status)
         recipe.change(recipe_info, recipe, about, api_visibility="private", show_progress="hidden")
+        recipe.change(recipe_refusal, [recipe, status], status, api_visibility="private", show_progress="hidden")
         refresh.click(zoo_table, None, table, api_name="zoo_list")
         timer.tick(tick, None, [table, start, status, timer], api_visibility="private", show_progress="hidden",
                    queue=False)

@@ -6,7 +6,8 @@ compute similar features in another order. Two fine-tunes of one pretrained mode
 MiniLM) already have corresponding units, so aligning them finds (nearly) the identity and changes
 little. A checkpoint's origin is found by following the `base` its metadata records (the model it was
 trained from, `merging_core.checkpoint.recorded_base`) back to one that records none: a pretrained model,
-or one trained from a random initialization (`scratch:<size>`, whose weights the recorded seed decides).
+or one trained from a random initialization (`scratch:<size>`, `scratch-llama:<size>`, whose weights the
+recorded seed decides).
 A permuted or aligned copy is its own origin: its units no longer line up with its source's.
 """
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MergeLabError
-from ..models import SCRATCH, ModelRef, resolve
+from ..models import ModelRef, resolve
+from ..scratch import is_scratch
 
 _OWN_BASIS = ("aligned", "permuted", "zipped")  # kinds whose units were reordered: no longer in their source's basis
 _DEPTH = 16  # how far a chain of bases is followed
@@ -51,7 +53,7 @@ def origin(ref: ModelRef) -> tuple[str, str]:
         base = meta.get("base")
         if not isinstance(base, str) or not base or meta.get("kind") in _OWN_BASIS:
             return key, ref.spec
-        if base.startswith(SCRATCH):  # a random initialization: the seed decides the weights
+        if is_scratch(base):  # a random initialization: the seed decides the weights
             seed = meta.get("seed")
             if seed is None:
                 return key, ref.spec

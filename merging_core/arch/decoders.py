@@ -26,7 +26,8 @@ Both families are pre-LN: `ln_attn` / `ln_ff` are the norms *before* attention /
 `ln_1` / `ln_2`, Llama's `input_layernorm` / `post_attention_layernorm`), `ln_final` the last norm.
 
 Both have statistics and scoring (`SCORED`): their sequence heads (`score`) read the last non-padding
-token (`last_token_head`), their causal LMs are scored by next-token loss on text tasks.
+token (`last_token_head`), their causal LMs are scored by next-token loss on text tasks. Both train
+(`training`): sequence and token classifiers (full, LoRA, (IA)³) and causal LMs on text tasks.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ GPT2 = Adapter(
     family="gpt2",
     model_types=("gpt2",),
     prefixes=("transformer.",),
-    features=SCORED,
+    features=SCORED + ("training",),
     transposed_roles=("qkv", "attn_out", "ff_in", "ff_out", "cross_query", "cross_kv", "cross_out"),
     last_token_head=True,
     rules=(
@@ -69,7 +70,7 @@ LLAMA = Adapter(
     family="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"),
     prefixes=("model.",),
-    features=SCORED,
+    features=SCORED + ("training",),
     last_token_head=True,
     rules=(
         (r"embed_tokens\.weight", "embeddings", "word"),
