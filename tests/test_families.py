@@ -407,3 +407,112 @@ def test_a_weights_only_folder_merges_without_a_tokenizer(saved, tmp_path):
     assert not (tmp_path / "m" / "tokenizer.json").exists()
     reload("gpt2", tmp_path / "m")
     assert ml.models.vocabulary_fingerprint(ml.resolve(bare[0])) == ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# per-family invariants: RegMean under identical statistics, curve endpoints, component selection
+
+# the task each merge-test class is scored and given statistics on
+SCORED = {"distilbert": "sst2", "deberta-v2": "sst2", "llama-score": "sst2", "gpt2": "wikitext2",
+          "llama": "wikitext2", "mistral": "wikitext2", "qwen2": "wikitext2", "gemma": "wikitext2"}
+# the last layer of each, whose input every other tensor decides: a second model that differs from the first
+# only there has the same statistics everywhere. GPT-2 and Gemma tie their output layer to the embeddings,
+# so there the "two" models are the same model twice.
+OUTPUT_LAYER = {"distilbert": "classifier.", "deberta-v2": "classifier.", "llama-score": "score.",
+                "llama": "lm_head.", "mistral": "lm_head.", "qwen2": "lm_head.", "gemma": None, "gpt2": None}
+
+
+
+
+@pytest.fixture(scope="module")
+def scored(saved, tmp_path_factory):
+    """`saved`, except GPT-2 gets 160 positions: MergeLab cuts wikitext2 into blocks of 128 tokens whatever
+    the model's position limit, and the 64 positions of FAMILIES' GPT-2 would fail on them (IndexError)."""
+    root = tmp_path_factory.mktemp("scored")
+
+    def get(family: str, seed: int = 0) -> str:
+        if family != "gpt2":
+            return saved(family, seed)
+        out = root / f"gpt2-{seed}"
+        if not out.exists():
+            _long_gpt2(seed).save_pretrained(out)
+            tiny_tokenizer().save_pretrained(out)
+        return str(out)
+
+    return get
+
+
+def _long_gpt2(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**_GPT2, "n_positions": 160}))
+    generator = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(SCORED))
+def test_regmean_with_identical_statistics_is_the_average(family, scored, tmp_path):
+    a = scored(family, 0)
+    b = a
+    if OUTPUT_LAYER[family]:
+        model = build(family, seed=0)
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            changed = [p.add_(0.5 * torch.randn(p.shape, generator=generator))
+                       for n, p in model.named_parameters() if n.startswith(OUTPUT_LAYER[family])]
+        assert changed
+        b = str(tmp_path / "b")
+        model.save_pretrained(b)
+        tiny_tokenizer().save_pretrained(b)
+    merge("regmean", [a, b], stats_tasks=[SCORED[family]], params={"examples": 4}, out=tmp_path / "m")
+    ta, tb = tensors(a), tensors(b)
+    assert (a == b) == all(torch.equal(ta[k], tb[k]) for k in ta)  # distinct models, where they can be
+    assert_close(tensors(tmp_path / "m"), {k: (ta[k] + tb[k]) / 2 for k in ta}, atol=1e-5, rtol=1e-4, msg=family)
+
+
+@pytest.mark.parametrize("family", sorted(SCORED))
+def test_a_straight_curve_ends_at_each_models_own_score(family, scored):
+    a, b, task = scored(family, 0), scored(family, 1), SCORED[family]
+    points = [p for p in ml.curve(a, b, task, points=3, limit=6) if p["kind"] == "point"]
+    assert [p["t"] for p in points] == [0.0, 0.5, 1.0]
+    for point, folder in ((points[0], a), (points[-1], b)):
+        own = ml.evaluate(folder, task, limit=6)
+        assert point["scores"][task]["loss"] == pytest.approx(own["loss"], abs=1e-5), family
+        if task == "sst2":
+            assert point["scores"][task]["accuracy"] == pytest.approx(own["accuracy"], abs=1e-9), family
+    assert points[0]["scores"][task]["loss"] != pytest.approx(points[-1]["scores"][task]["loss"], abs=1e-6)
+
+
+def _per_layer(*names: str) -> set[str]:
+    return {name.format(i=i) for name in names for i in range(LAYERS)}
+
+
+_LLAMA_ATTENTION = _per_layer(*(f"model.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkvo"))
+# written by hand from each family's transformers module names (the merge-test class of FAMILIES)
+ATTENTION_BY_HAND = {
+    "llama": _LLAMA_ATTENTION,
+    "mistral": _LLAMA_ATTENTION,
+    "gemma": _LLAMA_ATTENTION,
+    "qwen2": _LLAMA_ATTENTION | _per_layer(*(f"model.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv")),
+    "gpt2": _per_layer(*(f"transformer.h.{{i}}.attn.{m}.{w}" for m in ("c_attn", "c_proj") for w in ("weight", "bias"))),
+    "distilbert": _per_layer(*(f"distilbert.transformer.layer.{{i}}.attention.{m}.{w}"
+                               for m in ("q_lin", "k_lin", "v_lin", "out_lin") for w in ("weight", "bias"))),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ATTENTION_BY_HAND))
+def test_components_attention_selects_the_hand_written_tensors(family, saved, tmp_path, capsys):
+    a, b = saved(family, 0), saved(family, 1)
+    out = tmp_path / "m"
+    code = main(["merge", "--method", "average", "--models", a, b, "--components", "attention", "--fallback", "first",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    ta, tb, merged = tensors(a), tensors(b), tensors(out)
+    assert ATTENTION_BY_HAND[family] <= set(ta)
+    assert {k for k in ta if adapter_of(a).describe(k).group == "attention"} == ATTENTION_BY_HAND[family]
+    changed = {k for k in ta if not torch.equal(merged[k], ta[k])}
+    assert changed == ATTENTION_BY_HAND[family]
+    for key in ATTENTION_BY_HAND[family]:
+        assert_close(merged[key], (ta[key] + tb[key]) / 2, atol=1e-6, rtol=1e-6, msg=key)

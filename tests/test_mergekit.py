@@ -149,3 +149,90 @@ def test_ties_tensor_scope_bf16(bf16_models, tmp_path):
                            "models": mk_models(models, weight=1.0, density=0.5), "dtype": "float32"}, tmp_path / "mk")
     # MergeLab computes in float32 and writes model A's dtype; round mergekit's float32 result the same way
     assert_same(ours, {k: v.to(torch.bfloat16) for k, v in theirs.items()})
+
+
+# ----------------------------------------------------------------------------------------------------
+# decoders: tiny random Llama / Mistral / Qwen2 / GPT-2 checkpoints (built as in tests/test_families.py),
+# a base and two "fine-tunes" = base + small noise, merged by both tools tensor by tensor
+
+DECODERS = ("llama", "mistral", "qwen2", "gpt2")
+# MergeLab method + params, and the same merge in mergekit (method, per-model parameters, global parameters)
+DECODER_CASES = {
+    "average": ({}, "linear", {"weight": 1.0}, None),
+    "task_arithmetic": ({"lambda": 0.7}, "task_arithmetic", {"weight": 0.7}, None),
+    # scope tensor + the default zero-sign rule `auto` = `plus` at tensor scope, as the BERT test above
+    "ties": ({"density": 0.5, "scope": "tensor", "lambda": 1.0}, "ties", {"weight": 1.0, "density": 0.5}, None),
+    "slerp": ({"t": 0.3}, "slerp", {}, {"t": 0.3}),
+}
+# bf16: both tools compute in float32 and round the result to bfloat16 once (MergeLab writes model A's
+# dtype; mergekit gets `out_dtype: bfloat16`), and slerp's MergeLab arithmetic is float64 against mergekit's
+# float32, so a float32 difference of ~1e-7 may round to neighbouring bf16 values: one bf16 ulp, i.e.
+# |diff| <= 2^-7 * |value| (bf16 keeps 8 significant bits) plus a tiny absolute floor for values near 0.
+BF16_RTOL, BF16_ATOL = 2.0 ** -7, 1e-6
+
+
+@pytest.fixture(scope="module")
+def decoder_folders(tmp_path_factory):
+    """(family, dtype) -> ([fine-tune A, fine-tune B], base), saved with `save_pretrained`."""
+    from .test_families import build, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("decoders")
+    made: dict[tuple[str, str], tuple[list[str], str]] = {}
+
+    def get(family: str, dtype: str) -> tuple[list[str], str]:
+        if (family, dtype) not in made:
+            folders = []
+            for seed in (0, 1, None):  # None: the base itself
+                model = build(family, seed=0)
+                if seed is not None:
+                    generator = torch.Generator().manual_seed(2000 + seed)
+                    with torch.no_grad():
+                        for p in model.parameters():
+                            p.add_(0.01 * torch.randn(p.shape, generator=generator))
+                out = root / f"{family}-{dtype}-{'base' if seed is None else seed}"
+                model.to(getattr(torch, dtype)).save_pretrained(out)
+                tiny_tokenizer().save_pretrained(out)
+                folders.append(str(out))
+            made[family, dtype] = (folders[:2], folders[2])
+        return made[family, dtype]
+
+    return get
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", sorted(DECODER_CASES))
+@pytest.mark.parametrize("family", DECODERS)
+def test_decoders_match_mergekit(family, method, dtype, decoder_folders, tmp_path):
+    from .test_families import adapter_of
+
+    models, base = decoder_folders(family, dtype)
+    params, mk_method, per_model, global_params = DECODER_CASES[method]
+    needs_base = method in ("task_arithmetic", "ties")
+    ours = merge(method, models, base=base if needs_base else None, params=params or None).state
+    config = {"merge_method": mk_method, "models": mk_models(models, **per_model), "dtype": "float32"}
+    if needs_base:
+        config["base_model"] = base
+    if method == "slerp":  # mergekit's slerp interpolates from its base_model (t=0) to the other model
+        config["base_model"] = models[0]
+    if global_params:
+        config["parameters"] = global_params
+    if dtype == "bfloat16":
+        config["out_dtype"] = "bfloat16"
+    theirs = run_mergekit(config, tmp_path / "mk")
+    adapter = adapter_of(models[0])
+    theirs = {adapter.canonical(k): v for k, v in theirs.items()}
+    ours = {adapter.canonical(k): v for k, v in ours.items()}
+    # every tensor mergekit writes is compared; MergeLab writes nothing more (a tied lm_head is in neither)
+    assert set(theirs) == set(ours), (sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours)))
+    assert len(theirs) >= 2 + 2 * 9
+    # untied decoders' lm_head is compared too; GPT-2's output layer is tied to wte, so neither writes it
+    assert ("lm_head.weight" in theirs) == (family != "gpt2")
+    if dtype == "float32":
+        assert all(v.dtype == torch.float32 for v in ours.values())
+        assert_close(ours, theirs, atol=TOLERANCE, msg=f"{family} {method} MergeLab vs mergekit")
+    else:
+        assert all(v.dtype == torch.bfloat16 for v in list(ours.values()) + list(theirs.values()))
+        assert_close(ours, theirs, atol=BF16_ATOL, rtol=BF16_RTOL, msg=f"{family} {method} bf16")
+    if method == "ties" and dtype == "float32":  # not vacuous: TIES is not plain task arithmetic here
+        plain = merge("task_arithmetic", models, base=base, params={"lambda": 1.0}).state
+        assert max(float((ours[k] - plain[k]).abs().max()) for k in ours) > 1e-4
