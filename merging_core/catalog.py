@@ -28,7 +28,7 @@ from .checkpoint import head_task
 from .errors import MergeLabError
 from .models import HeadInfo, ModelRef, adapter_kind, check_head, head_info, load_config, read_config, resolve
 from .tasks import get_task, tasks_for_head, title
-from .tensorio import header_numel
+from .tensorio import LazyFiles
 
 # How a head kind reads in a label when the checkpoint records no task (a causal LM, a bare encoder).
 HEAD_NAMES = {"sequence": "classifier", "token": "token tagger", "mlm": "masked LM", "causal": "causal LM",
@@ -182,8 +182,8 @@ def _parameters(folder: Path | None) -> int | None:
         return None
     files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("heads/*.safetensors"))
     try:
-        return sum(header_numel(f) for f in files) if files else None
-    except (OSError, ValueError, KeyError, TypeError):
+        return LazyFiles(files).numel() if files else None
+    except MergeLabError:  # a truncated or corrupt file: no size, the label leaves it out
         return None
 
 

@@ -10,6 +10,7 @@ large the checkpoints are.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -46,35 +47,6 @@ def check_safetensors(files: list[Path], what: str = "") -> None:
             pass
 
 
-HEADER_LIMIT = 100 << 20  # the safetensors format's own cap on a header's size
-
-
-def header_numel(path: str | Path) -> int:
-    """The number of values a safetensors file holds (the sum of its tensors' shapes), read from the JSON
-    header alone: the 8-byte length, then the header; no tensor is read or mapped, so counting a 7B
-    checkpoint costs a few kilobytes. Raises OSError, ValueError, KeyError or TypeError when the file or its
-    header is unreadable."""
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) != 8:
-            raise ValueError("too short for a safetensors header")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > HEADER_LIMIT:
-            raise ValueError(f"header length {length} is not plausible")
-        header = json.loads(f.read(length))
-    if not isinstance(header, dict):
-        raise TypeError("header is not a JSON object")
-    total = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        size = 1
-        for dim in entry["shape"]:
-            size *= int(dim)
-        total += size
-    return total
-
-
 class LazyFiles:
     """The tensors of one or more safetensors files, read on demand (mmap)."""
 
@@ -88,6 +60,10 @@ class LazyFiles:
     def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         view = self._where[key].get_slice(key)
         return SAFETENSORS_DTYPES[view.get_dtype()], tuple(view.get_shape())
+
+    def numel(self) -> int:
+        """The number of values the files hold, from their headers: no tensor is read."""
+        return sum(math.prod(self.meta(key)[1]) for key in self._where)
 
     def get(self, key: str) -> torch.Tensor:
         return self._where[key].get_tensor(key)
