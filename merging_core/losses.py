@@ -58,11 +58,13 @@ def causal_lm_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     return head(hidden).float(), targets
 
 
-def language_model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]
+def language_model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, encoder_grad: bool = True
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The predictions a language model is scored on in a text task: masked tokens (a masked LM) or next
-    tokens (a causal LM), with their targets."""
-    return causal_lm_logits(model, batch) if is_causal_lm(model) else masked_lm_logits(model, batch)
+    tokens (a causal LM), with their targets. `encoder_grad`: as `masked_lm_logits` (a causal LM trains whole)."""
+    if is_causal_lm(model):
+        return causal_lm_logits(model, batch)
+    return masked_lm_logits(model, batch, encoder_grad=encoder_grad)
 
 
 def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TaskSpec, *,
@@ -70,10 +72,6 @@ def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: Task
     """The training loss of one batch: the head's own loss, masked-only MLM cross-entropy, or (a causal LM on
     a text task) the mean next-token cross-entropy of every position followed by a real token."""
     if spec.kind == "mlm":
-        if is_causal_lm(model):
-            logits, targets = causal_lm_logits(model, batch)
-        else:
-            logits, targets = masked_lm_logits(model, batch, encoder_grad=encoder_grad)
-        return F.cross_entropy(logits, targets)
+        return F.cross_entropy(*language_model_logits(model, batch, encoder_grad=encoder_grad))
     # only the inputs the family's forward takes: GPT-2 would embed token type ids as words (`model_inputs`)
     return model(**model_inputs(batch, getattr(model, "config", None)), labels=batch["labels"]).loss
