@@ -368,7 +368,6 @@ def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str 
     _seed_everything(config.seed)
     device = settings.device()
     loaded = [load(config.base, spec, new_head=True, device=device) for spec in specs]
-    require(loaded[0].model.config.model_type, "training", config.base)
     tokenizer = loaded[0].tokenizer
     # Share the encoder of a sequence-task model: it has the pooler the sequence heads read (a token
     # model's encoder has none; token heads ignore the pooler's output).
