@@ -1,16 +1,19 @@
-"""The different-initialization zoo (recipe `scratch`): each model's MLM loss on WikiText-2 dev
-before pretraining (the same seeded random initialization) and after, its training time, and the SST-2
-accuracy of its fine-tune.
+"""A different-initialization zoo (recipes `scratch`, `scratch-llama`): each pretrained model's loss on
+WikiText-2 dev before pretraining (the same seeded random initialization) and after (MLM loss for the
+BERTs, next-token loss for the decoders), its training time and loss curve, and each fine-tune's dev
+score beside the majority-class rate of that dev set.
 
     MERGELAB_HOME=/tmp/zoo-home python bench/scratch_zoo.py [--recipe scratch] [--limit N]
 
-Run after `python -m merging_core zoo build --recipe scratch`; nothing is trained here.
+Run after `python -m merging_core zoo build --recipe <recipe>`; nothing is trained here.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+from pathlib import Path
 
 import torch
 
@@ -19,6 +22,13 @@ from common import print_table, write_results
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import merging_core as ml  # noqa: E402
+from merging_core import data, scratch  # noqa: E402
+
+
+def majority(task: str) -> float:
+    """The dev accuracy of always predicting the most frequent dev label."""
+    labels = data.load_split(ml.get_task(task), "dev").labels
+    return max(collections.Counter(labels).values()) / len(labels)
 
 
 def main() -> None:
@@ -27,24 +37,30 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N dev blocks (default: all)")
     args = parser.parse_args()
     recipe = ml.zoo.load_recipe(args.recipe)
-    mlm = ml.get_task("wikitext2")
-    rows = []
+    text = ml.get_task("wikitext2")
+    rows, curves = [], {}
     for name, config in recipe.entries.items():
         meta = ml.resolve(name).metadata()
-        if str(config.base).startswith("scratch:"):
+        row = {"model": name, "task": config.task, "kind": meta["kind"], "seed": config.seed, "steps": meta["steps"],
+               "train_s": meta["train_seconds"]}
+        if scratch.is_scratch(config.base):
             torch.manual_seed(config.seed)  # what training drew before its first step
-            initial = ml.evaluate(ml.load(config.base, ml.get_task(config.task), new_head=True), mlm, limit=args.limit)
-            final = ml.evaluate(name, mlm, limit=args.limit)
-            rows.append({"model": name, "task": "MLM (corpus)", "seed": config.seed, "steps": meta["steps"],
-                         "train_s": meta["train_seconds"], "initial_dev_loss": initial["loss"],
-                         "dev_loss": final["loss"], "dev_perplexity": final["perplexity"], "sst2_accuracy": None})
+            initial = ml.evaluate(ml.load(config.base, ml.get_task(config.task), new_head=True), text, limit=args.limit)
+            final = ml.evaluate(name, text, limit=args.limit)
+            row.update(initial_dev_loss=initial["loss"], dev_loss=final["loss"], dev_perplexity=final["perplexity"])
+            curves[name] = meta.get("loss_curve")
         else:
-            rows.append({"model": name, "task": config.task, "seed": config.seed, "steps": meta["steps"],
-                         "train_s": meta["train_seconds"], "initial_dev_loss": None, "dev_loss": None,
-                         "dev_perplexity": None, "sst2_accuracy": meta["scores"]["dev"].get("accuracy")})
-        print(rows[-1], flush=True)
-    print_table(rows, list(rows[0]))
-    write_results("scratch_zoo", {"recipe": args.recipe, "rows": rows})
+            for task, scores in (meta["scores"]["dev"].items() if meta["kind"] == "multitask"
+                                 else [(config.task, meta["scores"]["dev"])]):
+                metric = ml.get_task(task).main_metric
+                row.update({f"{task}_{metric}": scores[metric], f"{task}_accuracy": scores["accuracy"],
+                            f"{task}_majority": majority(task)})
+        rows.append(row)
+        print(row, flush=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    print_table(rows, columns)
+    name = Path(args.recipe).stem.replace("-", "_")
+    write_results(f"{name}_zoo", {"recipe": args.recipe, "rows": rows, "loss_curves": curves})
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ class Checkpoint:
 
 
 def head_task(ref: ModelRef, head: HeadInfo) -> str | None:
-    """The task a checkpoint's head belongs to: its metadata, else the one task whose labels it has."""
-    if head.kind is None:
+    """The task a checkpoint's head belongs to: its metadata, else the one task whose labels it has; none for
+    a language model trained on several tasks' prompts (its metadata lists them as `tasks`)."""
+    if head.kind is None or ref.metadata().get("tasks"):
         return None
     recorded = ref.metadata().get("task")
     if recorded:

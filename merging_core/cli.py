@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-projection", action="store_true",
                    help="prefix modules: train the prefix through an MLP (only the prefix is saved)")
     p.add_argument("--head-only", action="store_true", help="freeze the encoder, train the task head only")
+    p.add_argument("--no-prompt", dest="prompt", action="store_false",
+                   help="a causal LM on a classification task: train a fresh classification head instead of "
+                        "learning the task's prompt with its LM head (rank classification)")
     p.add_argument("--eval-limit", type=_positive_int, default=None, help="score on the first N dev examples")
     p.add_argument("--sampling", choices=list(SAMPLING), default="proportional",
                    help="multi-task: which task each step trains on (proportional to train set sizes, sqrt, round-robin)")
@@ -247,7 +250,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "train":
         config = TrainConfig(task=args.task, base=args.base, seed=args.seed, steps=args.steps,
                              batch_size=args.batch_size, lr=args.lr, partition=args.partition,
-                             save_every=args.save_every, peft=args.peft, head_only=args.head_only,
+                             save_every=args.save_every, peft=args.peft, head_only=args.head_only, prompt=args.prompt,
                              prefix_tokens=args.prefix_tokens, prefix_projection=args.prefix_projection,
                              bottleneck_size=args.bottleneck_size, eval_limit=args.eval_limit, sampling=args.sampling,
                              cartography=args.cartography, cartography_every=args.cartography_every)

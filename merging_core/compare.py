@@ -40,7 +40,8 @@ from .errors import MergeLabError
 from .evaluation import Evaluator, headline
 from .merge import MergeResult, merge
 from .methods import get_method
-from .models import Loaded, head_tasks, load, resolve
+from .losses import rank_scores
+from .models import Loaded, head_tasks, load, model_head, resolve
 from .progress import ProgressFn, scaled
 from .spec import MergeSpec, specs_from_texts
 from .tasks import get_task
@@ -56,9 +57,14 @@ class Ensemble(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
         self.mode = mode
         self.config = members[0].config
+        self.head_kind = model_head(members[0]).kind  # causal LMs: scored by rank classification
 
     def forward(self, **inputs: torch.Tensor) -> SimpleNamespace:
         return SimpleNamespace(logits=combine([m(**inputs).logits.float() for m in self.members], self.mode))
+
+    def rank_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Causal LMs on prompts: the members' label scores (`losses.rank_scores`) combined as logits are."""
+        return combine([rank_scores(m, batch) for m in self.members], self.mode)
 
 
 def combine(outputs: list[torch.Tensor], mode: str) -> torch.Tensor:
@@ -76,11 +82,17 @@ class _Recorder(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model, self.config, self.outputs = model, model.config, []
+        self.head_kind = model_head(model).kind
 
     def forward(self, **inputs: torch.Tensor) -> SimpleNamespace:
         logits = self.model(**inputs).logits.float()
         self.outputs.append(logits)
         return SimpleNamespace(logits=logits)
+
+    def rank_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        scores = rank_scores(self.model, batch).float()
+        self.outputs.append(scores)
+        return scores
 
 
 class _Replay(torch.nn.Module):
@@ -88,13 +100,21 @@ class _Replay(torch.nn.Module):
     same batches in the same order, so it scores exactly what `Ensemble` of the members would, with no
     forward pass (pairwise tables reuse each model's outputs in every pair)."""
 
-    def __init__(self, recorded: list[list[torch.Tensor]], mode: str):
+    def __init__(self, recorded: list[list[torch.Tensor]], mode: str, like: "_Recorder"):
         super().__init__()
         self.recorded, self.mode, self.calls = recorded, mode, 0
+        # scored as the recorded models were (a causal LM's outputs are label scores on prompts)
+        self.config, self.head_kind = like.config, like.head_kind
+
+    def _next(self) -> torch.Tensor:
+        i, self.calls = self.calls, self.calls + 1
+        return combine([outputs[i] for outputs in self.recorded], self.mode)
 
     def forward(self, **inputs: torch.Tensor) -> SimpleNamespace:
-        i, self.calls = self.calls, self.calls + 1
-        return SimpleNamespace(logits=combine([outputs[i] for outputs in self.recorded], self.mode))
+        return SimpleNamespace(logits=self._next())
+
+    def rank_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._next()
 
 
 @dataclass
@@ -274,7 +294,7 @@ def _reference_tasks(reference: str, tasks: list[str]) -> list[str]:
     """The tasks of `tasks` a reference model can score: those it has heads for (a multi-task model),
     or its one task (a single-task model, e.g. one trained on the union of the partitions)."""
     ref = resolve(reference)
-    have = set(head_tasks(ref))
+    have = set(head_tasks(ref) or ref.metadata().get("tasks") or ())  # heads, or a language model's prompted tasks
     if not have:
         ckpt = open_checkpoint(ref)
         have = {ckpt.task} if ckpt.task else set()
@@ -326,16 +346,16 @@ def compare_subsets(models: list[str], methods: list[str | tuple[str, dict]], *,
     tick = _ticker(progress, steps)
 
     own: dict[str, float] = {}  # model -> headline score on its own task
-    recorded: dict[str, list[torch.Tensor]] = {}  # model -> its outputs on its task's batches
+    recorders: dict[str, _Recorder] = {}  # model -> its outputs on its task's batches
     for spec in models:
         tick(spec)
-        recorder = _Recorder(load(spec, get_task(task_of[spec])).model)
-        own[spec] = headline(scorer.score(task_of[spec], recorder))[1]
-        recorded[spec] = recorder.outputs
+        recorders[spec] = _Recorder(load(spec, get_task(task_of[spec])).model)
+        own[spec] = headline(scorer.score(task_of[spec], recorders[spec]))[1]
 
     def ensemble_of(subset: list[str], task: str) -> float:
         if all(task_of[s] == task for s in subset):  # every member has its own head: replay their outputs
-            return headline(scorer.score(task, _Replay([recorded[s] for s in subset], ensemble)))[1]
+            replay = _Replay([recorders[s].outputs for s in subset], ensemble, recorders[subset[0]])
+            return headline(scorer.score(task, replay))[1]
         return headline(scorer.ensemble(task, ensemble, subset))[1]
     reference: dict[str, float] = {}
     if multitask:

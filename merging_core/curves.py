@@ -61,13 +61,13 @@ from .arch import canonical
 from .checkpoint import HEAD_GROUPS, Checkpoint, check_compatible, load_canonical, open_checkpoint, recorded_base
 from .errors import MergeLabError
 from .evaluation import Evaluator
-from .losses import task_loss
+from .losses import is_causal_lm, task_loss
 from .merge import merge
 from .module_space import SPACES, module_checkpoint, module_parameters, module_space
-from .models import check_head, load, load_adapter, resolve
+from .models import check_head, load, load_adapter, model_head, resolve
 from .progress import ProgressFn, scaled, time_left, track
 from .spec import MergeSpec, parse_method_text, specs_from_texts
-from .tasks import TaskSpec, get_task
+from .tasks import TaskSpec, get_task, scored_as
 from .training import train_batches
 
 
@@ -470,8 +470,10 @@ class Curve(_Path):
         optimizer = torch.optim.Adam(trained.values(), lr=settings_["lr"])
         # linear decay to 0, as in fine-tuning: the last steps settle the bend instead of jittering it
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / settings_["steps"])
-        batches = train_batches(rig.spec, self.checkpoints[0].tokenizer, settings_["batch_size"], settings_["seed"],
-                                self.device)
+        # the path's model learns as it was fine-tuned: a causal LM on prompts, or on unmasked text
+        spec = scored_as(rig.spec, model_head(rig.model).kind)
+        batches = train_batches(spec, self.checkpoints[0].tokenizer, settings_["batch_size"], settings_["seed"],
+                                self.device, masked=not is_causal_lm(rig.model))
         batches = itertools.chain([next(batches)], batches)  # tokenize now, outside the time per step
         generator = torch.Generator().manual_seed(settings_["seed"])
         requires = {p: p.requires_grad for p in rig.model.parameters()}
@@ -492,7 +494,7 @@ class Curve(_Path):
                 coefficients = paths.bezier(t)
                 self.write(rig, coefficients)
                 rig.model.zero_grad(set_to_none=True)
-                loss = task_loss(rig.model, next(batches), rig.spec)
+                loss = task_loss(rig.model, next(batches), spec)
                 loss.backward()
                 for name, tensor in trained.items():  # chain rule: dθ(t)/dθ_C = 2t(1 − t)
                     grad = rig.params[name].grad

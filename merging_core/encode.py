@@ -7,7 +7,9 @@ the word-level gold tags, so span F1 is computed on whole sentences even when on
 MLM splits are the text cut into blocks of `max_length` tokens; masking happens later (`mlm_mask`)
 with an explicit generator, so evaluation masks are fixed by a seed. The same blocks serve causal LMs
 (next-token loss): a BERT-style tokenizer frames each block with [CLS] ... [SEP], a decoder's tokenizer
-(no CLS/SEP) starts it with its BOS token when it has one, as it starts any text.
+(no CLS/SEP) starts it with its BOS token when it has one, as it starts any text. A classification task
+scored by rank classification (kind "rank") is its examples as prompts, with the labels' verbalizers
+(`prompts`).
 
 Batches are always right-padded (`Encoded.batch`), with `pad_id(tokenizer)`: the tokenizer's pad token,
 else its EOS token (GPT-2 and Llama tokenizers have no pad token), else id 0. The user's tokenizer is
@@ -28,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import caches, data, settings
+from . import caches, data, prompts, settings
 from .tasks import TaskSpec
 
 FORMAT_VERSION = 1
@@ -51,6 +53,9 @@ class Encoded:
     type_ids: torch.Tensor | None = None  # int8, aligned with `ids` (sentence-pair tasks)
     word_labels: torch.Tensor | None = None  # token tasks: gold tag of every word, concatenated
     word_offsets: torch.Tensor | None = None  # token tasks: n + 1
+    # rank classification: each label's verbalizer ids, (labels, longest verbalizer), padded with -1; every
+    # batch carries them, so whatever takes a batch (training, statistics, scoring) knows the candidates
+    choices: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -120,6 +125,8 @@ class Encoded:
         if self.type_ids is not None:
             out["token_type_ids"] = torch.where(valid, self.type_ids[source].long(), 0)
         out["labels"] = torch.where(valid, self.labels[source], IGNORE) if self.token_level else self.labels[index]
+        if self.choices is not None:
+            out["choices"] = self.choices
         return out
 
     def word_tags(self, i: int) -> list[int]:
@@ -147,7 +154,8 @@ def model_inputs(batch: dict[str, torch.Tensor], config=None) -> dict[str, torch
     token 0 to every position: a model it was never trained to be. A tokenizer that is not the family's own
     (a generic fast tokenizer) produces type ids for any of them."""
     types = getattr(config, "type_vocab_size", 0) if config is not None else 1
-    return {k: v for k, v in batch.items() if k != "labels" and (k != "token_type_ids" or (types or 0) > 0)}
+    return {k: v for k, v in batch.items()
+            if k not in ("labels", "choices") and (k != "token_type_ids" or (types or 0) > 0)}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -176,6 +184,8 @@ def encode(spec: TaskSpec, split: str, tokenizer, max_length: int = 128) -> Enco
         raw = data.load_split(spec, split)
         fingerprint = raw.fingerprint
     key_parts = [FORMAT_VERSION, tokenizer_fingerprint(tokenizer), spec.name, split, max_length, fingerprint]
+    if spec.kind == "rank":  # the same split as prompts: its own entry, keyed by the prompt
+        key_parts += [spec.prompt.template, spec.prompt.verbalizers]
     key = hashlib.sha1(json.dumps(key_parts).encode()).hexdigest()[:20]
     known = _MEMORY.get(key)
     if known is not None:
@@ -209,6 +219,13 @@ def _tokenize(spec: TaskSpec, raw: data.RawSplit, tokenizer, max_length: int) ->
         return _tokenize_text(raw.texts, tokenizer, max_length)
     if spec.kind == "token":
         return _tokenize_words(raw.texts, raw.labels, tokenizer, max_length)
+    if spec.kind == "rank":
+        ids, offsets = _flat(prompts.tokenize(spec, raw.texts, tokenizer, max_length), torch.int32)
+        verbalizers = prompts.verbalizer_ids(spec, tokenizer)
+        choices = torch.full((len(verbalizers), max(map(len, verbalizers))), -1, dtype=torch.long)
+        for row, tokens in zip(choices, verbalizers):
+            row[: len(tokens)] = torch.tensor(tokens)
+        return Encoded(ids, offsets, torch.tensor(raw.labels, dtype=torch.long), choices=choices)
     columns = list(zip(*raw.texts))
     batch = tokenizer(list(columns[0]), list(columns[1]) if len(columns) > 1 else None,
                       truncation=True, max_length=max_length)

@@ -15,7 +15,9 @@ A text task (wikitext2) scores a masked LM on masked tokens and a causal LM (`*F
 `GPT2LMHeadModel`) on the next token of every position: the mean shifted cross-entropy over the tokens
 that follow a real token, padding left out, and its perplexity (`losses.causal_lm_hidden`). Which head
 kinds score which tasks is the task registry's (`TaskSpec.heads`); any other combination is one line
-naming the model, the task and the tasks its head can be scored on.
+naming the model, the task and the tasks its head can be scored on. A causal LM scores a classification
+task by rank classification: the task's prompts, each label ranked by its verbalizer's likelihood
+(`prompts`), with the metrics of a classification head.
 
 Decoders' sequence heads read the last non-padding token: batches are right-padded with
 `encode.pad_id(tokenizer)` and the scored model's `config.pad_token_id` is set to it
@@ -24,6 +26,7 @@ Decoders' sequence heads read the last non-padding token: batches are right-padd
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -36,10 +39,10 @@ from . import metrics, settings
 from .arch import require
 from .encode import IGNORE, encode, mlm_mask, model_inputs, pad_id
 from .errors import MergeLabError
-from .losses import causal_lm_hidden, is_causal_lm, masked_lm_logits
+from .losses import causal_lm_hidden, is_causal_lm, masked_lm_logits, rank_scores
 from .models import Loaded, ModelRef, check_head, load, match_padding, model_head, resolve
 from .progress import ProgressFn, scaled, track
-from .tasks import TaskSpec, get_task
+from .tasks import TaskSpec, get_task, scored_as
 
 MASK_SEED = 0  # the fixed MLM masking seed: changing it changes every MLM score
 LM_ROWS = 2048  # causal LM: positions per vocabulary projection (2048 x a 150k vocabulary: 1.2 GB of logits)
@@ -57,6 +60,11 @@ class Evaluator:
                  max_length: int = 128, mask_seed: int = MASK_SEED, indices: Sequence[int] | None = None):
         self.spec = get_task(task) if isinstance(task, str) else task
         self.split = split
+        # a causal LM scores a classification task as prompts (rank classification): built on first use
+        self._as_prompts = functools.partial(Evaluator, scored_as(self.spec, "causal"), tokenizer, split, limit,
+                                             batch_size=batch_size, device=device, max_length=max_length,
+                                             indices=indices)
+        self._ranked: Evaluator | None = None
         self.device = torch.device(device) if device is not None else settings.device()
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
@@ -104,10 +112,15 @@ class Evaluator:
             if head.kind is not None and head.kind not in self.spec.heads:  # e.g. a causal LM on conll2003
                 check_head(name or type(model).__name__, head, self.spec)
             causal = self.spec.kind == "mlm" and is_causal_lm(model)
+            if scored_as(self.spec, head.kind) is not self.spec:  # rank classification, on its own prompts
+                self._ranked = self._ranked or self._as_prompts()
+                values = self._ranked(model, progress, name=name)
+                self.last_logits = self._ranked.last_logits
+                return values
             match_padding(model, self.pad_id)
         model.eval()
-        score = self._causal if causal else {"mlm": self._mlm, "token": self._token}.get(self.spec.kind,
-                                                                                         self._sequence)
+        score = self._causal if causal else {"mlm": self._mlm, "token": self._token,
+                                             "rank": self._rank}.get(self.spec.kind, self._sequence)
         who = f"model {name!r}" if name else "the model"
         try:
             values = score(model, progress)
@@ -129,8 +142,9 @@ class Evaluator:
     def _forward(self, model, batch) -> torch.Tensor:
         return self._finite(model(**model_inputs(batch, getattr(model, "config", None))).logits.float())
 
-    def _sequence(self, model, progress) -> dict:
-        outputs = [self._forward(model, b) for b in track(self.batches, len(self.batches), self._desc, progress)]
+    def _sequence(self, model, progress, forward=None) -> dict:
+        forward = forward or self._forward
+        outputs = [forward(model, b) for b in track(self.batches, len(self.batches), self._desc, progress)]
         logits = torch.cat(outputs).cpu()[torch.argsort(self.order)]  # back to dataset order
         self.last_logits = logits
         labels = self.encoded.labels
@@ -139,6 +153,11 @@ class Evaluator:
         else:
             loss = F.cross_entropy(logits, labels).item()
         return {**metrics.sequence_metrics(self.spec, logits.numpy(), labels.numpy()), "loss": loss}
+
+    def _rank(self, model, progress) -> dict:
+        """Rank classification: each label's score is the likelihood of its verbalizer (`losses.rank_scores`);
+        loss and metrics as a classification head's, on those scores."""
+        return self._sequence(model, progress, lambda m, b: self._finite(rank_scores(m, b)))
 
     def _token(self, model, progress) -> dict:
         predicted_tags: list[list[int]] = [[] for _ in range(self.n)]

@@ -12,6 +12,9 @@ prediction of every position whose next token is real (not padding), i.e. the st
 cross-entropy (labels = inputs shifted left by one, padding ignored), as transformers' `*ForCausalLM` loss
 computes it (Radford et al. 2019, GPT-2, Sec. 2: p(x) = Π p(x_t | x_<t)). The vocabulary projection runs
 on those positions only, so callers can cut them into chunks (vocabularies of 150k tokens).
+
+`rank_scores` scores a classification task's labels by a causal LM's likelihood of each label's verbalizer
+after the prompt (rank classification, `prompts`); its training loss is the cross-entropy of those scores.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from .arch import adapter_for
 from .encode import IGNORE, model_inputs
 from .models import model_head
+from .prompts import candidates
 from .tasks import TaskSpec
 
 
@@ -46,7 +50,7 @@ def causal_lm_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
     """(last hidden states at every position that predicts a real next token, those next tokens, the LM
     head). Right padding: position t predicts token t + 1 where both are unmasked."""
-    hidden = model.base_model(**model_inputs(batch, model.config)).last_hidden_state
+    hidden = decoder_stack(model)(**model_inputs(batch, model.config)).last_hidden_state
     real = batch["attention_mask"].bool()
     predicts = real[:, :-1] & real[:, 1:]
     return hidden[:, :-1][predicts], batch["input_ids"][:, 1:][predicts], model.get_output_embeddings()
@@ -56,6 +60,43 @@ def causal_lm_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     """(next-token logits at every predicting position, the tokens they predict), as `masked_lm_logits`."""
     hidden, targets, head = causal_lm_hidden(model, batch)
     return head(hidden).float(), targets
+
+
+def decoder_stack(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer under a causal LM's head (`LlamaModel` under `LlamaForCausalLM`), also through a PEFT
+    wrapper, whose adapter layers sit inside it: hidden states without projecting every position."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
+
+
+def rank_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(batch, labels) rank-classification scores of a causal LM on prompts (`batch["choices"]`: each label's
+    verbalizer ids, -1 padded): the log-likelihood of a one-token verbalizer after the prompt, the mean
+    token log-likelihood of a longer one (`prompts`). One forward pass scores every one-token verbalizer at
+    once; each longer one takes a pass of its own over prompt + verbalizer. A wrapper of several models (an
+    output ensemble) scores by its own `rank_scores`."""
+    if hasattr(model, "rank_scores"):
+        return model.rank_scores(batch)
+    stack, head = decoder_stack(model), model.get_output_embeddings()
+    lengths = batch["attention_mask"].sum(1)
+    rows = torch.arange(len(lengths), device=lengths.device)
+    verbalizers = [row[row >= 0] for row in batch["choices"]]
+    scores: list[torch.Tensor | None] = [None] * len(verbalizers)
+    single = [c for c, v in enumerate(verbalizers) if len(v) == 1]
+    if single:
+        hidden = stack(**model_inputs(batch, model.config)).last_hidden_state[rows, lengths - 1]
+        log_probs = F.log_softmax(head(hidden).float(), -1)
+        for c in single:
+            scores[c] = log_probs[:, verbalizers[c][0]]
+    for c, tokens in enumerate(verbalizers):
+        if len(tokens) > 1:
+            ids, mask = candidates(batch["input_ids"], lengths, tokens.tolist())
+            hidden = stack(input_ids=ids, attention_mask=mask).last_hidden_state
+            # the positions that predict each verbalizer token: the prompt's last token onwards
+            at = lengths[:, None] - 1 + torch.arange(len(tokens), device=ids.device)[None, :]
+            log_probs = F.log_softmax(head(hidden[rows[:, None], at]).float(), -1)
+            scores[c] = log_probs.gather(-1, tokens.expand(len(rows), -1)[..., None]).squeeze(-1).mean(1)
+    return torch.stack(scores, 1)
 
 
 def language_model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, encoder_grad: bool = True
@@ -69,9 +110,12 @@ def language_model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]
 
 def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TaskSpec, *,
               encoder_grad: bool = True) -> torch.Tensor:
-    """The training loss of one batch: the head's own loss, masked-only MLM cross-entropy, or (a causal LM on
-    a text task) the mean next-token cross-entropy of every position followed by a real token."""
+    """The training loss of one batch: the head's own loss, masked-only MLM cross-entropy, (a causal LM on
+    a text task) the mean next-token cross-entropy of every position followed by a real token, or (a causal
+    LM on prompts) the rank-classification loss."""
     if spec.kind == "mlm":
         return F.cross_entropy(*language_model_logits(model, batch, encoder_grad=encoder_grad))
+    if spec.kind == "rank":  # the softmax over the labels' scores (T-Few's L_LN, arXiv:2205.05638, Eq. 3)
+        return F.cross_entropy(rank_scores(model, batch), batch["labels"])
     # only the inputs the family's forward takes: GPT-2 would embed token type ids as words (`model_inputs`)
     return model(**model_inputs(batch, getattr(model, "config", None)), labels=batch["labels"]).loss

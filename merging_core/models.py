@@ -439,6 +439,8 @@ def _head_from_config(kind: str | None, config) -> HeadInfo:
 def head_info(ref: ModelRef, config=None) -> HeadInfo:
     """What head a checkpoint on disk carries, from its config (or, for adapter modules, its metadata)."""
     if ref.is_adapter:
+        if ref.metadata().get("head") == "causal":  # a module of a causal LM trained on prompts
+            return HeadInfo("causal")
         spec = get_task(ref.metadata()["task"])
         return HeadInfo(spec.head, spec.num_labels, spec.labels)
     config = config or load_config(ref)
@@ -446,8 +448,9 @@ def head_info(ref: ModelRef, config=None) -> HeadInfo:
 
 
 def model_head(model: torch.nn.Module) -> HeadInfo:
-    """What head a live model carries (its class, not the config it was loaded from)."""
-    return _head_from_config(_head_kind(type(model).__name__), model.config)
+    """What head a live model carries (its class, not the config it was loaded from; a wrapper of models,
+    such as an output ensemble, names its members' head kind as `head_kind`)."""
+    return _head_from_config(getattr(model, "head_kind", None) or _head_kind(type(model).__name__), model.config)
 
 
 def check_head(name: str, head: HeadInfo, task: TaskSpec) -> None:
@@ -464,7 +467,7 @@ def check_head(name: str, head: HeadInfo, task: TaskSpec) -> None:
         instead = f"a {head.kind} head can be scored on {', '.join(own)} instead, or " if own else ""
         raise MergeLabError(f"model {name!r} has a {head.kind} head but task {task.name} needs a "
                             f"{' or '.join(task.heads)} head; {instead}{retrain}")
-    if task.kind == "mlm":
+    if task.kind == "mlm" or head.kind == "causal":  # a language model scores any label set it has a prompt for
         return
     if head.num_labels != task.num_labels:
         raise MergeLabError(f"model {name!r} has a head with {head.num_labels} outputs but task {task.name} "
@@ -595,11 +598,12 @@ def _shape_errors(ref: ModelRef) -> Iterator[None]:
 
 
 def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool = False,
-         allow_pickle: bool = False, device: torch.device | str | None = None) -> Loaded:
+         allow_pickle: bool = False, device: torch.device | str | None = None, keep_lm_head: bool = True) -> Loaded:
     """Load a checkpoint, with the head of `task` when given.
 
     `new_head=False` (scoring) requires the checkpoint's own head to fit `task`. `new_head=True`
-    (training) keeps a fitting head and otherwise starts a fresh one on the checkpoint's encoder.
+    (training) keeps a fitting head and otherwise starts a fresh one on the checkpoint's encoder; a causal
+    LM's head fits a classification task with a prompt (rank classification) unless `keep_lm_head` is False.
     """
     ref = spec if isinstance(spec, ModelRef) else resolve(spec)
     tokenizer = load_tokenizer(ref)
@@ -617,11 +621,13 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
         head = head_info(ref, config)
         if task is not None and not new_head:
             check_head(ref.spec, head, task)
-        # scoring keeps the checkpoint's own head where it scores the task (a causal LM on a text task)
-        kind = head.kind if task is not None and not new_head and head.kind in task.heads else (
-            training_head(task, config) if task is not None else head.kind)
+        # Scoring keeps the checkpoint's own head where it scores the task (a causal LM on a text task or on
+        # prompts), and so does training a causal LM on prompts (rank classification needs no new head).
+        keep = task is not None and head.kind in task.heads and (not new_head or (head.kind == "causal" and
+                                                                              (keep_lm_head or task.kind == "mlm")))
+        kind = head.kind if keep or task is None else training_head(task, config)
         kwargs = _weights_kwargs(ref, allow_pickle)
-        fresh = task is not None and new_head
+        fresh = task is not None and new_head and not keep
         with _hub_errors(ref), _shape_errors(ref):
             if fresh:
                 # The task's labels always replace the checkpoint's; weights of a head of the same shape
@@ -743,7 +749,8 @@ def load_adapter(ref: ModelRef, *, allow_pickle: bool = False) -> torch.nn.Modul
     from safetensors.torch import load_file
 
     own_task = get_task(ref.metadata()["task"])
-    base = load(adapter_base(ref), own_task, new_head=True, allow_pickle=allow_pickle, device="cpu").model
+    base = load(adapter_base(ref), own_task, new_head=True, allow_pickle=allow_pickle, device="cpu",
+                keep_lm_head=ref.metadata().get("head", "causal") == "causal").model
     if adapter_kind(ref) == bottleneck.KIND:  # MergeLab's own module kind (see `bottleneck`), not PEFT's
         config = bottleneck.BottleneckConfig.from_json(json.loads((ref.path / "adapter_config.json").read_text()))
         with open_safetensors(ref.path / ADAPTER_FILE, f"model {ref.spec!r}") as f:

@@ -59,14 +59,14 @@ from .arch import adapter_for, canonical, require
 from .encode import IGNORE, encode, mlm_mask, model_inputs, pad_id
 from .errors import MergeLabError
 from .fingerprint import combined
-from .losses import is_causal_lm, language_model_logits
+from .losses import is_causal_lm, language_model_logits, rank_scores
 from .models import (ModelRef, config_fingerprint, hf, load, load_adapter, load_tokenizer, model_head, read_config,
                      resolve, tokenizer_files, weights_fingerprint)
 from .module_space import check_mergeable, module_checkpoint, module_parameters
 from .outputs import staging_file
 from .params import Param
 from .progress import ProgressFn, track
-from .tasks import TaskSpec, get_task
+from .tasks import TaskSpec, get_task, scored_as
 
 FORMAT_VERSION = 1
 KINDS = ("gram", "grad_gram", "fisher", "block_fisher")
@@ -209,6 +209,9 @@ def _collate(examples: list[dict[str, torch.Tensor]], spec: TaskSpec, pad: int =
     length = max(e["input_ids"].shape[1] for e in examples)
     out = {}
     for key in examples[0]:
+        if key == "choices":  # the labels' verbalizers: one set for the whole task
+            out[key] = examples[0][key]
+            continue
         parts = []
         for e in examples:
             v = e[key]
@@ -226,6 +229,8 @@ def _log_likelihood(model, batch: dict[str, torch.Tensor], spec: TaskSpec, label
     if spec.kind == "mlm":  # masked tokens of a masked LM, next tokens of a causal LM
         logits, gold = language_model_logits(model, batch)
         mask = torch.ones_like(gold, dtype=torch.bool)
+    elif spec.kind == "rank":  # a causal LM on prompts: the labels' verbalizer scores are its classifier
+        logits, gold = rank_scores(model, batch), batch["labels"]
     else:
         logits = model(**model_inputs(batch, model.config)).logits.float()
         gold = batch["labels"]
@@ -298,6 +303,7 @@ def compute(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, Any], *
         raise MergeLabError("the blockwise Fisher is computed for (IA)3 scaling vectors: merge (IA)3 modules with "
                             "space=module, or use the diagonal_fisher objective", param="objective")
     loaded = load(ref, spec)
+    spec = scored_as(spec, model_head(loaded.model).kind)  # a causal LM reads a classification task as prompts
     device = next(loaded.model.parameters()).device
     examples = _examples(spec, loaded.tokenizer, options["examples"], device, causal=is_causal_lm(loaded.model))
     return estimate(loaded, examples, spec, kind, options, f"{kind} of {ref.name} on {spec.name}", progress)
@@ -393,6 +399,8 @@ def _grams(model, examples, spec, kind, options, generator, desc, progress, *, p
 def _forward_only(model, batch, spec: TaskSpec) -> None:
     if spec.kind == "mlm":
         language_model_logits(model, batch)
+    elif spec.kind == "rank":
+        rank_scores(model, batch)
     else:
         model(**model_inputs(batch, model.config))
 

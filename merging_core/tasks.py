@@ -7,12 +7,13 @@ by every task of the same kind.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .errors import MergeLabError
 
-Kind = Literal["classification", "regression", "token", "mlm"]
+# "rank": a classification task as a causal LM is trained and scored on it (`scored_as`, `prompts`)
+Kind = Literal["classification", "regression", "token", "mlm", "rank"]
 Format = Literal["glue", "semicolon", "conll", "text", "corpus"]
 
 
@@ -25,6 +26,17 @@ class HubSource:
     splits: dict[str, str]  # MergeLab split -> hub split
     text_columns: tuple[str, ...]
     label_column: str | None  # labels on the hub are already indices in `TaskSpec.labels` order
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """How a language model reads a classification task: the example's text columns put into `template`
+    (`{0}`, `{1}`: the text columns in order), then one verbalizer per label, in label order, as the
+    continuation whose likelihood ranks that label (rank classification, as T0 scores: Sanh et al. 2022,
+    arXiv:2110.08207, Sec. 3; `prompts`)."""
+
+    template: str
+    verbalizers: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class TaskSpec:
     aliases: tuple[str, ...] = ()
     fallback_files: dict[str, str] = field(default_factory=dict)  # split -> file used when the first is absent
     listed: bool = True  # False: an internal task (pretraining text), not offered where users pick tasks to score
+    prompt: Prompt | None = None  # classification tasks: how a causal LM reads them (rank classification)
 
     @property
     def num_labels(self) -> int:
@@ -60,18 +73,34 @@ class TaskSpec:
     @property
     def head(self) -> str:
         """The head type a model is given to train on this task: "sequence", "token" or "mlm"."""
-        return {"classification": "sequence", "regression": "sequence", "token": "token", "mlm": "mlm"}[self.kind]
+        return {"classification": "sequence", "regression": "sequence", "token": "token", "mlm": "mlm",
+                "rank": "causal"}[self.kind]
 
     @property
     def heads(self) -> tuple[str, ...]:
-        """The head kinds that can be scored on this task (`SCORING_HEADS`), `head` first."""
-        return SCORING_HEADS[self.kind]
+        """The head kinds that can be scored on this task (`SCORING_HEADS`), `head` first; a causal LM too on
+        a classification task with a prompt (rank classification)."""
+        prompted = ("causal",) if self.kind == "classification" and self.prompt is not None else ()
+        return SCORING_HEADS[self.kind] + prompted
 
 
 # The head kinds (`models.HeadInfo.kind`) each kind of task can score. A text task is scored by a masked LM
-# (loss on masked tokens) or by a causal LM (next-token loss, `evaluation`); labelled tasks need their head.
+# (loss on masked tokens) or by a causal LM (next-token loss, `evaluation`); labelled tasks need their head,
+# or a prompt for a causal LM (`TaskSpec.heads`).
 SCORING_HEADS: dict[str, tuple[str, ...]] = {"classification": ("sequence",), "regression": ("sequence",),
-                                             "token": ("token",), "mlm": ("mlm", "causal")}
+                                             "token": ("token",), "mlm": ("mlm", "causal"), "rank": ("causal",)}
+
+
+def scored_as(spec: TaskSpec, head_kind: str | None) -> TaskSpec:
+    """The task as a model with a head of `head_kind` is trained and scored on it: a classification task with
+    a prompt becomes rank classification (kind "rank") for a causal LM; anything else is itself."""
+    if head_kind == "causal" and spec.kind == "classification" and spec.prompt is not None:
+        return replace(spec, kind="rank")
+    return spec
+
+
+YES_NO = ("yes", "no")
+NO_YES = ("no", "yes")
 
 
 def _glue(name: str, title: str, kind: Kind, text_columns: tuple[str, ...], label_column: str,
@@ -94,20 +123,27 @@ TASKS: dict[str, TaskSpec] = {
     for spec in [
         # CoLA has no header: source, label, original label mark, sentence.
         _glue("cola", "CoLA", "classification", ("sentence",), "label", ("mcc", "accuracy"),
-              ("unacceptable", "acceptable"), positional={"label": 1, "sentence": 3}),
-        _glue("sst2", "SST-2", "classification", ("sentence",), "label", ("accuracy",), ("negative", "positive")),
+              ("unacceptable", "acceptable"), positional={"label": 1, "sentence": 3},
+              prompt=Prompt("{0} Is this sentence grammatical?", NO_YES)),
+        _glue("sst2", "SST-2", "classification", ("sentence",), "label", ("accuracy",), ("negative", "positive"),
+              prompt=Prompt("Review: {0} Sentiment:", ("negative", "positive"))),
         _glue("mrpc", "MRPC", "classification", ("#1 String", "#2 String"), "Quality", ("f1", "accuracy"),
-              ("not_equivalent", "equivalent"), hub_columns=("sentence1", "sentence2")),
+              ("not_equivalent", "equivalent"), hub_columns=("sentence1", "sentence2"),
+              prompt=Prompt("Sentence 1: {0} Sentence 2: {1} Do they mean the same?", NO_YES)),
         _glue("stsb", "STS-B", "regression", ("sentence1", "sentence2"), "score", ("pearson", "spearman")),
-        _glue("rte", "RTE", "classification", ("sentence1", "sentence2"), "label", ("accuracy",), ENTAILMENT2),
-        _glue("qnli", "QNLI", "classification", ("question", "sentence"), "label", ("accuracy",), ENTAILMENT2),
+        _glue("rte", "RTE", "classification", ("sentence1", "sentence2"), "label", ("accuracy",), ENTAILMENT2,
+              prompt=Prompt("{0} Question: does it follow that {1}", YES_NO)),
+        _glue("qnli", "QNLI", "classification", ("question", "sentence"), "label", ("accuracy",), ENTAILMENT2,
+              prompt=Prompt("Question: {0} Sentence: {1} Does the sentence answer the question?", YES_NO)),
         _glue("wnli", "WNLI", "classification", ("sentence1", "sentence2"), "label", ("accuracy",),
-              ("not_entailment", "entailment")),
+              ("not_entailment", "entailment"), prompt=Prompt("{0} Question: does it follow that {1}", NO_YES)),
         _glue("qqp", "QQP", "classification", ("question1", "question2"), "is_duplicate", ("f1", "accuracy"),
-              ("not_duplicate", "duplicate")),
+              ("not_duplicate", "duplicate"),
+              prompt=Prompt("Question 1: {0} Question 2: {1} Do they ask the same?", NO_YES)),
         _glue("mnli", "MNLI", "classification", ("sentence1", "sentence2"), "gold_label", ("accuracy",),
               ("entailment", "neutral", "contradiction"), hub_columns=("premise", "hypothesis"),
-              dev_file="dev_matched.tsv", hub_dev="validation_matched"),
+              dev_file="dev_matched.tsv", hub_dev="validation_matched",
+              prompt=Prompt("{0} Question: does it follow that {1}", ("yes", "maybe", "no"))),
         TaskSpec(
             name="emotion", title="Emotion", kind="classification", format="semicolon", directory="emotion",
             files={"train": "train.txt", "dev": "val.txt", "test": "test.txt"},
@@ -115,6 +151,7 @@ TASKS: dict[str, TaskSpec] = {
             labels=("sadness", "joy", "love", "anger", "fear", "surprise"),
             hub=HubSource("dair-ai/emotion", None, {"train": "train", "dev": "validation", "test": "test"},
                           ("text",), "label"),
+            prompt=Prompt("Text: {0} Emotion:", ("sadness", "joy", "love", "anger", "fear", "surprise")),
         ),
         TaskSpec(
             name="conll2003", title="CoNLL-2003 NER", kind="token", format="conll", directory="conll2003",
@@ -142,7 +179,7 @@ TASKS: dict[str, TaskSpec] = {
             # Pretraining text from scratch (the different-initialization zoo): the train split is every
             # training text in the data root (WikiText-2's test.txt and the sentences of the other tasks'
             # train splits), the dev split WikiText-2's valid.txt, so its MLM scores compare with wikitext2's.
-            name="corpus", title="Data-root text (MLM)", kind="mlm", format="corpus", directory="wikitext-2",
+            name="corpus", title="Data-root text", kind="mlm", format="corpus", directory="wikitext-2",
             files={"train": "test.txt", "dev": "valid.txt"}, metrics=("loss", "perplexity"),
             aliases=("text", "pretraining"), listed=False,
         ),

@@ -57,7 +57,7 @@ from .losses import is_causal_lm, task_loss
 from .models import load, model_head, prefix_model, read_config, resolve, write_into, write_multihead
 from .outputs import check_out, staging
 from .progress import ProgressFn, with_eta
-from .tasks import TaskSpec, get_task
+from .tasks import TaskSpec, get_task, scored_as
 
 
 SAMPLING = ("proportional", "sqrt", "round-robin")
@@ -88,6 +88,9 @@ class TrainConfig:
     prefix_projection: bool = False  # prefix modules: train the prefix through an MLP (Li & Liang 2021, Sec. 4.3)
     bottleneck_size: int = 64  # bottleneck modules: units m of each adapter (Houlsby et al. 2019, Sec. 2.1)
     head_only: bool = False
+    # a causal LM learns a classification task from its prompt, keeping its LM head (rank classification);
+    # False gives it a fresh classification head instead
+    prompt: bool = True
     eval_limit: int | None = None  # score on the first N dev examples only (None: the whole split)
     sampling: str = "proportional"  # multi-task: which task each step takes (see SAMPLING)
     cartography: int | None = None  # record a data map of the first N training examples (see `cartography`)
@@ -185,7 +188,8 @@ def wrap_peft(model: torch.nn.Module, spec: TaskSpec, config: TrainConfig) -> to
                             param="peft")
     if config.peft == bottleneck.KIND:
         return bottleneck.insert(model, bottleneck.BottleneckConfig(size=config.bottleneck_size))
-    task_type = TaskType.TOKEN_CLS if spec.kind == "token" else TaskType.SEQ_CLS
+    # a causal LM on prompts keeps its (tied) LM head: nothing of a classifier to train and save
+    task_type = {"token": TaskType.TOKEN_CLS, "rank": TaskType.CAUSAL_LM}.get(spec.kind, TaskType.SEQ_CLS)
     # GPT-2's layers are `Conv1D`s, whose weights are stored (in, out): PEFT must know to transpose its update
     stored_in_out = any(type(m).__name__ == "Conv1D" for m in model.modules())
     if config.peft == "lora":
@@ -256,9 +260,10 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     part = partition.parse(config.partition)
     _seed_everything(config.seed)
     device = settings.device()
-    loaded = load(config.base, spec, new_head=True, device=device)
+    loaded = load(config.base, spec, new_head=True, device=device, keep_lm_head=config.prompt)
     model, tokenizer = loaded.model, loaded.tokenizer
     head = model_head(model).kind  # a text task gives a decoder a causal-LM head (`models.training_head`)
+    spec = scored_as(spec, head)  # a causal LM learns a classification task as prompts (rank classification)
     masked = spec.kind == "mlm" and not is_causal_lm(model)  # a causal LM reads its text unmasked
     if config.peft:
         model = wrap_peft(model, spec, config)
@@ -354,7 +359,8 @@ def _bare_config(config):
 
 def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str | Path, *, overwrite: bool,
                      progress: ProgressFn | None, recipe: str | None) -> TrainResult:
-    """One shared encoder, one head per task; each step trains on one batch of one sampled task."""
+    """One shared encoder, one head per task; each step trains on one batch of one sampled task. A causal LM
+    learns every task as prompts (rank classification): one model, saved as an ordinary checkpoint."""
     names = [s.name for s in specs]
     if config.peft or config.head_only:
         raise MergeLabError("multi-task training is full fine-tuning of the shared encoder and the heads; "
@@ -367,24 +373,32 @@ def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str 
     part = partition.parse(config.partition)
     _seed_everything(config.seed)
     device = settings.device()
-    loaded = [load(config.base, spec, new_head=True, device=device) for spec in specs]
+    loaded = [load(config.base, spec, new_head=True, device=device, keep_lm_head=config.prompt) for spec in specs]
     tokenizer = loaded[0].tokenizer
-    # Share the encoder of a sequence-task model: it has the pooler the sequence heads read (a token
-    # model's encoder has none; token heads ignore the pooler's output).
-    owner = next((i for i, s in enumerate(specs) if s.head == "sequence"), 0)
-    encoder = loaded[owner].model.base_model
-    encoder.config = _bare_config(encoder.config)
+    prompted = all(model_head(item.model).kind == "causal" for item in loaded)
+    if prompted:  # a causal LM reads every task as prompts: one whole model, nothing per task
+        specs = tuple(scored_as(spec, "causal") for spec in specs)
+        encoder = loaded[0].model
+        loaded = [loaded[0]] * len(specs)
+    else:
+        # Share the encoder of a sequence-task model: it has the pooler the sequence heads read (a token
+        # model's encoder has none; token heads ignore the pooler's output).
+        owner = next((i for i, s in enumerate(specs) if s.head == "sequence"), 0)
+        encoder = loaded[owner].model.base_model
+        encoder.config = _bare_config(encoder.config)
     jobs = []
     for spec, item in zip(specs, loaded):
-        setattr(item.model, item.model.base_model_prefix, encoder)
+        if not prompted:
+            setattr(item.model, item.model.base_model_prefix, encoder)
         data = _partitioned(encode(spec, "train", tokenizer, config.max_length), part, spec)
         dev = Evaluator(spec, tokenizer, "dev", config.eval_limit, device=device, max_length=config.max_length)
         jobs.append(_TaskJob(spec, item.model, data, dev))
     ref = loaded[0].ref
     del loaded  # the other encoder copies
 
-    params = list(encoder.parameters()) + [p for job in jobs for n, p in job.model.named_parameters()
-                                           if not n.startswith(job.model.base_model_prefix + ".")]
+    heads = [] if prompted else [p for job in jobs for n, p in job.model.named_parameters()
+                                 if not n.startswith(job.model.base_model_prefix + ".")]
+    params = list(encoder.parameters()) + heads
     optimizer, schedule = _optimizer(params, config)
     generator = torch.Generator().manual_seed(config.seed)
     order = _task_schedule([len(job.data) for job in jobs], config.sampling, config.steps, generator)
@@ -397,7 +411,8 @@ def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str 
         "sampling": config.sampling, "task_steps": {name: order.count(i) for i, name in enumerate(names)},
         "train_examples": {job.spec.name: len(job.data) for job in jobs},
         "train": {**asdict(config), "task": ",".join(names)}, "learning_rate": config.learning_rate,
-        "head_kinds": {s.name: s.head for s in specs}, "labels": {s.name: list(s.labels) for s in specs},
+        "head_kinds": {s.name: s.head for s in specs}, "prompted": prompted,
+        "labels": {s.name: list(s.labels) for s in specs},
         **({"recipe": recipe} if recipe else {}),
     }
     checkpoints: list[dict] = []
@@ -443,6 +458,9 @@ def _checkpoint_multitask(jobs: list[_TaskJob], encoder, tokenizer, folder: Path
                 "task_train_loss": {t: float(np.mean(v[-20:])) if v else None for t, v in task_losses.items()},
                 "train_seconds": round(time.perf_counter() - started, 1), "scores": {"dev": scores},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if metadata["prompted"]:  # one causal LM for every task: an ordinary checkpoint
+        write_into(folder, encoder, tokenizer, metadata)
+        return metadata
     write_multihead(folder, encoder, {job.spec.name: job.head() for job in jobs}, tokenizer, metadata)
     return {**metadata, "heads": {job.spec.name: f"heads/{job.spec.name}.safetensors" for job in jobs}}
 
@@ -466,12 +484,13 @@ def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig):
 
 
 def train_batches(spec: TaskSpec, tokenizer, batch_size: int, seed: int, device, *,
-                  max_length: int = 128):
-    """An endless, seeded stream of training batches of `spec` on `device` (MLM masked on the fly)."""
+                  max_length: int = 128, masked: bool = True):
+    """An endless, seeded stream of training batches of `spec` on `device` (a text task's MLM-masked on the
+    fly unless `masked` is False: a causal LM's)."""
     data = encode(spec, "train", tokenizer, max_length)
     generator = torch.Generator().manual_seed(seed)
     for index in _length_grouped_batches(data.lengths, batch_size, generator):
-        yield _next_batch(data, index, tokenizer, generator, spec, device)
+        yield _next_batch(data, index, tokenizer, generator, spec, device, masked=masked)
 
 
 def _next_batch(data: Encoded, index: torch.Tensor, tokenizer, generator, spec: TaskSpec, device, *,
@@ -489,10 +508,18 @@ def _checkpoint(model, tokenizer, folder: Path, dev: Evaluator, base_meta: dict,
                 losses: list[float]) -> dict:
     scores = dev(model)
     metadata = {**base_meta, "steps": step, "train_loss": float(np.mean(losses[-50:])),
-                "train_seconds": round(time.perf_counter() - started, 1), "scores": {"dev": scores},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "loss_curve": loss_curve(losses), "train_seconds": round(time.perf_counter() - started, 1),
+                "scores": {"dev": scores}, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_into(folder, model, tokenizer, metadata)
     return metadata
+
+
+def loss_curve(losses: list[float], points: int = 50) -> list[list[float]]:
+    """The training loss as at most `points` [last step, mean loss] pairs over equal windows of steps: a
+    run's learning curve, small enough to keep in its metadata."""
+    width = max(1, math.ceil(len(losses) / points))
+    return [[min(i + width, len(losses)), round(float(np.mean(losses[i: i + width])), 5)]
+            for i in range(0, len(losses), width)]
 
 
 class _Bar:

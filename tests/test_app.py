@@ -239,14 +239,16 @@ def test_model_pickers_show_family_size_and_task(family_zoo):
     assert multitask_choices() == []
 
 
-def test_evaluate_offers_a_causal_lm_its_text_task_and_scores_it(family_zoo, client):
+def test_evaluate_offers_a_causal_lm_its_tasks_and_scores_them(family_zoo, client):
     from views import evaluate_tab
 
     def offered(update) -> list[str]:
         return [task for _, task in update.constructor_args["choices"]]
 
-    causal = evaluate_tab.pick_tasks("tiny-llama", ["sst2"])
-    assert offered(causal) == ["wikitext2"] and causal.constructor_args["value"] == ["wikitext2"]
+    # a causal LM: its text task (next-token loss) and the classification tasks (rank classification)
+    causal = evaluate_tab.pick_tasks("tiny-llama", ["sst2", "stsb"])
+    assert {"wikitext2", "sst2", "emotion"} <= set(offered(causal))
+    assert not {"stsb", "conll2003"} & set(offered(causal)) and causal.constructor_args["value"] == ["sst2"]
     assert "next-token loss" in causal.constructor_args["info"]
     classifier = evaluate_tab.pick_tasks("tiny-gpt2-sst2", [])  # a 2-label SST-2 head: SST-2, its own task
     assert offered(classifier) == ["sst2"] and classifier.constructor_args["value"] == ["sst2"]
@@ -257,9 +259,11 @@ def test_evaluate_offers_a_causal_lm_its_text_task_and_scores_it(family_zoo, cli
     perplexity = float(re.search(r"perplexity ([0-9.]+)", row["other metrics"]).group(1))
     assert math.isfinite(perplexity) and perplexity > 1.0
     assert row["score"] == pytest.approx(math.log(perplexity), abs=1e-3)  # the loss the perplexity comes from
-    # an API request still naming a task the head cannot score: the engine's one line, in its row
     (row,) = _rows(client.predict("tiny-llama", ["sst2"], "dev", 8, api_name="/evaluate"))
-    assert "has a causal head but task sst2 needs a sequence head" in row["note"] and "\n" not in row["note"]
+    assert (row["task"], row["n"], row["metric"], row["note"]) == ("SST-2", 8, "accuracy", "")
+    # an API request still naming a task the head cannot score: the engine's one line, in its row
+    (row,) = _rows(client.predict("tiny-llama", ["conll2003"], "dev", 8, api_name="/evaluate"))
+    assert "has a causal head but task conll2003 needs a token head" in row["note"] and "\n" not in row["note"]
 
 
 def test_aligning_a_family_without_alignment_is_one_line(family_zoo, client):

@@ -3,9 +3,11 @@
 On tiny random checkpoints (`test_family_scoring.build`, its offline word tokenizer) and tiny data roots
 written here, so each run is a few steps of a hidden-16 model:
 
-- full fine-tuning of a sequence classifier changes the weights, drives the loss on a repeated batch far
-  down, records its task and base, and saves a config whose pad id lets transformers' own `from_pretrained`
-  read the checkpoint as MergeLab scored it in memory (right padding, last real token);
+- full fine-tuning of a sequence classifier (a causal LM given a fresh head, `prompt=False`; by default
+  it learns a classification task from its prompt: `test_rank_classification.py`) changes the weights,
+  drives the loss on a repeated batch far down, records its task and base, and saves a config whose pad
+  id lets transformers' own `from_pretrained` read the checkpoint as MergeLab scored it in memory (right
+  padding, last real token);
 - LoRA and (IA)³ modules on PEFT's default targets save only their own tensors and the head, and the
   folded model scores as the live PEFT model did; token classifiers train too;
 - a `scratch-llama:tiny` decoder (RMSNorm, gated MLP, RoPE, 2 KV heads, tied embeddings) pretrained by
@@ -79,10 +81,10 @@ def tiny_root(tmp_path, data_env) -> Path:
     return root
 
 
-def start(base: str, task: str, seed: int) -> ml.Loaded:
+def start(base: str, task: str, seed: int, keep_lm_head: bool = True) -> ml.Loaded:
     """The model `train` starts from: the same seed draws the same fresh head (or random initialization)."""
     torch.manual_seed(seed)
-    return models.load(base, ml.get_task(task), new_head=True, device="cpu")
+    return models.load(base, ml.get_task(task), new_head=True, device="cpu", keep_lm_head=keep_lm_head)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -93,8 +95,8 @@ def start(base: str, task: str, seed: int) -> ml.Loaded:
 def test_full_fine_tuning_learns_and_saves_a_classifier_transformers_reads_alike(family, bases, tiny_root,
                                                                                   tmp_path):
     base = bases(family)
-    config = ml.TrainConfig(task="sst2", base=base, seed=0, steps=40, batch_size=8, lr=1e-2, warmup=0.0)
-    before = ml.evaluate(start(base, "sst2", 0), "sst2", split="train")["loss"]
+    config = ml.TrainConfig(task="sst2", base=base, seed=0, steps=40, batch_size=8, lr=1e-2, warmup=0.0, prompt=False)
+    before = ml.evaluate(start(base, "sst2", 0, keep_lm_head=False), "sst2", split="train")["loss"]
     out = tmp_path / "run"
     result = ml.train(config, out)
 
@@ -138,7 +140,7 @@ def test_peft_modules_save_only_their_tensors_and_fold_into_the_same_scores(fami
                                                                             tmp_path):
     base = bases(family)
     out = tmp_path / kind
-    ml.train(ml.TrainConfig(task="sst2", base=base, steps=12, batch_size=8, lr=2e-2, peft=kind), out)
+    ml.train(ml.TrainConfig(task="sst2", base=base, steps=12, batch_size=8, lr=2e-2, peft=kind, prompt=False), out)
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     # PEFT's own default targets for the model type
     expected = {("lora", "llama"): {"q_proj", "v_proj"}, ("lora", "gpt2"): {"c_attn"},
@@ -177,8 +179,8 @@ def test_token_classifiers_train_on_decoders(family, bases, tmp_path):
 
 def test_a_multitask_decoder_shares_its_body_and_keeps_a_head_per_task(bases, tmp_path):
     out = tmp_path / "mt"
-    meta = ml.train(ml.TrainConfig(task="sst2,mrpc", base=bases("gpt2"), steps=3, batch_size=4, eval_limit=8),
-                    out).metadata
+    meta = ml.train(ml.TrainConfig(task="sst2,mrpc", base=bases("gpt2"), steps=3, batch_size=4, eval_limit=8,
+                                   prompt=False), out).metadata
     assert meta["kind"] == "multitask" and set(meta["heads"]) == {"sst2", "mrpc"}
     for task in ("sst2", "mrpc"):
         assert ml.evaluate(str(out), task, limit=8)["loss"] == pytest.approx(meta["scores"]["dev"][task]["loss"],
@@ -273,8 +275,11 @@ def test_the_shipped_recipe_pretrains_three_seeds_and_fine_tunes_each():
     pretrained = {name: c for name, c in entries.items() if c.task == "corpus"}
     assert {c.base for c in pretrained.values()} == {"scratch-llama:mini"}
     assert sorted(c.seed for c in pretrained.values()) == [0, 1, 2]
-    full = [c for c in entries.values() if c.task != "corpus" and c.peft is None]
+    full = [c for c in entries.values() if c.task != "corpus" and c.peft is None and "," not in c.task]
     assert {(c.base, c.task) for c in full} == {(p, t) for p in pretrained for t in ("sst2", "mrpc", "emotion")}
+    assert all(c.prompt for c in entries.values())  # fine-tunes learn the prompts with the LM head
+    [multitask] = [c for c in entries.values() if "," in c.task]
+    assert multitask.base in pretrained and set(multitask.task.split(",")) == {"sst2", "mrpc", "emotion"}
     lora = [c for c in entries.values() if c.peft == "lora"]
     assert lora and len({c.base for c in lora}) == 1 and {c.base for c in lora} <= set(pretrained)
     # every base is built before the entries that start from it

@@ -97,4 +97,5 @@ def test_a_family_without_alignment_is_explained_in_the_status(family_zoo):
         next(run)  # no "loading the models" status first
     assert caught.value.message.startswith(f"B (permuted into A's basis): {gate}")
     tasks = permute_tab.pick_tasks("pico-sst2", "tiny-llama", []).constructor_args
-    assert {task for _, task in tasks["choices"]} == {"sst2", "wikitext2"}  # SST-2's head, or the causal LM
+    offered = {task for _, task in tasks["choices"]}  # SST-2's head, or the causal LM's text and prompts
+    assert {"sst2", "wikitext2", "emotion"} <= offered and "conll2003" not in offered

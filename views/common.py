@@ -184,7 +184,8 @@ def tasks_info(offered: list[str] | None, kinds: set, default: str, always: str 
     elif not offered:
         text = "none: no picked model has a task head (fine-tune it first, or pick a model with one)"
     else:
-        how = " (a causal LM: text, by next-token loss)" if "causal" in kinds else ""
+        how = (" (a causal LM: text by next-token loss, classification tasks by rank classification of their "
+               "prompts)") if "causal" in kinds else ""
         text = "the tasks the picked models' heads can be scored on" + how
     return "; ".join(part for part in (text, always) if part)
 

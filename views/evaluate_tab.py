@@ -74,7 +74,8 @@ def refresh(model: str | None, tasks: list[str] | None, request: gr.Request = No
 def build(demo: gr.Blocks) -> dict:
     with gr.Tab("Evaluate", id="evaluate") as tab:
         gr.Markdown("Score a checkpoint on task dev sets. Tasks offers those the model's head fits (same head "
-                    "type and labels; a causal LM: text, by next-token loss); a row that cannot be scored says why.")
+                    "type and labels; a causal LM: text by next-token loss, classification tasks by rank "
+                    "classification of their prompts); a row that cannot be scored says why.")
         notice = start.notice(tab, "Evaluate")
         with gr.Row():
             choices = model_choices()

@@ -1,0 +1,136 @@
+"""Merge speed per model family: a data-free merge (task arithmetic, written to disk) and a RegMean merge
+(Gram statistics on SST-2 train examples computed fresh, then the per-layer solves) of two random
+"fine-tunes" of one random base, for BERT and every other family MergeLab has an adapter for, at one
+size (hidden 256, 4 layers, MiniLM's 30522-token vocabulary). Each time is divided by the checkpoint's
+parameter count and compared with BERT's: the other families share BERT's code path, so a family that
+costs much more per parameter has a slow spot of its own.
+
+    python bench/family_speed.py [--repeats 3] [--examples 64]
+
+Decoders (GPT-2, the Llama layout) carry their LM head and compute RegMean's statistics by rank
+classification on SST-2's prompts; encoders carry a sequence head. T5 merges data-free only (no
+statistics for encoder-decoders yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from common import print_table, write_results
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import merging_core as ml  # noqa: E402
+from merging_core import settings  # noqa: E402
+from merging_core.encode import encode  # noqa: E402
+from merging_core.merge import merge  # noqa: E402
+from merging_core.models import load_tokenizer  # noqa: E402
+
+HIDDEN, LAYERS, HEADS = 256, 4, 4
+_LLAMA = {"hidden_size": HIDDEN, "intermediate_size": 704, "num_hidden_layers": LAYERS,
+          "num_attention_heads": HEADS, "num_key_value_heads": 2, "max_position_embeddings": 512}
+# family -> (config class, config, model class); the vocabulary is MiniLM's (RegMean reads SST-2 through it)
+FAMILIES = {
+    "bert": ("BertConfig", {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+                            "intermediate_size": 4 * HIDDEN}, "BertForSequenceClassification"),
+    "distilbert": ("DistilBertConfig", {"dim": HIDDEN, "n_layers": LAYERS, "n_heads": HEADS, "hidden_dim": 4 * HIDDEN},
+                   "DistilBertForSequenceClassification"),
+    "deberta-v2": ("DebertaV2Config", {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+                                       "intermediate_size": 4 * HIDDEN, "relative_attention": True,
+                                       "position_buckets": 64, "pos_att_type": ["p2c", "c2p"],
+                                       "norm_rel_ebd": "layer_norm"}, "DebertaV2ForSequenceClassification"),
+    "gpt2": ("GPT2Config", {"n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS, "n_positions": 512},
+             "GPT2LMHeadModel"),
+    "llama": ("LlamaConfig", _LLAMA, "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", _LLAMA, "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", _LLAMA, "Qwen2ForCausalLM"),
+    "t5": ("T5Config", {"d_model": HIDDEN, "d_kv": HIDDEN // HEADS, "d_ff": 4 * HIDDEN, "num_layers": LAYERS,
+                        "num_heads": HEADS, "decoder_start_token_id": 0}, "T5ForConditionalGeneration"),
+}
+DATA_AWARE = {"bert", "distilbert", "deberta-v2", "gpt2", "llama", "mistral", "qwen2"}
+
+
+def build(family: str, folder: Path, tokenizer) -> tuple[list[str], str, int]:
+    """A random base and two fine-tunes (base + small noise), saved as a user's checkpoints would be:
+    (fine-tune folders, base folder, parameters)."""
+    config_class, kwargs, model_class = FAMILIES[family]
+    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.cls_token_id,
+               "eos_token_id": tokenizer.sep_token_id}
+    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), **kwargs, **special)
+    if model_class.endswith("SequenceClassification"):
+        config.num_labels = 2
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    out = []
+    for name, noise in (("base", None), ("ft1", 1), ("ft2", 2)):
+        if noise is not None:
+            generator = torch.Generator().manual_seed(noise)
+            model.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in base.items()})
+        path = folder / f"{family}-{name}"
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        out.append(str(path))
+    return out[1:], out[0], sum(p.numel() for p in model.parameters())
+
+
+def timed(fn, repeats: int) -> float:
+    """The median wall time of `fn()` over `repeats` runs."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=64, help="SST-2 train examples of RegMean's Grams")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    args = parser.parse_args()
+    tokenizer = load_tokenizer(ml.resolve("minilm"))
+    for task in (ml.get_task("sst2"), ml.tasks.scored_as(ml.get_task("sst2"), "causal")):
+        encode(task, "train", tokenizer)  # tokenized once (as sentences, as prompts), outside every timing
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for family in args.families:
+            models, base, n = build(family, folder, tokenizer)
+            out = folder / f"{family}-merged"
+            free = timed(functools.partial(merge, "task_arithmetic", models, base=base, out=out, overwrite=True),
+                         args.repeats)
+            row = {"family": family, "params_M": n / 1e6, "task_arithmetic_s": free,
+                   "task_arithmetic_us_per_param": free / n * 1e6}
+            if family in DATA_AWARE:
+                def regmean(models: list[str] = models) -> None:
+                    shutil.rmtree(settings.cache_dir("stats"), ignore_errors=True)  # statistics computed fresh every time
+                    merge("regmean", models, stats_tasks=("sst2", "sst2"), params={"examples": args.examples})
+
+                aware = timed(regmean, args.repeats)
+                row.update(regmean_s=aware, regmean_us_per_param=aware / n * 1e6)
+            rows.append(row)
+            print(row, flush=True)
+    bert = rows[0] if rows and rows[0]["family"] == "bert" else None
+    for row in rows:
+        for key in ("task_arithmetic", "regmean"):
+            if bert and f"{key}_us_per_param" in row:
+                row[f"{key}_vs_bert"] = row[f"{key}_us_per_param"] / bert[f"{key}_us_per_param"]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    print_table(rows, columns)
+    write_results("family_speed", {"repeats": args.repeats, "examples": args.examples, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

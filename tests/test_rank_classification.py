@@ -1,0 +1,295 @@
+"""Rank classification: a causal LM scores and learns classification tasks from prompts, with no head.
+
+On tiny random Llama and GPT-2 causal LMs reading the packaged MiniLM vocabulary (so the real SST-2, MRPC
+and emotion files tokenize as they do for the scratch decoders):
+
+- prompts are the template filled with the example's columns, the closing words kept whole when the text
+  is cut, and fit `max_length` with the longest verbalizer;
+- a label's score is the log-likelihood of its verbalizer after the prompt, equal to a hand-written
+  forward over the whole model (one-token verbalizers from one pass, longer ones as a mean over their
+  tokens); accuracy and loss are those of the scores;
+- training a causal LM on a classification task keeps its LM head (no classifier is added), LoRA modules
+  are causal-LM modules, a multi-task model is one ordinary causal LM, and statistics, merges and output
+  ensembles of such models run on the same prompts;
+- tasks a causal LM cannot read (regression, token tasks) are one-line errors naming model and task.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+import merging_core as ml
+from merging_core import prompts, tasks
+from merging_core.arch import canonical
+from merging_core.compare import Ensemble, _reference_tasks, combine
+from merging_core.encode import encode
+from merging_core.errors import MergeLabError
+from merging_core.losses import rank_scores, task_loss
+from merging_core.merge import merge
+from merging_core.stats import statistics
+from merging_core.training import TrainConfig, train
+
+from .helpers import assert_close
+
+LIMIT = 24  # dev examples scored per check
+
+
+def build_lm(family: str, tokenizer, seed: int = 0) -> torch.nn.Module:
+    """A tiny random causal LM over MiniLM's vocabulary, its [CLS]/[SEP]/[PAD] as BOS/EOS/pad."""
+    torch.manual_seed(seed)
+    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.cls_token_id,
+               "eos_token_id": tokenizer.sep_token_id}
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=160,
+                                         **special)
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=160, **special)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def lms(tmp_path_factory, tokenizer):
+    """Factory of saved tiny causal LMs, cached per (family, seed)."""
+    root = tmp_path_factory.mktemp("rank-lms")
+    made: dict[tuple[str, int], str] = {}
+
+    def get(family: str = "llama", seed: int = 0) -> str:
+        if (family, seed) not in made:
+            out = root / f"{family}-{seed}"
+            build_lm(family, tokenizer, seed).save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            made[family, seed] = str(out)
+        return made[family, seed]
+
+    return get
+
+
+def prompted(task: str) -> tasks.TaskSpec:
+    return tasks.scored_as(ml.get_task(task), "causal")
+
+
+def by_hand(model: torch.nn.Module, prompt: list[int], verbalizer: list[int]) -> float:
+    """Mean log-likelihood of `verbalizer` after `prompt`, from the whole model's own logits, unpadded."""
+    ids = torch.tensor([prompt + verbalizer])
+    with torch.no_grad():
+        log_probs = F.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    return sum(log_probs[len(prompt) - 1 + i, token].item() for i, token in enumerate(verbalizer)) / len(verbalizer)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the registry and the prompts
+
+
+def test_causal_lms_score_every_task_with_a_prompt_and_nothing_else():
+    assert tasks.tasks_for_head("causal") == ["cola", "sst2", "mrpc", "rte", "qnli", "wnli", "qqp", "mnli",
+                                              "emotion", "wikitext2"]
+    for name in ("sst2", "emotion", "mnli"):
+        spec = ml.get_task(name)
+        assert spec.heads == ("sequence", "causal")
+        assert len(spec.prompt.verbalizers) == len(spec.labels)
+        assert prompted(name).kind == "rank" and prompted(name).name == name
+        assert tasks.scored_as(spec, "sequence") is spec
+    assert ml.get_task("stsb").heads == ("sequence",) and ml.get_task("conll2003").heads == ("token",)
+    assert tasks.scored_as(ml.get_task("stsb"), "causal").kind == "regression"
+
+
+def test_a_prompt_is_the_filled_template_after_the_start_token(tokenizer):
+    spec = prompted("mrpc")
+    [ids] = prompts.tokenize(spec, [("The cat sat.", "A cat was sitting.")], tokenizer, 128)
+    expected = tokenizer("Sentence 1: The cat sat. Sentence 2: A cat was sitting. Do they mean the same?",
+                         add_special_tokens=False)["input_ids"]
+    assert ids == [tokenizer.cls_token_id] + expected
+    assert prompts.verbalizer_ids(spec, tokenizer) == [tokenizer(" no", add_special_tokens=False)["input_ids"],
+                                                       tokenizer(" yes", add_special_tokens=False)["input_ids"]]
+
+
+def test_long_texts_are_cut_longest_first_and_the_question_is_kept(tokenizer):
+    spec = prompted("mrpc")
+    long, short = " ".join(["word"] * 300), "short text"
+    [ids] = prompts.tokenize(spec, [(long, short)], tokenizer, 48)
+    tail = tokenizer(" Do they mean the same?", add_special_tokens=False)["input_ids"]
+    assert len(ids) + 1 <= 48  # room for the one-token verbalizer
+    assert ids[-len(tail):] == tail
+    assert tokenizer.decode(ids).count("short text") == 1  # the short column is whole, the long one cut
+    with pytest.raises(MergeLabError, match="max_length 8 leaves no room"):
+        prompts.tokenize(spec, [(long, short)], tokenizer, 8)
+
+
+def test_prompted_splits_are_cached_apart_from_the_plain_ones(tokenizer):
+    plain, ranked = encode(ml.get_task("sst2"), "dev", tokenizer), encode(prompted("sst2"), "dev", tokenizer)
+    assert len(plain) == len(ranked) and torch.equal(plain.labels, ranked.labels)
+    assert plain.choices is None and ranked.choices.tolist() == [[4997], [3893]]  # " negative", " positive"
+    assert int(ranked.lengths[0]) > int(plain.lengths[0])  # the template's words
+    batch = ranked.batch(torch.arange(3), 0)
+    assert torch.equal(batch["choices"], ranked.choices) and "choices" not in ml.encode.model_inputs(batch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# scores
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_label_scores_are_the_verbalizer_log_likelihoods(family, tokenizer):
+    model = build_lm(family, tokenizer)
+    data = encode(prompted("emotion"), "dev", tokenizer).head(6)
+    batch = data.batch(torch.arange(6), tokenizer.pad_token_id)  # right-padded prompts of several lengths
+    with torch.no_grad():
+        scores = rank_scores(model, batch)
+    words = prompts.verbalizer_ids(prompted("emotion"), tokenizer)
+    expected = [[by_hand(model, data.ids[data.offsets[i]: data.offsets[i + 1]].tolist(), w) for w in words]
+                for i in range(6)]
+    assert_close(scores, torch.tensor(expected), atol=1e-5)
+
+
+def test_longer_verbalizers_score_by_their_mean_token_log_likelihood(tokenizer):
+    spec = replace(prompted("sst2"), prompt=tasks.Prompt("Review: {0} Sentiment:", ("quite negative", "positive")))
+    model = build_lm("llama", tokenizer)
+    data = encode(spec, "dev", tokenizer).head(5)
+    assert data.choices.tolist()[1][1] == -1  # one-token " positive" padded to the two-token verbalizer
+    with torch.no_grad():
+        scores = rank_scores(model, data.batch(torch.arange(5), tokenizer.pad_token_id))
+    words = prompts.verbalizer_ids(spec, tokenizer)
+    expected = [[by_hand(model, data.ids[data.offsets[i]: data.offsets[i + 1]].tolist(), w) for w in words]
+                for i in range(5)]
+    assert_close(scores, torch.tensor(expected), atol=1e-5)
+
+
+def test_a_causal_lm_is_scored_on_a_classification_task_by_its_label_scores(lms, tokenizer):
+    folder = lms("llama")
+    result = ml.evaluate(folder, "sst2", limit=LIMIT)
+    model = ml.load(folder, ml.get_task("sst2")).model
+    data = encode(prompted("sst2"), "dev", tokenizer).head(LIMIT)
+    with torch.no_grad():
+        scores = rank_scores(model, data.batch(torch.arange(LIMIT), tokenizer.pad_token_id))
+    assert result["accuracy"] == pytest.approx((scores.argmax(-1) == data.labels).float().mean().item())
+    assert result["loss"] == pytest.approx(F.cross_entropy(scores, data.labels).item(), rel=1e-5)
+    # one evaluator serves a classifier and a causal LM alike (the prompts are built on first use)
+    evaluator = ml.Evaluator("sst2", tokenizer, limit=LIMIT, device="cpu")
+    assert evaluator(model)["accuracy"] == result["accuracy"]
+    assert evaluator.last_logits.shape == (LIMIT, 2)
+
+
+def test_tasks_a_causal_lm_cannot_read_are_one_line(lms):
+    for task, needs in (("stsb", "sequence"), ("conll2003", "token")):
+        with pytest.raises(MergeLabError) as error:
+            ml.evaluate(lms("gpt2"), task, limit=4)
+        message = str(error.value)
+        assert "\n" not in message and lms("gpt2") in message and f"task {task} needs a {needs} head" in message
+        assert "can be scored on cola, sst2" in message
+
+
+# ----------------------------------------------------------------------------------------------------
+# training, statistics, merges, ensembles
+
+
+@pytest.fixture(scope="module")
+def tuned(lms, tmp_path_factory):
+    """A tiny Llama fine-tuned on SST-2 and on emotion by rank classification, and a LoRA module on SST-2."""
+    root = tmp_path_factory.mktemp("rank-tuned")
+    out = {}
+    for name, task, peft in (("sst2", "sst2", None), ("emotion", "emotion", None), ("lora", "sst2", "lora")):
+        config = TrainConfig(base=lms("llama"), task=task, steps=6, batch_size=8, eval_limit=LIMIT, peft=peft, lr=1e-2)
+        out[name] = str(train(config, root / name).out)
+    return out
+
+
+def test_training_on_prompts_keeps_the_lm_head(tuned, lms):
+    meta = json.loads((Path(tuned["sst2"]) / "mergelab.json").read_text())
+    config = json.loads((Path(tuned["sst2"]) / "config.json").read_text())
+    assert meta["head"] == "causal" and config["architectures"] == ["LlamaForCausalLM"]
+    assert len(meta["loss_curve"]) == 6 and meta["loss_curve"][-1][0] == 6
+    before, after = ml.load(lms("llama")).model.state_dict(), ml.load(tuned["sst2"]).model.state_dict()
+    assert (after["model.layers.0.mlp.up_proj.weight"] - before["model.layers.0.mlp.up_proj.weight"]).abs().max() > 1e-3
+    adapter = json.loads((Path(tuned["lora"]) / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "CAUSAL_LM" and not adapter.get("modules_to_save")
+    assert ml.evaluate(tuned["lora"], "sst2", limit=LIMIT)["n"] == LIMIT
+
+
+def test_the_rank_loss_fits_a_causal_lm_to_its_labels(tokenizer):
+    """The loss is the cross-entropy of the label scores: minimising it on a few prompts makes the model
+    rank every gold verbalizer first."""
+    model = build_lm("llama", tokenizer).train()
+    spec = prompted("emotion")
+    batch = encode(spec, "train", tokenizer).head(8).batch(torch.arange(8), tokenizer.pad_token_id)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = task_loss(model, batch, spec).item()
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = task_loss(model, batch, spec)
+        loss.backward()
+        optimizer.step()
+    assert first == pytest.approx(F.cross_entropy(torch.zeros(1, 6), torch.zeros(1, dtype=torch.long)).item(), abs=0.05)
+    assert loss.item() < 0.05
+    with torch.no_grad():
+        assert torch.equal(rank_scores(model.eval(), batch).argmax(-1), batch["labels"])
+
+
+def test_statistics_of_a_causal_lm_on_a_classification_task_read_its_prompts(tuned):
+    fisher = statistics(tuned["sst2"], "sst2", ("fisher",), {"examples": 8})
+    grams = statistics(tuned["sst2"], "sst2", ("gram",), {"examples": 8})
+    assert all(torch.isfinite(v["fisher"]).all() for v in fisher.values())
+    assert fisher["layers.0.mlp.down_proj.weight"]["fisher"].abs().sum() > 0
+    # every real prompt token passes every layer: the Gram counts the prompts' tokens
+    data = encode(prompted("sst2"), "train", ml.load(tuned["sst2"]).tokenizer)
+    index = torch.randperm(len(data), generator=torch.Generator().manual_seed(ml.stats.SEED))[:8]
+    assert grams["layers.0.self_attn.q_proj.weight"]["gram_count"].item() == float(data.lengths[index].sum())
+
+
+def test_merges_of_rank_classifiers_score_both_tasks(tuned):
+    for method in ("average", "regmean", "fisher"):
+        result = merge(method, [tuned["sst2"], tuned["emotion"]], params={"examples": 8} if method != "average" else {})
+        assert all(torch.isfinite(t).all() for t in result.state.values())
+    # RegMean of a model with itself (identical statistics) is that model, every tensor
+    same = merge("regmean", [tuned["sst2"], tuned["sst2"]], params={"examples": 8})
+    alone = {canonical(k, "llama"): v for k, v in ml.load(tuned["sst2"]).model.state_dict().items()}
+    assert len(same.state) >= 2 * 7 + 3 and set(same.state) <= set(alone)
+    for name, tensor in same.state.items():
+        assert_close(tensor, alone[name], atol=1e-5)
+
+
+def test_an_output_ensemble_of_causal_lms_combines_their_label_scores(tuned, tokenizer):
+    members = [ml.load(tuned[name]).model for name in ("sst2", "emotion")]
+    batch = encode(prompted("sst2"), "dev", tokenizer).head(8).batch(torch.arange(8), tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = combine([rank_scores(m, batch) for m in members], "probabilities")
+        assert_close(rank_scores(Ensemble(members, "probabilities"), batch), expected, atol=1e-6)
+    evaluator = ml.Evaluator("sst2", tokenizer, limit=8, device="cpu")
+    result = evaluator(Ensemble(members, "probabilities"))
+    assert result["accuracy"] == pytest.approx((expected.argmax(-1) == batch["labels"]).float().mean().item())
+
+
+def test_a_multitask_causal_lm_is_one_ordinary_checkpoint(lms, tmp_path):
+    result = train(TrainConfig(base=lms("gpt2"), task="sst2,emotion", steps=4, batch_size=4, eval_limit=8),
+                   tmp_path / "mt")
+    meta = result.metadata
+    assert meta["prompted"] and meta["kind"] == "multitask" and "heads" not in meta
+    assert not (tmp_path / "mt" / "heads").exists()
+    for task in ("sst2", "emotion"):
+        assert ml.evaluate(str(tmp_path / "mt"), task, limit=8)["accuracy"] == meta["scores"]["dev"][task]["accuracy"]
+    # beside merges, it is the multi-task reference of the tasks it was trained on
+    assert _reference_tasks(str(tmp_path / "mt"), ["mrpc", "sst2", "emotion"]) == ["sst2", "emotion"]
+
+
+@pytest.mark.parametrize("task", ["sst2", "wikitext2"])
+def test_a_bezier_bend_between_causal_lms_trains_on_their_own_loss(tuned, task):
+    """The bend learns as the models did (prompts for a classification task, next-token loss on text), and
+    the ends stay the models."""
+    items = list(ml.curve(tuned["sst2"], tuned["emotion"], task, points=3, path="bezier", bend_steps=3,
+                          batch_size=4, limit=8))
+    bend, points = items[0], [i for i in items if i["kind"] == "point"]
+    assert bend["kind"] == "bend" and bend["distance_from_midpoint"] > 0
+    assert math.isfinite(bend["train_loss_first"]) and math.isfinite(bend["train_loss_last"])
+    for point, model in ((points[0], "sst2"), (points[-1], "emotion")):
+        assert point["scores"][task]["loss"] == pytest.approx(ml.evaluate(tuned[model], task, limit=8)["loss"],
+                                                              rel=1e-5)
+    assert all(math.isfinite(p["scores"][task]["loss"]) for p in points)
