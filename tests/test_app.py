@@ -267,12 +267,14 @@ def test_evaluate_offers_a_causal_lm_its_tasks_and_scores_them(family_zoo, clien
 
 
 def test_aligning_a_family_without_alignment_is_one_line(family_zoo, client):
+    save_family_model(family_zoo / "zoo" / "tiny-distilbert", "distilbert", "sequence", {"task": "sst2"},
+                      labels=("negative", "positive"))
     with pytest.raises(gradio_client.exceptions.AppError) as caught:
-        client.predict("pico-sst2", "tiny-llama", "all", "head-perm", "first", True, "wikitext2", 16, [], 3, 4,
+        client.predict("pico-sst2", "tiny-distilbert", "all", "head-perm", "first", True, "wikitext2", 16, [], 3, 4,
                        api_name="/align")
     message = str(caught.value)
-    assert message.startswith("B (permuted into A's basis): model 'tiny-llama': model type 'llama' is not "
-                              "supported yet for permutation alignment") and "\n" not in message
+    assert message.startswith("B (permuted into A's basis): model 'tiny-distilbert': model type 'distilbert' is "
+                              "not supported yet for permutation alignment") and "\n" not in message
 
 
 @pytest.fixture()

@@ -13,9 +13,11 @@ pytest.importorskip("gradio")
 
 from views import permute_tab
 
+from .conftest import save_family_model
+
 
 def _entry(home, name: str, src, **meta) -> str:
-    from .conftest import copy_model
+    from .conftest import save_family_model, copy_model
 
     out = copy_model(src, home / "zoo" / name)
     (out / "mergelab.json").write_text(json.dumps({"task": "wikitext2", "kind": "full", "steps": 1, **meta}))
@@ -82,17 +84,20 @@ def test_the_first_status_comes_before_any_work(scratch_zoo, monkeypatch):
 
 
 def test_a_family_without_alignment_is_explained_in_the_status(family_zoo):
-    """A Llama model picked as A or B: the engine's one line at once under the pickers, and as the error of a
-    run, before anything is loaded; curve tasks offer what either model can be scored on."""
+    """A DistilBERT model picked as A or B: the engine's one line at once under the pickers, and as the error
+    of a run, before anything is loaded; curve tasks offer what either model can be scored on. A decoder
+    (the Llama layout) is aligned like a BERT: no warning."""
     import gradio as gr
 
-    gate = "model 'tiny-llama': model type 'llama' is not supported yet for permutation alignment"
-    for a, b in (("tiny-llama", ""), ("pico-sst2", "tiny-llama")):
+    save_family_model(family_zoo / "zoo" / "tiny-distilbert", "distilbert", "sequence", {"task": "sst2"},
+                      labels=("negative", "positive"))
+    gate = "model 'tiny-distilbert': model type 'distilbert' is not supported yet for permutation alignment"
+    for a, b in (("tiny-distilbert", ""), ("pico-sst2", "tiny-distilbert")):
         warning = permute_tab.init_warning(a, b)
         assert warning.startswith(f"⚠ M{gate[1:]}") and "\n" not in warning
-    assert permute_tab.init_warning("pico-sst2", "") == ""
-    run = permute_tab.run_align("pico-sst2", "tiny-llama", "ff+attn", "head-perm", "first", False, "wikitext2", 8,
-                                [], 3, 4)
+    assert permute_tab.init_warning("pico-sst2", "") == "" and permute_tab.init_warning("tiny-llama", "") == ""
+    run = permute_tab.run_align("pico-sst2", "tiny-distilbert", "ff+attn", "head-perm", "first", False, "wikitext2",
+                                8, [], 3, 4)
     with pytest.raises(gr.Error) as caught:
         next(run)  # no "loading the models" status first
     assert caught.value.message.startswith(f"B (permuted into A's basis): {gate}")

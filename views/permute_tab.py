@@ -113,7 +113,8 @@ def alignment_summary(summary: dict, barriers: dict[str, dict], zipped: dict[str
     for site, values in summary["sites"].items():
         if values["permuted"]:
             kinds[site.split(".")[0]].append((values["before"], values["after"]))
-    names = {"ff": "feed-forward neurons", "attn": "attention (V·O)", "qk": "attention (Q·K)", "res": "residual sites"}
+    names = {"ff": "feed-forward neurons", "attn": "attention (V·O)", "qk": "attention (Q·K)",
+             "qkv": "attention (fused Q·K·V)", "res": "residual sites"}
     zip_pairs = summary.get("zip_pairs")
     head = (f"**{summary['a']} ⊕ {summary['b']} zipped** (a-b pairs {zip_pairs['a-b']}, same-model pairs "
             f"{zip_pairs['a-a']} + {zip_pairs['b-b']})" if zip_pairs else f"**{summary['b']} → {summary['a']}'s basis**")

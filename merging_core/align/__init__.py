@@ -15,6 +15,7 @@ data amount (Verma & Elbayad, Sec. 6: how much data the statistics need).
 Every stage reports progress with its name, counts and the time left ("activations: batch 3/16, ~40 s
 left", "matching: ff.2 (5/18)", "writing: ..."), often enough (a transformer layer, a site's sums, one
 Hungarian solve) that a callback raising `merging_core.progress.Cancelled` stops a run within moments.
+Decoders (GPT-2, the Llama layout) are aligned on their own sites and symmetries (`decoder_match`).
 Alignment is for models trained from different initializations: when A and B share one (two fine-tunes
 of one pretrained model), the summary's `notes` say so (`origin`), as they do when the permutation found
 leaves nearly every unit in place.
@@ -40,7 +41,8 @@ from ..models import load
 from ..outputs import check_out
 from ..progress import Cancelled, ProgressFn, scaled, track, with_eta
 from ..tasks import get_task
-from .decoders import DecoderPermutation, HeadOrder
+from .decoder_match import match_decoder
+from .decoders import DecoderPermutation, HeadOrder, supports
 from .features import correlations
 from .match import ATTENTION, MERGE_TYPES, RESIDUAL, Matching, find_permutation
 from .origin import initialization_note
@@ -89,6 +91,8 @@ class Alignment:
 
     def order(self, site: str) -> torch.Tensor | None:
         """The order applied to B's units at a correlation site (None: left as they are)."""
+        if isinstance(self.matching.permutation, DecoderPermutation):
+            return self.matching.permutation.order_at(site)
         perm, (kind, _, rest) = self.matching.permutation, site.partition(".")
         layer = int(rest.split(".")[0]) if kind in ("ff", "attn", "qk") else None
         return {"ff": perm.ff.get(layer), "attn": perm.vo.get(layer), "qk": perm.qk.get(layer),
@@ -134,6 +138,7 @@ class Alignment:
                 for kind, count in z.pairs().items():
                     zipped[kind] += count
         return {"a": self.a, "b": self.b, "out": str(self.out), "method": self.spec.method if self.spec else "permute",
+                "decoder": isinstance(m.permutation, DecoderPermutation),
                 "zip_pairs": zipped, "merge_type": m.merge_type, "attention": m.attention,
                 "residual": m.residual, "qk": m.qk, "function_preserving": m.function_preserving, "text": self.text,
                 "seconds": self.seconds, "sites": sites,
@@ -142,10 +147,12 @@ class Alignment:
                 "spec": self.spec.to_dict() if self.spec is not None else None, "notes": list(self.notes)}
 
 
-def text_batches(task: str, split: str, tokenizer, examples: int, batch_size: int, device) -> list[dict]:
-    """A seeded random subset of a task split's inputs, unmasked, in padded batches on the device."""
+def text_batches(task: str, split: str, tokenizer, examples: int, batch_size: int, device, *,
+                 max_length: int = 128) -> list[dict]:
+    """A seeded random subset of a task split's inputs, unmasked, in padded batches on the device (at most
+    `max_length` tokens each: a model with fewer positions reads shorter blocks)."""
     spec = get_task(task)
-    encoded = encode(spec, split, tokenizer)
+    encoded = encode(spec, split, tokenizer, max_length)
     index = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(SEED))[:examples]
     pad = tokenizer.pad_token_id or 0
     return [{k: v.to(device) for k, v in encoded.batch(index[i: i + batch_size], pad).items()}
@@ -224,6 +231,10 @@ def _run(spec: AlignSpec, *, out: str | Path | None, overwrite: bool, progress: 
     source_a, source_b = _blaming("a", open_checkpoint, spec.a), _blaming("b", open_checkpoint, spec.b)
     _blaming("b", check_compatible, [source_a, source_b], None)
     _blaming("a", require, source_a.config.model_type, "alignment", spec.a)
+    decoder = supports(source_a.config.model_type)  # GPT-2, the Llama layout: `decoder_match`
+    if decoder and spec.method == "zip":
+        raise MergeLabError("ZipIt merges are for the BERT family so far; align decoders with method permute",
+                            param="method")
     if source_b.ref.is_adapter:
         raise MergeLabError(f"model {spec.b!r} is an adapter module (LoRA, (IA)3); align full checkpoints", param="b")
     notes = [note for note in [initialization_note(source_a.ref, source_b.ref)] if note]
@@ -239,8 +250,9 @@ def _run(spec: AlignSpec, *, out: str | Path | None, overwrite: bool, progress: 
     model_b = load(spec.b, device=device).model
     if loading:
         loading(0.7, f"text ({get_task(spec.text).name}, {spec.split}, {spec.examples} examples)")
+    positions = config.get("n_positions") or config.get("max_position_embeddings") or 128
     batches = token_budget(text_batches(spec.text, spec.split, source_a.tokenizer, spec.examples, spec.batch_size,
-                                        device), spec.tokens)
+                                        device, max_length=min(128, positions)), spec.tokens)
     cap, within = spec.tokens or None, spec.method == "zip" and spec.zip_same > 0
     if progress is None:  # a terminal: one bar over the batches
         corrs = correlations(model_a, model_b, track(batches, len(batches), "activations", None), total=len(batches),
@@ -252,9 +264,13 @@ def _run(spec: AlignSpec, *, out: str | Path | None, overwrite: bool, progress: 
     del model_a, model_b
 
     started = time.perf_counter()
-    matching = find_permutation(corrs, layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
-                                merge_type=spec.merge_type, attention=spec.attention, residual=spec.residual,
-                                qk=spec.qk, progress=_stage(progress, "matching"))
+    if decoder:
+        matching = match_decoder(corrs, config, merge_type=spec.merge_type, attention=spec.attention,
+                                 residual=spec.residual, qk=spec.qk, progress=_stage(progress, "matching"))
+    else:
+        matching = find_permutation(corrs, layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                                    merge_type=spec.merge_type, attention=spec.attention, residual=spec.residual,
+                                    qk=spec.qk, progress=_stage(progress, "matching"))
     timings["matching"] = time.perf_counter() - started
     notes += [note for note in [in_place_note(matching)] if note]
 
@@ -317,8 +333,10 @@ def load_alignment(folder: str | Path) -> Alignment:
         raise MergeLabError(f"{model_folder} holds no alignment (no {ALIGNMENT}/alignment.json)", param="folder",
                             hint="name the output folder of an alignment")
     summary = json.loads((folder / "alignment.json").read_text())
-    perm = Permutation()
-    for key, order in load_file(folder / "permutation.safetensors").items():
+    orders = load_file(folder / "permutation.safetensors")
+    decoder = any(key.startswith("kv.") for key in orders) or summary.get("decoder", False)
+    perm = DecoderPermutation.from_tensors(orders) if decoder else Permutation()
+    for key, order in ({} if decoder else orders).items():
         kind, _, rest = key.partition(".")
         if kind in ("ff", "qk", "vo"):
             getattr(perm, kind)[int(rest)] = order

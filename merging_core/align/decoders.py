@@ -152,6 +152,37 @@ class DecoderPermutation:
             out["residual"] = self.residual
         return {k: v.to(torch.int64).clone() for k, v in out.items()}
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> DecoderPermutation:
+        """The permutation `tensors()` flattened (as an alignment's record stores it)."""
+        perm = cls(residual=tensors.get("residual"))
+        for name, order in tensors.items():
+            part, _, layer = name.rpartition(".")
+            if part == "ff":
+                perm.ff[int(layer)] = order
+            elif part == "kv":
+                perm.heads[int(layer)] = HeadOrder(*(tensors[f"{p}.{layer}"]
+                                                     for p in ("kv", "query", "qk_inner", "v_inner")))
+        return perm
+
+    def order_at(self, site: str) -> torch.Tensor | None:
+        """The order B's units take at a correlation site (`decoder_match`): `ff.<l>`, `attn.<l>` (the attention
+        output projection's inputs: query heads' value dimensions), `qkv.<l>` (GPT-2's fused q|k|v output),
+        `res.*`; None where they stay."""
+        kind, _, rest = site.partition(".")
+        if kind == "res":
+            return self.residual
+        layer = int(rest.split(".")[0])
+        if kind == "ff":
+            return self.ff.get(layer)
+        if layer not in self.heads:
+            return None
+        rows = self.heads[layer].rows()
+        if kind == "qkv":  # GPT-2's fused projection: q, k and v blocks side by side
+            width = len(rows["query"])
+            return torch.cat([rows["query"], rows["key"] + width, rows["value"] + 2 * width])
+        return rows["out"] if kind == "attn" else None
+
     def in_place(self) -> tuple[int, int]:
         """(units the orders leave where they were, units they order), over every order it holds."""
         orders = [o.reshape(-1) for name, o in self.tensors().items() if not name.endswith("_inner")]

@@ -10,6 +10,9 @@ every non-padding token ([CLS] and [SEP] included):
 - `qk.<l>`: the outputs of `query` and of `key` (for a separate Q/K order: the mean of their correlations);
 - `res.embeddings`, `res.attn.<l>`, `res.ff.<l>`: the LayerNorm outputs that close each residual site.
 
+A decoder's sites are its own (`decoder_match`: the MLP's and the attention's output projections' inputs,
+the norms' outputs).
+
 Streaming sums (float64) give each site's Pearson correlation between A's unit i and B's unit j:
 corr_ij = (E[a_i b_j] − E[a_i] E[b_j]) / (σ(a_i) σ(b_j)).
 
@@ -25,7 +28,10 @@ from collections.abc import Iterable, Sized
 import torch
 
 from ..arch import canonical
+from ..encode import model_inputs
 from ..progress import ProgressFn
+from .decoder_match import decoder_taps
+from .decoders import supports
 
 
 class _Sums:
@@ -75,7 +81,9 @@ class _Sums:
 
 
 def _taps(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
-    """site -> (module, "input" | "output") of a BERT-family model."""
+    """site -> (module, "input" | "output") of a BERT-family model, or of a decoder (`decoder_match`)."""
+    if supports(model.config.model_type):
+        return decoder_taps(model)
     taps: dict[str, tuple[torch.nn.Module, str]] = {}
     model_type = model.config.model_type
     for name, module in model.named_modules():
@@ -96,7 +104,12 @@ def _taps(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
 
 
 def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer layers of a BERT-family model (`encoder.layer.<l>`), in order."""
+    """The transformer layers of a BERT-family model (`encoder.layer.<l>`), in order; a decoder's MLP output
+    projections (one per layer: what progress counts)."""
+    if supports(model.config.model_type):
+        taps = decoder_taps(model)
+        return [taps[site][0] for site in sorted((s for s in taps if s.startswith("ff.")),
+                                                 key=lambda s: int(s.split(".")[1]))]
     model_type = model.config.model_type
     found = {}
     for name, module in model.named_modules():
@@ -152,9 +165,9 @@ def correlations(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: It
             if progress is not None:
                 progress(i / total if total else 0.0, f"batch {i + 1}/{total}" if total else f"batch {i + 1}")
             mask = batch["attention_mask"].bool()
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            model_a.base_model(**inputs)
-            model_b.base_model(**inputs)
+            # the inputs each family takes (GPT-2 would embed token type ids as words: `model_inputs`)
+            model_a.base_model(**model_inputs(batch, model_a.config))
+            model_b.base_model(**model_inputs(batch, model_b.config))
             keep = int(mask.sum()) if max_tokens is None else min(int(mask.sum()), max_tokens - seen)
             seen += keep
             for site, (a, b) in captured.items():

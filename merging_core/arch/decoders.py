@@ -40,7 +40,7 @@ GPT2 = Adapter(
     family="gpt2",
     model_types=("gpt2",),
     prefixes=("transformer.",),
-    features=SCORED + ("training",),
+    features=SCORED + ("training", "alignment"),
     transposed_roles=("qkv", "attn_out", "ff_in", "ff_out", "cross_query", "cross_kv", "cross_out"),
     last_token_head=True,
     rules=(
@@ -70,7 +70,7 @@ LLAMA = Adapter(
     family="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"),
     prefixes=("model.",),
-    features=SCORED + ("training",),
+    features=SCORED + ("training", "alignment"),
     last_token_head=True,
     rules=(
         (r"embed_tokens\.weight", "embeddings", "word"),
