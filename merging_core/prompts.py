@@ -74,7 +74,7 @@ def tokenize(spec: TaskSpec, texts: list[tuple[str, ...]], tokenizer, max_length
     if room < len([p for p in pieces if isinstance(p, int)]):
         raise MergeLabError(f"max_length {max_length} leaves no room for the text of task {spec.name}'s prompt; "
                             "raise max_length")
-    columns = [[_ids(tokenizer, text) for text in column] for column in zip(*texts)]
+    columns = [tokenizer(list(column), add_special_tokens=False)["input_ids"] for column in zip(*texts)]
     start = start_ids(tokenizer)
     prompts = []
     for row in range(len(texts)):

@@ -197,7 +197,8 @@ def tuned(lms, tmp_path_factory):
     """A tiny Llama fine-tuned on SST-2 and on emotion by rank classification, and a LoRA module on SST-2."""
     root = tmp_path_factory.mktemp("rank-tuned")
     out = {}
-    for name, task, peft in (("sst2", "sst2", None), ("emotion", "emotion", None), ("lora", "sst2", "lora")):
+    for name, task, peft in (("sst2", "sst2", None), ("emotion", "emotion", None), ("lora", "sst2", "lora"),
+                             ("lora-emotion", "emotion", "lora"), ("lora-mrpc", "mrpc", "lora")):
         config = TrainConfig(base=lms("llama"), task=task, steps=6, batch_size=8, eval_limit=LIMIT, peft=peft, lr=1e-2)
         out[name] = str(train(config, root / name).out)
     return out
@@ -293,3 +294,17 @@ def test_a_bezier_bend_between_causal_lms_trains_on_their_own_loss(tuned, task):
         assert point["scores"][task]["loss"] == pytest.approx(ml.evaluate(tuned[model], task, limit=8)["loss"],
                                                               rel=1e-5)
     assert all(math.isfinite(p["scores"][task]["loss"]) for p in points)
+
+
+def test_lora_modules_of_a_causal_lm_transfer_to_a_new_task_s_prompts(tuned):
+    """Similarity-weighted ensembling (Lv et al. 2023) of rank-classification LoRA modules: the target is
+    learnt from its own prompts, and every start (fresh, uniform, weighted) is scored on them."""
+    sources = [tuned["lora"], tuned["lora-emotion"], tuned["lora-mrpc"]]
+    result = ml.ensemble("cola", sources, similarity="loss", shots=8, steps=2, limit=8)
+    weights = result.weights[0]
+    assert set(weights) == set(sources) and sum(weights.values()) == pytest.approx(1.0)
+    assert all(math.isfinite(s) for s in result.scores[0].scores["loss"].values())
+    rows = {row["init"]: row for row in result.rows}
+    assert set(rows) == {"fresh", "uniform", "weighted"}
+    for row in rows.values():  # scored on CoLA's prompts: the metrics of a classifier on its 2 labels
+        assert row["metric"] == "mcc" and -1.0 <= row["score"] <= 1.0 and math.isfinite(row["loss"])

@@ -5,7 +5,9 @@ To transfer to a target task, average modules (LoRA, (IA)³, prefix: Li & Liang 
 trained on other tasks, weighted by w = softmax(s / T) of their similarity s to the target (Sec. 3.2), and
 use the average as the starting point of few-shot tuning on the target (Sec. 3). Targets and sources are
 sentence classification, regression and token (CoNLL-2003 NER) tasks: a module brings its encoder-side
-tensors whatever head it was trained with, and the target always gets a fresh head of its own. `similarity.py` has the measures (the registry
+tensors whatever head it was trained with, and the target always gets a fresh head of its own; modules of
+a causal LM trained on prompts (rank classification) transfer to the target's prompts, with no head at
+all (the similarity measures' linear probe has nothing to fit, so it is skipped). `similarity.py` has the measures (the registry
 `MEASURES`), `modules.py` the combination (module space, the paper's; or weight space, exact),
 `fewshot.py` the tuning protocol. The weights can also be the model weights of any merge method
 (`merging_core.merge(..., params={"weights": ...})`): `merge_command` writes that merge for any
@@ -28,7 +30,7 @@ from .. import zoo
 from ..errors import MergeLabError
 from ..models import load_tokenizer
 from ..progress import ProgressFn, scaled
-from ..tasks import get_task
+from ..tasks import get_task, scored_as
 from .fewshot import draw_shots, evaluator_for, few_shot_score
 from .modules import KINDS, SPACES, Module, check_combinable, combine, deltas, layer_groups, read_module, write_module
 from .similarity import MEASURES, Measure, Scores, get_measure, measure, register_measure
@@ -209,6 +211,8 @@ def ensemble(target: str, sources: Sequence[str] | None = None, *, similarity: s
     temperature = chosen.default_temperature if temperature is None else float(temperature)
     modules = [read_module(s) for s in (sources or default_sources(spec.name, kind))]
     check_combinable(modules)
+    # modules of a causal LM trained on prompts transfer to the target's prompts (rank classification)
+    spec = scored_as(spec, "causal" if modules[0].ref.metadata().get("head") == "causal" else None)
     mine = [m.ref.spec for m in modules if m.task == spec.name]
     if mine:
         raise MergeLabError(f"source {mine[0]!r} was trained on the target task {spec.name}; leave it out",

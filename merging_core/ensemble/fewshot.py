@@ -50,7 +50,7 @@ class Shots:
 def draw_shots(spec: TaskSpec, tokenizer, k: int, seed: int, probe: int = PROBE) -> Shots:
     """`k` seeded train examples of `spec` (every label represented when k allows; for a token task, a
     sentence holding each tag) and `probe` others."""
-    if spec.kind not in ("classification", "regression", "token"):
+    if spec.kind not in ("classification", "regression", "token", "rank"):
         raise MergeLabError(f"task {spec.name} is a {spec.kind} task; few-shot ensembling takes classification, "
                             "regression and token (NER) tasks", param="target")
     if k < 1:
@@ -58,7 +58,7 @@ def draw_shots(spec: TaskSpec, tokenizer, k: int, seed: int, probe: int = PROBE)
     data = encode(spec, "train", tokenizer)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
     chosen: list[int] = []
-    if spec.kind in ("classification", "token"):  # one of each label first: a 16-shot emotion set sees every class
+    if spec.kind in ("classification", "token", "rank"):  # one of each label first: a 16-shot emotion set sees every class
         if spec.kind == "token":
             tags = {}
 

@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import metrics
-from ..encode import IGNORE
+from ..encode import IGNORE, model_inputs
 from ..errors import MergeLabError
 from ..tasks import TaskSpec
-from ..losses import task_loss
+from ..losses import rank_scores, task_loss
 from .fewshot import Shots, adapter_model, live_tensors, tune
 from .modules import PREFIX, Module, deltas
 
@@ -145,7 +145,9 @@ def _outputs(model: torch.nn.Module, shots: Shots) -> torch.Tensor:
     model.eval()
     out = []
     for b in _probe_batches(shots):
-        logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()
+        # a causal LM's module on prompts: its label scores (rank classification) are its outputs
+        logits = (rank_scores(model, b) if shots.spec.kind == "rank"
+                  else model(**model_inputs(b, getattr(model, "config", None))).logits).float()
         out.append(logits[b["labels"] != IGNORE] if shots.spec.kind == "token" else logits)
     return torch.cat(out)
 
@@ -222,7 +224,8 @@ class Context:
         head = _head_params(model)
         for p in head:
             p.requires_grad_(True)
-        tune(model, self.shots, steps=HEAD_STEPS, lr=HEAD_LR, params=head)  # the linear probe
+        if head:  # the linear probe; a causal LM's module reads the target's prompts with no head to fit
+            tune(model, self.shots, steps=HEAD_STEPS, lr=HEAD_LR, params=head)
         self.model, self.outputs = model, _outputs(model, self.shots)
         self.seconds["probe"] = time.perf_counter() - started
 
