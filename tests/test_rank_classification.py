@@ -167,7 +167,7 @@ def test_longer_verbalizers_score_by_their_mean_token_log_likelihood(tokenizer):
 def test_a_causal_lm_is_scored_on_a_classification_task_by_its_label_scores(lms, tokenizer):
     folder = lms("llama")
     result = ml.evaluate(folder, "sst2", limit=LIMIT)
-    model = ml.load(folder, ml.get_task("sst2")).model
+    model = ml.load(folder, ml.get_task("sst2"), device="cpu").model
     data = encode(prompted("sst2"), "dev", tokenizer).head(LIMIT)
     with torch.no_grad():
         scores = rank_scores(model, data.batch(torch.arange(LIMIT), tokenizer.pad_token_id))
@@ -209,7 +209,8 @@ def test_training_on_prompts_keeps_the_lm_head(tuned, lms):
     config = json.loads((Path(tuned["sst2"]) / "config.json").read_text())
     assert meta["head"] == "causal" and config["architectures"] == ["LlamaForCausalLM"]
     assert len(meta["loss_curve"]) == 6 and meta["loss_curve"][-1][0] == 6
-    before, after = ml.load(lms("llama")).model.state_dict(), ml.load(tuned["sst2"]).model.state_dict()
+    before = ml.load(lms("llama"), device="cpu").model.state_dict()
+    after = ml.load(tuned["sst2"], device="cpu").model.state_dict()
     assert (after["model.layers.0.mlp.up_proj.weight"] - before["model.layers.0.mlp.up_proj.weight"]).abs().max() > 1e-3
     adapter = json.loads((Path(tuned["lora"]) / "adapter_config.json").read_text())
     assert adapter["task_type"] == "CAUSAL_LM" and not adapter.get("modules_to_save")
@@ -252,14 +253,14 @@ def test_merges_of_rank_classifiers_score_both_tasks(tuned):
         assert all(torch.isfinite(t).all() for t in result.state.values())
     # RegMean of a model with itself (identical statistics) is that model, every tensor
     same = merge("regmean", [tuned["sst2"], tuned["sst2"]], params={"examples": 8})
-    alone = {canonical(k, "llama"): v for k, v in ml.load(tuned["sst2"]).model.state_dict().items()}
+    alone = {canonical(k, "llama"): v for k, v in ml.load(tuned["sst2"], device="cpu").model.state_dict().items()}
     assert len(same.state) >= 2 * 7 + 3 and set(same.state) <= set(alone)
     for name, tensor in same.state.items():
         assert_close(tensor, alone[name], atol=1e-5)
 
 
 def test_an_output_ensemble_of_causal_lms_combines_their_label_scores(tuned, tokenizer):
-    members = [ml.load(tuned[name]).model for name in ("sst2", "emotion")]
+    members = [ml.load(tuned[name], device="cpu").model for name in ("sst2", "emotion")]
     batch = encode(prompted("sst2"), "dev", tokenizer).head(8).batch(torch.arange(8), tokenizer.pad_token_id)
     with torch.no_grad():
         expected = combine([rank_scores(m, batch) for m in members], "probabilities")
