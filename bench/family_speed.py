@@ -8,8 +8,10 @@ costs much more per parameter has a slow spot of its own.
     python bench/family_speed.py [--repeats 3] [--examples 64]
 
 Decoders (GPT-2, the Llama layout) carry their LM head and compute RegMean's statistics by rank
-classification on SST-2's prompts; encoders carry a sequence head. T5 merges data-free only (no
-statistics for encoder-decoders yet).
+classification on SST-2's prompts; encoders carry a sequence head. Every folder holds MiniLM's tokenizer
+files, but transformers reads a Qwen2 folder's as a Qwen2 tokenizer, under which SST-2's verbalizers take
+two tokens, so Qwen2's statistics run a second forward pass per batch (`verbalizer_tokens`). T5 merges
+data-free only (no statistics for encoder-decoders yet).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from common import print_table, write_results
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import merging_core as ml  # noqa: E402
-from merging_core import settings  # noqa: E402
+from merging_core import prompts, settings  # noqa: E402
 from merging_core.encode import encode  # noqa: E402
 from merging_core.merge import merge  # noqa: E402
 from merging_core.models import load_tokenizer  # noqa: E402
@@ -120,6 +122,12 @@ def main() -> None:
 
                 aware = timed(regmean, args.repeats)
                 row.update(regmean_s=aware, regmean_us_per_param=aware / n * 1e6)
+                if FAMILIES[family][2].endswith("CausalLM") or family == "gpt2":
+                    # the statistics read SST-2's prompts: a verbalizer of several tokens under the tokenizer
+                    # transformers loads for the folder costs a forward pass of its own
+                    loaded = load_tokenizer(ml.resolve(models[0]))
+                    words = prompts.verbalizer_ids(ml.tasks.scored_as(ml.get_task("sst2"), "causal"), loaded)
+                    row["verbalizer_tokens"] = max(map(len, words))
             rows.append(row)
             print(row, flush=True)
     bert = rows[0] if rows and rows[0]["family"] == "bert" else None

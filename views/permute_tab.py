@@ -263,7 +263,7 @@ def build(demo: gr.Blocks) -> dict:
                                  elem_id="align-attention")
             residual = ui.Radio(list(RESIDUAL), value=AlignSpec.residual, label=LABELS["residual"],
                                 elem_id="align-residual",
-                                info="LayerNorm sites; sep: one per site (not function-preserving)")
+                                info="norm outputs (LayerNorm, RMSNorm); sep: one per site (not function-preserving)")
             qk = gr.Checkbox(value=AlignSpec.qk, label=LABELS["qk"], elem_id="align-qk")
         with gr.Row(equal_height=True):
             method = ui.Radio(list(METHODS), value=AlignSpec.method, label=LABELS["method"], elem_id="align-method",
