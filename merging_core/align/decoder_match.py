@@ -35,7 +35,7 @@ from ..arch import adapter_for, canonical
 from ..errors import MergeLabError
 from ..progress import ProgressFn
 from .decoders import DecoderPermutation, HeadOrder, shape_of
-from .match import MERGE_TYPES, Matching, check_settings, match
+from .match import MERGE_TYPES, Matching, check_settings, head_blocks, head_pair_costs, match
 
 # arch role -> (site, where its features are read); layer roles get ".<layer>"
 _SITES = {"ff_out": ("ff", "input"), "attn_out": ("attn", "input"), "ln_attn": ("res.attn", "output"),
@@ -82,15 +82,11 @@ def match_heads(corr: torch.Tensor, heads: int, kv_heads: int, head_dim: int, mo
     x head_dim units of A and of B), and the query-head cost matrix (`head-perm`). `qkv`: the fused q|k|v
     projection's output correlation (GPT-2, no rotary positions), from which each head's q/k order comes."""
     d, group = head_dim, heads // kv_heads
-    blocks = corr.reshape(heads, d, heads, d).permute(0, 2, 1, 3)  # [j, k]: A query head j x B query head k
+    blocks = head_blocks(corr, heads)  # [j, k]: A query head j x B query head k
     if mode == "monotonic":
         kv, inner, cost = torch.arange(kv_heads), torch.arange(group).repeat(kv_heads, 1), None
     else:
-        cost = torch.zeros(heads, heads)
-        for j in range(heads):
-            for k in range(heads):
-                order = match(blocks[j, k])
-                cost[j, k] = blocks[j, k][torch.arange(d), order].sum()
+        cost = head_pair_costs(blocks)
         group_cost = torch.zeros(kv_heads, kv_heads)
         assignments = {}
         for big_j in range(kv_heads):
@@ -107,7 +103,7 @@ def match_heads(corr: torch.Tensor, heads: int, kv_heads: int, head_dim: int, mo
     if qkv is not None:  # one KV head per query head: matched heads (j, kv[j]) share their q/k order
         hidden = heads * d
         qk = (qkv[:hidden, :hidden] + qkv[hidden:2 * hidden, hidden:2 * hidden]) / 2
-        qk_blocks = qk.reshape(heads, d, heads, d).permute(0, 2, 1, 3)
+        qk_blocks = head_blocks(qk, heads)
         qk_inner = torch.stack([match(qk_blocks[j, int(kv[j])]) for j in range(kv_heads)])
     return HeadOrder(kv, query, qk_inner, v_inner), cost
 

@@ -43,6 +43,22 @@ def match(corr: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.int64)
 
 
+def head_blocks(corr: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """A heads-major correlation (num_heads x d units per side) as blocks: [j, k] is A head j x B head k."""
+    d = corr.shape[0] // num_heads
+    return corr.reshape(num_heads, d, num_heads, d).permute(0, 2, 1, 3)
+
+
+def head_pair_costs(blocks: torch.Tensor) -> torch.Tensor:
+    """Head-Perm's cost of every head pair (j, k): the summed correlation of their units once matched."""
+    heads, d = blocks.shape[0], blocks.shape[2]
+    cost = torch.zeros(heads, heads)
+    for j in range(heads):
+        for k in range(heads):
+            cost[j, k] = blocks[j, k][torch.arange(d), match(blocks[j, k])].sum()
+    return cost
+
+
 @dataclass
 class AttentionMatch:
     vo: torch.Tensor  # row order of V (columns of W_O)
@@ -59,22 +75,17 @@ def match_attention(corr: torch.Tensor, num_heads: int, mode: str, qk_corr: torc
     if mode == "ignore-heads":
         vo = match(corr)
         return AttentionMatch(vo, match(qk_corr) if qk_corr is not None else vo, None, None)
-    d = corr.shape[0] // num_heads
-    blocks = corr.reshape(num_heads, d, num_heads, d).permute(0, 2, 1, 3)  # [j, k]: A head j x B head k
+    blocks = head_blocks(corr, num_heads)
     if mode == "monotonic":
         heads, cost = torch.arange(num_heads), None
     else:
-        cost = torch.zeros(num_heads, num_heads)
-        for j in range(num_heads):
-            for k in range(num_heads):
-                order = match(blocks[j, k])
-                cost[j, k] = blocks[j, k][torch.arange(d), order].sum()
+        cost = head_pair_costs(blocks)
         heads = match(cost)
     inner_vo = torch.stack([match(blocks[j, heads[j]]) for j in range(num_heads)])
     vo = head_rows(heads, inner_vo)
     if qk_corr is None:
         return AttentionMatch(vo, vo, heads, cost)
-    qk_blocks = qk_corr.reshape(num_heads, d, num_heads, d).permute(0, 2, 1, 3)
+    qk_blocks = head_blocks(qk_corr, num_heads)
     inner_qk = torch.stack([match(qk_blocks[j, heads[j]]) for j in range(num_heads)])
     return AttentionMatch(vo, head_rows(heads, inner_qk), heads, cost)
 
