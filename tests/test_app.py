@@ -250,6 +250,8 @@ def test_evaluate_offers_a_causal_lm_its_tasks_and_scores_them(family_zoo, clien
     assert {"wikitext2", "sst2", "emotion"} <= set(offered(causal))
     assert not {"stsb", "conll2003"} & set(offered(causal)) and causal.constructor_args["value"] == ["sst2"]
     assert "next-token loss" in causal.constructor_args["info"]
+    # nothing ticked and no task of its own (a pretrained LM): its text task is ticked for it
+    assert evaluate_tab.pick_tasks("tiny-llama", []).constructor_args["value"] == ["wikitext2"]
     classifier = evaluate_tab.pick_tasks("tiny-gpt2-sst2", [])  # a 2-label SST-2 head: SST-2, its own task
     assert offered(classifier) == ["sst2"] and classifier.constructor_args["value"] == ["sst2"]
     assert {"sst2", "wikitext2", "emotion"} <= set(offered(evaluate_tab.pick_tasks("", [])))  # none picked: all

@@ -180,8 +180,8 @@ def test_ensemble_tab_reweights_live_in_chromium(app_home, pico):
 
 
 def test_family_pickers_in_chromium(family_zoo):
-    """Model pickers name each model's family, size and task; the Evaluate tab offers a causal LM only its text
-    task and scores it by next-token loss. Screenshots: families-merge-picker.png, families-merge.png,
+    """Model pickers name each model's family, size and task; the Evaluate tab offers a causal LM its text task
+    (ticked) and the classification tasks, and scores the text by next-token loss. Screenshots: families-merge-picker.png, families-merge.png,
     families-evaluate.png."""
     with app_page(1280, 900) as page:
         page.get_by_role("tab", name="Merge").click()
@@ -203,9 +203,15 @@ def test_family_pickers_in_chromium(family_zoo):
         page.get_by_role("tab", name="Evaluate").click()
         page.locator("#eval-model input").click()
         page.get_by_role("option", name=picker_label("tiny-llama")).click()
+        # its text task and its classification tasks (rank classification), not regression or token tags
+        for task in ("STS-B", "CoNLL"):
+            playwright.expect(page.locator("#eval-tasks label", has_text=task)).to_have_count(0, timeout=30_000)
         text_task = page.locator("#eval-tasks label", has_text="WikiText-2").locator("input")
-        playwright.expect(text_task).to_be_checked(timeout=30_000)  # the only task a causal LM is scored on
-        playwright.expect(page.locator("#eval-tasks label", has_text="SST-2")).to_have_count(0)
+        sst2 = page.locator("#eval-tasks label", has_text="SST-2").locator("input")
+        playwright.expect(sst2).to_have_count(1)
+        text_task.check()
+        sst2.uncheck()
+        playwright.expect(text_task).to_be_checked()
         page.locator("#eval-limit input").fill("8")
         page.locator("#eval-run").click()
         with screenshot_on_failure(page, "families-evaluate"):

@@ -194,12 +194,14 @@ def task_update(models: Iterable[str | None], value: list[str] | None, default_i
                 request: gr.Request | None = None, preferred: list[str] | None = None,
                 always: str = "") -> gr.CheckboxGroup:
     """A task picker showing only the tasks the picked models can be scored on, ticking `preferred` (a
-    model's own tasks), else the ticked ones still offered, else the only one offered."""
+    model's own tasks), else the ticked ones still offered, else the only one offered, else, for a causal
+    LM, its text task (what a pretrained language model is scored on)."""
     offered, kinds = scorable_tasks(models, request)
     choices = task_choices(only=offered)
     ids = names(choices)
+    text = [t for t in ids if "causal" in kinds and ml.get_task(t).kind == "mlm"][:1]
     kept = ([t for t in preferred or [] if t in ids] or [t for t in value or [] if t in ids]
-            or (ids if len(ids) == 1 else []))
+            or (ids if len(ids) == 1 else text))
     return gr.CheckboxGroup(choices=choices, value=kept, info=tasks_info(offered, kinds, default_info, always))
 
 
