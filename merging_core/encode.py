@@ -184,8 +184,9 @@ def encode(spec: TaskSpec, split: str, tokenizer, max_length: int = 128) -> Enco
         raw = data.load_split(spec, split)
         fingerprint = raw.fingerprint
     key_parts = [FORMAT_VERSION, tokenizer_fingerprint(tokenizer), spec.name, split, max_length, fingerprint]
-    if spec.kind == "rank":  # the same split as prompts: its own entry, keyed by the prompt
-        key_parts += [spec.prompt.template, spec.prompt.verbalizers]
+    if spec.kind == "rank":  # the same split as prompts: its own entry, keyed by the prompt and its framing
+        key_parts += [spec.prompt.template, spec.prompt.verbalizers, prompts.start_ids(tokenizer),
+                      prompts.end_ids(tokenizer)]
     key = hashlib.sha1(json.dumps(key_parts).encode()).hexdigest()[:20]
     known = _MEMORY.get(key)
     if known is not None:

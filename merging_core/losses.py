@@ -77,6 +77,8 @@ def rank_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     output ensemble) scores by its own `rank_scores`."""
     if hasattr(model, "rank_scores"):
         return model.rank_scores(batch)
+    if getattr(model.config, "is_encoder_decoder", False):
+        return _seq2seq_rank_scores(model, batch)
     stack, head = decoder_stack(model), model.get_output_embeddings()
     lengths = batch["attention_mask"].sum(1)
     rows = torch.arange(len(lengths), device=lengths.device)
@@ -96,6 +98,30 @@ def rank_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
             at = lengths[:, None] - 1 + torch.arange(len(tokens), device=ids.device)[None, :]
             log_probs = F.log_softmax(head(hidden[rows[:, None], at]).float(), -1)
             scores[c] = log_probs.gather(-1, tokens.expand(len(rows), -1)[..., None]).squeeze(-1).mean(1)
+    return torch.stack(scores, 1)
+
+
+def _seq2seq_rank_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`rank_scores` of an encoder-decoder (T5): the encoder reads the prompt once, and the decoder, started
+    from its start token, scores each verbalizer as the target (teacher-forced), as T0 ranks its answers
+    (Sanh et al. 2022, arXiv:2110.08207); one decoder pass scores every one-token verbalizer at once."""
+    inputs = model_inputs(batch, model.config)
+    encoded = model.get_encoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    rows = len(batch["input_ids"])
+    start = torch.full((rows, 1), model.config.decoder_start_token_id, device=batch["input_ids"].device)
+    verbalizers = [row[row >= 0] for row in batch["choices"]]
+    scores: list[torch.Tensor | None] = [None] * len(verbalizers)
+    groups = [[c for c, v in enumerate(verbalizers) if len(v) == 1]] + [[c] for c, v in enumerate(verbalizers)
+                                                                         if len(v) > 1]
+    for group in (g for g in groups if g):
+        tokens = verbalizers[group[0]]
+        decoder_ids = torch.cat([start, tokens[:-1].expand(rows, -1)], 1)
+        logits = model(encoder_outputs=encoded, attention_mask=inputs["attention_mask"],
+                       decoder_input_ids=decoder_ids).logits
+        log_probs = F.log_softmax(logits.float(), -1)
+        for c in group:
+            target = verbalizers[c].expand(rows, -1)
+            scores[c] = log_probs[:, : target.shape[1]].gather(-1, target[..., None]).squeeze(-1).mean(1)
     return torch.stack(scores, 1)
 
 

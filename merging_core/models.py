@@ -465,9 +465,10 @@ def check_head(name: str, head: HeadInfo, task: TaskSpec) -> None:
     if head.kind not in task.heads:
         own = tasks_for_head(head.kind)
         instead = f"a {head.kind} head can be scored on {', '.join(own)} instead, or " if own else ""
-        raise MergeLabError(f"model {name!r} has a {head.kind} head but task {task.name} needs a "
-                            f"{' or '.join(task.heads)} head; {instead}{retrain}")
-    if task.kind == "mlm" or head.kind == "causal":  # a language model scores any label set it has a prompt for
+        needs = " or ".join(task.heads) if len(task.heads) < 3 else f"{', '.join(task.heads[:-1])} or {task.heads[-1]}"
+        raise MergeLabError(f"model {name!r} has a {head.kind} head but task {task.name} needs a {needs} head; "
+                            f"{instead}{retrain}")
+    if task.kind == "mlm" or head.kind in ("causal", "seq2seq"):  # a language model scores any prompted label set
         return
     if head.num_labels != task.num_labels:
         raise MergeLabError(f"model {name!r} has a head with {head.num_labels} outputs but task {task.name} "

@@ -52,6 +52,14 @@ def start_ids(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
+def end_ids(tokenizer) -> list[int]:
+    """The token a prompt ends with: EOS for a tokenizer with no start token at all (T5's: its encoder reads
+    text closed by </s>), else none (a decoder's verbalizer follows the prompt directly)."""
+    if start_ids(tokenizer) or tokenizer.eos_token_id is None:
+        return []
+    return [tokenizer.eos_token_id]
+
+
 def verbalizer_ids(spec: TaskSpec, tokenizer) -> list[list[int]]:
     """Each label's verbalizer as token ids (a leading space, as the word follows the prompt's last word)."""
     if spec.prompt is None:
@@ -69,13 +77,13 @@ def tokenize(spec: TaskSpec, texts: list[tuple[str, ...]], tokenizer, max_length
     together with the longest verbalizer."""
     pieces = _pieces(spec.prompt.template)
     literal = {i: _ids(tokenizer, p) for i, p in enumerate(pieces) if isinstance(p, str)}
-    room = max_length - len(start_ids(tokenizer)) - max(len(v) for v in verbalizer_ids(spec, tokenizer)) \
+    start, end = start_ids(tokenizer), end_ids(tokenizer)
+    room = max_length - len(start) - len(end) - max(len(v) for v in verbalizer_ids(spec, tokenizer)) \
         - sum(len(ids) for ids in literal.values())
     if room < len([p for p in pieces if isinstance(p, int)]):
         raise MergeLabError(f"max_length {max_length} leaves no room for the text of task {spec.name}'s prompt; "
                             "raise max_length")
     columns = [tokenizer(list(column), add_special_tokens=False)["input_ids"] for column in zip(*texts)]
-    start = start_ids(tokenizer)
     prompts = []
     for row in range(len(texts)):
         fields = [list(column[row]) for column in columns]
@@ -84,7 +92,7 @@ def tokenize(spec: TaskSpec, texts: list[tuple[str, ...]], tokenizer, max_length
         ids = list(start)
         for i, piece in enumerate(pieces):
             ids += literal[i] if isinstance(piece, str) else fields[piece]
-        prompts.append(ids)
+        prompts.append(ids + end)
     return prompts
 
 

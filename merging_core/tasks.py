@@ -80,21 +80,23 @@ class TaskSpec:
     def heads(self) -> tuple[str, ...]:
         """The head kinds that can be scored on this task (`SCORING_HEADS`), `head` first; a causal LM too on
         a classification task with a prompt (rank classification)."""
-        prompted = ("causal",) if self.kind == "classification" and self.prompt is not None else ()
+        prompted = LANGUAGE_MODELS if self.kind == "classification" and self.prompt is not None else ()
         return SCORING_HEADS[self.kind] + prompted
 
 
 # The head kinds (`models.HeadInfo.kind`) each kind of task can score. A text task is scored by a masked LM
 # (loss on masked tokens) or by a causal LM (next-token loss, `evaluation`); labelled tasks need their head,
 # or a prompt for a causal LM (`TaskSpec.heads`).
+LANGUAGE_MODELS = ("causal", "seq2seq")  # heads that score a classification task's prompts
 SCORING_HEADS: dict[str, tuple[str, ...]] = {"classification": ("sequence",), "regression": ("sequence",),
-                                             "token": ("token",), "mlm": ("mlm", "causal"), "rank": ("causal",)}
+                                             "token": ("token",), "mlm": ("mlm", "causal"), "rank": LANGUAGE_MODELS}
 
 
 def scored_as(spec: TaskSpec, head_kind: str | None) -> TaskSpec:
     """The task as a model with a head of `head_kind` is trained and scored on it: a classification task with
-    a prompt becomes rank classification (kind "rank") for a causal LM; anything else is itself."""
-    if head_kind == "causal" and spec.kind == "classification" and spec.prompt is not None:
+    a prompt becomes rank classification (kind "rank") for a causal LM or an encoder-decoder (T5); anything
+    else is itself."""
+    if head_kind in LANGUAGE_MODELS and spec.kind == "classification" and spec.prompt is not None:
         return replace(spec, kind="rank")
     return spec
 

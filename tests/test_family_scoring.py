@@ -404,8 +404,9 @@ def test_the_gate_refuses_what_a_family_cannot_do_yet(model_type):
         assert "\n" not in str(error.value)
 
 
-def test_t5_stays_gated_for_scoring_and_statistics_and_training_refuses_distilbert(saved, tmp_path):
-    for feature in ("scoring", "statistics"):
+def test_t5_stays_gated_for_statistics_and_training_refuses_distilbert(saved, tmp_path):
+    arch.require("t5", "scoring")  # rank classification (test_rank_classification.py)
+    for feature in ("statistics", "training", "alignment"):
         with pytest.raises(MergeLabError, match="model type 't5' is not supported yet"):
             arch.require("t5", feature)
     with pytest.raises(MergeLabError, match="'distilbert' is not supported yet for fine-tuning"):

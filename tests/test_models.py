@@ -101,7 +101,7 @@ def test_pickle_with_code_is_rejected_even_when_opted_in(pico, tmp_path):
 @pytest.mark.parametrize(("model_task", "eval_task", "message"), [
     (None, "sst2", "bare encoder with no head for task sst2; fine-tune it first"),
     (None, "wikitext2", "has no MLM head"),
-    ("conll2003", "sst2", "has a token head but task sst2 needs a sequence or causal head"),
+    ("conll2003", "sst2", "has a token head but task sst2 needs a sequence, causal or seq2seq head"),
     ("emotion", "sst2", "has a head with 6 outputs but task sst2 has 2"),
     ("mrpc", "sst2", r"predicts labels \['not_equivalent', 'equivalent'\], not task sst2's"),
 ])

@@ -95,7 +95,7 @@ def test_causal_lms_score_every_task_with_a_prompt_and_nothing_else():
                                               "emotion", "wikitext2"]
     for name in ("sst2", "emotion", "mnli"):
         spec = ml.get_task(name)
-        assert spec.heads == ("sequence", "causal")
+        assert spec.heads == ("sequence", "causal", "seq2seq")
         assert len(spec.prompt.verbalizers) == len(spec.labels)
         assert prompted(name).kind == "rank" and prompted(name).name == name
         assert tasks.scored_as(spec, "sequence") is spec
@@ -309,3 +309,59 @@ def test_lora_modules_of_a_causal_lm_transfer_to_a_new_task_s_prompts(tuned):
     assert set(rows) == {"fresh", "uniform", "weighted"}
     for row in rows.values():  # scored on CoLA's prompts: the metrics of a classifier on its 2 labels
         assert row["metric"] == "mcc" and -1.0 <= row["score"] <= 1.0 and math.isfinite(row["loss"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# an encoder-decoder: T5
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory, tokenizer) -> str:
+    """A tiny random T5 (gated feed-forward, as v1.1 / Flan-T5) over MiniLM's vocabulary, saved with a copy of
+    that tokenizer that has no [CLS]/[SEP] (so its prompts end with EOS, as T5's inputs do)."""
+    out = tmp_path_factory.mktemp("rank-t5") / "t5"
+    config = transformers.T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                   num_heads=2, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+                                   pad_token_id=0, eos_token_id=tokenizer.sep_token_id)
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(out)
+    plain = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, unk_token="[UNK]",
+                                                 pad_token="[PAD]", eos_token="[SEP]")
+    plain.save_pretrained(out)
+    return str(out)
+
+
+def test_a_t5_scores_each_label_as_the_decoder_s_target_after_the_prompt(t5):
+    model = ml.load(t5, ml.get_task("emotion"), device="cpu").model
+    spec, tok = prompted("emotion"), ml.load(t5, device="cpu").tokenizer
+    data = encode(spec, "dev", tok).head(4)
+    assert data.ids[data.offsets[1] - 1] == tok.eos_token_id  # the encoder reads the prompt closed by EOS
+    with torch.no_grad():
+        scores = rank_scores(model, data.batch(torch.arange(4), tok.pad_token_id))
+        words = prompts.verbalizer_ids(spec, tok)
+        for i in range(4):
+            prompt = data.ids[data.offsets[i]: data.offsets[i + 1]].long()[None]
+            for c, word in enumerate(words):
+                decoder = torch.tensor([[0] + word[:-1]])
+                log_probs = F.log_softmax(model(input_ids=prompt, decoder_input_ids=decoder).logits[0], -1)
+                expected = sum(log_probs[j, t].item() for j, t in enumerate(word)) / len(word)
+                assert scores[i, c].item() == pytest.approx(expected, abs=1e-5)
+    # a two-token verbalizer: its own decoder pass, the mean of its tokens' log-likelihoods
+    longer = replace(prompted("sst2"), prompt=tasks.Prompt("Review: {0} Sentiment:", ("quite negative", "positive")))
+    data = encode(longer, "dev", tok).head(3)
+    with torch.no_grad():
+        scores = rank_scores(model, data.batch(torch.arange(3), tok.pad_token_id))
+        word = prompts.verbalizer_ids(longer, tok)[0]
+        assert len(word) == 2
+        for i in range(3):
+            prompt = data.ids[data.offsets[i]: data.offsets[i + 1]].long()[None]
+            logits = model(input_ids=prompt, decoder_input_ids=torch.tensor([[0, word[0]]])).logits[0]
+            log_probs = F.log_softmax(logits, -1)
+            assert scores[i, 0].item() == pytest.approx((log_probs[0, word[0]] + log_probs[1, word[1]]).item() / 2,
+                                                        abs=1e-5)
+    result = ml.evaluate(t5, "emotion", limit=8)
+    assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0 and math.isfinite(result["loss"])
+    with pytest.raises(MergeLabError, match="seq2seq head but task stsb needs a sequence head"):
+        ml.evaluate(t5, "stsb", limit=2)
+    with pytest.raises(MergeLabError, match="not supported yet for statistics"):
+        statistics(t5, "emotion", ("gram",), {"examples": 4})
