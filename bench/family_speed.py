@@ -3,15 +3,19 @@
 "fine-tunes" of one random base, for BERT and every other family MergeLab has an adapter for, at one
 size (hidden 256, 4 layers, MiniLM's 30522-token vocabulary). Each time is divided by the checkpoint's
 parameter count and compared with BERT's: the other families share BERT's code path, so a family that
-costs much more per parameter has a slow spot of its own.
+costs much more per parameter has a slow spot of its own. RegMean's time is also divided by the
+parameters it solves for (the linear layers' weights; the embeddings are averaged): a family whose
+linear layers hold a larger share of its parameters (T5's decoder blocks, with cross-attention) has
+more to solve per parameter.
 
-    python bench/family_speed.py [--repeats 3] [--examples 64]
+    python bench/family_speed.py [--repeats 3] [--examples 64] [--families bert t5] [--results NAME]
 
-Decoders (GPT-2, the Llama layout) carry their LM head and compute RegMean's statistics by rank
-classification on SST-2's prompts; encoders carry a sequence head. Every folder holds MiniLM's tokenizer
-files, but transformers reads a Qwen2 folder's as a Qwen2 tokenizer, under which SST-2's verbalizers take
-two tokens, so Qwen2's statistics run a second forward pass per batch (`verbalizer_tokens`). T5 merges
-data-free only (no statistics for encoder-decoders yet).
+Decoders (GPT-2, the Llama layout) and T5 carry their LM head and compute RegMean's statistics by rank
+classification on SST-2's prompts (T5: the encoder reads the prompt, the decoder one verbalizer position);
+encoders carry a sequence head. Every folder holds MiniLM's tokenizer files, but transformers reads a Qwen2
+folder's as a Qwen2 tokenizer, under which SST-2's verbalizers take several tokens, so Qwen2's statistics
+run more forward passes per batch (`verbalizer_tokens`). T5 has 4 encoder and 4 decoder blocks (its
+decoder blocks add cross-attention), so it has more parameters than the others at this width.
 """
 
 from __future__ import annotations
@@ -59,7 +63,6 @@ FAMILIES = {
     "t5": ("T5Config", {"d_model": HIDDEN, "d_kv": HIDDEN // HEADS, "d_ff": 4 * HIDDEN, "num_layers": LAYERS,
                         "num_heads": HEADS, "decoder_start_token_id": 0}, "T5ForConditionalGeneration"),
 }
-DATA_AWARE = {"bert", "distilbert", "deberta-v2", "gpt2", "llama", "mistral", "qwen2"}
 
 
 def build(family: str, folder: Path, tokenizer) -> tuple[list[str], str, int]:
@@ -83,7 +86,15 @@ def build(family: str, folder: Path, tokenizer) -> tuple[list[str], str, int]:
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         out.append(str(path))
-    return out[1:], out[0], sum(p.numel() for p in model.parameters())
+    return out[1:], out[0], sum(p.numel() for p in model.parameters()), solved_parameters(model)
+
+
+def solved_parameters(model: torch.nn.Module) -> int:
+    """The parameters RegMean solves for: the weights of the linear layers (`nn.Linear`, GPT-2's `Conv1D`),
+    an LM head tied to the embeddings left out (that matrix is the embeddings, averaged)."""
+    embedding = model.get_input_embeddings().weight
+    layers = (torch.nn.Linear, transformers.pytorch_utils.Conv1D)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, layers) and m.weight is not embedding)
 
 
 def timed(fn, repeats: int) -> float:
@@ -101,6 +112,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--examples", type=int, default=64, help="SST-2 train examples of RegMean's Grams")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--results", default="family_speed", help="results file name (bench/results/<name>-<device>.json)")
     args = parser.parse_args()
     tokenizer = load_tokenizer(ml.resolve("minilm"))
     for task in (ml.get_task("sst2"), ml.tasks.scored_as(ml.get_task("sst2"), "causal")):
@@ -109,35 +121,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for family in args.families:
-            models, base, n = build(family, folder, tokenizer)
+            models, base, n, solved = build(family, folder, tokenizer)
             out = folder / f"{family}-merged"
             free = timed(functools.partial(merge, "task_arithmetic", models, base=base, out=out, overwrite=True),
                          args.repeats)
-            row = {"family": family, "params_M": n / 1e6, "task_arithmetic_s": free,
+            row = {"family": family, "params_M": n / 1e6, "solved_params_M": solved / 1e6, "task_arithmetic_s": free,
                    "task_arithmetic_us_per_param": free / n * 1e6}
-            if family in DATA_AWARE:
-                def regmean(models: list[str] = models) -> None:
-                    shutil.rmtree(settings.cache_dir("stats"), ignore_errors=True)  # statistics computed fresh every time
-                    merge("regmean", models, stats_tasks=("sst2", "sst2"), params={"examples": args.examples})
 
-                aware = timed(regmean, args.repeats)
-                row.update(regmean_s=aware, regmean_us_per_param=aware / n * 1e6)
-                if FAMILIES[family][2].endswith("CausalLM") or family == "gpt2":
-                    # the statistics read SST-2's prompts: a verbalizer of several tokens under the tokenizer
-                    # transformers loads for the folder costs a forward pass of its own
-                    loaded = load_tokenizer(ml.resolve(models[0]))
-                    words = prompts.verbalizer_ids(ml.tasks.scored_as(ml.get_task("sst2"), "causal"), loaded)
-                    row["verbalizer_tokens"] = max(map(len, words))
+            def regmean(models: list[str] = models) -> None:
+                shutil.rmtree(settings.cache_dir("stats"), ignore_errors=True)  # statistics computed fresh every time
+                merge("regmean", models, stats_tasks=("sst2", "sst2"), params={"examples": args.examples})
+
+            aware = timed(regmean, args.repeats)
+            row.update(regmean_s=aware, regmean_us_per_param=aware / n * 1e6,
+                       regmean_us_per_solved_param=aware / solved * 1e6)
+            if not FAMILIES[family][2].endswith("SequenceClassification"):
+                # the statistics read SST-2's prompts: a verbalizer of several tokens under the tokenizer
+                # transformers loads for the folder costs a forward pass of its own
+                loaded = load_tokenizer(ml.resolve(models[0]))
+                words = prompts.verbalizer_ids(ml.tasks.scored_as(ml.get_task("sst2"), "causal"), loaded)
+                row["verbalizer_tokens"] = max(map(len, words))
             rows.append(row)
             print(row, flush=True)
     bert = rows[0] if rows and rows[0]["family"] == "bert" else None
+    ratios = {"task_arithmetic_vs_bert": "task_arithmetic_us_per_param", "regmean_vs_bert": "regmean_us_per_param",
+              "regmean_solved_vs_bert": "regmean_us_per_solved_param"}
     for row in rows:
-        for key in ("task_arithmetic", "regmean"):
-            if bert and f"{key}_us_per_param" in row:
-                row[f"{key}_vs_bert"] = row[f"{key}_us_per_param"] / bert[f"{key}_us_per_param"]
+        for name, key in ratios.items():
+            if bert and key in row:
+                row[name] = row[key] / bert[key]
     columns = list(dict.fromkeys(key for row in rows for key in row))
     print_table(rows, columns)
-    write_results("family_speed", {"repeats": args.repeats, "examples": args.examples, "rows": rows})
+    write_results(args.results, {"repeats": args.repeats, "examples": args.examples, "rows": rows})
 
 
 if __name__ == "__main__":

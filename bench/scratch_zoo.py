@@ -1,7 +1,7 @@
-"""A different-initialization zoo (recipes `scratch`, `scratch-llama`): each pretrained model's loss on
-WikiText-2 dev before pretraining (the same seeded random initialization) and after (MLM loss for the
-BERTs, next-token loss for the decoders), its training time and loss curve, and each fine-tune's dev
-score beside the majority-class rate of that dev set.
+"""A different-initialization zoo (recipes `scratch`, `scratch-llama`, `scratch-t5`): each pretrained
+model's loss on WikiText-2 dev before pretraining (the same seeded random initialization) and after (MLM
+loss for the BERTs, next-token loss for the decoders, span-corruption loss for the T5s), its training
+time and loss curve, and each fine-tune's dev score beside the majority-class rate of that dev set.
 
     MERGELAB_HOME=/tmp/zoo-home python bench/scratch_zoo.py [--recipe scratch] [--limit N]
 

@@ -61,7 +61,7 @@ from .arch import canonical
 from .checkpoint import HEAD_GROUPS, Checkpoint, check_compatible, load_canonical, open_checkpoint, recorded_base
 from .errors import MergeLabError
 from .evaluation import Evaluator
-from .losses import is_causal_lm, task_loss
+from .losses import task_loss, text_noise
 from .merge import merge
 from .module_space import SPACES, module_checkpoint, module_parameters, module_space
 from .models import check_head, load, load_adapter, model_head, resolve
@@ -470,10 +470,10 @@ class Curve(_Path):
         optimizer = torch.optim.Adam(trained.values(), lr=settings_["lr"])
         # linear decay to 0, as in fine-tuning: the last steps settle the bend instead of jittering it
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / settings_["steps"])
-        # the path's model learns as it was fine-tuned: a causal LM on prompts, or on unmasked text
+        # the path's model learns as it was fine-tuned: a language model on prompts, or on its own text noise
         spec = scored_as(rig.spec, model_head(rig.model).kind)
         batches = train_batches(spec, self.checkpoints[0].tokenizer, settings_["batch_size"], settings_["seed"],
-                                self.device, masked=not is_causal_lm(rig.model))
+                                self.device, noise=text_noise(rig.model))
         batches = itertools.chain([next(batches)], batches)  # tokenize now, outside the time per step
         generator = torch.Generator().manual_seed(settings_["seed"])
         requires = {p: p.requires_grad for p in rig.model.parameters()}

@@ -13,7 +13,9 @@ and memory.
 
 A text task (wikitext2) scores a masked LM on masked tokens and a causal LM (`*ForCausalLM`,
 `GPT2LMHeadModel`) on the next token of every position: the mean shifted cross-entropy over the tokens
-that follow a real token, padding left out, and its perplexity (`losses.causal_lm_hidden`). Which head
+that follow a real token, padding left out, and its perplexity (`losses.causal_lm_hidden`); an
+encoder-decoder (T5) by span corruption: the mean cross-entropy of its targets, on spans drawn once from
+`mask_seed` (`spans`), and its perplexity. Which head
 kinds score which tasks is the task registry's (`TaskSpec.heads`); any other combination is one line
 naming the model, the task and the tasks its head can be scored on. A causal LM scores a classification
 task by rank classification: the task's prompts, each label ranked by its verbalizer's likelihood
@@ -35,11 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import metrics, settings
+from . import metrics, settings, spans
 from .arch import require
 from .encode import IGNORE, encode, mlm_mask, model_inputs, pad_id
 from .errors import MergeLabError
-from .losses import causal_lm_hidden, is_causal_lm, masked_lm_logits, rank_scores
+from .losses import causal_lm_hidden, masked_lm_logits, rank_scores, seq2seq_lm_logits, text_noise
 from .models import Loaded, ModelRef, check_head, load, match_padding, model_head, resolve
 from .progress import ProgressFn, scaled, track
 from .tasks import TaskSpec, get_task, scored_as
@@ -76,7 +78,8 @@ class Evaluator:
                                     param="indices")
             encoded = encoded.subset(index)
         encoded = encoded.head(limit)
-        self.text = encoded  # unmasked: what a causal LM is scored on
+        self.text = encoded  # unmasked: what a causal LM is scored on, and an encoder-decoder's spans are cut from
+        self.tokenizer, self.mask_seed = tokenizer, mask_seed
         # a decoder's tokenizer has no mask token: its text task is scored by a causal LM only
         self.masked = self.spec.kind == "mlm" and tokenizer.mask_token_id is not None
         if self.masked:
@@ -97,6 +100,7 @@ class Evaluator:
             for i in range(0, self.n, batch_size)
         ]
         self._text_batches: list[dict[str, torch.Tensor]] | None = None  # built on first causal-LM score
+        self._span_batches: list[dict[str, torch.Tensor]] | None = None  # built on first encoder-decoder score
 
     @torch.inference_mode()
     def __call__(self, model: torch.nn.Module, progress: ProgressFn | None = None, *, name: str | None = None) -> dict:
@@ -105,13 +109,13 @@ class Evaluator:
         A model whose logits or loss are not finite (NaN/inf weights, an overflow) fails with a
         `MergeLabError` (`name` names it) instead of getting a meaningless score."""
         config = getattr(model, "config", None)
-        causal = False
+        noise = "mask"
         if config is not None:  # families whose inputs and heads MergeLab handles (`arch.SCORED`)
             require(config.model_type, "scoring", name)
             head = model_head(model)
             if head.kind is not None and head.kind not in self.spec.heads:  # e.g. a causal LM on conll2003
                 check_head(name or type(model).__name__, head, self.spec)
-            causal = self.spec.kind == "mlm" and is_causal_lm(model)
+            noise = text_noise(model) if self.spec.kind == "mlm" else "mask"
             if scored_as(self.spec, head.kind) is not self.spec:  # rank classification, on its own prompts
                 self._ranked = self._ranked or self._as_prompts()
                 values = self._ranked(model, progress, name=name)
@@ -119,8 +123,8 @@ class Evaluator:
                 return values
             match_padding(model, self.pad_id)
         model.eval()
-        score = self._causal if causal else {"mlm": self._mlm, "token": self._token,
-                                             "rank": self._rank}.get(self.spec.kind, self._sequence)
+        score = {None: self._causal, "spans": self._spans}.get(noise) or {
+            "mlm": self._mlm, "token": self._token, "rank": self._rank}.get(self.spec.kind, self._sequence)
         who = f"model {name!r}" if name else "the model"
         try:
             values = score(model, progress)
@@ -207,6 +211,21 @@ class Evaluator:
                 loss_sum += F.cross_entropy(logits, targets[i: i + LM_ROWS], reduction="sum").item()
             count += len(targets)
         return {**metrics.mlm_metrics(loss_sum / max(count, 1)), "predicted_tokens": count}
+
+    def _spans(self, model, progress) -> dict:
+        """Span corruption (`spans`): the mean cross-entropy over the targets' tokens, and perplexity."""
+        if self._span_batches is None:
+            corrupted = spans.corrupt_split(self.text, self.tokenizer, torch.Generator().manual_seed(self.mask_seed))
+            order = torch.argsort(corrupted.inputs.lengths, descending=True, stable=True)
+            self._span_batches = [{k: v.to(self.device) for k, v in
+                                   corrupted.batch(order[i: i + self.batch_size], self.pad_id).items()}
+                                  for i in range(0, self.n, self.batch_size)]
+        loss_sum, count = 0.0, 0
+        for batch in track(self._span_batches, len(self._span_batches), self._desc, progress):
+            logits, targets = seq2seq_lm_logits(model, batch)
+            loss_sum += F.cross_entropy(self._finite(logits), targets, reduction="sum").item()
+            count += len(targets)
+        return {**metrics.mlm_metrics(loss_sum / max(count, 1)), "target_tokens": count}
 
     @property
     def _desc(self) -> str:

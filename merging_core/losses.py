@@ -13,6 +13,9 @@ cross-entropy (labels = inputs shifted left by one, padding ignored), as transfo
 computes it (Radford et al. 2019, GPT-2, Sec. 2: p(x) = Π p(x_t | x_<t)). The vocabulary projection runs
 on those positions only, so callers can cut them into chunks (vocabularies of 150k tokens).
 
+`seq2seq_lm_logits` is an encoder-decoder's (T5's) text-task prediction: the decoder's logits at every
+target token of a span-corrupted batch (`spans`), teacher-forced on the targets shifted right.
+
 `rank_scores` scores a classification task's labels by a causal LM's likelihood of each label's verbalizer
 after the prompt (rank classification, `prompts`); its training loss is the cross-entropy of those scores.
 """
@@ -41,9 +44,24 @@ def masked_lm_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     return head(hidden[masked]).float(), batch["labels"][masked]
 
 
-def is_causal_lm(model: torch.nn.Module) -> bool:
-    """True for a causal language model (`*ForCausalLM`, `GPT2LMHeadModel`): scored on text by next-token loss."""
-    return model_head(model).kind == "causal"
+def text_noise(model: torch.nn.Module) -> str | None:
+    """How a text task's blocks are corrupted for this model: "mask" (a masked LM: BERT masking), "spans"
+    (an encoder-decoder: span corruption, `spans`) or None (a causal LM reads its text whole)."""
+    kind = model_head(model).kind
+    return {"causal": None, "seq2seq": "spans"}.get(kind, "mask")
+
+
+def seq2seq_lm_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vocabulary logits at every target token, those tokens) of an encoder-decoder on a span-corrupted batch:
+    the decoder reads the targets shifted right behind its start token, as transformers' seq2seq loss."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = batch["labels"]
+    decoder_ids = inner.prepare_decoder_input_ids_from_labels(labels=labels)
+    inputs = model_inputs(batch, model.config)
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                   decoder_input_ids=decoder_ids).logits
+    real = labels != IGNORE
+    return logits[real].float(), labels[real]
 
 
 def causal_lm_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]
@@ -70,8 +88,8 @@ def decoder_stack(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def rank_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(batch, labels) rank-classification scores of a causal LM on prompts (`batch["choices"]`: each label's
-    verbalizer ids, -1 padded): the log-likelihood of a one-token verbalizer after the prompt, the mean
+    """(batch, labels) rank-classification scores of a causal LM or an encoder-decoder on prompts
+    (`batch["choices"]`: each label's verbalizer ids, -1 padded): the log-likelihood of a one-token verbalizer after the prompt, the mean
     token log-likelihood of a longer one (`prompts`). One forward pass scores every one-token verbalizer at
     once; each longer one takes a pass of its own over prompt + verbalizer. A wrapper of several models (an
     output ensemble) scores by its own `rank_scores`."""
@@ -127,18 +145,23 @@ def _seq2seq_rank_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor])
 
 def language_model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, encoder_grad: bool = True
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The predictions a language model is scored on in a text task: masked tokens (a masked LM) or next
-    tokens (a causal LM), with their targets. `encoder_grad`: as `masked_lm_logits` (a causal LM trains whole)."""
-    if is_causal_lm(model):
+    """The predictions a language model is scored on in a text task: masked tokens (a masked LM), next
+    tokens (a causal LM) or dropped spans (an encoder-decoder), with their targets. `encoder_grad`: as
+    `masked_lm_logits` (a causal LM or an encoder-decoder trains whole)."""
+    noise = text_noise(model)
+    if noise is None:
         return causal_lm_logits(model, batch)
+    if noise == "spans":
+        return seq2seq_lm_logits(model, batch)
     return masked_lm_logits(model, batch, encoder_grad=encoder_grad)
 
 
 def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: TaskSpec, *,
               encoder_grad: bool = True) -> torch.Tensor:
     """The training loss of one batch: the head's own loss, masked-only MLM cross-entropy, (a causal LM on
-    a text task) the mean next-token cross-entropy of every position followed by a real token, or (a causal
-    LM on prompts) the rank-classification loss."""
+    a text task) the mean next-token cross-entropy of every position followed by a real token, (an
+    encoder-decoder on a text task) the mean cross-entropy of its span-corruption targets, or (a language
+    model on prompts) the rank-classification loss."""
     if spec.kind == "mlm":
         return F.cross_entropy(*language_model_logits(model, batch, encoder_grad=encoder_grad))
     if spec.kind == "rank":  # the softmax over the labels' scores (T-Few's L_LN, arXiv:2205.05638, Eq. 3)

@@ -66,12 +66,13 @@ def mlm_metrics(loss: float) -> dict[str, float]:
 
 # A language model's score dict says which loss it holds by the tokens it counted (`evaluation`): masked
 # tokens for a masked LM, predicted next tokens for a causal LM. Tables and plots name the loss by it.
-LM_LOSSES = {"masked_tokens": "MLM loss", "predicted_tokens": "next-token loss"}
+LM_LOSSES = {"masked_tokens": "MLM loss", "predicted_tokens": "next-token loss", "target_tokens": "span loss"}
 
 
 def metric_label(key: str, scores: Mapping | None = None) -> str:
     """How a metric of a score dict reads in a table or a plot: a language model's "loss" says which loss
-    ("next-token loss" for a causal LM, "MLM loss" for a masked LM); every other key is its own name."""
+    ("next-token loss" for a causal LM, "MLM loss" for a masked LM, "span loss" for T5's span corruption);
+    every other key is its own name."""
     if key == "loss" and scores:
         for counted, label in LM_LOSSES.items():
             if counted in scores:

@@ -48,7 +48,7 @@ from .encode import pad_id
 from .errors import MergeLabError, writing
 from .fingerprint import combined, digests
 from .outputs import staging
-from .tasks import TaskSpec, get_task, tasks_for_head
+from .tasks import LANGUAGE_MODELS, TaskSpec, get_task, tasks_for_head
 from .tensorio import check_safetensors, open_safetensors
 
 METADATA = "mergelab.json"
@@ -330,7 +330,7 @@ def load_tokenizer(ref: ModelRef):
     """The tokenizer saved with a checkpoint (shared between loads of the same folder while its files are
     unchanged: keyed by their content, so an edited tokenizer is loaded again)."""
     if ref.kind == "scratch":
-        return load_tokenizer(resolve(MINILM))
+        return scratch.tokenizer(ref.location, load_tokenizer(resolve(MINILM)))
     files = tokenizer_files(ref)
     key = (ref.location, tuple(sorted(files.items())))
     known = _TOKENIZERS.get(key)
@@ -439,8 +439,8 @@ def _head_from_config(kind: str | None, config) -> HeadInfo:
 def head_info(ref: ModelRef, config=None) -> HeadInfo:
     """What head a checkpoint on disk carries, from its config (or, for adapter modules, its metadata)."""
     if ref.is_adapter:
-        if ref.metadata().get("head") == "causal":  # a module of a causal LM trained on prompts
-            return HeadInfo("causal")
+        if ref.metadata().get("head") in LANGUAGE_MODELS:  # a module of a language model trained on prompts
+            return HeadInfo(ref.metadata()["head"])
         spec = get_task(ref.metadata()["task"])
         return HeadInfo(spec.head, spec.num_labels, spec.labels)
     config = config or load_config(ref)
@@ -624,8 +624,8 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
             check_head(ref.spec, head, task)
         # Scoring keeps the checkpoint's own head where it scores the task (a causal LM on a text task or on
         # prompts), and so does training a causal LM on prompts (rank classification needs no new head).
-        keep = task is not None and head.kind in task.heads and (not new_head or (head.kind == "causal" and
-                                                                              (keep_lm_head or task.kind == "mlm")))
+        keep = task is not None and head.kind in task.heads and (not new_head or (
+            head.kind in LANGUAGE_MODELS and (keep_lm_head or task.kind == "mlm")))
         kind = head.kind if keep or task is None else training_head(task, config)
         kwargs = _weights_kwargs(ref, allow_pickle)
         fresh = task is not None and new_head and not keep
@@ -653,8 +653,12 @@ def load(spec: str | ModelRef, task: TaskSpec | None = None, *, new_head: bool =
 
 def training_head(task: TaskSpec, config) -> str:
     """The head kind a model of `config`'s family is given to train on `task`: the task's own
-    (`TaskSpec.head`), except on a text task for a family transformers has no masked-LM class for (GPT-2,
-    the Llama layout): a causal LM, trained and scored by next-token loss (`losses.task_loss`)."""
+    (`TaskSpec.head`), except on a text task for a family transformers has no masked-LM class for (a
+    decoder: GPT-2, the Llama layout): a causal LM, trained and scored by next-token loss
+    (`losses.task_loss`). An encoder-decoder (T5) is a language model on any task it learns (`training`):
+    its seq2seq LM head, trained by span corruption on text (`spans`), by rank classification on prompts."""
+    if getattr(config, "is_encoder_decoder", False) and (task.head == "mlm" or task.prompt is not None):
+        return "seq2seq"
     if task.head != "mlm" or type(config) in hf().AutoModelForMaskedLM._model_mapping:
         return task.head
     return "causal"
@@ -751,7 +755,7 @@ def load_adapter(ref: ModelRef, *, allow_pickle: bool = False) -> torch.nn.Modul
 
     own_task = get_task(ref.metadata()["task"])
     base = load(adapter_base(ref), own_task, new_head=True, allow_pickle=allow_pickle, device="cpu",
-                keep_lm_head=ref.metadata().get("head", "causal") == "causal").model
+                keep_lm_head=ref.metadata().get("head", "causal") in LANGUAGE_MODELS).model
     if adapter_kind(ref) == bottleneck.KIND:  # MergeLab's own module kind (see `bottleneck`), not PEFT's
         config = bottleneck.BottleneckConfig.from_json(json.loads((ref.path / "adapter_config.json").read_text()))
         with open_safetensors(ref.path / ADAPTER_FILE, f"model {ref.spec!r}") as f:

@@ -1,7 +1,7 @@
 """Models pretrained from scratch: which random initialization a `scratch:` spec names.
 
-Two families start from random weights, both with the packaged MiniLM's WordPiece tokenizer (so nothing is
-downloaded) and both sized to pretrain on a CPU:
+Three families start from random weights, all with the packaged MiniLM's WordPiece tokenizer (so nothing is
+downloaded) and all sized to pretrain on a CPU:
 
 - `scratch:<size>` (tiny, mini, small): a BERT (Devlin et al. 2019, arXiv:1810.04805), pretrained by masked
   language modelling; the sizes are the names of Turc et al. 2019's compact BERTs (arXiv:1908.08962).
@@ -13,6 +13,13 @@ downloaded) and both sized to pretrain on a CPU:
   two, so its width is Llama's 8/3 x hidden (Sec. 2.2) rounded up to a multiple of 64, which keeps the
   feed-forward parameters close to the BERT of the same size; the head counts are the BERT's doubled for
   `tiny` (2 query heads over 2 key/value heads would not group anything).
+- `scratch-t5:<size>` (tiny, mini, small): an encoder-decoder in the T5 v1.1 layout (Raffel et al. 2020,
+  arXiv:1910.10683; v1.1's gated-GELU feed-forward), pretrained by span corruption (`spans`), with the
+  LM head tied to the embeddings as in T5 v1.0 (which keeps a small model's vocabulary parameters
+  halved) and no dropout (pretraining this short does not overfit). Encoder and decoder each have the
+  BERT size's depth, its width and heads, and the Llama size's gated feed-forward width. Its tokenizer is
+  MiniLM's plus T5's 100 sentinel tokens `<extra_id_0>` ... `<extra_id_99>`, which span corruption
+  needs; pad is the decoder's start token, as in T5.
 
 The caller's torch seed decides the weights (`models.load` builds the model from the config), so a run's
 recorded seed names its initialization (`align.origin`).
@@ -20,10 +27,15 @@ recorded seed names its initialization (`align.origin`).
 
 from __future__ import annotations
 
+import copy
+import threading
+
 from .errors import MergeLabError
+from .spans import sentinel_names
 
 BERT = "scratch:"
 LLAMA = "scratch-llama:"
+T5 = "scratch-t5:"
 
 # BERT sizes to pretrain from scratch on a CPU (the names of Turc et al. 2019's compact BERTs).
 BERT_SIZES = {
@@ -40,8 +52,14 @@ LLAMA_SIZES = {
     "small": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
               "intermediate_size": 1408},
 }
+# T5 encoder-decoders: each stack as deep as the BERT size, the Llama size's gated feed-forward width.
+T5_SIZES = {size: {"d_model": b["hidden_size"], "num_layers": b["num_hidden_layers"], "num_heads": heads,
+                   "d_kv": b["hidden_size"] // heads, "d_ff": LLAMA_SIZES[size]["intermediate_size"]}
+            for size, b in BERT_SIZES.items() for heads in [LLAMA_SIZES[size]["num_attention_heads"]]}
 # prefix -> (transformers config class, sizes)
-FAMILIES = {BERT: ("BertConfig", BERT_SIZES), LLAMA: ("LlamaConfig", LLAMA_SIZES)}
+FAMILIES = {BERT: ("BertConfig", BERT_SIZES), LLAMA: ("LlamaConfig", LLAMA_SIZES), T5: ("T5Config", T5_SIZES)}
+_SENTINEL_TOKENIZERS: dict[int, tuple[object, object]] = {}  # id(MiniLM's tokenizer) -> (it, it + sentinels)
+_LOCK = threading.Lock()
 MAX_POSITIONS = 512  # as the BERT sizes' learned position table; rotary positions need no table
 
 
@@ -70,7 +88,8 @@ def config_kwargs(spec: str, tokenizer) -> tuple[str, dict]:
     check(spec)
     prefix = _prefix(spec)
     if prefix is None:
-        raise MergeLabError(f"{spec!r} is not a scratch spec (scratch:<size> or scratch-llama:<size>)")
+        raise MergeLabError(f"{spec!r} is not a scratch spec (scratch:<size>, scratch-llama:<size> or "
+                            "scratch-t5:<size>)")
     class_name, sizes = FAMILIES[prefix]
     kwargs = {"vocab_size": len(tokenizer), **sizes[spec[len(prefix):]]}
     if prefix == LLAMA:
@@ -79,7 +98,25 @@ def config_kwargs(spec: str, tokenizer) -> tuple[str, dict]:
         kwargs.update(max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True,
                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
                       eos_token_id=tokenizer.sep_token_id)
+    if prefix == T5:
+        kwargs.update(feed_forward_proj="gated-gelu", tie_word_embeddings=True, dropout_rate=0.0,
+                      pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.sep_token_id)
     return class_name, kwargs
+
+
+def tokenizer(spec: str, minilm):
+    """The tokenizer of the random initialization `spec` names, given MiniLM's: MiniLM's itself, or for a T5
+    a copy with T5's sentinel tokens added (one per MiniLM tokenizer object, never changing that one)."""
+    if _prefix(spec) != T5:
+        return minilm
+    with _LOCK:
+        known = _SENTINEL_TOKENIZERS.get(id(minilm))
+        if known is None or known[0] is not minilm:
+            extended = copy.deepcopy(minilm)
+            extended.add_special_tokens({"additional_special_tokens": sentinel_names()})
+            known = _SENTINEL_TOKENIZERS[id(minilm)] = (minilm, extended)
+    return known[1]
 
 
 def _prefix(spec: str) -> str | None:

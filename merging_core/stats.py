@@ -24,11 +24,16 @@ transpose of `nn.Linear`'s; the merge methods turn such weights to (out, in) bef
 (`ParamInfo.transposed`, `methods.regmean`), so the factors line up with the weight in both layouts.
 A decoder's sequence head (`score` of GPT-2 and Llama) runs on every position but only its output at
 the last real token is read, so its G and B are over those rows only (one per example, as BERT's head
-sees its pooled input); the rest of its input rows never reach the loss.
+sees its pooled input); the rest of its input rows never reach the loss. In an encoder-decoder (T5)
+each layer's padding is its own stack's: encoder layers and the cross-attention keys and values read
+encoder positions, masked by the encoder's attention mask; decoder layers and the LM head read target
+positions, masked where the targets are padding.
 
 log p(y|x) is the model's own: the classification (or token-tagging) head's, the masked-LM head's on a
-text task, and for a causal LM on a text task the sum over tokens of log p(x_t | x_<t) (next tokens
-after a real token; padding left out). Labels: `empirical` = gold, `true` = sampled from the model,
+text task, for a causal LM on a text task the sum over tokens of log p(x_t | x_<t) (next tokens
+after a real token; padding left out), for an encoder-decoder on a text task the sum over its
+span-corruption targets (`spans`), and for a language model on prompts the log-softmax of its labels'
+rank-classification scores. Labels: `empirical` = gold, `true` = sampled from the model,
 `hard` = its argmax. For regression (STS-B), log p is a unit Gaussian around the prediction; `hard`
 there would give zero gradients, so it uses the gold score, as the RegMean codebase does.
 
@@ -54,12 +59,12 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import data, settings
+from . import data, settings, spans
 from .arch import adapter_for, canonical, require
 from .encode import IGNORE, encode, mlm_mask, model_inputs, pad_id
 from .errors import MergeLabError
 from .fingerprint import combined
-from .losses import is_causal_lm, language_model_logits, rank_scores
+from .losses import language_model_logits, rank_scores, text_noise
 from .models import (ModelRef, config_fingerprint, hf, load, load_adapter, load_tokenizer, model_head, read_config,
                      resolve, tokenizer_files, weights_fingerprint)
 from .module_space import check_mergeable, module_checkpoint, module_parameters
@@ -186,17 +191,19 @@ def statistics(model: str | ModelRef, task: str | TaskSpec, kinds: tuple[str, ..
 # computing them
 
 
-def _examples(spec: TaskSpec, tokenizer, n: int, device: torch.device, *, causal: bool = False
+def _examples(spec: TaskSpec, tokenizer, n: int, device: torch.device, *, noise: str | None = "mask"
               ) -> list[dict[str, torch.Tensor]]:
-    """A seeded random subset of the train split as a list of single-example batches (text tasks: masked
-    for a masked LM, as they are for a causal LM)."""
+    """A seeded random subset of the train split as a list of single-example batches (text tasks corrupted
+    as `noise` says: masked for a masked LM, span-corrupted for an encoder-decoder, whole for a causal LM)."""
     encoded = encode(spec, "train", tokenizer)
     generator = torch.Generator().manual_seed(SEED)
     index = torch.randperm(len(encoded), generator=generator)[:n]
     if not len(index):
         raise MergeLabError(f"task {spec.name} has no training examples to compute statistics on")
     subset = encoded.subset(index)
-    if spec.kind == "mlm" and not causal:
+    if spec.kind == "mlm" and noise == "spans":
+        subset = spans.corrupt_split(subset, tokenizer, generator)
+    elif spec.kind == "mlm" and noise == "mask":
         masked, labels = mlm_mask(subset.ids, tokenizer, generator)
         subset = replace(subset, ids=masked.to(subset.ids.dtype), labels=labels)
     pad = pad_id(tokenizer)
@@ -276,6 +283,17 @@ def _last_token_heads(model: torch.nn.Module, modules: dict[str, torch.nn.Module
     return {name for name in modules if adapter.describe(name).group == "head"}
 
 
+def _target_side(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> set[str]:
+    """The layers of an encoder-decoder that read decoder (target) positions: the decoder's own layers but
+    the cross-attention keys and values (those read the encoder's output), and the LM head."""
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return set()
+    adapter = adapter_for(model.config.model_type, generic=True)
+    infos = {name: adapter.describe(name) for name in modules}
+    return {name for name, info in infos.items()
+            if (info.stack == "decoder" and info.role not in ("cross_key", "cross_value")) or info.group == "lm_head"}
+
+
 def _last_tokens(input_ids: torch.Tensor, pad: int | None) -> torch.Tensor:
     """(batch, length) bool: the position a last-token sequence head reads in each row, found as
     transformers finds it (the rightmost token that is not `config.pad_token_id`)."""
@@ -305,7 +323,7 @@ def compute(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, Any], *
     loaded = load(ref, spec)
     spec = scored_as(spec, model_head(loaded.model).kind)  # a causal LM reads a classification task as prompts
     device = next(loaded.model.parameters()).device
-    examples = _examples(spec, loaded.tokenizer, options["examples"], device, causal=is_causal_lm(loaded.model))
+    examples = _examples(spec, loaded.tokenizer, options["examples"], device, noise=text_noise(loaded.model))
     return estimate(loaded, examples, spec, kind, options, f"{kind} of {ref.name} on {spec.name}", progress)
 
 
@@ -359,12 +377,14 @@ def _grams(model, examples, spec, kind, options, generator, desc, progress, *, p
             for name, m in modules.items()}
     counts = dict.fromkeys(modules, 0)
     heads = _last_token_heads(model, modules)
-    state: dict[str, torch.Tensor | None] = {"mask": None, "last": None}
+    targets = _target_side(model, modules)
+    state: dict[str, torch.Tensor | None] = {"mask": None, "last": None, "targets": None}
 
     def accumulate(name: str, x: torch.Tensor) -> None:
         # One batch's XᵀX in float32 (a few hundred rows: relative error ~1e-7; the accumulation runs
         # ~1.7x faster than in float64 on a CPU), summed over batches in float64.
-        mask = state["last"] if name in heads else state["mask"] if options["mask_padding"] else None
+        mask = state["last"] if name in heads else None if not options["mask_padding"] else \
+            state["targets"] if name in targets else state["mask"]
         rows = _rows(x.detach(), mask).float()
         sums[name] += rows.T @ rows
         counts[name] += rows.shape[0]
@@ -380,6 +400,9 @@ def _grams(model, examples, spec, kind, options, generator, desc, progress, *, p
     try:
         for batch in track(batches, len(batches), desc, progress):
             state["mask"] = batch["attention_mask"]
+            # the decoder of an encoder-decoder: padded targets of span corruption; prompts' verbalizers
+            # (rank classification) are never padded
+            state["targets"] = batch["labels"] != IGNORE if targets and spec.kind == "mlm" else None
             if heads:
                 state["last"] = _last_tokens(batch["input_ids"], model.config.pad_token_id)
             if kind == "gram":
@@ -496,6 +519,8 @@ class _SparseEmbeddingGrad:
         embedding = model.get_input_embeddings()
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if output is not None and output.weight is embedding.weight:
+            return None
+        if getattr(model.config, "is_encoder_decoder", False):  # T5's encoder and decoder share the embedding
             return None
         if type(embedding) is not torch.nn.Embedding:  # Gemma's scales its output: not ∂/∂ of a row as is
             return None

@@ -78,18 +78,18 @@ class TaskSpec:
 
     @property
     def heads(self) -> tuple[str, ...]:
-        """The head kinds that can be scored on this task (`SCORING_HEADS`), `head` first; a causal LM too on
-        a classification task with a prompt (rank classification)."""
+        """The head kinds that can be scored on this task (`SCORING_HEADS`), `head` first; a language model
+        too on a classification task with a prompt (rank classification)."""
         prompted = LANGUAGE_MODELS if self.kind == "classification" and self.prompt is not None else ()
         return SCORING_HEADS[self.kind] + prompted
 
 
 # The head kinds (`models.HeadInfo.kind`) each kind of task can score. A text task is scored by a masked LM
-# (loss on masked tokens) or by a causal LM (next-token loss, `evaluation`); labelled tasks need their head,
-# or a prompt for a causal LM (`TaskSpec.heads`).
+# (loss on masked tokens), a causal LM (next-token loss, `evaluation`) or an encoder-decoder (span
+# corruption, `spans`); labelled tasks need their head, or a prompt for a language model (`TaskSpec.heads`).
 LANGUAGE_MODELS = ("causal", "seq2seq")  # heads that score a classification task's prompts
 SCORING_HEADS: dict[str, tuple[str, ...]] = {"classification": ("sequence",), "regression": ("sequence",),
-                                             "token": ("token",), "mlm": ("mlm", "causal"), "rank": LANGUAGE_MODELS}
+                                             "token": ("token",), "mlm": ("mlm",) + LANGUAGE_MODELS, "rank": LANGUAGE_MODELS}
 
 
 def scored_as(spec: TaskSpec, head_kind: str | None) -> TaskSpec:
@@ -202,6 +202,18 @@ def get_task(name: str) -> TaskSpec:
 def tasks_for_head(kind: str | None) -> list[str]:
     """The listed tasks a model with a head of `kind` can be scored on (a causal LM: wikitext2)."""
     return [spec.name for spec in TASKS.values() if spec.listed and kind in spec.heads]
+
+
+def listed_as(name: str) -> str:
+    """The listed task a model trained on task `name` is scored on where users pick tasks: the task itself,
+    or for an internal one (the pretraining text `corpus`) the listed task of the same kind whose dev split
+    is the same file (WikiText-2)."""
+    spec = get_task(name)
+    if spec.listed:
+        return spec.name
+    return next((other.name for other in TASKS.values() if other.listed and other.kind == spec.kind
+                 and other.directory == spec.directory and other.files.get("dev") == spec.files.get("dev")),
+                spec.name)
 
 
 def title(name: str) -> str:

@@ -14,8 +14,11 @@ cross-entropy, `losses.task_loss`). A decoder's sequence head reads the last rea
 batches: the loaded model's `config.pad_token_id` is the padding id (`models.match_padding`), so the saved
 config records it and transformers' own `from_pretrained` reads the checkpoint the same way.
 `scratch-llama:<size>` is a Llama-layout decoder from a random initialization (`scratch`), pretrained this
-way, then fine-tuned like any other decoder. Prefix modules and bottleneck adapters stay BERT-only (they
-are inserted into BERT's module layout).
+way, then fine-tuned like any other decoder. T5 (Raffel et al. 2020, arXiv:1910.10683) trains as a
+language model: on a text task by span corruption (`spans`), on a classification task by rank
+classification of its prompts (full, LoRA, (IA)³ with PEFT's T5 targets); `scratch-t5:<size>` is a T5
+pretrained this way. Prefix modules and bottleneck adapters stay BERT-only (they are inserted into BERT's
+module layout).
 
 Every run records its provenance in `mergelab.json`: base, task, seed, steps, partition, training
 settings, the dev scores of the final model and of every intermediate checkpoint (`--save-every`).
@@ -47,17 +50,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bottleneck, cartography, partition, settings
+from . import bottleneck, cartography, partition, settings, spans
 from ._version import __version__
 from .arch import BERT, adapter_for, require
 from .encode import Encoded, encode, mlm_mask, pad_id
 from .errors import MergeLabError, writing
 from .evaluation import Evaluator
-from .losses import is_causal_lm, task_loss
+from .losses import task_loss, text_noise
 from .models import load, model_head, prefix_model, read_config, resolve, write_into, write_multihead
 from .outputs import check_out, staging
 from .progress import ProgressFn, with_eta
-from .tasks import TaskSpec, get_task, scored_as
+from .tasks import LANGUAGE_MODELS, TaskSpec, get_task, scored_as
 
 
 SAMPLING = ("proportional", "sqrt", "round-robin")
@@ -190,6 +193,8 @@ def wrap_peft(model: torch.nn.Module, spec: TaskSpec, config: TrainConfig) -> to
         return bottleneck.insert(model, bottleneck.BottleneckConfig(size=config.bottleneck_size))
     # a causal LM on prompts keeps its (tied) LM head: nothing of a classifier to train and save
     task_type = {"token": TaskType.TOKEN_CLS, "rank": TaskType.CAUSAL_LM}.get(spec.kind, TaskType.SEQ_CLS)
+    if spec.kind == "rank" and model.config.is_encoder_decoder:  # T5's decoder scores the verbalizers
+        task_type = TaskType.SEQ_2_SEQ_LM
     # GPT-2's layers are `Conv1D`s, whose weights are stored (in, out): PEFT must know to transpose its update
     stored_in_out = any(type(m).__name__ == "Conv1D" for m in model.modules())
     if config.peft == "lora":
@@ -248,8 +253,11 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     if config.sampling not in SAMPLING:
         raise MergeLabError(f"sampling {config.sampling!r} is not known; use one of: {', '.join(SAMPLING)}",
                             param="sampling")
-    # the family's gate before any weights are read: one line for a T5 or an unknown family
-    require(read_config(resolve(config.base)).model_type, "training", config.base)
+    # the family's gate before any weights are read: one line for an unknown family
+    base_config = read_config(resolve(config.base))
+    require(base_config.model_type, "training", config.base)
+    if base_config.get("is_encoder_decoder"):
+        _check_language_model_tasks(config, specs, base_config.model_type)
     if len(specs) > 1:
         if config.cartography:
             raise MergeLabError("data maps are recorded for one task at a time; drop cartography or train one task",
@@ -264,7 +272,7 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     model, tokenizer = loaded.model, loaded.tokenizer
     head = model_head(model).kind  # a text task gives a decoder a causal-LM head (`models.training_head`)
     spec = scored_as(spec, head)  # a causal LM learns a classification task as prompts (rank classification)
-    masked = spec.kind == "mlm" and not is_causal_lm(model)  # a causal LM reads its text unmasked
+    noise = text_noise(model)  # masked for a masked LM, span-corrupted for T5, whole for a causal LM
     if config.peft:
         model = wrap_peft(model, spec, config)
 
@@ -298,7 +306,7 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
         model.train()
         bar = _Bar(config.steps, f"train {spec.name}", progress)
         for step in range(1, config.steps + 1):
-            batch = _next_batch(train_data, next(batches), tokenizer, generator, spec, device, masked=masked)
+            batch = _next_batch(train_data, next(batches), tokenizer, generator, spec, device, noise=noise)
             loss = task_loss(model, batch, spec, encoder_grad=not config.head_only)
             if not torch.isfinite(loss):
                 raise MergeLabError(f"training diverged at step {step} (loss {loss.item()}); lower the learning rate",
@@ -323,6 +331,19 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
             extra["cartography"] = recorder.save(tmp)
         metadata = _checkpoint(model, tokenizer, tmp, dev, {**base_meta, **extra}, config.steps, started, losses)
     return TrainResult(Path(out), metadata)
+
+
+def _check_language_model_tasks(config: TrainConfig, specs: tuple[TaskSpec, ...], model_type: str) -> None:
+    """An encoder-decoder (T5) trains as a language model only: by span corruption on a text task, by rank
+    classification on a classification task's prompt; anything else is one line naming the task."""
+    for spec in specs:
+        if spec.kind == "mlm" or (spec.kind == "classification" and spec.prompt is not None and config.prompt):
+            continue
+        why = "with prompt=False (a fresh classifier)" if spec.kind == "classification" and spec.prompt else \
+            f"on {spec.name} (a {spec.kind} task, with no prompt to rank labels by)"
+        raise MergeLabError(f"model {config.base!r} is an encoder-decoder ({model_type}), which MergeLab trains as a "
+                            f"language model, not {why}; train it on a text task or on a classification task's "
+                            "prompt", param="task")
 
 
 @dataclass
@@ -375,9 +396,9 @@ def _train_multitask(config: TrainConfig, specs: tuple[TaskSpec, ...], out: str 
     device = settings.device()
     loaded = [load(config.base, spec, new_head=True, device=device, keep_lm_head=config.prompt) for spec in specs]
     tokenizer = loaded[0].tokenizer
-    prompted = all(model_head(item.model).kind == "causal" for item in loaded)
+    prompted = all(model_head(item.model).kind in LANGUAGE_MODELS for item in loaded)
     if prompted:  # a causal LM reads every task as prompts: one whole model, nothing per task
-        specs = tuple(scored_as(spec, "causal") for spec in specs)
+        specs = tuple(scored_as(spec, model_head(loaded[0].model).kind) for spec in specs)
         encoder = loaded[0].model
         loaded = [loaded[0]] * len(specs)
     else:
@@ -484,21 +505,24 @@ def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig):
 
 
 def train_batches(spec: TaskSpec, tokenizer, batch_size: int, seed: int, device, *,
-                  max_length: int = 128, masked: bool = True):
-    """An endless, seeded stream of training batches of `spec` on `device` (a text task's MLM-masked on the
-    fly unless `masked` is False: a causal LM's)."""
+                  max_length: int = 128, noise: str | None = "mask"):
+    """An endless, seeded stream of training batches of `spec` on `device` (a text task's corrupted on the
+    fly as `noise` says: `losses.text_noise`)."""
     data = encode(spec, "train", tokenizer, max_length)
     generator = torch.Generator().manual_seed(seed)
     for index in _length_grouped_batches(data.lengths, batch_size, generator):
-        yield _next_batch(data, index, tokenizer, generator, spec, device, masked=masked)
+        yield _next_batch(data, index, tokenizer, generator, spec, device, noise=noise)
 
 
 def _next_batch(data: Encoded, index: torch.Tensor, tokenizer, generator, spec: TaskSpec, device, *,
-                masked: bool = True) -> dict:
+                noise: str | None = "mask") -> dict:
     """The batch of examples `index`, right-padded with `pad_id`. A text task's batch is masked for a masked
-    LM (`masked`) and left whole for a causal LM, which predicts every next token."""
+    LM (`noise` "mask"), span-corrupted for an encoder-decoder ("spans") and left whole for a causal LM
+    (None), which predicts every next token."""
     batch = data.batch(index, pad_id(tokenizer))
-    if spec.kind == "mlm" and masked:
+    if spec.kind == "mlm" and noise == "spans":
+        batch = spans.corrupt_batch(batch, tokenizer, generator, pad_id(tokenizer))
+    elif spec.kind == "mlm" and noise == "mask":
         batch["input_ids"], batch["labels"] = mlm_mask(batch["input_ids"], tokenizer, generator)
         batch["labels"] = torch.where(batch["attention_mask"].bool(), batch["labels"], -100)
     return {k: v.to(device) for k, v in batch.items()}

@@ -27,7 +27,7 @@ from .models import METADATA
 from .outputs import staging, sweep
 from .progress import ProgressFn, remaining, scaled
 from .scratch import is_scratch
-from .tasks import get_task
+from .tasks import get_task, listed_as
 from .training import TrainConfig, train
 
 RECIPES = Path(__file__).resolve().parent.parent / "assets" / "recipes"
@@ -325,8 +325,9 @@ def pairs() -> list[dict]:
     found: list[dict] = []
 
     def add(kind: str, a: dict, b: dict, tasks: list[str]) -> None:
+        # scored on listed tasks: models pretrained on the data-root text on WikiText-2 (its dev text)
         found.append({"kind": kind, "label": f"{kind}: {a['name']} ↔ {b['name']}", "a": a["name"], "b": b["name"],
-                      "tasks": tasks})
+                      "tasks": [listed_as(t) for t in tasks]})
 
     finals = [r for r in rows if "/" not in r["name"]]
     by_name = {r["name"]: r for r in rows}

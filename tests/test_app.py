@@ -239,6 +239,29 @@ def test_model_pickers_show_family_size_and_task(family_zoo):
     assert multitask_choices() == []
 
 
+def test_the_evaluate_tab_opens_on_a_pretrained_model_with_a_task_it_offers(app_home):
+    """A zoo whose first model was pretrained on the text corpus (its recorded task `corpus`, which no picker
+    offers) builds an Evaluate tab whose ticked tasks are among its choices, not an invalid value."""
+    from views import build_app
+
+    save_family_model(app_home / "zoo" / "a-pretrained-llama", "llama", "causal",
+                      {"task": "corpus", "kind": "full", "seed": 0})
+    demo = build_app()
+    blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    assert blocks["eval-model"].value == "a-pretrained-llama"  # the first model: the case this checks
+    tasks = blocks["eval-tasks"]
+    offered = [value for _, value in tasks.choices]
+    assert "corpus" not in offered and tasks.value == ["wikitext2"]  # its held-out text, ticked
+    # the Curves tab's suggested pair of two such models is scored on that text too
+    import merging_core as ml
+
+    save_family_model(app_home / "zoo" / "a-pretrained-llama-2", "llama", "causal",
+                      {"task": "corpus", "kind": "full", "seed": 1})
+    pair = next(p for p in ml.zoo.pairs() if {p["a"], p["b"]} == {"a-pretrained-llama", "a-pretrained-llama-2"})
+    assert pair["tasks"] == ["wikitext2"]
+    assert ml.tasks.listed_as("corpus") == "wikitext2" and ml.tasks.listed_as("sst2") == "sst2"
+
+
 def test_evaluate_offers_a_causal_lm_its_tasks_and_scores_them(family_zoo, client):
     from views import evaluate_tab
 

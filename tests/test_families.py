@@ -235,7 +235,7 @@ def test_unknown_families_get_guessed_groups_only_when_asked():
     assert bart.describe("final_logits_bias").group == "other"
     assert bart.describe("model.decoder.layers.1.self_attn_layer_norm.weight").block == ("decoder", 1)
     with pytest.raises(MergeLabError, match="not supported yet for statistics"):
-        arch.require("t5", "statistics")
+        arch.require("gpt_neox", "statistics")
     arch.require("bert", "statistics")
     arch.require("gpt_neox", "merge")
 
@@ -391,9 +391,9 @@ def test_tied_and_untied_lm_heads_do_not_merge(saved, tmp_path):
 
 
 def test_data_aware_methods_say_the_family_is_not_supported_yet(saved):
-    # (the encoders and decoders have statistics now: tests/test_family_scoring.py; T5 not yet)
-    with pytest.raises(MergeLabError, match="model type 't5' is not supported yet for statistics"):
-        merge("fisher", [saved("t5", 0), saved("t5", 1)], stats_tasks=["sst2"])
+    # (every family with an adapter has statistics: tests/test_family_scoring.py, tests/test_t5.py)
+    with pytest.raises(MergeLabError, match="model type 'gpt_neox' is not supported yet for statistics"):
+        merge("fisher", [saved("gpt_neox", 0), saved("gpt_neox", 1)], stats_tasks=["sst2"])
 
 
 def test_a_weights_only_folder_merges_without_a_tokenizer(saved, tmp_path):

@@ -11,8 +11,8 @@ time through transformers' own model (so no padding at all), with only `input_id
   over the last tokens); RegMean of two GPT-2 models on a `Conv1D` is Jin et al.'s closed form in the
   weight's stored (in, out) layout; RegMean of a model with itself returns it; Fisher and MaTS merges
   give finite weights;
-- what stays gated (alignment and uploads; training of DistilBERT and DeBERTa-v2; T5) is still refused with
-  one line (decoders' training: `test_family_training`).
+- what stays gated (alignment and uploads; training of DistilBERT and DeBERTa-v2; T5's alignment) is still
+  refused with one line (decoders' training: `test_family_training`).
 """
 
 from __future__ import annotations
@@ -284,13 +284,13 @@ def test_a_head_that_cannot_score_a_task_is_one_line(saved):
     message = str(error.value)
     assert "\n" not in message and lm in message and "conll2003" in message
     assert "can be scored on cola, sst2, mrpc, rte, qnli, wnli, qqp, mnli, emotion, wikitext2 instead" in message
-    with pytest.raises(MergeLabError, match=r"has a sequence head but task wikitext2 needs a mlm or causal head"):
+    with pytest.raises(MergeLabError, match=r"has a sequence head but task wikitext2 needs a mlm, causal or seq2seq head"):
         ml.evaluate(classifier, "wikitext2", limit=4)
     # a model handed to an evaluator directly is checked the same way, before any forward pass
     evaluator = ml.Evaluator("conll2003", word_tokenizer(pad=False), limit=4, device="cpu")
     with pytest.raises(MergeLabError, match="causal head but task conll2003 needs a token head"):
         evaluator(reference(lm, "causal"), name="lm")
-    assert ml.get_task("wikitext2").heads == ("mlm", "causal") and ml.get_task("conll2003").heads == ("token",)
+    assert ml.get_task("wikitext2").heads == ("mlm", "causal", "seq2seq") and ml.get_task("conll2003").heads == ("token",)
     assert tasks.tasks_for_head("causal")[-1] == "wikitext2" and "conll2003" not in tasks.tasks_for_head("causal")
 
 
@@ -404,9 +404,10 @@ def test_the_gate_refuses_what_a_family_cannot_do_yet(model_type):
         assert "\n" not in str(error.value)
 
 
-def test_t5_stays_gated_for_statistics_and_training_refuses_distilbert(saved, tmp_path):
-    arch.require("t5", "scoring")  # rank classification (test_rank_classification.py)
-    for feature in ("statistics", "training", "alignment"):
+def test_t5_stays_gated_for_alignment_and_training_refuses_distilbert(saved, tmp_path):
+    for feature in ("scoring", "statistics", "training"):  # as a language model (tests/test_t5.py)
+        arch.require("t5", feature)
+    for feature in ("alignment", "uploads"):
         with pytest.raises(MergeLabError, match="model type 't5' is not supported yet"):
             arch.require("t5", feature)
     with pytest.raises(MergeLabError, match="'distilbert' is not supported yet for fine-tuning"):

@@ -14,7 +14,8 @@ written here, so each run is a few steps of a hidden-16 model:
   next-token prediction memorises a repeated block, saving intermediate checkpoints;
 - a tiny recipe runs the whole chain on decoders: pretrain from two seeds, fine-tune, pair, merge,
   evaluate, curve;
-- what stays gated (T5, prefix and bottleneck modules on decoders) is refused with one line.
+- what stays gated (families without an adapter, prefix and bottleneck modules on decoders) is refused with
+  one line.
 """
 
 from __future__ import annotations
@@ -270,10 +271,11 @@ def test_a_scratch_decoder_recipe_runs_the_whole_chain(isolated_home, tmp_path):
     assert ml.evaluate("d0-lora-sst2", "sst2", limit=8)["n"] == 8
 
 
-def test_the_shipped_recipe_pretrains_three_seeds_and_fine_tunes_each():
-    entries = ml.zoo.load_recipe("scratch-llama").entries
+@pytest.mark.parametrize("recipe", ["scratch-llama", "scratch-t5"])
+def test_the_shipped_recipe_pretrains_three_seeds_and_fine_tunes_each(recipe):
+    entries = ml.zoo.load_recipe(recipe).entries
     pretrained = {name: c for name, c in entries.items() if c.task == "corpus"}
-    assert {c.base for c in pretrained.values()} == {"scratch-llama:mini"}
+    assert {c.base for c in pretrained.values()} == {f"{recipe}:mini"}
     assert sorted(c.seed for c in pretrained.values()) == [0, 1, 2]
     full = [c for c in entries.values() if c.task != "corpus" and c.peft is None and "," not in c.task]
     assert {(c.base, c.task) for c in full} == {(p, t) for p in pretrained for t in ("sst2", "mrpc", "emotion")}
@@ -291,15 +293,16 @@ def test_the_shipped_recipe_pretrains_three_seeds_and_fine_tunes_each():
 # what stays gated
 
 
-def test_t5_is_refused_for_training_with_one_line(tmp_path):
-    folder = tmp_path / "t5"
-    transformers.T5Model(transformers.T5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                                               num_heads=2)).save_pretrained(folder)
-    with pytest.raises(MergeLabError, match="model type 't5' is not supported yet for fine-tuning") as error:
+def test_a_family_without_training_is_refused_with_one_line(tmp_path):
+    folder = tmp_path / "neox"
+    transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2)).save_pretrained(folder)
+    with pytest.raises(MergeLabError, match="model type 'gpt_neox' is not supported yet for fine-tuning") as error:
         ml.train(ml.TrainConfig(base=str(folder), task="sst2", steps=1), tmp_path / "out")
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
-    for family in ("gpt2", "llama", "qwen2", "mistral", "bert"):
+    for family in ("gpt2", "llama", "qwen2", "mistral", "bert", "t5"):  # T5: tests/test_t5.py
         arch.require(family, "training")
 
 

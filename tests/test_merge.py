@@ -118,6 +118,30 @@ def test_regmean_closed_form_matches_definition():
     assert gradient.abs().max() < 1e-5
 
 
+def test_regmean_on_a_gram_with_dead_features_solves_the_rest_and_takes_the_mean_there():
+    """Input features no example reaches (dead ReLU units: zero rows and columns of every Gram) leave
+    RegMean's objective flat there: the merge is the pseudo-inverse's least-squares solution on the Gram's
+    range plus the models' mean along its null space, here found by solving the live features directly."""
+    from merging_core.methods.regmean import solve_regmean
+
+    ws = [torch.randn(5, 6, dtype=torch.float64) for _ in range(3)]
+    x = [torch.randn(20, 6, dtype=torch.float64) for _ in range(3)]
+    for xi in x:
+        xi[:, [1, 4]] = 0.0  # features 1 and 4: never reached
+    grams = [xi.T @ xi for xi in x]
+    report: dict = {}
+    merged = solve_regmean(grams, ws, report)
+    lhs, mean = sum(grams), torch.stack(ws).mean(0)
+    inverse = torch.linalg.pinv(lhs, hermitian=True)
+    null = torch.eye(6, dtype=torch.float64) - inverse @ lhs
+    expected = (inverse @ sum(g @ w.T for g, w in zip(grams, ws)) + null @ mean.T).T
+    assert report["singular_gram"]
+    assert_close(merged, expected, atol=1e-6)
+    assert_close(merged[:, [1, 4]], mean[:, [1, 4]], atol=1e-6)  # the dead columns: the models' mean
+    assert not torch.allclose(merged, mean, atol=1e-3)  # the live ones are solved, not averaged
+    assert_close(solve_regmean(grams, [ws[0]] * 3, {}), ws[0], atol=1e-6)  # copies of one model: itself
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("objective", ["regmean", "kfac", "diagonal_fisher", "average"])
 def test_mats_conjugate_gradient_converges(objective, device):

@@ -363,5 +363,10 @@ def test_a_t5_scores_each_label_as_the_decoder_s_target_after_the_prompt(t5):
     assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0 and math.isfinite(result["loss"])
     with pytest.raises(MergeLabError, match="seq2seq head but task stsb needs a sequence head"):
         ml.evaluate(t5, "stsb", limit=2)
-    with pytest.raises(MergeLabError, match="not supported yet for statistics"):
-        statistics(t5, "emotion", ("gram",), {"examples": 4})
+    # statistics on the same prompts: the encoder's layers see every prompt token, the decoder's one position
+    # per example (every emotion verbalizer is one token; tests/test_t5.py checks the values themselves)
+    grams = statistics(t5, "emotion", ("gram",), {"examples": 4})
+    drawn = ml.stats._examples(spec, tok, 4, torch.device("cpu"))
+    assert int(grams["encoder.block.0.layer.0.SelfAttention.q.weight"]["gram_count"]) == sum(
+        int(e["attention_mask"].sum()) for e in drawn)
+    assert int(grams["decoder.block.0.layer.0.SelfAttention.q.weight"]["gram_count"]) == 4

@@ -184,8 +184,9 @@ def tasks_info(offered: list[str] | None, kinds: set, default: str, always: str 
     elif not offered:
         text = "none: no picked model has a task head (fine-tune it first, or pick a model with one)"
     else:
-        how = (" (a causal LM: text by next-token loss, classification tasks by rank classification of their "
-               "prompts)") if "causal" in kinds else ""
+        lms = [f"{name}: text by {how}" for kind, name, how in (("causal", "a causal LM", "next-token loss"),
+                                                               ("seq2seq", "a T5", "span corruption")) if kind in kinds]
+        how = f" ({'; '.join(lms)}; classification tasks by rank classification of their prompts)" if lms else ""
         text = "the tasks the picked models' heads can be scored on" + how
     return "; ".join(part for part in (text, always) if part)
 
@@ -195,11 +196,11 @@ def task_update(models: Iterable[str | None], value: list[str] | None, default_i
                 always: str = "") -> gr.CheckboxGroup:
     """A task picker showing only the tasks the picked models can be scored on, ticking `preferred` (a
     model's own tasks), else the ticked ones still offered, else the only one offered, else, for a causal
-    LM, its text task (what a pretrained language model is scored on)."""
+    LM or a T5, its text task (what a pretrained language model is scored on)."""
     offered, kinds = scorable_tasks(models, request)
     choices = task_choices(only=offered)
     ids = names(choices)
-    text = [t for t in ids if "causal" in kinds and ml.get_task(t).kind == "mlm"][:1]
+    text = [t for t in ids if kinds & {"causal", "seq2seq"} and ml.get_task(t).kind == "mlm"][:1]
     kept = ([t for t in preferred or [] if t in ids] or [t for t in value or [] if t in ids]
             or (ids if len(ids) == 1 else text))
     return gr.CheckboxGroup(choices=choices, value=kept, info=tasks_info(offered, kinds, default_info, always))

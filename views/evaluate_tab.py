@@ -49,10 +49,11 @@ def run_evaluation(model: str, tasks: list[str], split: str, limit: float | None
 
 
 def own_task(model: str | None) -> list[str] | None:
-    """The task(s) a zoo model was trained on (every head of a multi-task model), to preselect them."""
+    """The task(s) a zoo model was trained on (every head of a multi-task model), to preselect them; a model
+    pretrained on the data-root text is scored on WikiText-2 (`tasks.listed_as`)."""
     for row in ml.zoo.entries():
         if row["name"] == model and row["tasks"]:
-            return list(row["tasks"])
+            return [ml.tasks.listed_as(t) for t in row["tasks"]]
     return None
 
 
@@ -74,8 +75,9 @@ def refresh(model: str | None, tasks: list[str] | None, request: gr.Request = No
 def build(demo: gr.Blocks) -> dict:
     with gr.Tab("Evaluate", id="evaluate") as tab:
         gr.Markdown("Score a checkpoint on task dev sets. Tasks offers those the model's head fits (same head "
-                    "type and labels; a causal LM: text by next-token loss, classification tasks by rank "
-                    "classification of their prompts); a row that cannot be scored says why.")
+                    "type and labels; a causal LM: text by next-token loss, a T5 by span corruption, "
+                    "classification tasks by rank classification of their prompts); a row that cannot be "
+                    "scored says why.")
         notice = start.notice(tab, "Evaluate")
         with gr.Row():
             choices = model_choices()
@@ -85,7 +87,9 @@ def build(demo: gr.Blocks) -> dict:
             # every task at first, so an API caller may name any (scoring says what does not fit); a browser
             # gets the picked model's tasks as soon as the page loads (`refresh`)
             here = task_choices()
-            tasks = ui.CheckboxGroup(here, value=own_task(first) or [here[0][1]], label="Tasks", scale=3,
+            # the first model's own tasks where they are offered (a pretrained model's `corpus` is not)
+            own = [t for t in own_task(first) or [] if t in names(here)]
+            tasks = ui.CheckboxGroup(here, value=own or [here[0][1]], label="Tasks", scale=3,
                                      elem_id="eval-tasks", info=TASKS_INFO)
         with gr.Row():
             split = ui.Radio(["dev", "test", "train"], value="dev", label="Split")

@@ -94,7 +94,8 @@ def _panel_title(names: list[str], tasks: list[tuple[str, str]], counts: dict) -
 
 def _labels(curves: list[dict], tasks: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
     """(task, key) -> how the key reads, from the task's first scores: a language model's loss says which
-    loss it is ("next-token loss" for a causal LM, "MLM loss" for a masked LM), anything else its name."""
+    loss it is ("next-token loss" for a causal LM, "MLM loss" for a masked LM, "span loss" for a T5), anything
+    else its name."""
     out: dict[tuple[str, str], str] = {}
     for task, metric in tasks:
         scores = next((item["scores"][task] for curve in curves for item in curve["items"]

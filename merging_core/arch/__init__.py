@@ -34,8 +34,9 @@ Design choices shared by the families:
 - **Stacks**: an encoder-decoder's decoder restarts its layer count at 0, so `ParamInfo.stack` says which
   stack a parameter is in and `ParamInfo.block` = (stack, layer) is the per-layer key (see `t5`).
 - **Features** (`Adapter.features`, `require`): data-free merges and component selection work for every
-  adapter; statistics and scoring for BERT, DistilBERT, DeBERTa-v2, GPT-2 and the Llama layout (`SCORED`);
-  training for BERT, GPT-2 and the Llama layout; alignment and uploads for the BERT family only so far.
+  adapter; statistics and scoring for BERT, DistilBERT, DeBERTa-v2, T5, GPT-2 and the Llama layout
+  (`SCORED`); training for BERT, T5, GPT-2 and the Llama layout; alignment for BERT, GPT-2 and the Llama
+  layout; uploads for the BERT family only so far.
 
 Names are matched after stripping wrapper prefixes (`bert.`, `roberta.`, PEFT's `base_model.model.`);
 LoRA factors (`lora_A` / `lora_B`), (IA)³ scaling vectors (`ia3_l`), bottleneck adapters

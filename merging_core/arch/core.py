@@ -28,7 +28,7 @@ GROUPS = ("embeddings", "attention", "feed_forward", "layer_norm", "pooler", "he
 # reads a family's module layout or its inputs (token type ids, an MLM head module), not just names.
 # Statistics and scoring run a model's own forward with generic hooks, so the encoders and decoders whose
 # inputs and heads MergeLab handles have those two as well (`SCORED`). Training runs the same forward with
-# PEFT's own target modules per model type, so GPT-2 and the Llama layout train too (`arch.decoders`).
+# PEFT's own target modules per model type, so GPT-2, the Llama layout and T5 train too.
 FEATURES = ("merge", "components", "statistics", "scoring", "alignment", "training", "uploads")
 DATA_FREE = ("merge", "components")
 SCORED = DATA_FREE + ("statistics", "scoring")

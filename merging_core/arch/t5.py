@@ -31,7 +31,7 @@ as Llama's `gate_proj` / `up_proj` (both read the block's input; the gate goes t
 
 from __future__ import annotations
 
-from .core import DATA_FREE, Adapter
+from .core import SCORED, Adapter
 
 _BLOCK = r"(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\."
 _ENC = r"(?P<stack>encoder)\.block\.(?P<layer>\d+)\.layer\."
@@ -49,9 +49,9 @@ T5 = Adapter(
     family="t5",
     model_types=("t5", "mt5", "umt5"),
     prefixes=("transformer.",),
-    # a T5 with its LM head scores classification tasks by rank classification (`prompts`); no statistics,
-    # training or alignment yet
-    features=DATA_FREE + ("scoring",),
+    # a T5 with its LM head is a language model: text by span corruption (`spans`), classification tasks by
+    # rank classification (`prompts`), for scoring, statistics and training alike; no alignment yet
+    features=SCORED + ("training",),
     rules=(
         (r"shared" + _W, "embeddings", "word"),
         (r"(?P<stack>encoder|decoder)\.embed_tokens" + _W, "embeddings", "word"),

@@ -211,8 +211,8 @@ def ensemble(target: str, sources: Sequence[str] | None = None, *, similarity: s
     temperature = chosen.default_temperature if temperature is None else float(temperature)
     modules = [read_module(s) for s in (sources or default_sources(spec.name, kind))]
     check_combinable(modules)
-    # modules of a causal LM trained on prompts transfer to the target's prompts (rank classification)
-    spec = scored_as(spec, "causal" if modules[0].ref.metadata().get("head") == "causal" else None)
+    # modules of a language model trained on prompts transfer to the target's prompts (rank classification)
+    spec = scored_as(spec, modules[0].ref.metadata().get("head"))
     mine = [m.ref.spec for m in modules if m.task == spec.name]
     if mine:
         raise MergeLabError(f"source {mine[0]!r} was trained on the target task {spec.name}; leave it out",

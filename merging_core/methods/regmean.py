@@ -97,16 +97,32 @@ def solve_regmean(grams: list[torch.Tensor], tensors: list[torch.Tensor], report
     rhs = sum(g @ w.to(g.dtype).T for g, w in zip(grams, tensors))
     solution, info = torch.linalg.solve_ex(lhs, rhs)
     if info.item() != 0:  # a singular Gram (e.g. an input feature that is always zero, as after a ReLU)
-        inverse = torch.linalg.pinv(lhs, hermitian=True)
         # Input directions no example reaches leave the objective flat: the minimum-norm solution would zero
         # those weights, so they take the models' mean instead (the solution where every model agrees:
         # merging copies of one model returns it), as `solve_diagonal` does for a feature nobody weighs.
         coefficients = (torch.full((len(tensors),), 1 / len(tensors)) if weights is None else weights).to(lhs)
         mean = sum(float(c) * w.to(lhs.dtype).T for c, w in zip(coefficients, tensors))
-        null = torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device) - inverse @ lhs
-        solution = inverse @ rhs + null @ mean
+        solution = _solve_singular(lhs, rhs, mean)
         report["singular_gram"] = True
     return solution.T
+
+
+def _solve_singular(lhs: torch.Tensor, rhs: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The least-squares solution of a singular `lhs` X = `rhs` on the range of `lhs`, `mean` along its null
+    space. A Gram's feature that no example reaches (zero on the diagonal) has a zero row and column, so
+    when those are the whole null space (dead ReLU units, the common case) the rest is solved directly and
+    those rows are the mean: what the pseudo-inverse gives, without its eigendecomposition (a 1024-wide
+    Gram: ~0.14 s on 2 CPU cores, against a few ms)."""
+    live = lhs.diagonal() > 0
+    if not live.all():
+        inner, info = torch.linalg.solve_ex(lhs[live][:, live], rhs[live])
+        if info.item() == 0:
+            solution = mean.clone()
+            solution[live] = inner
+            return solution
+    inverse = torch.linalg.pinv(lhs, hermitian=True)
+    null = torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device) - inverse @ lhs
+    return inverse @ rhs + null @ mean
 
 
 def linear_layout(job: TensorJob) -> TensorJob:
