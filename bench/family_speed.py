@@ -112,7 +112,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--examples", type=int, default=64, help="SST-2 train examples of RegMean's Grams")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
-    parser.add_argument("--results", default="family_speed", help="results file name (bench/results/<name>-<device>.json)")
+    parser.add_argument("--results", default="family_speed",
+                        help="results file name: bench/results/<name>-<device>.json")
     args = parser.parse_args()
     tokenizer = load_tokenizer(ml.resolve("minilm"))
     for task in (ml.get_task("sst2"), ml.tasks.scored_as(ml.get_task("sst2"), "causal")):

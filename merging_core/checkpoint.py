@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .arch import Adapter, ParamInfo, adapter_for, canonical
+from . import scratch
 from .errors import MergeLabError
 from .models import (ConfigView, HeadInfo, ModelRef, adapter_kind, head_info, load, load_tokenizer, read_config,
                      resolve, vocabulary_fingerprint)
@@ -151,9 +152,12 @@ def _check_tied(first: Checkpoint, other: Checkpoint) -> None:
 
 
 def recorded_base(models: list[Checkpoint]) -> str | None:
-    """The base every input records in its metadata, when they agree."""
+    """The base every input records in its metadata, when they agree. A random initialization
+    (`scratch-t5:mini`, recorded by models pretrained from scratch) is none: the run's seed drew its
+    weights, so two models recording it did not start from one tensor, and loading it draws new ones."""
     bases = {m.ref.metadata().get("base") for m in models}
-    return bases.pop() if len(bases) == 1 else None
+    base = bases.pop() if len(bases) == 1 else None
+    return None if scratch.is_scratch(base) else base
 
 
 def load_canonical(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> int:

@@ -123,6 +123,7 @@ class Evaluator:
                 return values
             match_padding(model, self.pad_id)
         model.eval()
+        # a language model's text task by its own noise (none: next tokens; spans: T5), else by task kind
         score = {None: self._causal, "spans": self._spans}.get(noise) or {
             "mlm": self._mlm, "token": self._token, "rank": self._rank}.get(self.spec.kind, self._sequence)
         who = f"model {name!r}" if name else "the model"

@@ -499,6 +499,11 @@ ATTENTION_BY_HAND = {
     "gpt2": _per_layer(*(f"transformer.h.{{i}}.attn.{m}.{w}" for m in ("c_attn", "c_proj") for w in ("weight", "bias"))),
     "distilbert": _per_layer(*(f"distilbert.transformer.layer.{{i}}.attention.{m}.{w}"
                                for m in ("q_lin", "k_lin", "v_lin", "out_lin") for w in ("weight", "bias"))),
+    # both stacks' self-attention, the decoder's cross-attention, and the relative position bias of block 0
+    "t5": _per_layer(*(f"{stack}.block.{{i}}.layer.0.SelfAttention.{p}.weight" for stack in ("encoder", "decoder")
+                       for p in "qkvo"),
+                     *(f"decoder.block.{{i}}.layer.1.EncDecAttention.{p}.weight" for p in "qkvo"))
+    | {f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight" for stack in ("encoder", "decoder")},
 }
 
 

@@ -15,8 +15,9 @@ they do for the scratch T5 zoo:
 - a T5 trains by span corruption (pretraining lowers its loss) and by rank classification (full, LoRA
   as a seq2seq module, multi-task as one checkpoint); tasks it cannot learn are one line; its LoRA modules
   ensemble on a new task's prompts;
-- RegMean of a T5 with itself returns it, Fisher and MaTS merges are finite, and a curve's endpoints
-  reproduce each model's own score, on text and on prompts.
+- RegMean of a T5 with itself returns it, Fisher and MaTS merges are finite, a curve's endpoints
+  reproduce each model's own score, and a Bezier bend trains on the models' own loss, on text and on
+  prompts; components select the hand-written list of T5's attention tensors (`test_families`).
 """
 
 from __future__ import annotations
@@ -116,6 +117,30 @@ def test_span_corruption_drops_fifteen_percent_in_spans_and_its_target_restores_
     assert [_rows(again.targets, i) for i in range(5)] == [_rows(corrupted.targets, i) for i in range(5)]
     other = spans.corrupt_split(blocks.head(5), tok, torch.Generator().manual_seed(1))
     assert [_rows(other.targets, i) for i in range(5)] != [_rows(corrupted.targets, i) for i in range(5)]
+
+
+def test_t5_s_own_framing_text_with_no_start_token_gets_eos_on_both_sides(tokenizer):
+    """A T5 tokenizer frames nothing at the start and closes text with </s>: blocks of WikiText-2 carry no
+    framing (`encode`), and span corruption closes the input and the target with EOS, as T5's own data."""
+    plain = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, unk_token="[UNK]",
+                                                 pad_token="[PAD]", eos_token="[SEP]")
+    # four sentinels: a 128-token block's 6 spans are capped at 3 (the fourth closes the target)
+    plain.add_special_tokens({"additional_special_tokens": spans.sentinel_names(4)})
+    sentinels = spans.sentinel_ids(plain)
+    assert len(sentinels) == 4
+    blocks = encode(ml.get_task("wikitext2"), "dev", plain).head(6)
+    corrupted = spans.corrupt_split(blocks, plain, torch.Generator().manual_seed(0))
+    for i in range(6):
+        block, source, target = _rows(blocks, i), _rows(corrupted.inputs, i), _rows(corrupted.targets, i)
+        assert block[0] not in (plain.eos_token_id, plain.cls_token_id) and block[-1] != plain.eos_token_id
+        assert source[-1] == plain.eos_token_id and target[-1] == plain.eos_token_id
+        count = len([t for t in source if t in sentinels])
+        assert count == min(3, max(1, round(round(0.15 * len(block)) / 3)))
+        dropped, at = {}, None
+        for t in target[:-2]:
+            at = t if t in sentinels else at
+            dropped.setdefault(at, []).extend([] if t in sentinels else [t])
+        assert [t for s in source[:-1] for t in (dropped[s] if s in sentinels else [s])] == block
 
 
 def test_a_block_too_short_to_split_and_a_tokenizer_without_sentinels(t5_tokenizer, tokenizer):
@@ -263,6 +288,19 @@ def test_a_straight_t5_curve_ends_at_each_model_s_own_score(task, t5s):
     assert points[0]["scores"][task]["loss"] != pytest.approx(points[-1]["scores"][task]["loss"], abs=1e-6)
 
 
+@pytest.mark.parametrize("task", ["wikitext2", "sst2"])
+def test_a_bezier_bend_between_t5s_trains_on_their_own_loss(task, t5s):
+    """The bend learns as the models do (span corruption on text, rank classification on prompts); the ends
+    stay the models."""
+    a, b = t5s(0), t5s(1)
+    items = list(ml.curve(a, b, task, points=3, path="bezier", bend_steps=3, batch_size=4, limit=LIMIT))
+    bend, points = items[0], [i for i in items if i["kind"] == "point"]
+    assert bend["kind"] == "bend" and bend["distance_from_midpoint"] > 0
+    assert math.isfinite(bend["train_loss_first"]) and math.isfinite(bend["train_loss_last"])
+    for point, folder in ((points[0], a), (points[-1], b)):
+        assert point["scores"][task]["loss"] == pytest.approx(ml.evaluate(folder, task, limit=LIMIT)["loss"], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the scratch T5
 
@@ -306,6 +344,12 @@ def test_a_scratch_t5_recipe_runs_the_whole_chain(isolated_home, tmp_path):
     assert kinds[("e0", "e1")] == "different initializations"
     assert kinds[("e0-sst2", "e1-sst2")] == "different initializations"
     assert ml.evaluate("e0", "wikitext2", limit=4)["perplexity"] > 1  # span corruption on held-out text
+    # two models pretrained from different seeds record the same scratch spec, which is no common base: its
+    # weights are drawn anew on every load
+    run = ml.curve("e0", "e1", "wikitext2", points=2, limit=4)
+    assert run.distances["task_cosine"] is None
+    with pytest.raises(MergeLabError, match="the inputs record none; give the model they were fine-tuned from"):
+        ml.merge("task_arithmetic", ["e0", "e1"])
     merged = tmp_path / "merged"
     ml.merge("regmean", ["e0-sst2", "e0-mrpc"], stats_tasks=["sst2", "mrpc"], params={"examples": 4}, out=merged)
     for task in ("sst2", "mrpc"):
