@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from . import metrics, settings, spans
 from .arch import require
-from .encode import IGNORE, encode, mlm_mask, model_inputs, pad_id
+from .encode import IGNORE, Encoded, encode, mlm_mask, model_inputs, pad_id
 from .errors import MergeLabError
 from .losses import causal_lm_hidden, masked_lm_logits, rank_scores, seq2seq_lm_logits, text_noise
 from .models import Loaded, ModelRef, check_head, load, match_padding, model_head, resolve
@@ -95,10 +95,7 @@ class Evaluator:
         self.order = torch.argsort(encoded.lengths, descending=True, stable=True)
         self.pad_id = pad_id(tokenizer)
         self.batch_size = batch_size
-        self.batches = [
-            {k: v.to(self.device) for k, v in encoded.batch(self.order[i: i + batch_size], self.pad_id).items()}
-            for i in range(0, self.n, batch_size)
-        ]
+        self.batches = self._device_batches(encoded, self.order)
         self._text_batches: list[dict[str, torch.Tensor]] | None = None  # built on first causal-LM score
         self._span_batches: list[dict[str, torch.Tensor]] | None = None  # built on first encoder-decoder score
 
@@ -136,6 +133,12 @@ class Evaluator:
             raise MergeLabError(f"{who} has a non-finite loss ({values['loss']}) on {self._desc} although its logits "
                                 "are finite: its outputs overflow; check the checkpoint's weights")
         return {"task": self.spec.name, "split": self.split, "n": self.n, **values}
+
+    def _device_batches(self, examples: Encoded | spans.Corrupted, order: torch.Tensor
+                        ) -> list[dict[str, torch.Tensor]]:
+        """`examples` in `order`, cut into padded batches of `batch_size` on this evaluator's device."""
+        return [{k: v.to(self.device) for k, v in examples.batch(order[i: i + self.batch_size], self.pad_id).items()}
+                for i in range(0, len(order), self.batch_size)]
 
     @staticmethod
     def _finite(logits: torch.Tensor) -> torch.Tensor:
@@ -200,10 +203,7 @@ class Evaluator:
     def _causal(self, model, progress) -> dict:
         """Mean next-token cross-entropy over every real token that follows a real token, and perplexity."""
         if self._text_batches is None:
-            self._text_batches = [
-                {k: v.to(self.device) for k, v in self.text.batch(self.order[i: i + self.batch_size],
-                                                                  self.pad_id).items()}
-                for i in range(0, self.n, self.batch_size)]
+            self._text_batches = self._device_batches(self.text, self.order)
         loss_sum, count = 0.0, 0
         for batch in track(self._text_batches, len(self._text_batches), self._desc, progress):
             hidden, targets, head = causal_lm_hidden(model, batch)
@@ -218,9 +218,7 @@ class Evaluator:
         if self._span_batches is None:
             corrupted = spans.corrupt_split(self.text, self.tokenizer, torch.Generator().manual_seed(self.mask_seed))
             order = torch.argsort(corrupted.inputs.lengths, descending=True, stable=True)
-            self._span_batches = [{k: v.to(self.device) for k, v in
-                                   corrupted.batch(order[i: i + self.batch_size], self.pad_id).items()}
-                                  for i in range(0, self.n, self.batch_size)]
+            self._span_batches = self._device_batches(corrupted, order)
         loss_sum, count = 0.0, 0
         for batch in track(self._span_batches, len(self._span_batches), self._desc, progress):
             logits, targets = seq2seq_lm_logits(model, batch)

@@ -30,7 +30,7 @@ from itertools import pairwise
 
 import torch
 
-from .encode import IGNORE, Encoded
+from .encode import IGNORE, Encoded, _flat
 from .errors import MergeLabError
 
 NOISE_DENSITY = 0.15
@@ -121,10 +121,10 @@ class Corrupted:
 def corrupt_split(encoded: Encoded, tokenizer, generator: torch.Generator) -> Corrupted:
     """Every example of a text split corrupted in order with `generator` (see the module doc)."""
     sentinels, framing = sentinel_ids(tokenizer), _framing(tokenizer)
+    ids, offsets = encoded.ids.tolist(), encoded.offsets.tolist()  # once, not a tensor slice per example
     sources, targets = [], []
-    for i in range(len(encoded)):
-        source, target = corrupt(encoded.ids[encoded.offsets[i]: encoded.offsets[i + 1]].tolist(), sentinels,
-                                 framing, generator)
+    for start, end in pairwise(offsets):
+        source, target = corrupt(ids[start:end], sentinels, framing, generator)
         sources.append(source)
         targets.append(target)
     return Corrupted(_as_encoded(sources, with_labels=False), _as_encoded(targets, with_labels=True))
@@ -140,9 +140,7 @@ def corrupt_batch(batch: dict[str, torch.Tensor], tokenizer, generator: torch.Ge
 
 
 def _as_encoded(sequences: list[list[int]], *, with_labels: bool) -> Encoded:
-    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-    ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    ids, offsets = _flat(sequences, torch.long)
     # token-level labels (the targets themselves) make `Encoded.batch` pad them with IGNORE
     labels = ids.clone() if with_labels else torch.full(ids.shape, IGNORE, dtype=torch.long)
     return Encoded(ids.to(torch.int32), offsets, labels)

@@ -289,8 +289,7 @@ def _target_side(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) ->
     if not getattr(model.config, "is_encoder_decoder", False):
         return set()
     adapter = adapter_for(model.config.model_type, generic=True)
-    infos = {name: adapter.describe(name) for name in modules}
-    return {name for name, info in infos.items()
+    return {name for name, info in ((n, adapter.describe(n)) for n in modules)
             if (info.stack == "decoder" and info.role not in ("cross_key", "cross_value")) or info.group == "lm_head"}
 
 
