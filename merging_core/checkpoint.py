@@ -22,7 +22,7 @@ from .errors import MergeLabError
 from .models import (ConfigView, HeadInfo, ModelRef, adapter_kind, head_info, load, load_tokenizer, read_config,
                      resolve, vocabulary_fingerprint)
 from .tasks import TASKS, get_task
-from .tensorio import InMemory, LazyFiles
+from .tensorio import InMemory, LazyFiles, model_files
 
 # A model's task head: kept per task when label sets differ (heads=separate), free to differ in shape, and
 # optional in a base model. A causal / seq2seq LM head is the head of the generation task.
@@ -42,8 +42,10 @@ class Checkpoint:
     infos: dict[str, ParamInfo]  # canonical -> group / role / layer
     adapter: Adapter | None = None  # the family's adapter (generic for a family without one)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.reader.get(self.names[name])
+    def get(self, name: str, start: int = 0, stop: int | None = None, *, pin: bool = False) -> torch.Tensor:
+        """Parameter `name`, or the flat slice [start, stop) of its elements; `pin`: in page-locked memory,
+        for a fast copy to the GPU."""
+        return self.reader.get(self.names[name], start, stop, pin=pin)
 
     def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return self.reader.meta(self.names[name])
@@ -80,9 +82,10 @@ def open_checkpoint(spec: str | ModelRef, *, allow_pickle: bool = False) -> Chec
                             "(combine prefix modules with `ensemble`)", param="models")
     config = read_config(ref)
     head = head_info(ref, config)
-    files = sorted(ref.path.glob("*.safetensors")) if ref.path is not None and not ref.is_adapter else []
+    files, index = model_files(ref.path, f"model {ref.spec!r}") if ref.path is not None and not ref.is_adapter \
+        else ([], None)
     if files:
-        reader: LazyFiles | InMemory = LazyFiles(files, f"model {ref.spec!r}")
+        reader: LazyFiles | InMemory = LazyFiles(files, f"model {ref.spec!r}", index)
     else:  # LoRA (folded in), opted-in pickle or hub: the whole state dict in memory
         task = get_task(ref.metadata()["task"]) if ref.is_adapter else None
         model = load(ref, task, allow_pickle=allow_pickle, device="cpu").model

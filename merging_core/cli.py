@@ -28,6 +28,7 @@ from .methods import METHODS
 from .methods.mats import convergence
 from .params import parse_assignments
 from .paths import PATHS
+from .tensorio import OUTPUT_DTYPES
 from .spec import FALLBACKS, HEAD_POLICIES, MERGE_SPACES, MergeSpec, parse_method_text
 from .training import MODULE_KINDS, PEFT_KINDS, SAMPLING, TrainConfig, train
 
@@ -120,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="(IA)3 modules: merge their scaling vectors (module), or the weights they fold into")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default=None,
+                   help="the floats of the output (default: the inputs' dtype)")
+    p.add_argument("--shard-size", default=None,
+                   help="largest output file, e.g. 5GB (the default) or 500MB; a larger model is sharded with an index")
+    p.add_argument("--device", default=None,
+                   help="where the math runs: cpu, cuda, cuda:1 (default: the GPU when present)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--eval", action="store_true", help="score the merged model on each of its tasks")
     p.add_argument("--limit", type=_positive_int, default=None, help="with --eval: first N dev examples")
@@ -370,7 +377,8 @@ def _merge(args: argparse.Namespace) -> None:
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
     spec = MergeSpec(args.method, tuple(args.models), base=args.base, params=parse_assignments(args.set, "--set"),
                      components=components, fallback=args.fallback, heads=args.heads, stats_tasks=args.stats_task,
-                     stats_files=args.stats_file, seed=args.seed, allow_pickle=args.allow_pickle, space=args.space)
+                     stats_files=args.stats_file, seed=args.seed, allow_pickle=args.allow_pickle, space=args.space,
+                     dtype=args.dtype, shard_size=args.shard_size, device=args.device)
     result = merge(spec, out=args.out, overwrite=args.overwrite)
     solved = convergence(result.report)
     summary = {"out": str(result.out), "method": args.method, "tasks": result.tasks,

@@ -43,7 +43,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from safetensors.torch import save_file
 
-from . import module_space, settings
+from . import caches, module_space, settings
 from ._version import __version__
 from .arch import ParamInfo, fallback_note
 from .checkpoint import HEAD_GROUPS, Checkpoint, check_compatible, open_checkpoint, recorded_base
@@ -55,7 +55,7 @@ from .progress import ProgressFn, scaled, track
 from .spec import MergeSpec
 from .stats import load_stats, settings_of, statistics
 from .tasks import get_task
-from .tensorio import StreamingWriter
+from .tensorio import OUTPUT_DTYPES, SHARD_SIZE, ShardedWriter, read_ahead
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,6 +172,7 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     (CLI, app, compare, greedy, curves) ends here.
     """
     started = time.perf_counter()
+    caches.map_large_buffers()  # freed slices go back to the OS: memory stays flat over a streamed merge
     if not isinstance(spec, MergeSpec):
         spec = MergeSpec(spec, tuple(models or ()), **fields)
     elif models is not None or fields:
@@ -190,7 +191,7 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     check_compatible(checkpoints, base_ckpt)
     plan = _plan(method, params, checkpoints, base_ckpt, spec.components, spec.fallback, spec.heads)
     work = _vector_plan(plan) if spec.space == "module" else plan  # what the method merges
-    device = torch.device(spec.device) if spec.device else settings.device()
+    device = _device(spec.device)
 
     kinds = method.stats_required(params)
     stats, stats_records = _gather_stats(work, kinds, params, spec.stats_tasks, spec.stats_files,
@@ -198,7 +199,7 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     weights = _weights(params, len(checkpoints), device)
     context = {}
     if method.prepare is not None:
-        whole = WholeModel(_method_names(work), lambda: _method_tensors(work, device), stats)
+        whole = WholeModel(_method_names(work), lambda: _method_tensors(work, device, chunked=True), stats)
         context = method.prepare(whole, params)
 
     merged_progress = scaled(progress, 0.5 if kinds else 0.0, 0.95, "merging: ")
@@ -206,12 +207,17 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
 
     def merged_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         if spec.space == "module":
-            yield from _folded(plan, {name: _merge_one(work, name, weights, stats, context, report, spec.seed, device)
-                                      for name in track(work.encoder, len(work.encoder), f"{spec.method} merge of "
-                                                        "the (IA)3 vectors", merged_progress)})
+            merged = {}
+            for name, part in _merged_parts(work, work.encoder, weights, stats, context, report, spec.seed, device,
+                                            merged_progress, f"{spec.method} merge of the (IA)3 vectors"):
+                merged[name] = part.view(_meta(work, name)[1])  # (IA)3 vectors are small: always whole
+            yield from ((name, t.to(_out_dtype(plan, name, spec.dtype))) for name, t in _folded(plan, merged))
             return
-        for name in track(plan.encoder, len(plan.encoder), f"{spec.method} merge", merged_progress):
-            yield name, _merge_one(plan, name, weights, stats, context, report, spec.seed, device)
+        for name, part in _merged_parts(plan, plan.encoder, weights, stats, context, report, spec.seed, device,
+                                        merged_progress, f"{spec.method} merge"):
+            part = part.to(_out_dtype(plan, name, spec.dtype))
+            yield name, part
+            del part  # (a streamed slice is written by now)
 
     # What ran, fully resolved (recorded base, per-model statistics tasks, the head policy chosen), so
     # that merge_config.json re-runs exactly this merge.
@@ -225,11 +231,11 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     tasks = sorted(head_tensors) if plan.heads == "separate" else (
         [checkpoints[0].task] if plan.heads == "merge" and checkpoints[0].task else [])
     if out is None:
-        state = dict(merged_tensors())
+        state = _assembled(plan, merged_tensors())
         return MergeResult(None, resolved, config, report, plan.notes, tasks, time.perf_counter() - started, state,
                            head_tensors)
     with writing(out), staging(out, overwrite=overwrite) as tmp:  # a full disk: one line naming `out`
-        _write(tmp, plan, merged_tensors(), head_tensors)
+        _write(tmp, plan, merged_tensors(), head_tensors, spec.dtype, spec.shard_size or SHARD_SIZE)
         config["seconds"] = round(time.perf_counter() - started, 2)
         yaml_text = mergekit_yaml(plan, base_spec) if spec.space == "weights" else None
         if yaml_text:
@@ -248,6 +254,19 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     if progress:
         progress(1.0, "merged")
     return MergeResult(out, resolved, config, report, plan.notes, tasks, time.perf_counter() - started)
+
+
+def _device(name: str | None) -> torch.device:
+    """Where the merge's math runs: the device asked for, else the GPU when there is one."""
+    if not name:
+        return settings.device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MergeLabError(f"device {name!r} is not a device; use cpu, cuda or cuda:N", param="device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeLabError(f"device {name!r} asked for, but CUDA is not available here; use cpu", param="device")
+    return device
 
 
 def _vector_plan(plan: Plan) -> Plan:
@@ -287,28 +306,128 @@ def _method_names(plan: Plan) -> list[str]:
             and (plan.base is None or name in plan.base.names)]
 
 
-def _method_tensors(plan: Plan, device) -> Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]:
-    """(name, info, tensors, base) of every parameter in `_method_names`, loaded one at a time."""
-    for name in _method_names(plan):
-        base = plan.base.get(name).to(device, torch.float32) if plan.base is not None else None
-        yield name, _info(plan, name), [m.get(name).to(device, torch.float32) for m in plan.models], base
+CHUNK = 1 << 21  # elements: the largest slice of one tensor an elementwise merge holds per input (8 MB in fp32)
+WHOLE = 1 << 24  # elements: the largest tensor a method that scans (SLERP, TIES per tensor) takes whole (64 MB)
 
 
-def _merge_one(plan: Plan, name: str, weights: torch.Tensor, stats: list[dict] | None, context: dict,
-               report: dict, seed: int, device) -> torch.Tensor:
+@dataclass(frozen=True)
+class Piece:
+    """One parameter, or one flat slice [start, stop) of a large one."""
+
+    name: str
+    start: int = 0
+    stop: int | None = None  # None: the whole tensor
+
+
+def _pieces(plan: Plan, names: Sequence[str], sliceable: bool) -> Iterator[Piece]:
+    """The parameters `names` in order, the large ones cut into flat slices when `sliceable` (`_sliced`)."""
+    for name in names:
+        dtype, shape = _meta(plan, name)
+        numel = math.prod(shape)
+        if sliceable and dtype.is_floating_point and _sliced(plan, name, numel):
+            yield from (Piece(name, start, min(start + CHUNK, numel)) for start in range(0, numel, CHUNK))
+        else:
+            yield Piece(name)
+
+
+def _sliced(plan: Plan, name: str, numel: int) -> bool:
+    """Whether a parameter of `numel` values goes through in slices: over `CHUNK` values when the merge
+    is elementwise there (the method is, or this parameter gets the fallback average or model A's copy);
+    over `WHOLE` when the method scans a tensor first (`Method.scan`), which a whole tensor spares (one
+    read, and TIES keeps exactly the entries mergekit's sort keeps); never otherwise."""
+    if plan.method.merges_slices(plan.params) or not _uses_method(plan, name):
+        return numel > CHUNK
+    return plan.method.scan is not None and numel > WHOLE
+
+
+def _needs_scan(plan: Plan, name: str) -> bool:
+    return _uses_method(plan, name) and not plan.method.merges_slices(plan.params)
+
+
+def _uses_method(plan: Plan, name: str) -> bool:
+    return plan.by_method(name) and len(_holders(plan, name)) == len(plan.models) and not (
+        plan.method.base_required(plan.params) and (plan.base is None or name not in plan.base.names))
+
+
+@dataclass
+class Inputs:
+    """A piece's tensors as read: one per model that holds the parameter, and the base's when it has it."""
+
+    tensors: list[torch.Tensor]
+    base: torch.Tensor | None
+
+
+def _reader(plan: Plan, device: torch.device):
+    """The function that reads one piece of every input; on the reader thread (`read_ahead`). On the CPU
+    it also converts to float32; for the GPU it leaves the values in page-locked memory, to be copied."""
+    gpu = device.type == "cuda"
+
+    def read(piece: Piece) -> Inputs:
+        def get(model: Checkpoint) -> torch.Tensor:
+            t = model.get(piece.name, piece.start, piece.stop, pin=gpu)
+            return t.to(torch.float32) if not gpu and t.dtype.is_floating_point else t
+
+        base = plan.base if plan.base is not None and piece.name in plan.base.names else None
+        return Inputs([get(plan.models[i]) for i in _holders(plan, piece.name)], get(base) if base else None)
+    return read
+
+
+def _on_device(inputs: Inputs, device: torch.device) -> Inputs:
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True).to(torch.float32) if t.dtype.is_floating_point else t
+    return Inputs([move(t) for t in inputs.tensors], move(inputs.base) if inputs.base is not None else None)
+
+
+def _method_tensors(plan: Plan, device, chunked: bool = False
+                    ) -> Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]:
+    """(name, info, tensors, base) of every parameter in `_method_names`, read one at a time (a large one
+    as flat slices when `chunked`) with the next one read meanwhile."""
+    pieces = _pieces(plan, _method_names(plan), chunked)
+    for piece, inputs in read_ahead(pieces, _reader(plan, device)):
+        inputs = _on_device(inputs, device)
+        yield piece.name, _info(plan, piece.name), inputs.tensors, inputs.base
+
+
+def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats: list[dict] | None,
+                  context: dict, report: dict, seed: int, device, progress: ProgressFn | None, what: str
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, merged values) for every parameter in order, on the CPU: a whole tensor, or consecutive flat
+    slices of a large one when the merge is elementwise there. Reading runs one piece ahead."""
+    pieces = list(_pieces(plan, names, sliceable=True))
+    read = _reader(plan, device)
+    scanned: dict = {}  # what the method's scan of the current large tensor found
+    for piece, inputs in track(read_ahead(pieces, read), len(pieces), what, progress):
+        here = context
+        if piece.stop is not None and _needs_scan(plan, piece.name):
+            if piece.start == 0:
+                scanned = plan.method.scan(lambda name=piece.name: _slice_jobs(plan, name, read, weights, context,
+                                                                               seed, device), plan.params)
+            here = {**context, **scanned}
+        merged = _merge_piece(plan, piece, _on_device(inputs, device), weights, stats, here, report, seed)
+        del inputs  # before the next piece is read: at most two pieces' inputs in memory
+        yield piece.name, merged
+        del merged
+
+
+def _slice_jobs(plan: Plan, name: str, read, weights: torch.Tensor, context: dict, seed: int, device
+                ) -> Iterator[TensorJob]:
+    """A TensorJob per flat slice of one large parameter, read afresh (a method's `scan`)."""
+    for _, inputs in read_ahead(_pieces(plan, [name], sliceable=True), read):
+        inputs = _on_device(inputs, device)
+        yield TensorJob(name=name, info=_info(plan, name), tensors=inputs.tensors, weights=weights, params=plan.params,
+                        base=inputs.base, context=context, seed=_seed(seed, name))
+
+
+def _merge_piece(plan: Plan, piece: Piece, inputs: Inputs, weights: torch.Tensor, stats: list[dict] | None,
+                 context: dict, report: dict, seed: int) -> torch.Tensor:
+    name = piece.name
     holders = _holders(plan, name)
-    first = plan.models[holders[0]]
-    dtype = first.meta(name)[0]
-    if not dtype.is_floating_point:
-        return first.get(name)
-    tensors = [plan.models[i].get(name).to(device, torch.float32) for i in holders]
-    base = None
-    if plan.base is not None and name in plan.base.names:
-        base = plan.base.get(name).to(device, torch.float32)
-    uses_method = plan.by_method(name) and len(holders) == len(plan.models)
-    if uses_method and base is None and plan.method.base_required(plan.params):
-        uses_method = False  # e.g. a head the base model does not have
-        plan.notes.append(f"{name}: the base model has no such parameter; {plan.fallback} used")
+    tensors, base = inputs.tensors, inputs.base
+    if not tensors[0].dtype.is_floating_point:
+        return tensors[0]
+    uses_method = _uses_method(plan, name)
+    if plan.by_method(name) and len(holders) == len(plan.models) and not uses_method and piece.start == 0:
+        plan.notes.append(f"{name}: the base model has no such parameter; {plan.fallback} used")  # e.g. a head
     if not uses_method:
         if plan.fallback == "first" and holders[0] == 0:
             merged = tensors[0]
@@ -323,14 +442,29 @@ def _merge_one(plan: Plan, name: str, weights: torch.Tensor, stats: list[dict] |
             report[name] = job.report
     # One finiteness check on the output (a NaN input shows up there); only then look for its source.
     if not _all_finite(merged):
-        inputs = [(f"model {plan.models[i].ref.spec!r}", t) for i, t in zip(holders, tensors)]
-        for what, t in inputs + ([(f"base model {plan.base.ref.spec!r}", base)] if base is not None else []):
+        inputs_ = [(f"model {plan.models[i].ref.spec!r}", t) for i, t in zip(holders, tensors)]
+        for what, t in inputs_ + ([(f"base model {plan.base.ref.spec!r}", base)] if base is not None else []):
             if not _all_finite(t):
                 raise MergeLabError(f"parameter {name} of {what} contains NaN or inf values; the checkpoint is "
                                     "broken, retrain or re-export it")
         raise MergeLabError(f"method {plan.method.name!r} produced NaN/inf for {name}; check its parameters "
                             "(e.g. a zero weight sum or an all-zero statistic)")
-    return merged.to(dtype).cpu()
+    return merged.cpu()
+
+
+def _out_dtype(plan: Plan, name: str, dtype: str | None) -> torch.dtype:
+    """The dtype written for a parameter: the one asked for (floats only), else the first holder's."""
+    own = _meta(plan, name)[0]
+    return OUTPUT_DTYPES[dtype] if dtype and own.is_floating_point else own
+
+
+def _assembled(plan: Plan, parts: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """An in-memory result: each parameter's slices joined back into its shape."""
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for name, part in parts:
+        pieces.setdefault(name, []).append(part)
+    shape = {name: _meta(plan, name)[1] for name in pieces}
+    return {name: (p[0] if len(p) == 1 else torch.cat(p)).view(shape[name]) for name, p in pieces.items()}
 
 
 def _average(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -372,8 +506,9 @@ def _gather_stats(plan: Plan, kinds: tuple[str, ...], params: dict, stats_tasks:
 
 
 def _write(folder: Path, plan: Plan, tensors: Iterator[tuple[str, torch.Tensor]],
-           heads: dict[str, dict[str, torch.Tensor]]) -> None:
-    """The merged model as an HF folder: one model (shared head) or encoder + heads/ (separate heads)."""
+           heads: dict[str, dict[str, torch.Tensor]], dtype: str | None = None, shard_size: int = SHARD_SIZE) -> None:
+    """The merged model as an HF folder: one model (shared head) or encoder + heads/ (separate heads), in
+    shards of `shard_size` bytes (with an index) when it is larger, its floats in `dtype` when given."""
     first = plan.models[0]
     architectures = first.config.get("architectures")
     headless = not any(_info(plan, n).group in HEAD_GROUPS for n in plan.encoder)
@@ -382,11 +517,16 @@ def _write(folder: Path, plan: Plan, tensors: Iterator[tuple[str, torch.Tensor]]
         architectures = [_encoder_class(first.config)]
     else:
         names = {n: first.names.get(n) or _prefixed(first, n) for n in plan.encoder}
-    layout = {names[n]: _meta(plan, n) for n in plan.encoder}
-    with StreamingWriter(folder / "model.safetensors", layout, {"format": "pt"}) as writer:
+    layout = {names[n]: (_out_dtype(plan, n, dtype), _meta(plan, n)[1]) for n in plan.encoder}
+    with ShardedWriter(folder, layout, shard_size, {"format": "pt"}) as writer:
         for name, tensor in tensors:
             writer.write(names[name], tensor)
+            del tensor
     changes = {"architectures": architectures}
+    if dtype:
+        written = str(OUTPUT_DTYPES[dtype]).removeprefix("torch.")
+        keys = [key for key in ("dtype", "torch_dtype") if first.config.get(key)] or ["dtype"]
+        changes.update(dict.fromkeys(keys, written))
     if first.ref.is_adapter and plan.heads == "merge" and first.task:
         # an adapter module's config is its base's (a bare encoder): the output has the module's head
         head_class = _encoder_class(first.config).removesuffix("Model") + HEAD_SUFFIX[first.head.kind]

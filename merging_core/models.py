@@ -49,7 +49,7 @@ from .errors import MergeLabError, writing
 from .fingerprint import combined, digests
 from .outputs import staging
 from .tasks import LANGUAGE_MODELS, TaskSpec, get_task, tasks_for_head
-from .tensorio import check_safetensors, open_safetensors
+from .tensorio import INDEX, check_safetensors, open_safetensors, read_index
 
 METADATA = "mergelab.json"
 MINILM = "minilm"
@@ -485,6 +485,8 @@ def _weights_kwargs(ref: ModelRef, allow_pickle: bool) -> dict:
     folder = ref.path
     files = sorted(folder.glob("*.safetensors"))
     if files or any(folder.glob("*.safetensors.index.json")):
+        if (folder / INDEX).is_file():
+            files = read_index(folder, f"model {ref.spec!r}")[0]  # a missing shard: one line
         check_safetensors(files, f"model {ref.spec!r}")  # a truncated or garbage file: one line, not a traceback
         return {"use_safetensors": True}
     pickles = sorted(folder.glob("pytorch_model*.bin"))

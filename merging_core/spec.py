@@ -20,6 +20,7 @@ from .arch import GROUPS
 from .errors import MergeLabError
 from .methods import get_method
 from .params import parse_assignments
+from .tensorio import OUTPUT_DTYPES, parse_size
 
 FALLBACKS = ("average", "first")  # what the components outside `components` get
 HEAD_POLICIES = ("auto", "merge", "separate")
@@ -56,6 +57,8 @@ class MergeSpec:
     allow_pickle: bool = False  # accept pytorch_model.bin (loaded weights_only)
     device: str | None = None  # where the math runs (default: the GPU when present)
     space: str = "weights"  # "module": merge (IA)³ modules' scaling vectors, then fold them (`module_space`)
+    dtype: str | None = None  # the floats of the output: "fp32", "bf16" or "fp16" (default: the inputs')
+    shard_size: int | None = None  # bytes per output file; a larger model is sharded (default 5 GB)
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -97,6 +100,10 @@ class MergeSpec:
         setter("seed", int(self.seed))
         if self.space not in MERGE_SPACES:
             raise MergeLabError(f"space must be one of {list(MERGE_SPACES)}, got {self.space!r}", param="space")
+        if self.dtype is not None and self.dtype not in OUTPUT_DTYPES:
+            raise MergeLabError(f"dtype must be one of {list(OUTPUT_DTYPES)}, got {self.dtype!r}", param="dtype")
+        if self.shard_size is not None:
+            setter("shard_size", parse_size(self.shard_size))
 
     # -- serialization ------------------------------------------------------------------------------
 

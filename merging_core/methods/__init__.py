@@ -48,8 +48,9 @@ class TensorJob:
 class WholeModel:
     """What a method's `prepare` pass sees: every parameter the method merges with all models.
 
-    `tensors()` iterates (name, info, tensors, base) afresh, loading one parameter at a time (TIES's
-    model-wide magnitude threshold); `stats` holds each model's statistics {name: {kind: tensor}}, or None
+    `tensors()` iterates (name, info, tensors, base) afresh, loading one parameter at a time, and a large
+    one as consecutive flat slices (TIES's model-wide magnitude threshold, which needs entries, not
+    shapes); `stats` holds each model's statistics {name: {kind: tensor}}, or None
     for a data-free merge (Fisher's whole-model normalisation)."""
 
     names: list[str]
@@ -77,6 +78,15 @@ class Method:
     # Checks a combination of parameter values that each parameter alone cannot (raises MergeLabError).
     check: Callable[[dict[str, Any]], None] | None = None
     mergekit: Callable[[dict[str, Any]], dict | None] | None = None  # mergekit YAML pieces, when expressible
+    # Whether each output entry depends only on the same entry of the inputs (given `context`): then the
+    # engine may merge a large tensor one flat slice at a time, which bounds memory at any model size.
+    elementwise: bool | Callable[[dict[str, Any]], bool] = False
+    # For a method that is elementwise once it knows a few numbers of the whole tensor (SLERP's angle, TIES's
+    # per-tensor threshold): `scan(slices, params)` goes over the tensor's flat slices (`slices()` yields a
+    # TensorJob per slice, afresh on each call) and returns what each slice's merge needs, which the engine
+    # adds to every slice's `context`. Used for tensors too large to hold whole (`merge.CHUNK`); smaller
+    # ones go to `merge_tensor` whole. None where it does not apply to these parameters.
+    scan: Callable[[Callable[[], Iterator[TensorJob]], dict[str, Any]], dict[str, Any]] | None = None
     doc: str = ""
     # Parameters under which merging one model (or N copies of it) returns that model: the values the
     # invariant tests use, declared by the method itself.
@@ -84,6 +94,9 @@ class Method:
 
     def base_required(self, params: dict[str, Any]) -> bool:
         return self.needs_base(params) if callable(self.needs_base) else self.needs_base
+
+    def merges_slices(self, params: dict[str, Any]) -> bool:
+        return self.elementwise(params) if callable(self.elementwise) else self.elementwise
 
     def stats_required(self, params: dict[str, Any]) -> tuple[str, ...]:
         return self.needs_stats(params) if callable(self.needs_stats) else self.needs_stats

@@ -26,8 +26,8 @@ def average(job: TensorJob) -> torch.Tensor:
 
 
 def task_arithmetic(job: TensorJob) -> torch.Tensor:
-    deltas = stack(job) - job.base
-    return job.base + job.params["lambda"] * deltas.sum(0)
+    # in place where the values are the same either way: one temporary stack, not three
+    return stack(job).sub_(job.base).sum(0).mul_(job.params["lambda"]).add_(job.base)
 
 
 SLERP_EPS = 1e-8  # below this norm a tensor is left unnormalised (mergekit's rule)
@@ -35,16 +35,43 @@ SLERP_EPS = 1e-8  # below this norm a tensor is left unnormalised (mergekit's ru
 
 def slerp(job: TensorJob) -> torch.Tensor:
     a, b = job.tensors
-    t = job.params["t"]
-    a64, b64 = a.double().flatten(), b.double().flatten()
-    norm_a, norm_b = float(a64.norm()), float(b64.norm())
-    cosine = float((a64 / (norm_a if norm_a > SLERP_EPS else 1.0)) @ (b64 / (norm_b if norm_b > SLERP_EPS else 1.0)))
-    cosine = min(1.0, max(-1.0, cosine))
-    if abs(cosine) > job.params["dot_threshold"]:
+    if "slerp" in job.context:  # a slice of a large tensor: its coefficients come from the whole (`slerp_scan`)
+        coefficients = job.context["slerp"]
+    else:
+        a64, b64 = a.double().flatten(), b.double().flatten()
+        coefficients = slerp_coefficients(float(_unit(a64, float(a64.norm())) @ _unit(b64, float(b64.norm()))),
+                                          job.params)
+    if coefficients is None:
+        t = job.params["t"]
         return (1 - t) * a + t * b
+    ca, cb = coefficients
+    return (ca * a.double() + cb * b.double()).to(a.dtype)
+
+
+def _unit(v: torch.Tensor, norm: float) -> torch.Tensor:
+    return v / (norm if norm > SLERP_EPS else 1.0)
+
+
+def slerp_coefficients(cosine: float, params: dict) -> tuple[float, float] | None:
+    """The weights of θ_A and θ_B for the cosine of the two tensors; None: interpolate linearly (the
+    tensors are (anti)parallel beyond `dot_threshold`)."""
+    cosine = min(1.0, max(-1.0, cosine))
+    if abs(cosine) > params["dot_threshold"]:
+        return None
+    t = params["t"]
     omega = torch.tensor(cosine, dtype=torch.float64).acos()
     sin = omega.sin()
-    return (((1 - t) * omega).sin() / sin * a.double() + (t * omega).sin() / sin * b.double()).to(a.dtype)
+    return float(((1 - t) * omega).sin() / sin), float((t * omega).sin() / sin)
+
+
+def slerp_scan(slices, params: dict) -> dict:
+    """A large tensor's SLERP coefficients, from its dot product and norms summed slice by slice."""
+    dot = aa = bb = 0.0
+    for job in slices():
+        a, b = (t.double() for t in job.tensors)
+        dot, aa, bb = dot + float(a @ b), aa + float(a @ a), bb + float(b @ b)
+    norms = [n if n > SLERP_EPS else 1.0 for n in (aa ** 0.5, bb ** 0.5)]
+    return {"slerp": slerp_coefficients(dot / (norms[0] * norms[1]), params)}
 
 
 def _linear_yaml(params: dict) -> dict:
@@ -64,14 +91,14 @@ def _slerp_yaml(params: dict) -> dict:
 register(Method(
     name="average", title="Average", family="data-free",
     paper="Wortsman et al. 2022, Model soups, arXiv:2203.05482: θ = Σ c_i θ_i",
-    params=(WEIGHTS,), merge_tensor=average, mergekit=_linear_yaml, neutral={},
+    params=(WEIGHTS,), merge_tensor=average, mergekit=_linear_yaml, neutral={}, elementwise=True,
     doc="Uniform or weighted mean of the parameters."))
 
 register(Method(
     name="task_arithmetic", title="Task arithmetic", family="data-free",
     paper="Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089, eq. 1: θ = θ_pre + λ Σ τ_i",
     params=(LAMBDA,), merge_tensor=task_arithmetic, needs_base=True, mergekit=_task_arithmetic_yaml,
-    neutral={"lambda": 1.0},
+    neutral={"lambda": 1.0}, elementwise=True,
     doc="Add the scaled sum of task vectors to the base model."))
 
 register(Method(
@@ -80,5 +107,5 @@ register(Method(
     params=(Param("t", "float", 0.5, "position between model A (0) and model B (1)", low=0.0, high=1.0),
             Param("dot_threshold", "float", 0.9995, "|cos| above which to interpolate linearly", low=0.0,
                   high=1.0)),
-    merge_tensor=slerp, min_models=2, max_models=2, mergekit=_slerp_yaml, neutral={},
+    merge_tensor=slerp, min_models=2, max_models=2, mergekit=_slerp_yaml, neutral={}, scan=slerp_scan,
     doc="Spherical interpolation between exactly two models."))

@@ -22,8 +22,11 @@
   mergekit's `dare_linear` differs twice: it draws its own masks, and it rescales each sparsified
   tensor to the L1 norm of the tensor before the drop instead of by 1/(1−p).
 
-Scope `model` holds the magnitudes of all task vectors at once to find the exact threshold; scope
-`tensor` streams one tensor at a time.
+Scope `model` finds each model's exact threshold over the whole model in two streaming passes (a radix
+selection on the magnitudes' bit patterns, `streamed_thresholds`), then merges slice by slice like an
+elementwise method: memory does not grow with the model. Scope `tensor` merges one whole tensor at a time,
+and a tensor too large to hold whole slice by slice after a streaming pass over it for its threshold;
+there, of the entries tied at the threshold, the first in index order survive (exactly k in all).
 """
 
 from __future__ import annotations
@@ -104,34 +107,113 @@ def _fallback(total: float, votes: float, rule: str) -> float:
 
 def _model_thresholds(model: WholeModel, params: dict[str, Any]) -> dict[str, Any]:
     """Scope `model`: per model, the magnitude of its k-th largest task-vector entry over the whole model
-    (density < 1), and the zero-sign fallback over the whole trimmed model."""
+    (density < 1), and the zero-sign fallback over the whole trimmed model, all in streaming passes."""
     if params.get("scope", "model") != "model":
         return {}
-    thresholds = None
-    if params.get("density", 1.0) < 1:
-        magnitudes: list[list[torch.Tensor]] = []
-        for _, _, tensors, base in model.tensors():
-            for i, t in enumerate(tensors):
-                if len(magnitudes) <= i:
-                    magnitudes.append([])
-                magnitudes[i].append((t - base).abs().flatten().cpu())
-        thresholds = []
-        for parts in magnitudes:
-            flat = torch.cat(parts)
-            k = max(1, int(params["density"] * flat.numel()))
-            thresholds.append(float(kth_largest(flat, k)))
-        del magnitudes
     rule = zero_sign_rule(params)
-    total = votes = 0.0
-    if rule != "plus":
+    thresholds, total, votes = None, 0.0, 0.0
+    if params.get("density", 1.0) < 1:
+        thresholds, totals, _ = streamed_thresholds(model, params["density"])
+        total = sum(totals)
+    elif rule == "total":
+        for _, _, tensors, base in model.tensors():
+            total += sum(float((t - base).double().sum()) for t in tensors)
+    if rule == "majority":
         for _, _, tensors, base in model.tensors():
             summed = torch.zeros_like(base)
             for i, t in enumerate(tensors):
                 delta = t - base
                 summed += delta * (delta.abs() >= thresholds[i]) if thresholds else delta
-            total += float(summed.double().sum())
             votes += float(summed.sign().sum())
     return {"thresholds": thresholds, "zero_sign": _fallback(total, votes, rule)}
+
+
+def streamed_thresholds(model: WholeModel, density: float) -> tuple[list[float], list[float], list[int]]:
+    """Per model i, the exact k-th largest |τ_i| entry over the whole model, k = max(1, ⌊density · n⌋),
+    the sum of the entries of τ_i at least that large (what the zero-sign rule `total` adds up), and how
+    many of the entries equal to it make exactly k with those strictly larger.
+
+    A radix selection in two streaming passes, so no magnitude is held beyond the slice being read: the bit
+    patterns of non-negative float32 values sort like the values, so a histogram of their top 16 bits
+    finds the bucket holding the k-th largest, and a histogram of the low 16 bits of that bucket's entries
+    pins its exact bit pattern. The second pass also sums τ_i above that bucket and per low-bits value
+    within it, which gives the trimmed sum once the threshold is known. Memory: 3 x 65,536 counters per
+    model, whatever the model's size; the result equals `kth_largest` of all magnitudes at once."""
+    high: list[torch.Tensor] = []
+    count = 0
+    for _, _, tensors, base in model.tensors():
+        for i, t in enumerate(tensors):
+            bits = (t - base).abs_().view(torch.int32)
+            if len(high) <= i:
+                high.append(torch.zeros(1 << 15, dtype=torch.int64))
+            high[i] += torch.bincount((bits >> 16).flatten(), minlength=1 << 15).cpu()
+        count += base.numel()
+    k = max(1, int(density * count))
+    buckets, ranks = [], []
+    for h in high:
+        from_top = h.flip(0).cumsum(0)
+        j = int(torch.searchsorted(from_top, torch.tensor(k)))
+        buckets.append((1 << 15) - 1 - j)
+        ranks.append(k - (int(from_top[j - 1]) if j else 0))  # the rank of the k-th largest inside its bucket
+    low = [torch.zeros(1 << 16, dtype=torch.int64) for _ in high]
+    low_sums = [torch.zeros(1 << 16, dtype=torch.float64) for _ in high]
+    above = [0.0 for _ in high]
+    for _, _, tensors, base in model.tensors():
+        for i, t in enumerate(tensors):
+            delta = (t - base).flatten()
+            bits = delta.abs().view(torch.int32)
+            top = bits >> 16
+            above[i] += float(delta[top > buckets[i]].double().sum())
+            inside = top == buckets[i]
+            low_bits = bits[inside] & 0xFFFF
+            low[i] += torch.bincount(low_bits, minlength=1 << 16).cpu()
+            low_sums[i] += torch.bincount(low_bits, weights=delta[inside].double(), minlength=1 << 16).cpu()
+    thresholds, totals, tied = [], [], []
+    for bucket, rank, h, sums, s, hi in zip(buckets, ranks, low, low_sums, above, high):
+        from_top = h.flip(0).cumsum(0)
+        j = int(torch.searchsorted(from_top, torch.tensor(rank)))
+        lowest = (1 << 16) - 1 - j
+        thresholds.append(float(torch.tensor([(bucket << 16) | lowest], dtype=torch.int32).view(torch.float32)))
+        totals.append(s + float(sums[lowest:].sum()))
+        tied.append(k - int(hi[bucket + 1:].sum()) - (int(from_top[j - 1]) if j else 0))
+    return thresholds, totals, tied
+
+
+def _tensor_scan(slices, params: dict[str, Any]) -> dict[str, Any]:
+    """Scope `tensor` on a tensor too large to hold whole, read slice by slice: per model, its exact
+    threshold (`streamed_thresholds` over this tensor) and how many entries equal to it the trim keeps so
+    that exactly k survive (the first ones in index order; mergekit's sort keeps an arbitrary subset of
+    such ties), and the zero-sign fallback over the trimmed tensor when the rule needs one."""
+    context: dict[str, Any] = {"tensor_trim": None, "zero_sign": 1.0}
+    if params["density"] < 1:
+        as_model = WholeModel([], lambda: ((job.name, job.info, job.tensors, job.base) for job in slices()))
+        thresholds, _, tied = streamed_thresholds(as_model, params["density"])
+        context["tensor_trim"] = (thresholds, tied)
+    rule = zero_sign_rule(params)
+    if rule != "plus":
+        total = votes = 0.0
+        left = list(context["tensor_trim"][1]) if context["tensor_trim"] else None
+        for job in slices():
+            deltas = task_vectors(job)
+            if left is not None:
+                for i, d in enumerate(deltas):
+                    trim_slice_(d, context["tensor_trim"][0][i], left, i)
+            summed = deltas.sum(0)
+            total, votes = total + float(summed.double().sum()), votes + float(summed.sign().sum())
+        context["zero_sign"] = _fallback(total, votes, rule)
+    return context
+
+
+def trim_slice_(delta: torch.Tensor, threshold: float, ties_left: list[int], i: int) -> torch.Tensor:
+    """Keep the entries of one slice of model i's task vector above `threshold`, and the first
+    `ties_left[i]` equal to it (counting down across the slices of the tensor, in order); in place."""
+    magnitude = delta.abs()
+    keep = magnitude > threshold
+    if ties_left[i] > 0 and threshold > 0:  # (tied zeros change nothing)
+        tied = magnitude == threshold
+        keep |= tied & (tied.flatten().cumsum(0).view_as(tied) <= ties_left[i])
+        ties_left[i] -= min(ties_left[i], int(tied.sum()))
+    return delta.mul_(keep)
 
 
 def task_vectors(job: TensorJob) -> torch.Tensor:
@@ -144,7 +226,14 @@ def ties(job: TensorJob) -> torch.Tensor:
     # temporary copy of the stack is hundreds of MB.
     deltas = task_vectors(job)
     density = job.params["density"]
-    if job.params["scope"] == "tensor":
+    if job.params["scope"] == "tensor" and "tensor_trim" in job.context:  # a slice of a large tensor
+        trim = job.context["tensor_trim"]
+        if trim is not None:
+            for i, d in enumerate(deltas):
+                trim_slice_(d, trim[0][i], trim[1], i)  # (counts down the ties this tensor still keeps)
+        total = deltas.sum(0)
+        fallback = job.context["zero_sign"]
+    elif job.params["scope"] == "tensor":
         for d in deltas:
             trim_tensor_(d, density)
         total = deltas.sum(0)
@@ -205,7 +294,8 @@ register(Method(
                   "mergekit); auto = total for scope model, plus for scope tensor",
                   choices=("auto", "total", "majority", "plus"))),
     merge_tensor=ties, needs_base=True, prepare=_model_thresholds, mergekit=_ties_yaml,
-    neutral={"density": 1.0, "lambda": 1.0},
+    neutral={"density": 1.0, "lambda": 1.0}, elementwise=lambda params: params["scope"] == "model",
+    scan=_tensor_scan,
     doc="Trim small task-vector entries, elect a sign, average the agreeing ones."))
 
 register(Method(
