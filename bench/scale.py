@@ -21,6 +21,8 @@ math in both tools (float32 arithmetic, bf16 output):
 - `linear`: MergeLab `average` vs mergekit `linear` (weights 1, normalized);
 - `task_arithmetic`: λ = 0.5 vs `task_arithmetic` with weight 0.5 each;
 - `ties`: density 0.2, scope tensor, zero sign + vs `ties` (density 0.2, weight 1, normalize, λ 1);
+- `ties-index`: the same with `tie_break=index` (entries tied with the k-th largest magnitude kept in
+  index order, where mergekit and `ties` run a full sort), against the same mergekit run;
 - `slerp`: t = 0.5 between the fine-tunes vs `slerp` (base_model = the first);
 - `ties-model` (MergeLab only): the paper's model-wide trim, streamed.
 
@@ -65,10 +67,12 @@ METHODS = {
     "task_arithmetic": ("task_arithmetic", {"lambda": 0.5}, {"merge_method": "task_arithmetic", "weight": 0.5}),
     "ties": ("ties", {"density": 0.2, "scope": "tensor", "zero_sign": "plus"},
              {"merge_method": "ties", "weight": 1.0, "density": 0.2}),
+    "ties-index": ("ties", {"density": 0.2, "scope": "tensor", "zero_sign": "plus", "tie_break": "index"},
+                   {"merge_method": "ties", "weight": 1.0, "density": 0.2}),
     "slerp": ("slerp", {"t": 0.5}, {"merge_method": "slerp"}),
     "ties-model": ("ties", {"density": 0.2}, None),
 }
-BASED = ("task_arithmetic", "ties", "ties-model")
+BASED = ("task_arithmetic", "ties", "ties-index", "ties-model")
 
 
 def layout(shape: dict) -> dict[str, tuple[int, ...]]:

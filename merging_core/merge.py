@@ -172,7 +172,7 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     (CLI, app, compare, greedy, curves) ends here.
     """
     started = time.perf_counter()
-    caches.map_large_buffers()  # freed slices go back to the OS: memory stays flat over a streamed merge
+    caches.reuse_buffers()  # slices reuse the heap, not fresh maps the kernel must zero; trimmed at the end
     if not isinstance(spec, MergeSpec):
         spec = MergeSpec(spec, tuple(models or ()), **fields)
     elif models is not None or fields:
@@ -251,6 +251,7 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
         if plan.heads == "separate":
             metadata["heads"] = {t: f"heads/{t}.safetensors" for t in tasks}
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+    caches.trim()
     if progress:
         progress(1.0, "merged")
     return MergeResult(out, resolved, config, report, plan.notes, tasks, time.perf_counter() - started)
@@ -307,7 +308,7 @@ def _method_names(plan: Plan) -> list[str]:
 
 
 CHUNK = 1 << 21  # elements: the largest slice of one tensor an elementwise merge holds per input (8 MB in fp32)
-WHOLE = 1 << 24  # elements: the largest tensor a method that scans (SLERP, TIES per tensor) takes whole (64 MB)
+WHOLE = 1 << 22  # elements: the largest tensor a method that scans (SLERP, TIES per tensor) takes whole (16 MB)
 
 
 @dataclass(frozen=True)
@@ -333,11 +334,11 @@ def _pieces(plan: Plan, names: Sequence[str], sliceable: bool) -> Iterator[Piece
 def _sliced(plan: Plan, name: str, numel: int) -> bool:
     """Whether a parameter of `numel` values goes through in slices: over `CHUNK` values when the merge
     is elementwise there (the method is, or this parameter gets the fallback average or model A's copy);
-    over `WHOLE` when the method scans a tensor first (`Method.scan`), which a whole tensor spares (one
-    read, and TIES keeps exactly the entries mergekit's sort keeps); never otherwise."""
+    over `WHOLE` when the method scans a tensor first (`Method.scan`), which a smaller tensor is spared
+    (it is read once); never otherwise."""
     if plan.method.merges_slices(plan.params) or not _uses_method(plan, name):
         return numel > CHUNK
-    return plan.method.scan is not None and numel > WHOLE
+    return plan.method.scanner(plan.params) is not None and numel > WHOLE
 
 
 def _needs_scan(plan: Plan, name: str) -> bool:
@@ -400,7 +401,7 @@ def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats
         here = context
         if piece.stop is not None and _needs_scan(plan, piece.name):
             if piece.start == 0:
-                scanned = plan.method.scan(lambda name=piece.name: _slice_jobs(plan, name, read, weights, context,
+                scanned = plan.method.scanner(plan.params)(lambda name=piece.name: _slice_jobs(plan, name, read, weights, context,
                                                                                seed, device), plan.params)
             here = {**context, **scanned}
         merged = _merge_piece(plan, piece, _on_device(inputs, device), weights, stats, here, report, seed)

@@ -82,11 +82,12 @@ class Method:
     # engine may merge a large tensor one flat slice at a time, which bounds memory at any model size.
     elementwise: bool | Callable[[dict[str, Any]], bool] = False
     # For a method that is elementwise once it knows a few numbers of the whole tensor (SLERP's angle, TIES's
-    # per-tensor threshold): `scan(slices, params)` goes over the tensor's flat slices (`slices()` yields a
-    # TensorJob per slice, afresh on each call) and returns what each slice's merge needs, which the engine
-    # adds to every slice's `context`. Used for tensors too large to hold whole (`merge.CHUNK`); smaller
-    # ones go to `merge_tensor` whole. None where it does not apply to these parameters.
-    scan: Callable[[Callable[[], Iterator[TensorJob]], dict[str, Any]], dict[str, Any]] | None = None
+    # per-tensor threshold): `scan(params)` gives the function `f(slices, params)` that goes over a tensor's
+    # flat slices (`slices()` yields a TensorJob per slice, afresh on each call) and returns what each
+    # slice's merge needs, which the engine adds to every slice's `context`; or None where these
+    # parameters need the whole tensor. Used for tensors too large to hold whole (`merge.WHOLE`).
+    scan: Callable[[dict[str, Any]], Callable[[Callable[[], Iterator[TensorJob]], dict[str, Any]],
+                                              dict[str, Any]] | None] | None = None
     doc: str = ""
     # Parameters under which merging one model (or N copies of it) returns that model: the values the
     # invariant tests use, declared by the method itself.
@@ -97,6 +98,10 @@ class Method:
 
     def merges_slices(self, params: dict[str, Any]) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else self.elementwise
+
+    def scanner(self, params: dict[str, Any]):
+        """The scan of a large tensor under these parameters (`scan`), or None."""
+        return self.scan(params) if self.scan is not None else None
 
     def stats_required(self, params: dict[str, Any]) -> tuple[str, ...]:
         return self.needs_stats(params) if callable(self.needs_stats) else self.needs_stats

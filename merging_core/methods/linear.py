@@ -9,7 +9,8 @@
   flattened tensors (Shoemake 1985, "Animating rotation with quaternion curves", SIGGRAPH), falling back
   to linear interpolation when they are (anti)parallel. As in mergekit, each whole tensor is one vector,
   and a tensor whose norm is below 1e-8 is not normalised: an all-zero tensor counts as orthogonal to the
-  other one (Ω = π/2), so the result is sin(tπ/2) · θ_B when θ_A = 0.
+  other one (Ω = π/2), so the result is sin(tπ/2) · θ_B when θ_A = 0. The interpolation runs in float32,
+  as mergekit's; the dot product and norms that give Ω are accumulated in float64.
 """
 
 from __future__ import annotations
@@ -38,18 +39,28 @@ def slerp(job: TensorJob) -> torch.Tensor:
     if "slerp" in job.context:  # a slice of a large tensor: its coefficients come from the whole (`slerp_scan`)
         coefficients = job.context["slerp"]
     else:
-        a64, b64 = a.double().flatten(), b.double().flatten()
-        coefficients = slerp_coefficients(float(_unit(a64, float(a64.norm())) @ _unit(b64, float(b64.norm()))),
-                                          job.params)
+        coefficients = slerp_coefficients(_cosine(*_products(a, b)), job.params)
     if coefficients is None:
         t = job.params["t"]
         return (1 - t) * a + t * b
     ca, cb = coefficients
-    return (ca * a.double() + cb * b.double()).to(a.dtype)
+    return (a * ca).add_(b, alpha=cb)
 
 
-def _unit(v: torch.Tensor, norm: float) -> torch.Tensor:
-    return v / (norm if norm > SLERP_EPS else 1.0)
+def _products(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """a·b, a·a and b·b, each summed in float64 over float32 products of 1M-value blocks: as exact as a
+    float64 pass for the angle, without float64 copies of the tensors."""
+    a, b = a.flatten(), b.flatten()
+    dot = aa = bb = 0.0
+    for start in range(0, a.numel(), 1 << 20):
+        x, y = a[start:start + (1 << 20)], b[start:start + (1 << 20)]
+        dot, aa, bb = dot + float(x @ y), aa + float(x @ x), bb + float(y @ y)
+    return dot, aa, bb
+
+
+def _cosine(dot: float, aa: float, bb: float) -> float:
+    norms = [n if n > SLERP_EPS else 1.0 for n in (aa ** 0.5, bb ** 0.5)]  # below the floor: not normalised
+    return dot / (norms[0] * norms[1])
 
 
 def slerp_coefficients(cosine: float, params: dict) -> tuple[float, float] | None:
@@ -68,10 +79,9 @@ def slerp_scan(slices, params: dict) -> dict:
     """A large tensor's SLERP coefficients, from its dot product and norms summed slice by slice."""
     dot = aa = bb = 0.0
     for job in slices():
-        a, b = (t.double() for t in job.tensors)
-        dot, aa, bb = dot + float(a @ b), aa + float(a @ a), bb + float(b @ b)
-    norms = [n if n > SLERP_EPS else 1.0 for n in (aa ** 0.5, bb ** 0.5)]
-    return {"slerp": slerp_coefficients(dot / (norms[0] * norms[1]), params)}
+        d, x, y = _products(*job.tensors)
+        dot, aa, bb = dot + d, aa + x, bb + y
+    return {"slerp": slerp_coefficients(_cosine(dot, aa, bb), params)}
 
 
 def _linear_yaml(params: dict) -> dict:
@@ -107,5 +117,5 @@ register(Method(
     params=(Param("t", "float", 0.5, "position between model A (0) and model B (1)", low=0.0, high=1.0),
             Param("dot_threshold", "float", 0.9995, "|cos| above which to interpolate linearly", low=0.0,
                   high=1.0)),
-    merge_tensor=slerp, min_models=2, max_models=2, mergekit=_slerp_yaml, neutral={}, scan=slerp_scan,
+    merge_tensor=slerp, min_models=2, max_models=2, mergekit=_slerp_yaml, neutral={}, scan=lambda params: slerp_scan,
     doc="Spherical interpolation between exactly two models."))

@@ -7,7 +7,8 @@
   - **Trim scope.** `model` ranks magnitudes over the whole model (the paper); `tensor` ranks within
     each tensor, as mergekit's `ties` does (the two agree to float precision).
   - **Trim count.** Exactly k = max(1, ⌊density · n⌋) entries survive, the way mergekit counts; ties at
-    the threshold are broken by mergekit's sort. The authors' code keeps every entry at least as large
+    the threshold are broken by mergekit's sort (`tie_break` sort), or in index order (index: a
+    selection instead of a sort, and what a tensor too large to hold whole gets, streamed in slices). The authors' code keeps every entry at least as large
     as the (n − k)-th smallest, i.e. k + 1 entries plus ties: one more entry per ranked set.
   - **Zero sign** (`zero_sign`): where Σ_i τ̂_i is exactly 0 (e.g. +a and −a) the elected sign is
     undefined and decides which entries survive. `total` takes the sign of the grand total of the trimmed
@@ -24,9 +25,9 @@
 
 Scope `model` finds each model's exact threshold over the whole model in two streaming passes (a radix
 selection on the magnitudes' bit patterns, `streamed_thresholds`), then merges slice by slice like an
-elementwise method: memory does not grow with the model. Scope `tensor` merges one whole tensor at a time,
-and a tensor too large to hold whole slice by slice after a streaming pass over it for its threshold;
-there, of the entries tied at the threshold, the first in index order survive (exactly k in all).
+elementwise method: memory does not grow with the model. Scope `tensor` merges one whole tensor at a time;
+with `tie_break` index, a tensor too large to hold whole goes slice by slice after a streaming pass over it
+for its threshold.
 """
 
 from __future__ import annotations
@@ -56,13 +57,13 @@ def kth_largest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(band, band.numel() - (k - above) + 1).values.to(magnitude.dtype)
 
 
-def trim_tensor_(delta: torch.Tensor, density: float) -> torch.Tensor:
+def trim_tensor_(delta: torch.Tensor, density: float, tie_break: str = "sort") -> torch.Tensor:
     """Zero all but the top `density` fraction of one tensor's entries by magnitude (exactly k, at least
     one), in place, as mergekit does.
 
     The k-th largest magnitude comes from a selection (linear time) instead of mergekit's full sort.
-    Zeros tied at the threshold change nothing; non-zero ties (common in bf16/fp16) fall back to the
-    same sort as mergekit's, which decides which of them stay.
+    Zeros tied at the threshold change nothing; of non-zero ties (common in bf16/fp16), `tie_break`
+    "sort" keeps those mergekit's sort keeps (by running that sort), "index" the first in index order.
     """
     if density >= 1:
         return delta
@@ -71,6 +72,8 @@ def trim_tensor_(delta: torch.Tensor, density: float) -> torch.Tensor:
     threshold = kth_largest(magnitude, k)
     if threshold == 0:  # the tied entries are zeros: keeping them or not changes nothing
         return delta.mul_((magnitude > 0).view_as(delta))
+    if tie_break == "index":
+        return trim_slice_(delta, float(threshold), [k - int(torch.count_nonzero(magnitude > threshold))], 0)
     keep = magnitude >= threshold
     # Non-zero ties at the threshold: mergekit's (unstable) sort decides which stay, so the same sort runs
     # here; torch's CPU sort does not keep ties in index order, so no cheaper rule gives the same set.
@@ -235,7 +238,7 @@ def ties(job: TensorJob) -> torch.Tensor:
         fallback = job.context["zero_sign"]
     elif job.params["scope"] == "tensor":
         for d in deltas:
-            trim_tensor_(d, density)
+            trim_tensor_(d, density, job.params["tie_break"])
         total = deltas.sum(0)
         rule = zero_sign_rule(job.params)
         fallback = 1.0 if rule == "plus" else _fallback(float(total.double().sum()), float(total.sign().sum()), rule)
@@ -266,8 +269,8 @@ def dare(job: TensorJob) -> torch.Tensor:
 
 
 def _ties_yaml(params: dict) -> dict | None:
-    if params["scope"] != "tensor" or zero_sign_rule(params) != "plus":
-        return None  # mergekit trims per tensor only, and breaks a zero elected sign towards +
+    if params["scope"] != "tensor" or zero_sign_rule(params) != "plus" or params["tie_break"] != "sort":
+        return None  # mergekit trims per tensor only, breaks a zero elected sign towards +, and ties by its sort
     return {"merge_method": "ties", "default_weight": 1.0, "model_parameters": {"density": params["density"]},
             "parameters": {"lambda": params["lambda"], "normalize": True}}
 
@@ -292,10 +295,14 @@ register(Method(
             Param("zero_sign", "choice", "auto", "sign where the elected sum is 0: the sign of the grand total "
                   "(total, paper), of the majority of elected signs (majority, authors' code), + (plus, "
                   "mergekit); auto = total for scope model, plus for scope tensor",
-                  choices=("auto", "total", "majority", "plus"))),
+                  choices=("auto", "total", "majority", "plus")),
+            Param("tie_break", "choice", "sort", "scope tensor: of the entries tied with the k-th largest "
+                  "magnitude, keep those mergekit's sort keeps (sort) or the first in index order (index: no "
+                  "sort, several times faster on bf16 models, and large tensors stream in slices)",
+                  choices=("sort", "index"))),
     merge_tensor=ties, needs_base=True, prepare=_model_thresholds, mergekit=_ties_yaml,
     neutral={"density": 1.0, "lambda": 1.0}, elementwise=lambda params: params["scope"] == "model",
-    scan=_tensor_scan,
+    scan=lambda params: _tensor_scan if params["scope"] == "tensor" and params["tie_break"] == "index" else None,
     doc="Trim small task-vector entries, elect a sign, average the agreeing ones."))
 
 register(Method(
