@@ -147,7 +147,8 @@ def test_param_controls_follow_the_spec():
         assert isinstance(merge_tab.param_control(mats["init_lambda"]), gr.Slider)
         assert isinstance(merge_tab.param_control(mats["tolerance"]), gr.Number)
         assert isinstance(merge_tab.param_control(mats["examples"]), gr.Number)
-    assert merge_tab.defaults("ties") == {"density": 0.2, "scope": "model", "lambda": 1.0, "zero_sign": "auto"}
+    assert merge_tab.defaults("ties") == {"density": 0.2, "scope": "model", "lambda": 1.0, "zero_sign": "auto",
+                                          "tie_break": "sort"}
     assert [len(r) for r in merge_tab.balanced_rows(list(range(13)), 3)] == [3, 3, 3, 2, 2]
 
 

@@ -32,7 +32,7 @@ def _files(folder) -> dict[str, torch.Tensor]:
 
 def test_spec_fills_defaults_checks_values_and_is_frozen(models):
     spec = MergeSpec("ties", models[:2], base=models[2], params={"density": "0.5"})
-    assert spec.params == {"density": 0.5, "scope": "model", "lambda": 1.0, "zero_sign": "auto"}
+    assert spec.params == {"density": 0.5, "scope": "model", "lambda": 1.0, "zero_sign": "auto", "tie_break": "sort"}
     assert spec.models == tuple(models[:2]) and spec.components == ml.arch.GROUPS
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.method = "average"
