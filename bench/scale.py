@@ -51,7 +51,7 @@ from common import print_table, write_results
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from merging_core.tensorio import INDEX, SafetensorsFile, ShardedWriter  # noqa: E402
+from merging_core.tensorio import SafetensorsFile, ShardedWriter  # noqa: E402
 
 SHAPES = {
     "small": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
@@ -121,7 +121,8 @@ def weights(name: str, shape: tuple[int, ...], index: int, seed: int) -> torch.T
     if seed:
         generator.manual_seed(10**6 * seed + index)
         if len(shape) == 2:
-            base += 2e-3 * (torch.randn(shape[0], 8, generator=generator) @ torch.randn(8, shape[1], generator=generator)) / 8
+            low_rank = torch.randn(shape[0], 8, generator=generator) @ torch.randn(8, shape[1], generator=generator)
+            base += 2e-3 * low_rank / 8
         base += 5e-4 * torch.randn(shape, generator=generator)
     return base.to(torch.bfloat16)
 

@@ -401,8 +401,9 @@ def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats
         here = context
         if piece.stop is not None and _needs_scan(plan, piece.name):
             if piece.start == 0:
-                scanned = plan.method.scanner(plan.params)(lambda name=piece.name: _slice_jobs(plan, name, read, weights, context,
-                                                                               seed, device), plan.params)
+                def slices(name: str = piece.name) -> Iterator[TensorJob]:
+                    return _slice_jobs(plan, name, read, weights, context, seed, device)
+                scanned = plan.method.scanner(plan.params)(slices, plan.params)
             here = {**context, **scanned}
         merged = _merge_piece(plan, piece, _on_device(inputs, device), weights, stats, here, report, seed)
         del inputs  # before the next piece is read: at most two pieces' inputs in memory

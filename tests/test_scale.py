@@ -325,7 +325,8 @@ def test_merge_larger_than_the_memory_budget(tmp_path):
     merged = load_file(tmp_path / "task_arithmetic" / "model.safetensors")
     a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("a", "b"))
     name = "lm_head.weight"
-    expected = (base[name].float() + 0.5 * ((a[name].float() - base[name].float()) + (b[name].float() - base[name].float())))
+    theta = base[name].float()
+    expected = theta + 0.5 * ((a[name].float() - theta) + (b[name].float() - theta))
     assert torch.equal(merged[name], expected.bfloat16())
     assert (tmp_path / "ties" / "model.safetensors").is_file()
 

@@ -8,8 +8,9 @@
     each tensor, as mergekit's `ties` does (the two agree to float precision).
   - **Trim count.** Exactly k = max(1, ⌊density · n⌋) entries survive, the way mergekit counts; ties at
     the threshold are broken by mergekit's sort (`tie_break` sort), or in index order (index: a
-    selection instead of a sort, and what a tensor too large to hold whole gets, streamed in slices). The authors' code keeps every entry at least as large
-    as the (n − k)-th smallest, i.e. k + 1 entries plus ties: one more entry per ranked set.
+    selection instead of a sort, which lets a tensor too large to hold whole stream in slices). The
+    authors' code keeps every entry at least as large as the (n − k)-th smallest, i.e. k + 1 entries plus
+    ties: one more entry per ranked set.
   - **Zero sign** (`zero_sign`): where Σ_i τ̂_i is exactly 0 (e.g. +a and −a) the elected sign is
     undefined and decides which entries survive. `total` takes the sign of the grand total of the trimmed
     task vectors over the trim scope (the paper's text, Sec. 3); `majority` the more frequent elected
