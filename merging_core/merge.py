@@ -199,7 +199,7 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     weights = _weights(params, len(checkpoints), device)
     context = {}
     if method.prepare is not None:
-        whole = WholeModel(_method_names(work), lambda: _method_tensors(work, device, chunked=True), stats)
+        whole = WholeModel(_method_names(work), lambda: _method_tensors(work, device), stats)
         context = method.prepare(whole, params)
 
     merged_progress = scaled(progress, 0.5 if kinds else 0.0, 0.95, "merging: ")
@@ -320,12 +320,12 @@ class Piece:
     stop: int | None = None  # None: the whole tensor
 
 
-def _pieces(plan: Plan, names: Sequence[str], sliceable: bool) -> Iterator[Piece]:
-    """The parameters `names` in order, the large ones cut into flat slices when `sliceable` (`_sliced`)."""
+def _pieces(plan: Plan, names: Sequence[str]) -> Iterator[Piece]:
+    """The parameters `names` in order, the large ones cut into flat slices (`_sliced`)."""
     for name in names:
         dtype, shape = _meta(plan, name)
         numel = math.prod(shape)
-        if sliceable and dtype.is_floating_point and _sliced(plan, name, numel):
+        if dtype.is_floating_point and _sliced(plan, name, numel):
             yield from (Piece(name, start, min(start + CHUNK, numel)) for start in range(0, numel, CHUNK))
         else:
             yield Piece(name)
@@ -379,13 +379,16 @@ def _on_device(inputs: Inputs, device: torch.device) -> Inputs:
     return Inputs([move(t) for t in inputs.tensors], move(inputs.base) if inputs.base is not None else None)
 
 
-def _method_tensors(plan: Plan, device, chunked: bool = False
-                    ) -> Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]:
+def _read_pieces(plan: Plan, names: Sequence[str], device, read=None) -> Iterator[tuple[Piece, Inputs]]:
+    """Every piece of the parameters `names` with its inputs on `device`, the next one read meanwhile."""
+    for piece, inputs in read_ahead(_pieces(plan, names), read or _reader(plan, device)):
+        yield piece, _on_device(inputs, device)
+
+
+def _method_tensors(plan: Plan, device) -> Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]:
     """(name, info, tensors, base) of every parameter in `_method_names`, read one at a time (a large one
-    as flat slices when `chunked`) with the next one read meanwhile."""
-    pieces = _pieces(plan, _method_names(plan), chunked)
-    for piece, inputs in read_ahead(pieces, _reader(plan, device)):
-        inputs = _on_device(inputs, device)
+    as flat slices, for a `prepare` that needs entries, not shapes)."""
+    for piece, inputs in _read_pieces(plan, _method_names(plan), device):
         yield piece.name, _info(plan, piece.name), inputs.tensors, inputs.base
 
 
@@ -394,7 +397,7 @@ def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats
                   ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, merged values) for every parameter in order, on the CPU: a whole tensor, or consecutive flat
     slices of a large one when the merge is elementwise there. Reading runs one piece ahead."""
-    pieces = list(_pieces(plan, names, sliceable=True))
+    pieces = list(_pieces(plan, names))
     read = _reader(plan, device)
     scanned: dict = {}  # what the method's scan of the current large tensor found
     for piece, inputs in track(read_ahead(pieces, read), len(pieces), what, progress):
@@ -414,8 +417,7 @@ def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats
 def _slice_jobs(plan: Plan, name: str, read, weights: torch.Tensor, context: dict, seed: int, device
                 ) -> Iterator[TensorJob]:
     """A TensorJob per flat slice of one large parameter, read afresh (a method's `scan`)."""
-    for _, inputs in read_ahead(_pieces(plan, [name], sliceable=True), read):
-        inputs = _on_device(inputs, device)
+    for _, inputs in _read_pieces(plan, [name], device, read):
         yield TensorJob(name=name, info=_info(plan, name), tensors=inputs.tensors, weights=weights, params=plan.params,
                         base=inputs.base, context=context, seed=_seed(seed, name))
 

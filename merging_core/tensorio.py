@@ -155,9 +155,7 @@ def read_index(folder: Path, what: str = "") -> tuple[list[Path], dict[str, str]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise MergeLabError(f"{INDEX}{owner} (in {folder}) cannot be read ({exc}); re-download or re-export the "
                             "checkpoint") from None
-    shards: dict[str, list[str]] = {}
-    for tensor, shard in weight_map.items():
-        shards.setdefault(shard, []).append(tensor)
+    shards = sorted(set(weight_map.values()))
     for shard in shards:
         if Path(shard).name != shard:
             raise MergeLabError(f"{INDEX}{owner} (in {folder}) names shard {shard!r} outside its folder; "
@@ -165,7 +163,7 @@ def read_index(folder: Path, what: str = "") -> tuple[list[Path], dict[str, str]
         if not (folder / shard).is_file():
             raise MergeLabError(f"shard {shard}{owner}, named by {INDEX}, is missing from {folder}; download or "
                                 "copy every shard the index lists")
-    return [folder / s for s in sorted(shards)], dict(weight_map)
+    return [folder / s for s in shards], dict(weight_map)
 
 
 class LazyFiles:
@@ -190,7 +188,7 @@ class LazyFiles:
         """Shards written in different floating-point precisions are two exports mixed in one folder."""
         kinds = {}
         for f in self._files:
-            floats = {f.meta(k)[0] for k in f.keys() if f.meta(k)[0].is_floating_point}
+            floats = {dtype for dtype, _, _ in f.entries.values() if dtype.is_floating_point}
             if len(floats) == 1:
                 kinds[f.path.name] = floats.pop()
         names = list(kinds)
@@ -352,13 +350,13 @@ class ShardedWriter:
     checks before writing anything that the disk has room for all of it."""
 
     def __init__(self, folder: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 shard_size: int = SHARD_SIZE, metadata: dict[str, str] | None = None, *, also: int = 0):
+                 shard_size: int = SHARD_SIZE, metadata: dict[str, str] | None = None):
         self.folder, self.metadata = Path(folder), metadata or {"format": "pt"}
         sizes = {name: math.prod(shape) * element_size(dtype) for name, (dtype, shape) in layout.items()}
         self.total = sum(sizes.values())
         free = shutil.disk_usage(self.folder).free
-        if self.total + also > free:
-            raise MergeLabError(f"the output needs {_gigabytes(self.total + also)} but its disk has {_gigabytes(free)} "
+        if self.total > free:
+            raise MergeLabError(f"the output needs {_gigabytes(self.total)} but its disk has {_gigabytes(free)} "
                                 f"free (in {self.folder.parent}); free some space or write it elsewhere", param="out")
         groups: list[dict] = [{}]
         filled = 0
