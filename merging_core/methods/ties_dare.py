@@ -7,10 +7,10 @@
   - **Trim scope.** `model` ranks magnitudes over the whole model (the paper); `tensor` ranks within
     each tensor, as mergekit's `ties` does (the two agree to float precision).
   - **Trim count.** Exactly k = max(1, ⌊density · n⌋) entries survive, the way mergekit counts; ties at
-    the threshold are broken by mergekit's sort (`tie_break` sort), or in index order (index: a
-    selection instead of a sort, which lets a tensor too large to hold whole stream in slices). The
-    authors' code keeps every entry at least as large as the (n − k)-th smallest, i.e. k + 1 entries plus
-    ties: one more entry per ranked set.
+    the threshold are broken as mergekit's unstable sort breaks them (`tie_break` sort: the same
+    entries, found without the sort, `sort_order`), or in index order (index: which lets a tensor too
+    large to hold whole stream in slices). The authors' code keeps every entry at least as large as the
+    (n − k)-th smallest, i.e. k + 1 entries plus ties: one more entry per ranked set.
   - **Zero sign** (`zero_sign`): where Σ_i τ̂_i is exactly 0 (e.g. +a and −a) the elected sign is
     undefined and decides which entries survive. `total` takes the sign of the grand total of the trimmed
     task vectors over the trim scope (the paper's text, Sec. 3); `majority` the more frequent elected
@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from . import Method, Param, TensorJob, WholeModel, register, stack
+from .sort_order import sorted_top
 
 
 def kth_largest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
@@ -64,7 +65,8 @@ def trim_tensor_(delta: torch.Tensor, density: float, tie_break: str = "sort") -
 
     The k-th largest magnitude comes from a selection (linear time) instead of mergekit's full sort.
     Zeros tied at the threshold change nothing; of non-zero ties (common in bf16/fp16), `tie_break`
-    "sort" keeps those mergekit's sort keeps (by running that sort), "index" the first in index order.
+    "sort" keeps those mergekit's sort keeps (`sorted_top`: the same set, without the sort), "index" the
+    first in index order.
     """
     if density >= 1:
         return delta
@@ -76,11 +78,10 @@ def trim_tensor_(delta: torch.Tensor, density: float, tie_break: str = "sort") -
     if tie_break == "index":
         return trim_slice_(delta, float(threshold), [k - int(torch.count_nonzero(magnitude > threshold))], 0)
     keep = magnitude >= threshold
-    # Non-zero ties at the threshold: mergekit's (unstable) sort decides which stay, so the same sort runs
-    # here; torch's CPU sort does not keep ties in index order, so no cheaper rule gives the same set.
+    # Non-zero ties at the threshold: mergekit's (unstable) sort decides which stay; `sorted_top` gives
+    # the set that sort leaves in front without sorting.
     if int(torch.count_nonzero(keep)) > k:
-        keep = torch.zeros_like(keep)
-        keep[torch.argsort(magnitude, descending=True)[:k]] = True
+        keep = sorted_top(magnitude, k)
     del magnitude
     return delta.mul_(keep.view_as(delta))
 
@@ -298,8 +299,8 @@ register(Method(
                   "mergekit); auto = total for scope model, plus for scope tensor",
                   choices=("auto", "total", "majority", "plus")),
             Param("tie_break", "choice", "sort", "scope tensor: of the entries tied with the k-th largest "
-                  "magnitude, keep those mergekit's sort keeps (sort) or the first in index order (index: no "
-                  "sort, several times faster on bf16 models, and large tensors stream in slices)",
+                  "magnitude, keep those mergekit's sort keeps (sort: its output bit for bit) or the first in "
+                  "index order (index: the same on every device, and large tensors stream in slices)",
                   choices=("sort", "index"))),
     merge_tensor=ties, needs_base=True, prepare=_model_thresholds, mergekit=_ties_yaml,
     neutral={"density": 1.0, "lambda": 1.0}, elementwise=lambda params: params["scope"] == "model",
