@@ -22,9 +22,14 @@ math in both tools (float32 arithmetic, bf16 output):
 - `task_arithmetic`: λ = 0.5 vs `task_arithmetic` with weight 0.5 each;
 - `ties`: density 0.2, scope tensor, zero sign + vs `ties` (density 0.2, weight 1, normalize, λ 1);
 - `ties-index`: the same with `tie_break=index` (entries tied with the k-th largest magnitude kept in
-  index order, where mergekit and `ties` run a full sort), against the same mergekit run;
+  index order, where mergekit and `ties` keep those its unstable sort puts first), against the same
+  mergekit run;
 - `slerp`: t = 0.5 between the fine-tunes vs `slerp` (base_model = the first);
-- `ties-model` (MergeLab only): the paper's model-wide trim, streamed.
+- `ties-model` (MergeLab only): the paper's model-wide trim, streamed;
+- `regmean` (MergeLab only; mergekit has none): each fine-tune's input Grams on 64 WikiText-2 texts
+  (`MERGELAB_DATA` must point at the data), computed block by block into a fresh statistics cache, then
+  the per-tensor solves; the row adds the statistics' seconds per model and per block, the solve time
+  per layer, and the statistics files' size.
 
 The floor is the time to read every input once and write the output's bytes once, on the same disk in
 the same run: what no merge can beat.
@@ -45,13 +50,12 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import print_table, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from merging_core.tensorio import SafetensorsFile, ShardedWriter  # noqa: E402
+from merging_core.tensorio import SafetensorsFile, ShardedWriter
 
 SHAPES = {
     "small": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
@@ -71,8 +75,10 @@ METHODS = {
                    {"merge_method": "ties", "weight": 1.0, "density": 0.2}),
     "slerp": ("slerp", {"t": 0.5}, {"merge_method": "slerp"}),
     "ties-model": ("ties", {"density": 0.2}, None),
+    "regmean": ("regmean", {"examples": 64}, None),
 }
 BASED = ("task_arithmetic", "ties", "ties-index", "ties-model")
+STATS_TASK = "wikitext2"  # RegMean's data: the causal-LM Grams of each fine-tune on WikiText-2 (MERGELAB_DATA)
 
 
 def layout(shape: dict) -> dict[str, tuple[int, ...]]:
@@ -111,6 +117,18 @@ def synthesize(cache: Path, name: str, shape: dict) -> dict[str, Path]:
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         print(f"wrote {folder} in {time.perf_counter() - started:.0f} s", flush=True)
     return folders
+
+
+def add_tokenizer(folders: dict[str, Path]) -> None:
+    """Give the checkpoints a tokenizer, which statistics need: MiniLM's WordPiece (30522 ids, all inside
+    the 32000-row embedding), from the packaged model."""
+    from merging_core.models import MINILM, resolve
+
+    packaged = resolve(MINILM).path
+    for folder in folders.values():
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+            if (packaged / name).is_file() and not (folder / name).is_file():
+                shutil.copy(packaged / name, folder / name)
 
 
 def weights(name: str, shape: tuple[int, ...], index: int, seed: int) -> torch.Tensor:
@@ -211,8 +229,7 @@ def floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
     read_all(inputs)
     chunk = bytes(64 << 20)
     with open(scratch, "wb") as f:
-        for _ in range(out_bytes // len(chunk)):
-            f.write(chunk)
+        f.writelines(chunk for _ in range(out_bytes // len(chunk)))
         f.write(chunk[: out_bytes % len(chunk)])
         f.flush()
         os.fsync(f.fileno())
@@ -265,7 +282,16 @@ def mergelab_command(method: str, folders: dict[str, Path], out: Path) -> list[s
         cmd += ["--base", str(folders["base"])]
     if params:
         cmd += ["--set", ",".join(f"{k}={v}" for k, v in params.items())]
+    if method == "regmean":
+        cmd += ["--stats-task", STATS_TASK]
     return cmd
+
+
+def statistics_times(home: Path, layers: int) -> dict:
+    """A RegMean run's statistics, from the records its cache holds: seconds per model and per block."""
+    seconds = [json.loads(p.read_text())["seconds"] for p in sorted((home / "cache" / "stats").glob("*.json"))]
+    return {"stats_s": seconds, "stats_s_per_block": round(sum(seconds) / len(seconds) / layers, 2),
+            "stats_mib": round(sum(p.stat().st_size for p in (home / "cache" / "stats").glob("*.safetensors")) / 2**20)}
 
 
 def main() -> None:
@@ -296,7 +322,16 @@ def main() -> None:
                        "floor_s": round(floor(used, out_bytes, args.cache / "floor.bin"), 2)}
                 ours = args.cache / "out-mergelab"
                 shutil.rmtree(ours, ignore_errors=True)
-                mine = timed(mergelab_command(method, folders, ours), env)
+                if method == "regmean":  # statistics computed afresh, into a home of their own
+                    add_tokenizer(folders)
+                    home = Path(tempfile.mkdtemp(dir=args.cache))
+                    mine = timed(mergelab_command(method, folders, ours), {**env, "MERGELAB_HOME": str(home)})
+                    row.update(statistics_times(home, SHAPES[shape]["num_hidden_layers"]))
+                    row["solve_s_per_layer"] = round((mine["wall_s"] - sum(row["stats_s"]))
+                                                     / SHAPES[shape]["num_hidden_layers"], 2)
+                    shutil.rmtree(home)
+                else:
+                    mine = timed(mergelab_command(method, folders, ours), env)
                 row.update({f"mergelab_{k}": v for k, v in mine.items()})
                 if METHODS[method][2] is not None and not args.no_mergekit:
                     theirs = args.cache / "out-mergekit"

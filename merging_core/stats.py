@@ -37,6 +37,10 @@ rank-classification scores. Labels: `empirical` = gold, `true` = sampled from th
 `hard` = its argmax. For regression (STS-B), log p is a unit Gaussian around the prediction; `hard`
 there would give zero gradients, so it uses the gold score, as the RegMean codebase does.
 
+**Memory.** A decoder's input Grams are computed block by block (`layerwise`) and each statistic file
+is written as its parts are computed (the header first, its record's time filled in at the end); a
+statistic is read back one tensor at a time (`Stored`), when a merge asks for it.
+
 Examples are a seeded random subset of the task's train split. Each statistic is saved under
 `$MERGELAB_HOME/cache/stats` as safetensors whose metadata (and a `.json` beside it) records how it
 was computed: model, the content fingerprints of its weights, config and tokenizer files (see
@@ -50,6 +54,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,7 +64,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import data, settings, spans
+from . import data, layerwise, settings, spans
 from .arch import adapter_for, canonical, require
 from .encode import IGNORE, encode, mlm_mask, model_inputs, pad_id
 from .errors import MergeLabError
@@ -72,6 +77,7 @@ from .outputs import staging_file
 from .params import Param
 from .progress import ProgressFn, track
 from .tasks import TaskSpec, get_task, scored_as
+from .tensorio import SafetensorsFile, StreamingWriter
 
 FORMAT_VERSION = 1
 KINDS = ("gram", "grad_gram", "fisher", "block_fisher")
@@ -91,6 +97,8 @@ SETTINGS: dict[str, tuple[Param, ...]] = {"gram": (EXAMPLES, MASK_PADDING),
                                           "fisher": (EXAMPLES, FISHER_LABELS, GRADIENTS),
                                           "block_fisher": (EXAMPLES, FISHER_LABELS)}
 DEFAULTS = {p.name: p.default for params in SETTINGS.values() for p in params}
+
+Grams = dict[str, dict[str, torch.Tensor]]  # {parameter: {kind: tensor}}
 
 
 def setting_params(*kinds: str) -> tuple[Param, ...]:
@@ -122,12 +130,13 @@ def cache_path(rec: dict[str, Any]) -> Path:
     return settings.cache_dir("stats") / f"{name}-{rec['task']}-{rec['kind']}-{key}.safetensors"
 
 
-def load_stats(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """{parameter: {kind: tensor}} and the record of how they were computed, from a statistics file."""
+def load_stats(path: str | Path) -> tuple[dict[str, Mapping[str, torch.Tensor]], dict[str, Any]]:
+    """{parameter: {kind: tensor}} and the record of how they were computed, from a statistics file. Each
+    tensor is read when asked for (a 1B model's Grams are gigabytes); a layer whose statistic counted no
+    rows (it never ran) is left out."""
     path = Path(path)
     if not path.is_file():
         raise MergeLabError(f"statistics file {path} does not exist", param="stats_files")
-    per_param: dict[str, dict[str, torch.Tensor]] = {}
     try:
         handle = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -142,30 +151,77 @@ def load_stats(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], di
         if not isinstance(rec, dict) or rec.get("kind") not in KINDS:
             raise MergeLabError(f"{path} is not a MergeLab statistics file (no readable record of its kind)",
                                 param="stats_files")
-        for key in f.keys():
-            param, _, kind = key.rpartition("::")
-            per_param.setdefault(param, {})[kind] = f.get_tensor(key)
-    return per_param, rec
+        keys = list(f.keys())
+        counts = {key for key in keys if key.endswith("_count") and float(f.get_tensor(key)) == 0}
+    stored = SafetensorsFile(path, "statistics file")
+    per_param: dict[str, dict[str, tuple[SafetensorsFile, str]]] = {}
+    for key in keys:
+        param, _, kind = key.rpartition("::")
+        per_param.setdefault(param, {})[kind] = (stored, key)
+    return {param: Stored(sources) for param, sources in per_param.items()
+            if not any(key in counts for _, key in sources.values())}, rec
 
 
-def save_stats(values: dict[str, dict[str, torch.Tensor]], rec: dict[str, Any], path: Path) -> None:
+class Stored(Mapping[str, torch.Tensor]):
+    """One parameter's statistics ({kind: (file, key)}), each read from its file when asked for."""
+
+    def __init__(self, sources: dict[str, tuple[SafetensorsFile, str]]):
+        self.sources = sources
+
+    def __getitem__(self, kind: str) -> torch.Tensor:
+        file, key = self.sources[kind]
+        return file.get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __or__(self, other: Stored) -> Stored:
+        return Stored({**self.sources, **other.sources})
+
+
+def save_stats(values: Grams | Iterable[Grams], rec: dict[str, Any], path: Path,
+               layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
+               started: float | None = None) -> None:
+    """Write statistics atomically: a {parameter: {kind: tensor}} dict, or (with the file's `layout`)
+    parts of one written as they are computed, so that they never sit in memory together. With `started`
+    (a `time.perf_counter()`), the record gets the seconds since then and the time it was created."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    flat = {f"{param}::{kind}": t.contiguous().cpu() for param, kinds in values.items() for kind, t in kinds.items()}
     tmp = staging_file(path)
-    save_file(flat, tmp, metadata={"record": json.dumps(rec)})
+
+    final = dict(rec)
+
+    def timed() -> dict[str, str]:
+        if started is not None:
+            final.update(seconds=round(time.perf_counter() - started, 2), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        return {"record": json.dumps(final)}
+
+    if layout is None:
+        flat = {f"{param}::{kind}": t.contiguous().cpu() for param, kinds in values.items() for kind, t in kinds.items()}
+        save_file(flat, tmp, metadata=timed())
+    else:  # the header goes first, with room for the time, which is known at the end
+        room = len(json.dumps({"seconds": 1e9, "created": "2000-01-01T00:00:00"}))
+        with StreamingWriter(tmp, layout, {"record": json.dumps(rec)}, reserve=room) as writer:
+            for part in values:
+                for param, kinds in part.items():
+                    for kind, t in kinds.items():
+                        writer.write(f"{param}::{kind}", t.contiguous())
+            writer.set_metadata(timed())
     os.replace(tmp, path)  # atomic
-    path.with_suffix(".json").write_text(json.dumps(rec, indent=2) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(final, indent=2) + "\n")
 
 
 def statistics(model: str | ModelRef, task: str | TaskSpec, kinds: tuple[str, ...], options: dict[str, Any] | None = None,
-               *, space: str = "weights", progress: ProgressFn | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """{canonical parameter name: {kind: tensor}} for `model` on `task`'s train data, cached. `space="module"`:
-    an (IA)³ module's own vectors (see the module doc)."""
+               *, space: str = "weights", progress: ProgressFn | None = None) -> dict[str, Mapping[str, torch.Tensor]]:
+    """{canonical parameter name: {kind: tensor}} for `model` on `task`'s train data, cached, each tensor read
+    from the cache when asked for. `space="module"`: an (IA)³ module's own vectors (see the module doc)."""
     ref = model if isinstance(model, ModelRef) else resolve(model)
     require(read_config(ref).model_type, "statistics", ref.spec)  # families whose inputs and heads are handled
     spec = get_task(task) if isinstance(task, str) else task
     options = {**DEFAULTS, **{k: v for k, v in (options or {}).items() if k in DEFAULTS}}
-    merged: dict[str, dict[str, torch.Tensor]] = {}
+    merged: dict[str, Stored] = {}
     for kind in kinds:
         if kind not in KINDS:
             raise MergeLabError(f"unknown statistic {kind!r}; known: {', '.join(KINDS)}")
@@ -179,11 +235,11 @@ def statistics(model: str | ModelRef, task: str | TaskSpec, kinds: tuple[str, ..
                 values = None
         if values is None:
             started = time.perf_counter()
-            values = compute(ref, spec, kind, options, space=space, progress=progress)
-            save_stats(values, {**rec, "seconds": round(time.perf_counter() - started, 2),
-                                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, path)
+            layout, parts = compute_parts(ref, spec, kind, options, space=space, progress=progress)
+            save_stats(parts, rec, path, layout, started=started)
+            values, _ = load_stats(path)
         for param, kv in values.items():
-            merged.setdefault(param, {}).update(kv)
+            merged[param] = merged[param] | kv if param in merged else kv
     return merged
 
 
@@ -312,10 +368,19 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def compute(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, Any], *, space: str = "weights",
-            progress: ProgressFn | None = None) -> dict[str, dict[str, torch.Tensor]]:
+            progress: ProgressFn | None = None) -> Grams:
     """Compute one statistic for `ref` on `spec` (no cache)."""
+    layout, values = compute_parts(ref, spec, kind, options, space=space, progress=progress)
+    return values if layout is None else _gathered(values, kind)
+
+
+def compute_parts(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, Any], *, space: str = "weights",
+                  progress: ProgressFn | None = None
+                  ) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]] | None, Grams | Iterator[Grams]]:
+    """`compute`, for writing as it goes: a Gram statistic comes as the layout of its file and its parts
+    (computed as they are iterated; see `_gram_parts`), any other as (None, the whole statistic)."""
     if space == "module":
-        return _module_statistic(ref, spec, kind, options, progress)
+        return None, _module_statistic(ref, spec, kind, options, progress)
     if kind == "block_fisher":
         raise MergeLabError("the blockwise Fisher is computed for (IA)3 scaling vectors: merge (IA)3 modules with "
                             "space=module, or use the diagonal_fisher objective", param="objective")
@@ -323,23 +388,37 @@ def compute(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, Any], *
     spec = scored_as(spec, model_head(loaded.model).kind)  # a causal LM reads a classification task as prompts
     device = next(loaded.model.parameters()).device
     examples = _examples(spec, loaded.tokenizer, options["examples"], device, noise=text_noise(loaded.model))
-    return estimate(loaded, examples, spec, kind, options, f"{kind} of {ref.name} on {spec.name}", progress)
+    desc = f"{kind} of {ref.name} on {spec.name}"
+    if kind == "fisher":
+        return None, estimate(loaded, examples, spec, kind, options, desc, progress)
+    _trainable(loaded.model)
+    return _gram_parts(loaded.model, examples, spec, kind, options, torch.Generator().manual_seed(SEED), desc,
+                       progress, pad=pad_id(loaded.tokenizer))
 
 
 def estimate(loaded, examples: list[dict[str, torch.Tensor]], spec: TaskSpec, kind: str, options: dict[str, Any],
-             desc: str, progress: ProgressFn | None = None) -> dict[str, dict[str, torch.Tensor]]:
+             desc: str, progress: ProgressFn | None = None) -> Grams:
     """One statistic (`gram`, `grad_gram`, `fisher`) of a loaded full model (`models.load`) on these
     examples (batches of one, padded with the tokenizer's pad id): the estimator `statistics` runs on the
     train split's draw, for callers that choose the examples themselves."""
-    model = loaded.model
-    for p in model.parameters():  # an adapter module folded in comes back from PEFT frozen
-        p.requires_grad_(True)
+    model = _trainable(loaded.model)
     generator = torch.Generator().manual_seed(SEED)
     pad = pad_id(loaded.tokenizer)
     if kind == "fisher":
         params = {canonical(n, model.config.model_type): p for n, p in model.named_parameters() if p.requires_grad}
         return _fisher(model, params, examples, spec, options, generator, desc, progress, pad=pad)
-    return _grams(model, examples, spec, kind, options, generator, desc, progress, pad=pad)
+    return _gathered(_gram_parts(model, examples, spec, kind, options, generator, desc, progress, pad=pad)[1], kind)
+
+
+def _trainable(model: torch.nn.Module) -> torch.nn.Module:
+    for p in model.parameters():  # an adapter module folded in comes back from PEFT frozen
+        p.requires_grad_(True)
+    return model
+
+
+def _gathered(parts: Iterator[Grams], kind: str) -> Grams:
+    """A statistic's parts as one dict, without the layers that never ran."""
+    return {name: kinds for part in parts for name, kinds in part.items() if float(kinds[f"{kind}_count"]) > 0}
 
 
 def _module_statistic(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, Any],
@@ -368,42 +447,76 @@ def _module_statistic(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[st
     return _fisher(model, chosen, examples, spec, options, generator, desc, progress, block=kind == "block_fisher")
 
 
-def _grams(model, examples, spec, kind, options, generator, desc, progress, *, pad: int = 0
-           ) -> dict[str, dict[str, torch.Tensor]]:
+def _gram_parts(model, examples, spec, kind, options, generator, desc, progress, *, pad: int = 0
+                ) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], Iterator[Grams]]:
+    """The layout of a Gram statistic's file and its parts, computed as they are iterated: the whole model's
+    in one part, or (input Grams of a decoder, `layerwise`) one part per block, so that only one block's
+    sums are ever in memory. A layer that never ran has a zero Gram with a count of 0."""
     modules = _linear_modules(model)
     sizes = {name: _sizes(m)[0 if kind == "gram" else 1] for name, m in modules.items()}
-    sums = {name: torch.zeros(sizes[name], sizes[name], dtype=torch.float64, device=m.weight.device)
-            for name, m in modules.items()}
+    sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(modules, 0)
     heads = _last_token_heads(model, modules)
     targets = _target_side(model, modules)
-    state: dict[str, torch.Tensor | None] = {"mask": None, "last": None, "targets": None}
 
-    def accumulate(name: str, x: torch.Tensor) -> None:
+    def rows_mask(name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if name in heads:
+            return _last_tokens(batch["input_ids"], model.config.pad_token_id)
+        if not options["mask_padding"]:
+            return None
+        if name in targets:  # the decoder of an encoder-decoder: padded targets of span corruption;
+            # prompts' verbalizers (rank classification) are never padded
+            return batch["labels"] != IGNORE if spec.kind == "mlm" else None
+        return batch["attention_mask"]
+
+    def accumulate(name: str, x: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         # One batch's XᵀX in float32 (a few hundred rows: relative error ~1e-7; the accumulation runs
         # ~1.7x faster than in float64 on a CPU), summed over batches in float64.
-        mask = state["last"] if name in heads else None if not options["mask_padding"] else \
-            state["targets"] if name in targets else state["mask"]
-        rows = _rows(x.detach(), mask).float()
+        rows = _rows(x.detach(), rows_mask(name, batch)).float()
+        if name not in sums:
+            sums[name] = torch.zeros(sizes[name], sizes[name], dtype=torch.float64, device=rows.device)
         sums[name] += rows.T @ rows
         counts[name] += rows.shape[0]
 
+    def finish(names: list[str]) -> Grams:
+        return {name: {kind: (sums.pop(name) / counts[name]).float() if counts[name] else
+                       torch.zeros(sizes[name], sizes[name]),
+                       f"{kind}_count": torch.tensor(float(counts[name]))} for name in names}
+
+    batches = [_collate(examples[i: i + BATCH], spec, pad) for i in range(0, len(examples), BATCH)]
+    stack = layerwise.block_stack(model) if kind == "gram" else None
+    if stack is not None:
+        order, parts = layerwise.block_grams(stack, modules, batches, lambda b: _forward_only(model, b, spec),
+                                             accumulate, finish, desc, progress)
+    else:
+        order = list(modules)
+
+        def whole_model() -> Iterator[Grams]:
+            _whole_model_pass(model, modules, batches, spec, kind, options, generator, accumulate, desc, progress)
+            yield finish(order)
+
+        parts = whole_model()
+    layout = {}
+    for name in order:
+        layout[f"{name}::{kind}"] = (torch.float32, (sizes[name], sizes[name]))
+        layout[f"{name}::{kind}_count"] = (torch.float32, ())
+    return layout, parts
+
+
+def _whole_model_pass(model, modules, batches, spec, kind, options, generator, accumulate, desc, progress) -> None:
+    """Every linear layer hooked at once: inputs (`gram`) or output gradients (`grad_gram`)."""
+    current: dict[str, dict[str, torch.Tensor]] = {}
     handles = []
     for name, module in modules.items():
         if kind == "gram":
-            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: accumulate(name, args[0])))
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: accumulate(name, args[0], current["batch"])))
         else:
             handles.append(module.register_full_backward_hook(
-                lambda m, grad_in, grad_out, name=name: accumulate(name, grad_out[0])))
-    batches = [_collate(examples[i: i + BATCH], spec, pad) for i in range(0, len(examples), BATCH)]
+                lambda m, grad_in, grad_out, name=name: accumulate(name, grad_out[0], current["batch"])))
     try:
         for batch in track(batches, len(batches), desc, progress):
-            state["mask"] = batch["attention_mask"]
-            # the decoder of an encoder-decoder: padded targets of span corruption; prompts' verbalizers
-            # (rank classification) are never padded
-            state["targets"] = batch["labels"] != IGNORE if targets and spec.kind == "mlm" else None
-            if heads:
-                state["last"] = _last_tokens(batch["input_ids"], model.config.pad_token_id)
+            current["batch"] = batch
             if kind == "gram":
                 with torch.inference_mode():
                     _forward_only(model, batch, spec)
@@ -413,9 +526,6 @@ def _grams(model, examples, spec, kind, options, generator, desc, progress, *, p
     finally:
         for h in handles:
             h.remove()
-    return {name: {kind: (sums[name] / max(counts[name], 1)).float(),
-                   f"{kind}_count": torch.tensor(float(counts[name]))}
-            for name in modules if counts[name] > 0}
 
 
 def _forward_only(model, batch, spec: TaskSpec) -> None:
@@ -514,7 +624,7 @@ class _SparseEmbeddingGrad:
         self.handle = module.register_forward_hook(self._capture)
 
     @classmethod
-    def attach(cls, model, params: dict[str, torch.nn.Parameter]) -> "_SparseEmbeddingGrad | None":
+    def attach(cls, model, params: dict[str, torch.nn.Parameter]) -> _SparseEmbeddingGrad | None:
         embedding = model.get_input_embeddings()
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if output is not None and output.weight is embedding.weight:

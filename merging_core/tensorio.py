@@ -273,18 +273,20 @@ class StreamingWriter:
     consecutive flat slices."""
 
     def __init__(self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, reserve: int = 0):
+        """`reserve`: bytes kept free in the header for metadata that `set_metadata` fills in at the end."""
         self.path, self.layout = Path(path), dict(layout)
-        header: dict[str, dict] = {"__metadata__": metadata or {"format": "pt"}}
+        self._header: dict[str, dict] = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         for name, (dtype, shape) in self.layout.items():
             size = math.prod(shape) * element_size(dtype)
-            header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)  # the data must start 8-byte aligned
+        encoded = json.dumps(self._header, separators=(",", ":")).encode()
+        encoded += b" " * (reserve + -(len(encoded) + reserve) % 8)  # the data must start 8-byte aligned
         self._file: BinaryIO = open(self.path, "wb")
         self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._header_size = len(encoded)
         self._expected = iter(self.layout.items())
         self._current: tuple[str, torch.dtype, tuple[int, ...]] | None = None
         self._left = 0  # elements of the current tensor still to come
@@ -306,6 +308,14 @@ class StreamingWriter:
         self._left -= data.numel()
         if self._left == 0:
             self._current = None
+
+    def set_metadata(self, metadata: dict[str, str]) -> None:
+        """Rewrite the header's metadata in place (it must fit the header's size, `reserve` included)."""
+        encoded = json.dumps({**self._header, "__metadata__": metadata}, separators=(",", ":")).encode()
+        if len(encoded) > self._header_size:
+            raise RuntimeError(f"metadata for {self.path} does not fit the {self._header_size}-byte header")
+        self._file.flush()
+        os.pwrite(self._file.fileno(), encoded + b" " * (self._header_size - len(encoded)), 8)
 
     def close(self) -> None:
         unfinished = self._current is not None or next(self._expected, None) is not None

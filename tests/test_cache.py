@@ -43,8 +43,8 @@ def model(pico, tmp_path) -> Path:
 def calls(monkeypatch) -> list:
     """The statistics actually computed (not served from the cache)."""
     made: list = []
-    real = stats.compute
-    monkeypatch.setattr(stats, "compute", lambda ref, spec, kind, *a, **kw: made.append((ref.spec, kind))
+    real = stats.compute_parts
+    monkeypatch.setattr(stats, "compute_parts", lambda ref, spec, kind, *a, **kw: made.append((ref.spec, kind))
                         or real(ref, spec, kind, *a, **kw))
     return made
 

@@ -29,9 +29,11 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers import models as token_models
 
 import merging_core as ml
-from merging_core import arch, data, encode, losses, stats, tasks
+from merging_core import arch, data, encode, layerwise, losses, settings, stats, tasks
 from merging_core.errors import MergeLabError
 from merging_core.merge import merge
+from merging_core.models import resolve
+from merging_core.tasks import get_task
 
 from .helpers import assert_close
 
@@ -314,6 +316,85 @@ def test_grams_are_xtx_over_the_real_tokens(family, modules, saved):
     for name, gram in expected.items():
         assert_close(ours[name]["gram"], gram, atol=1e-6, rtol=1e-4, msg=name)
     assert float(ours["score.weight" if "score.weight" in ours else "pre_classifier.weight"]["gram_count"]) == EXAMPLES
+
+
+@pytest.mark.parametrize("family, head, task", [("gpt2", "sequence", "sst2"), ("llama", "causal", "wikitext2"),
+                                                ("qwen2", "sequence", "sst2"), ("gpt2", "causal", "wikitext2"),
+                                                ("llama", "causal", "emotion")])  # (rank classification)
+def test_block_by_block_grams_equal_the_whole_model_pass(family, head, task, saved, monkeypatch):
+    ref, spec, options = resolve(saved(family, head)), get_task(task), {**stats.DEFAULTS, "examples": EXAMPLES}
+    blocks = stats.compute(ref, spec, "gram", options)
+    monkeypatch.setattr(layerwise, "block_stack", lambda model: None)
+    whole = stats.compute(ref, spec, "gram", options)
+    assert blocks.keys() == whole.keys() and len(blocks) > 4
+    for name in whole:
+        assert torch.equal(blocks[name]["gram"], whole[name]["gram"]), name
+        assert float(blocks[name]["gram_count"]) == float(whole[name]["gram_count"]), name
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_block_by_block_follows_several_stack_calls_per_batch(family):
+    """A forward that runs the model twice per batch (as rank classification does for a long verbalizer):
+    each call's inputs reach every block, in order."""
+    model = build(family, "causal")
+    modules = stats._linear_modules(model)
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(1, VOCAB, (2, 5 + i), generator=generator)} for i in range(2)]
+
+    def run(batch):
+        model(input_ids=batch["input_ids"])
+        model(input_ids=batch["input_ids"][:, :3])
+
+    def summed():
+        sums = {}
+
+        def accumulate(name, x, batch):
+            rows = x.reshape(-1, x.shape[-1]).double()
+            sums[name] = sums.get(name, 0) + rows.T @ rows
+
+        return sums, accumulate
+
+    whole, add = summed()
+    handles = [m.register_forward_pre_hook(lambda m, a, name=name: add(name, a[0], None)) for name, m in modules.items()]
+    with torch.inference_mode():
+        for batch in batches:
+            run(batch)
+    for h in handles:
+        h.remove()
+    blocks, add = summed()
+    order, parts = layerwise.block_grams(layerwise.block_stack(model), modules, batches, run, add,
+                                         lambda names: {}, "grams", None)
+    assert sum(1 for _ in parts) == model.config.num_hidden_layers + 1 and sorted(order) == sorted(modules)
+    assert blocks.keys() == whole.keys()
+    for name in whole:
+        assert torch.equal(blocks[name], whole[name]), name
+
+
+def test_each_block_s_grams_are_written_before_the_next_block_runs(saved, monkeypatch):
+    events = []
+    enter, write = layerwise._hooked.__enter__, stats.StreamingWriter.write
+    monkeypatch.setattr(layerwise._hooked, "__enter__",
+                        lambda self: events.append(("run", self.targets[0][0])) or enter(self))
+    monkeypatch.setattr(stats.StreamingWriter, "write",
+                        lambda self, name, t: events.append(("write", name)) or write(self, name, t))
+    grams = stats.statistics(saved("llama", "causal"), "wikitext2", ("gram",), {"examples": EXAMPLES})
+    first_write = next(i for i, (what, _) in enumerate(events) if what == "write")
+    assert events[first_write][1].startswith("layers.0.")
+    assert all(name.startswith("layers.0.") for what, name in events[:first_write] if what == "run")
+    assert any(what == "run" and name.startswith("layers.1.") for what, name in events[first_write:])
+    assert isinstance(grams["layers.1.mlp.down_proj.weight"], stats.Stored)  # read from the file when used
+    record = json.loads(next(Path(settings.cache_dir("stats")).glob("*.json")).read_text())
+    assert record["kind"] == "gram" and record["seconds"] > 0
+
+
+def test_a_layer_that_never_ran_has_no_gram(tmp_path):
+    layout = {"a::gram": (torch.float32, (2, 2)), "a::gram_count": (torch.float32, ()),
+              "b::gram": (torch.float32, (2, 2)), "b::gram_count": (torch.float32, ())}
+    parts = iter([{"a": {"gram": torch.eye(2), "gram_count": torch.tensor(3.0)}},
+                  {"b": {"gram": torch.zeros(2, 2), "gram_count": torch.tensor(0.0)}}])
+    stats.save_stats(parts, {"kind": "gram"}, tmp_path / "s.safetensors", layout, started=0.0)
+    values, record = stats.load_stats(tmp_path / "s.safetensors")
+    assert list(values) == ["a"] and torch.equal(values["a"]["gram"], torch.eye(2)) and record["seconds"] > 0
 
 
 @pytest.mark.parametrize("family, head, task", [("distilbert", "sequence", "sst2"), ("deberta-v2", "sequence", "sst2"),
