@@ -370,7 +370,7 @@ def test_block_by_block_follows_several_stack_calls_per_batch(family):
         assert torch.equal(blocks[name], whole[name]), name
 
 
-def test_each_block_s_grams_are_written_before_the_next_block_runs(saved, monkeypatch):
+def test_each_block_s_grams_are_written_before_the_next_block_runs(saved, isolated_home, monkeypatch):
     events = []
     enter, write = layerwise._hooked.__enter__, stats.StreamingWriter.write
     monkeypatch.setattr(layerwise._hooked, "__enter__",
@@ -383,8 +383,9 @@ def test_each_block_s_grams_are_written_before_the_next_block_runs(saved, monkey
     assert all(name.startswith("layers.0.") for what, name in events[:first_write] if what == "run")
     assert any(what == "run" and name.startswith("layers.1.") for what, name in events[first_write:])
     assert isinstance(grams["layers.1.mlp.down_proj.weight"], stats.Stored)  # read from the file when used
-    record = json.loads(next(Path(settings.cache_dir("stats")).glob("*.json")).read_text())
-    assert record["kind"] == "gram" and record["seconds"] > 0
+    (written,) = Path(settings.cache_dir("stats")).glob("*.json")  # (a fresh home: this statistic only)
+    record = json.loads(written.read_text())
+    assert record["kind"] == "gram" and record["task"] == "wikitext2" and record["seconds"] > 0
 
 
 def test_a_layer_that_never_ran_has_no_gram(tmp_path):
