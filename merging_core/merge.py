@@ -199,7 +199,8 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     weights = _weights(params, len(checkpoints), device)
     context = {}
     if method.prepare is not None:
-        whole = WholeModel(_method_names(work), lambda: _method_tensors(work, device), stats)
+        whole = WholeModel(_method_names(work), lambda: _method_tensors(work, device), stats,
+                           lambda: _method_sample(work, device))
         context = method.prepare(whole, params)
 
     merged_progress = scaled(progress, 0.5 if kinds else 0.0, 0.95, "merging: ")
@@ -309,6 +310,7 @@ def _method_names(plan: Plan) -> list[str]:
 
 CHUNK = 1 << 21  # elements: the largest slice of one tensor an elementwise merge holds per input (8 MB in fp32)
 WHOLE = 1 << 22  # elements: the largest tensor a method that scans (SLERP, TIES per tensor) takes whole (16 MB)
+SAMPLE = 1 << 16  # elements: the head of each parameter `WholeModel.sample` reads
 
 
 @dataclass(frozen=True)
@@ -383,6 +385,15 @@ def _read_pieces(plan: Plan, names: Sequence[str], device, read=None) -> Iterato
     """Every piece of the parameters `names` with its inputs on `device`, the next one read meanwhile."""
     for piece, inputs in read_ahead(_pieces(plan, names), read or _reader(plan, device)):
         yield piece, _on_device(inputs, device)
+
+
+def _method_sample(plan: Plan, device) -> Iterator[tuple[str, int, list[torch.Tensor], torch.Tensor | None]]:
+    """(name, size, tensors, base) with the first `SAMPLE` values of every parameter in `_method_names`:
+    a cheap look at the whole model before a `prepare` pass over it (`WholeModel.sample`)."""
+    pieces = [Piece(name, 0, min(SAMPLE, math.prod(_meta(plan, name)[1]))) for name in _method_names(plan)]
+    for piece, inputs in read_ahead(pieces, _reader(plan, device)):
+        inputs = _on_device(inputs, device)
+        yield piece.name, math.prod(_meta(plan, piece.name)[1]), inputs.tensors, inputs.base
 
 
 def _method_tensors(plan: Plan, device) -> Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]:

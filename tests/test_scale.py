@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 import merging_core as ml
 from merging_core.errors import MergeLabError
 from merging_core.merge import merge
-from merging_core.methods import WholeModel
+from merging_core.methods import WholeModel, ties_dare
 from merging_core.methods.ties_dare import kth_largest, streamed_thresholds
 from merging_core.tensorio import INDEX
 
@@ -178,17 +178,41 @@ def fake_model(tensors_: list[list[torch.Tensor]], bases: list[torch.Tensor], ch
     return WholeModel([f"p{i}" for i in range(len(bases))], pieces)
 
 
-@pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.999])
-def test_streamed_threshold_is_exact(density):
-    """Per model, the streaming radix selection finds exactly the k-th largest task-vector magnitude of the
-    whole model, bf16 ties and zeros included, and the sum of the entries the trim keeps."""
-    generator = torch.Generator().manual_seed(0)
+def sampled(tensors_: list[list[torch.Tensor]], bases: list[torch.Tensor], head: int):
+    """A `WholeModel.sample`: the first `head` values of each parameter, with its size."""
+    def sample():
+        for i, base in enumerate(bases):
+            yield f"p{i}", base.numel(), [t.flatten()[:head] for t in tensors_[i]], base.flatten()[:head]
+    return sample
+
+
+def bf16_models(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
     shapes = [(300, 40), (7,), (1000,), (64, 64)]
     bases = [torch.randn(s, generator=generator).bfloat16().float() for s in shapes]
     models = [[(b + 0.01 * torch.randn(b.shape, generator=generator)).bfloat16().float() for _ in range(2)]
               for b in bases]
     models[1][0] = bases[1].clone()  # a parameter one model left unchanged: zero task vector
-    thresholds, totals, _ = streamed_thresholds(fake_model(models, bases, chunk=333), density)
+    return models, bases
+
+
+@pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.999])
+@pytest.mark.parametrize("estimate", ["none", "sampled", "missed"])
+def test_streamed_threshold_is_exact(density, estimate, monkeypatch):
+    """Per model, the streaming radix selection finds exactly the k-th largest task-vector magnitude of the
+    whole model, bf16 ties and zeros included, and the sum of the entries the trim keeps: in two passes,
+    in one after estimating the bucket from a sample, and in two when that estimate misses."""
+    models, bases = bf16_models()
+    model = fake_model(models, bases, chunk=333)
+    passes = []
+    tensors = model.tensors
+    model.tensors = lambda: passes.append(1) or tensors()
+    if estimate == "missed":
+        far = (1 << 15) - ties_dare.WINDOW  # (the buckets of inf and NaN)
+        monkeypatch.setattr(ties_dare, "_estimated_windows", lambda sample, density: [far, far])
+    sample = None if estimate == "none" else sampled(models, bases, head=20_000)  # (all of each: exact)
+    thresholds, totals, _ = streamed_thresholds(model, density, sample)
+    assert len(passes) == (1 if estimate == "sampled" else 2)
     for i in range(2):
         deltas = torch.cat([(models[p][i] - bases[p]).flatten() for p in range(len(bases))])
         k = max(1, int(density * deltas.numel()))
@@ -196,6 +220,22 @@ def test_streamed_threshold_is_exact(density):
         assert thresholds[i] == float(deltas.abs().sort(descending=True).values[k - 1])
         kept = deltas[deltas.abs() >= thresholds[i]]
         assert totals[i] == pytest.approx(float(kept.double().sum()), rel=1e-9, abs=1e-9)
+
+
+def test_ties_model_scope_reads_the_model_once_for_its_threshold(llamas, tmp_path, monkeypatch):
+    """The sample (the head of every parameter) places the threshold's bucket, so one pass over the
+    inputs finds the exact threshold and the merge is the second; the output equals a two-pass merge's."""
+    passes = []
+    real = engine._method_tensors
+    monkeypatch.setattr(engine, "_method_tensors", lambda *a: passes.append(1) or real(*a))
+    run(llamas["single"], "ties", {"density": 0.2}, tmp_path / "one")
+    assert len(passes) == 1
+    far = (1 << 15) - ties_dare.WINDOW  # an estimate that misses: the second threshold pass runs
+    monkeypatch.setattr(ties_dare, "_estimated_windows", lambda sample, density: [far, far])
+    run(llamas["single"], "ties", {"density": 0.2}, tmp_path / "two")
+    assert len(passes) == 3
+    one, two = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    assert all(torch.equal(one[name], two[name]) for name in one)
 
 
 # -- bad input: one line, nothing half-written ---------------------------------------------------------

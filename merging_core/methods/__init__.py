@@ -51,11 +51,14 @@ class WholeModel:
     `tensors()` iterates (name, info, tensors, base) afresh, loading one parameter at a time, and a large
     one as consecutive flat slices (TIES's model-wide magnitude threshold, which needs entries, not
     shapes); `stats` holds each model's statistics {name: {kind: tensor}}, or None
-    for a data-free merge (Fisher's whole-model normalisation)."""
+    for a data-free merge (Fisher's whole-model normalisation); `sample()`, when given, iterates
+    (name, size, tensors, base) with only the first values of each parameter (a cheap look at the whole
+    model before a pass over it)."""
 
     names: list[str]
     tensors: Callable[[], Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]]
     stats: list[dict[str, dict[str, torch.Tensor]]] | None = None
+    sample: Callable[[], Iterator[tuple[str, int, list[torch.Tensor], torch.Tensor | None]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@
   mergekit's `dare_linear` differs twice: it draws its own masks, and it rescales each sparsified
   tensor to the L1 norm of the tensor before the drop instead of by 1/(1−p).
 
-Scope `model` finds each model's exact threshold over the whole model in two streaming passes (a radix
-selection on the magnitudes' bit patterns, `streamed_thresholds`), then merges slice by slice like an
-elementwise method: memory does not grow with the model. Scope `tensor` merges one whole tensor at a time;
+Scope `model` finds each model's exact threshold over the whole model in one or two streaming passes (a
+radix selection on the magnitudes' bit patterns, `streamed_thresholds`), then merges slice by slice like
+an elementwise method: memory does not grow with the model. Scope `tensor` merges one whole tensor at a time;
 with `tie_break` index, a tensor too large to hold whole goes slice by slice after a streaming pass over it
 for its threshold.
 """
@@ -118,7 +118,7 @@ def _model_thresholds(model: WholeModel, params: dict[str, Any]) -> dict[str, An
     rule = zero_sign_rule(params)
     thresholds, total, votes = None, 0.0, 0.0
     if params.get("density", 1.0) < 1:
-        thresholds, totals, _ = streamed_thresholds(model, params["density"])
+        thresholds, totals, _ = streamed_thresholds(model, params["density"], model.sample)
         total = sum(totals)
     elif rule == "total":
         for _, _, tensors, base in model.tensors():
@@ -133,55 +133,97 @@ def _model_thresholds(model: WholeModel, params: dict[str, Any]) -> dict[str, An
     return {"thresholds": thresholds, "zero_sign": _fallback(total, votes, rule)}
 
 
-def streamed_thresholds(model: WholeModel, density: float) -> tuple[list[float], list[float], list[int]]:
+WINDOW = 64  # top-16-bit buckets (half an octave) whose low bits the one-pass selection keeps
+
+
+def streamed_thresholds(model: WholeModel, density: float, sample=None) -> tuple[list[float], list[float], list[int]]:
     """Per model i, the exact k-th largest |τ_i| entry over the whole model, k = max(1, ⌊density · n⌋),
     the sum of the entries of τ_i at least that large (what the zero-sign rule `total` adds up), and how
     many of the entries equal to it make exactly k with those strictly larger.
 
-    A radix selection in two streaming passes, so no magnitude is held beyond the slice being read: the bit
+    A radix selection in streaming passes, so no magnitude is held beyond the slice being read: the bit
     patterns of non-negative float32 values sort like the values, so a histogram of their top 16 bits
     finds the bucket holding the k-th largest, and a histogram of the low 16 bits of that bucket's entries
-    pins its exact bit pattern. The second pass also sums τ_i above that bucket and per low-bits value
-    within it, which gives the trimmed sum once the threshold is known. Memory: 3 x 65,536 counters per
-    model, whatever the model's size; the result equals `kth_largest` of all magnitudes at once."""
+    pins its exact bit pattern. With `sample` (`WholeModel.sample`: the head of every parameter) the bucket
+    is first estimated, and one pass gathers both histograms, the low bits for a window of `WINDOW`
+    buckets around the estimate; a second pass runs only when the bucket falls outside the window.
+    Without it, two passes. Sums of τ_i per bucket (and per low-bits value inside) give the trimmed sum.
+    Memory: a few 65,536-entry arrays per model (the window: 64 of them), whatever the model's size; the
+    result equals `kth_largest` of all magnitudes at once."""
+    windows = _estimated_windows(sample(), density) if sample is not None else None
     high: list[torch.Tensor] = []
+    bucket_sums: list[torch.Tensor] = []
+    low: list[torch.Tensor] = []
+    low_sums: list[torch.Tensor] = []
     count = 0
-    for _, _, tensors, base in model.tensors():
-        for i, t in enumerate(tensors):
-            bits = (t - base).abs_().view(torch.int32)
-            if len(high) <= i:
-                high.append(torch.zeros(1 << 15, dtype=torch.int64))
-            high[i] += torch.bincount((bits >> 16).flatten(), minlength=1 << 15).cpu()
-        count += base.numel()
-    k = max(1, int(density * count))
-    buckets, ranks = [], []
-    for h in high:
-        from_top = h.flip(0).cumsum(0)
-        j = int(torch.searchsorted(from_top, torch.tensor(k)))
-        buckets.append((1 << 15) - 1 - j)
-        ranks.append(k - (int(from_top[j - 1]) if j else 0))  # the rank of the k-th largest inside its bucket
-    low = [torch.zeros(1 << 16, dtype=torch.int64) for _ in high]
-    low_sums = [torch.zeros(1 << 16, dtype=torch.float64) for _ in high]
-    above = [0.0 for _ in high]
     for _, _, tensors, base in model.tensors():
         for i, t in enumerate(tensors):
             delta = (t - base).flatten()
             bits = delta.abs().view(torch.int32)
             top = bits >> 16
-            above[i] += float(delta[top > buckets[i]].double().sum())
-            inside = top == buckets[i]
-            low_bits = bits[inside] & 0xFFFF
-            low[i] += torch.bincount(low_bits, minlength=1 << 16).cpu()
-            low_sums[i] += torch.bincount(low_bits, weights=delta[inside].double(), minlength=1 << 16).cpu()
+            if len(high) <= i:
+                high.append(torch.zeros(1 << 15, dtype=torch.int64))
+                bucket_sums.append(torch.zeros(1 << 15, dtype=torch.float64))
+                if windows is not None:
+                    low.append(torch.zeros(WINDOW << 16, dtype=torch.int64))
+                    low_sums.append(torch.zeros(WINDOW << 16, dtype=torch.float64))
+            high[i] += torch.bincount(top, minlength=1 << 15).cpu()
+            bucket_sums[i] += torch.bincount(top, weights=delta.double(), minlength=1 << 15).cpu()
+            if windows is not None:
+                inside = (top >= windows[i]) & (top < windows[i] + WINDOW)
+                keys = (((top[inside] - windows[i]) << 16) | (bits[inside] & 0xFFFF)).long().cpu()
+                low[i].index_add_(0, keys, torch.ones_like(keys))
+                low_sums[i].index_add_(0, keys, delta[inside].double().cpu())
+        count += base.numel()
+    k = max(1, int(density * count))
+    buckets, ranks = zip(*(_bucket_of(h, k) for h in high))
+    if windows is not None and all(0 <= b - w < WINDOW for b, w in zip(buckets, windows)):
+        low = [h[(b - w) << 16:(b - w + 1) << 16] for h, b, w in zip(low, buckets, windows)]
+        low_sums = [h[(b - w) << 16:(b - w + 1) << 16] for h, b, w in zip(low_sums, buckets, windows)]
+    else:  # the second pass: the low bits of the bucket each model's k-th largest is in
+        low = [torch.zeros(1 << 16, dtype=torch.int64) for _ in high]
+        low_sums = [torch.zeros(1 << 16, dtype=torch.float64) for _ in high]
+        for _, _, tensors, base in model.tensors():
+            for i, t in enumerate(tensors):
+                delta = (t - base).flatten()
+                bits = delta.abs().view(torch.int32)
+                inside = (bits >> 16) == buckets[i]
+                low_bits = bits[inside] & 0xFFFF
+                low[i] += torch.bincount(low_bits, minlength=1 << 16).cpu()
+                low_sums[i] += torch.bincount(low_bits, weights=delta[inside].double(), minlength=1 << 16).cpu()
     thresholds, totals, tied = [], [], []
-    for bucket, rank, h, sums, s, hi in zip(buckets, ranks, low, low_sums, above, high):
+    for bucket, rank, h, sums, per_bucket, hi in zip(buckets, ranks, low, low_sums, bucket_sums, high):
         from_top = h.flip(0).cumsum(0)
         j = int(torch.searchsorted(from_top, torch.tensor(rank)))
         lowest = (1 << 16) - 1 - j
         thresholds.append(float(torch.tensor([(bucket << 16) | lowest], dtype=torch.int32).view(torch.float32)))
-        totals.append(s + float(sums[lowest:].sum()))
+        totals.append(float(per_bucket[bucket + 1:].sum()) + float(sums[lowest:].sum()))
         tied.append(k - int(hi[bucket + 1:].sum()) - (int(from_top[j - 1]) if j else 0))
     return thresholds, totals, tied
+
+
+def _bucket_of(high: torch.Tensor, k: int) -> tuple[int, int]:
+    """The top-16-bit bucket that holds the k-th largest entry, and that entry's rank inside it."""
+    from_top = high.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    return (1 << 15) - 1 - j, k - (int(from_top[j - 1]) if j else 0)
+
+
+def _estimated_windows(sample, density: float) -> list[int]:
+    """Per model, the first bucket of a `WINDOW`-bucket window centred on the bucket estimated to hold its
+    k-th largest |τ| entry, from the head of every parameter (each head's histogram scaled up to its
+    parameter's size)."""
+    high: list[torch.Tensor] = []
+    count = 0
+    for _, size, tensors, base in sample:
+        for i, t in enumerate(tensors):
+            bits = (t - base).abs_().view(torch.int32)
+            if len(high) <= i:
+                high.append(torch.zeros(1 << 15, dtype=torch.float64))
+            high[i] += torch.bincount((bits >> 16).flatten(), minlength=1 << 15).cpu().double() * (size / t.numel())
+        count += size
+    k = max(1, int(density * count))
+    return [min(max(_bucket_of(h, k)[0] - WINDOW // 2, 0), (1 << 15) - WINDOW) for h in high]
 
 
 def _tensor_scan(slices, params: dict[str, Any]) -> dict[str, Any]:
