@@ -133,7 +133,7 @@ def _model_thresholds(model: WholeModel, params: dict[str, Any]) -> dict[str, An
     return {"thresholds": thresholds, "zero_sign": _fallback(total, votes, rule)}
 
 
-WINDOW = 64  # top-16-bit buckets (half an octave) whose low bits the one-pass selection keeps
+WINDOW = 16  # top-16-bit buckets (an eighth of an octave) whose low bits the one-pass selection keeps
 
 
 def streamed_thresholds(model: WholeModel, density: float, sample=None) -> tuple[list[float], list[float], list[int]]:
@@ -147,14 +147,14 @@ def streamed_thresholds(model: WholeModel, density: float, sample=None) -> tuple
     pins its exact bit pattern. With `sample` (`WholeModel.sample`: the head of every parameter) the bucket
     is first estimated, and one pass gathers both histograms, the low bits for a window of `WINDOW`
     buckets around the estimate; a second pass runs only when the bucket falls outside the window.
-    Without it, two passes. Sums of τ_i per bucket (and per low-bits value inside) give the trimmed sum.
-    Memory: a few 65,536-entry arrays per model (the window: 64 of them), whatever the model's size; the
-    result equals `kth_largest` of all magnitudes at once."""
+    Without it, two passes. Sums of τ_i above the bucket (and per low-bits value inside it) give the
+    trimmed sum. Memory: 65,536 counters per model (the window: 16 x 65,536, 16 MB), whatever the model's
+    size; the result equals `kth_largest` of all magnitudes at once."""
     windows = _estimated_windows(sample(), density) if sample is not None else None
     high: list[torch.Tensor] = []
-    bucket_sums: list[torch.Tensor] = []
     low: list[torch.Tensor] = []
     low_sums: list[torch.Tensor] = []
+    above: list[float] = []  # per model: the sum of τ_i over the buckets above its window
     count = 0
     for _, _, tensors, base in model.tensors():
         for i, t in enumerate(tensors):
@@ -163,41 +163,46 @@ def streamed_thresholds(model: WholeModel, density: float, sample=None) -> tuple
             top = bits >> 16
             if len(high) <= i:
                 high.append(torch.zeros(1 << 15, dtype=torch.int64))
-                bucket_sums.append(torch.zeros(1 << 15, dtype=torch.float64))
                 if windows is not None:
                     low.append(torch.zeros(WINDOW << 16, dtype=torch.int64))
                     low_sums.append(torch.zeros(WINDOW << 16, dtype=torch.float64))
+                    above.append(0.0)
             high[i] += torch.bincount(top, minlength=1 << 15).cpu()
-            bucket_sums[i] += torch.bincount(top, weights=delta.double(), minlength=1 << 15).cpu()
             if windows is not None:
+                above[i] += float(delta[top >= windows[i] + WINDOW].double().sum())
                 inside = (top >= windows[i]) & (top < windows[i] + WINDOW)
-                keys = (((top[inside] - windows[i]) << 16) | (bits[inside] & 0xFFFF)).long().cpu()
-                low[i].index_add_(0, keys, torch.ones_like(keys))
-                low_sums[i].index_add_(0, keys, delta[inside].double().cpu())
+                keys = ((top[inside] - windows[i]) << 16) | (bits[inside] & 0xFFFF)
+                low[i] += torch.bincount(keys, minlength=WINDOW << 16).cpu()
+                low_sums[i] += torch.bincount(keys, weights=delta[inside].double(), minlength=WINDOW << 16).cpu()
         count += base.numel()
     k = max(1, int(density * count))
     buckets, ranks = zip(*(_bucket_of(h, k) for h in high))
     if windows is not None and all(0 <= b - w < WINDOW for b, w in zip(buckets, windows)):
+        # the window's buckets above each model's bucket count in full, its own bucket by low bits
+        above = [s + float(sums[(b - w + 1) << 16:].sum()) for s, sums, b, w in zip(above, low_sums, buckets, windows)]
         low = [h[(b - w) << 16:(b - w + 1) << 16] for h, b, w in zip(low, buckets, windows)]
         low_sums = [h[(b - w) << 16:(b - w + 1) << 16] for h, b, w in zip(low_sums, buckets, windows)]
     else:  # the second pass: the low bits of the bucket each model's k-th largest is in
         low = [torch.zeros(1 << 16, dtype=torch.int64) for _ in high]
         low_sums = [torch.zeros(1 << 16, dtype=torch.float64) for _ in high]
+        above = [0.0 for _ in high]
         for _, _, tensors, base in model.tensors():
             for i, t in enumerate(tensors):
                 delta = (t - base).flatten()
                 bits = delta.abs().view(torch.int32)
-                inside = (bits >> 16) == buckets[i]
+                top = bits >> 16
+                above[i] += float(delta[top > buckets[i]].double().sum())
+                inside = top == buckets[i]
                 low_bits = bits[inside] & 0xFFFF
                 low[i] += torch.bincount(low_bits, minlength=1 << 16).cpu()
                 low_sums[i] += torch.bincount(low_bits, weights=delta[inside].double(), minlength=1 << 16).cpu()
     thresholds, totals, tied = [], [], []
-    for bucket, rank, h, sums, per_bucket, hi in zip(buckets, ranks, low, low_sums, bucket_sums, high):
+    for bucket, rank, h, sums, s, hi in zip(buckets, ranks, low, low_sums, above, high):
         from_top = h.flip(0).cumsum(0)
-        j = int(torch.searchsorted(from_top, torch.tensor(rank)))
+        j = int(torch.searchsorted(from_top, torch.tensor(rank, dtype=from_top.dtype)))
         lowest = (1 << 16) - 1 - j
         thresholds.append(float(torch.tensor([(bucket << 16) | lowest], dtype=torch.int32).view(torch.float32)))
-        totals.append(float(per_bucket[bucket + 1:].sum()) + float(sums[lowest:].sum()))
+        totals.append(s + float(sums[lowest:].sum()))
         tied.append(k - int(hi[bucket + 1:].sum()) - (int(from_top[j - 1]) if j else 0))
     return thresholds, totals, tied
 
