@@ -38,7 +38,7 @@ import time
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -381,25 +381,25 @@ def _on_device(inputs: Inputs, device: torch.device) -> Inputs:
     return Inputs([move(t) for t in inputs.tensors], move(inputs.base) if inputs.base is not None else None)
 
 
-def _read_pieces(plan: Plan, names: Sequence[str], device, read=None) -> Iterator[tuple[Piece, Inputs]]:
-    """Every piece of the parameters `names` with its inputs on `device`, the next one read meanwhile."""
-    for piece, inputs in read_ahead(_pieces(plan, names), read or _reader(plan, device)):
+def _read_pieces(plan: Plan, pieces: Iterable[Piece], device, read=None) -> Iterator[tuple[Piece, Inputs]]:
+    """Every piece with its inputs on `device`, the next one read meanwhile."""
+    for piece, inputs in read_ahead(pieces, read or _reader(plan, device)):
         yield piece, _on_device(inputs, device)
 
 
 def _method_sample(plan: Plan, device) -> Iterator[tuple[str, int, list[torch.Tensor], torch.Tensor | None]]:
     """(name, size, tensors, base) with the first `SAMPLE` values of every parameter in `_method_names`:
     a cheap look at the whole model before a `prepare` pass over it (`WholeModel.sample`)."""
-    pieces = [Piece(name, 0, min(SAMPLE, math.prod(_meta(plan, name)[1]))) for name in _method_names(plan)]
-    for piece, inputs in read_ahead(pieces, _reader(plan, device)):
-        inputs = _on_device(inputs, device)
-        yield piece.name, math.prod(_meta(plan, piece.name)[1]), inputs.tensors, inputs.base
+    sizes = {name: math.prod(_meta(plan, name)[1]) for name in _method_names(plan)}
+    heads = [Piece(name, 0, min(SAMPLE, size)) for name, size in sizes.items()]
+    for piece, inputs in _read_pieces(plan, heads, device):
+        yield piece.name, sizes[piece.name], inputs.tensors, inputs.base
 
 
 def _method_tensors(plan: Plan, device) -> Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]:
     """(name, info, tensors, base) of every parameter in `_method_names`, read one at a time (a large one
     as flat slices, for a `prepare` that needs entries, not shapes)."""
-    for piece, inputs in _read_pieces(plan, _method_names(plan), device):
+    for piece, inputs in _read_pieces(plan, _pieces(plan, _method_names(plan)), device):
         yield piece.name, _info(plan, piece.name), inputs.tensors, inputs.base
 
 
@@ -428,7 +428,7 @@ def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats
 def _slice_jobs(plan: Plan, name: str, read, weights: torch.Tensor, context: dict, seed: int, device
                 ) -> Iterator[TensorJob]:
     """A TensorJob per flat slice of one large parameter, read afresh (a method's `scan`)."""
-    for _, inputs in _read_pieces(plan, [name], device, read):
+    for _, inputs in _read_pieces(plan, _pieces(plan, [name]), device, read):
         yield TensorJob(name=name, info=_info(plan, name), tensors=inputs.tensors, weights=weights, params=plan.params,
                         base=inputs.base, context=context, seed=_seed(seed, name))
 

@@ -19,6 +19,7 @@ torch it runs on (a different C++ library or a new sort would differ) and otherw
 
 from __future__ import annotations
 
+import bisect
 import functools
 
 import torch
@@ -117,7 +118,8 @@ def _crossing(v: torch.Tensor, pivot: torch.Tensor, left_end: int, right_start: 
     if right_start:
         rights += right_start
     count = min(lefts.numel(), rights.numel())
-    swaps = _bisect(lambda i: int(lefts[i]) >= int(rights[-1 - i]), count)
+    # (the first i at which they have crossed: from there on they stay crossed)
+    swaps = bisect.bisect_left(range(count), True, key=lambda i: int(lefts[i]) >= int(rights[-1 - i]))
     if swaps == count and (left_end < v.numel() or right_start > 0):
         return None
     # The partition returns where the left scan stops next: at its next stop, or at the last swapped
@@ -133,18 +135,6 @@ def _estimated_crossing(v: torch.Tensor, pivot: torch.Tensor) -> int:
     before = (sample <= pivot).cumsum(0)
     after = (sample >= pivot).flip(0).cumsum(0).flip(0)
     return int(torch.count_nonzero(before < after)) * SAMPLE
-
-
-def _bisect(crossed, count: int) -> int:
-    """The first i < count for which `crossed(i)` holds (it holds from there on), or count."""
-    lo, hi = 0, count
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if crossed(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def _side(v, idx, m: int, start: int, stop: int, mine: torch.Tensor, theirs: torch.Tensor):

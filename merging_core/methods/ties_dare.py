@@ -158,9 +158,7 @@ def streamed_thresholds(model: WholeModel, density: float, sample=None) -> tuple
     count = 0
     for _, _, tensors, base in model.tensors():
         for i, t in enumerate(tensors):
-            delta = (t - base).flatten()
-            bits = delta.abs().view(torch.int32)
-            top = bits >> 16
+            delta, bits, top = _magnitude_bits(t, base)
             if len(high) <= i:
                 high.append(torch.zeros(1 << 15, dtype=torch.int64))
                 if windows is not None:
@@ -188,9 +186,7 @@ def streamed_thresholds(model: WholeModel, density: float, sample=None) -> tuple
         above = [0.0 for _ in high]
         for _, _, tensors, base in model.tensors():
             for i, t in enumerate(tensors):
-                delta = (t - base).flatten()
-                bits = delta.abs().view(torch.int32)
-                top = bits >> 16
+                delta, bits, top = _magnitude_bits(t, base)
                 above[i] += float(delta[top > buckets[i]].double().sum())
                 inside = top == buckets[i]
                 low_bits = bits[inside] & 0xFFFF
@@ -205,6 +201,14 @@ def streamed_thresholds(model: WholeModel, density: float, sample=None) -> tuple
         totals.append(s + float(sums[lowest:].sum()))
         tied.append(k - int(hi[bucket + 1:].sum()) - (int(from_top[j - 1]) if j else 0))
     return thresholds, totals, tied
+
+
+def _magnitude_bits(t: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A slice's task vector τ (flat), the float32 bit patterns of |τ| (which sort like the magnitudes) and
+    their top 16 bits (the bucket of each entry)."""
+    delta = (t - base).flatten()
+    bits = delta.abs().view(torch.int32)
+    return delta, bits, bits >> 16
 
 
 def _bucket_of(high: torch.Tensor, k: int) -> tuple[int, int]:
@@ -222,10 +226,10 @@ def _estimated_windows(sample, density: float) -> list[int]:
     count = 0
     for _, size, tensors, base in sample:
         for i, t in enumerate(tensors):
-            bits = (t - base).abs_().view(torch.int32)
+            top = _magnitude_bits(t, base)[2]
             if len(high) <= i:
                 high.append(torch.zeros(1 << 15, dtype=torch.float64))
-            high[i] += torch.bincount((bits >> 16).flatten(), minlength=1 << 15).cpu().double() * (size / t.numel())
+            high[i] += torch.bincount(top, minlength=1 << 15).cpu().double() * (size / t.numel())
         count += size
     k = max(1, int(density * count))
     return [min(max(_bucket_of(h, k)[0] - WINDOW // 2, 0), (1 << 15) - WINDOW) for h in high]
