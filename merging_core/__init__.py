@@ -15,6 +15,9 @@ The public API, shared by the CLI (`python -m merging_core ...`) and the Gradio 
     run.summary()["barriers"]
     ml.align("scratch-s0", "scratch-s1", merge_type="ff+attn", attention="head-perm")  # B permuted into A's basis
     ml.ensemble("sst2", similarity="loss", shots=32)  # other tasks' LoRA modules, weighted, as a few-shot start
+    run = ml.sweep.sweep(ml.SweepSpec("ties", ("sst2-s0", "sst2-s1"), base="minilm",
+                                      space=("lambda=0.2:1.8:5", "density=0.1:0.9:5")))  # on Ray Tune
+    for row in run: print(row["objective"])
 
 Nothing here downloads at import time, and nothing here imports gradio.
 """
@@ -37,11 +40,11 @@ _LAZY = {
     "Evaluator": "evaluation", "evaluate": "evaluation", "METHODS": "methods", "get_method": "methods", "Loaded": "models", "load": "models", "resolve": "models",
     "save": "models", "TASKS": "tasks", "get_task": "tasks", "TrainConfig": "training", "train": "training",
     "curve": "curves", "plane": "curves", "Curve": "curves", "Plane": "curves", "CurveSpec": "curves",
-    "PlaneSpec": "curves", "open_checkpoint": "checkpoint",
+    "PlaneSpec": "curves", "open_checkpoint": "checkpoint", "SweepSpec": "sweep",
 }
 _MODULES = ("arch", "data", "settings", "stats", "zoo", "models", "evaluation", "training", "tasks", "metrics",
             "encode", "progress", "partition", "losses", "tensorio", "paths", "curves", "checkpoint", "spec", "params",
-            "outputs", "uploads", "caches", "catalog")
+            "outputs", "uploads", "caches", "catalog", "sweep")
 
 
 def __getattr__(name: str):
@@ -61,4 +64,4 @@ __all__ = ["data", "settings", "stats", "zoo", "MergeLabError", "Evaluator", "ev
            "save", "TASKS", "get_task", "TrainConfig", "train", "merge", "merge_from_config", "MergeResult",
            "available_methods", "METHODS", "get_method", "compare", "compare_subsets", "greedy", "curve", "plane", "Curve", "Plane",
            "MergeSpec", "CurveSpec", "PlaneSpec", "open_checkpoint", "checkpoint", "spec", "params",
-           "paths", "curves", "align", "ensemble", "__version__"]
+           "paths", "curves", "align", "ensemble", "sweep", "SweepSpec", "__version__"]

@@ -1,7 +1,7 @@
 """`python -m merging_core <command>`: the engine from a shell.
 
 Commands: train, eval, zoo build, zoo download, zoo list, tasks, merge, methods, compare, greedy, curve, plane, align, permute,
-ensemble. Results go to
+ensemble, sweep run, sweep show, sweep materialize. Results go to
 stdout (JSON with --json; `curve` and `plane` print one JSON line per point as it is computed); progress bars go
 to stderr; a bad input ends with one line `error: ...` on stderr and exit status 2.
 """
@@ -30,6 +30,7 @@ from .params import parse_assignments
 from .paths import PATHS
 from .tensorio import OUTPUT_DTYPES
 from .spec import FALLBACKS, HEAD_POLICIES, MERGE_SPACES, MergeSpec, parse_method_text
+from .sweep import ALGORITHMS, SweepSpec, materialize, open_sweep, sweep
 from .training import MODULE_KINDS, PEFT_KINDS, SAMPLING, TrainConfig, train
 
 
@@ -241,6 +242,46 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("tasks", help="the task registry and which tasks the data root holds")
     p.add_argument("--json", action="store_true")
+
+    p = commands.add_parser("sweep", help="sweep or search a method's settings on Ray Tune (run, show, materialize)")
+    sweep_commands = p.add_subparsers(dest="sweep_command", required=True)
+    r = sweep_commands.add_parser("run", help="run a sweep (running it again resumes it)")
+    r.add_argument("--method", required=True, help=f"a merge method {_methods()}")
+    r.add_argument("--models", nargs="+", required=True, help="the models to merge (zoo names, folders, hub ids)")
+    r.add_argument("--base", default=None, help="the model they were fine-tuned from (task vectors)")
+    r.add_argument("--vary", nargs="+", action="extend", default=[], metavar="SETTING",
+                   help="the dimensions: density=0.1:0.9:5 (points), lambda=0:2 (a range), scope=model,tensor "
+                        "(values), components=attention+feed_forward,all, models=a+b,a+b+c")
+    r.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="settings held fixed, e.g. scope=tensor")
+    r.add_argument("--per-layer", action="store_true", help="one lambda per transformer block (searched "
+                   "continuously: --algorithm cmaes, tpe or random), over the --vary lambda range")
+    r.add_argument("--algorithm", choices=list(ALGORITHMS), default="grid")
+    r.add_argument("--trials", type=_positive_int, default=None, help="points to try (grid: all; else 20)")
+    r.add_argument("--task", nargs="+", default=None, help="the objective's tasks (default: every model's task)")
+    r.add_argument("--task-weights", nargs="+", type=float, default=None, help="their weights (default: equal)")
+    r.add_argument("--dev-size", type=_positive_int, default=200,
+                   help="the objective is measured on the first N dev examples of each task")
+    r.add_argument("--holdout-size", type=int, default=0,
+                   help="the best point is reported on the N dev examples after those (disjoint)")
+    r.add_argument("--components", default=None,
+                   help="comma list of groups the method merges: " + ",".join(GROUPS) + " (default: all)")
+    r.add_argument("--seed", type=int, default=0, help="of the search algorithm")
+    r.add_argument("--workers", type=_positive_int, default=None, help="trials at once (default: CPUs per trial)")
+    r.add_argument("--cpus-per-trial", type=_positive_int, default=1)
+    r.add_argument("--address", default=None, help="a Ray cluster, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS, "
+                   "else Ray starts on this machine)")
+    r.add_argument("--name", default=None, help="the sweep's name (default: derived from its settings)")
+    r.add_argument("--json", action="store_true", help="one JSON object per finished trial, then the summary")
+    for name, help_text in (("show", "a sweep's table and best point"),
+                            ("materialize", "write a sweep's best point (or --trial) as a normal merge")):
+        s = sweep_commands.add_parser(name, help=help_text)
+        s.add_argument("sweep", help="the sweep's name or folder")
+        if name == "materialize":
+            s.add_argument("--out", required=True)
+            s.add_argument("--trial", default=None, help="this trial instead of the best")
+            s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        s.add_argument("--json", action="store_true")
     return parser
 
 
@@ -363,6 +404,8 @@ def _run(args: argparse.Namespace) -> None:
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
         out = permute_checkpoint(args.model, args.out, kinds=kinds, seed=args.seed, overwrite=args.overwrite)
         print(f"saved {out}: {args.model} with its {', '.join(kinds)} units permuted (seed {args.seed})")
+    elif args.command == "sweep":
+        _sweep(args)
     elif args.command == "tasks":
         here = set(data.available_tasks())
         rows = [{"task": s.name, "title": s.title, "kind": s.kind, "labels": len(s.labels) or None,
@@ -371,6 +414,63 @@ def _run(args: argparse.Namespace) -> None:
             print(json.dumps(rows, indent=2))
         else:
             _print_table(rows, ["task", "title", "kind", "labels", "metrics", "in_data_root"])
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    if args.sweep_command == "materialize":
+        result = materialize(args.sweep, args.out, trial=args.trial, overwrite=args.overwrite)
+        summary = {"out": str(result.out), "spec": result.spec.to_dict(), "seconds": round(result.seconds, 2)}
+        print(json.dumps(summary) if args.json else f"saved {result.out} ({result.spec.method}, "
+                                                        f"{result.seconds:.1f} s); its merge_config.json re-runs it")
+        return
+    if args.sweep_command == "show":
+        run = open_sweep(args.sweep)
+        rows = run.rows()
+        if args.json:
+            print(json.dumps({"rows": rows, "summary": run.summary()}, default=str))
+            return
+    else:
+        components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
+        spec = SweepSpec(args.method, tuple(args.models), base=args.base, params=parse_assignments(args.set, "--set"),
+                         space=tuple(args.vary), per_layer=args.per_layer, tasks=args.task,
+                         task_weights=args.task_weights, dev_size=args.dev_size, holdout_size=args.holdout_size,
+                         algorithm=args.algorithm, trials=args.trials, seed=args.seed,
+                         components=tuple(components) if components else GROUPS, cpus_per_trial=args.cpus_per_trial,
+                         workers=args.workers)
+        run = sweep(spec, name=args.name, address=args.address, progress=None if args.json else _stderr_progress())
+        rows = []
+        for row in run:
+            rows.append(row)
+            if args.json:
+                print(json.dumps({k: v for k, v in row.items() if k != "point"}, default=str), flush=True)
+        if args.json:
+            print(json.dumps(run.summary(), default=str))
+            return
+    point = list(dict.fromkeys(k for r in rows for k in r["point"]))
+    meta = {"trial", "objective", "error", "point", "finished", "merge_seconds", "eval_seconds", "run", "pid", "node"}
+    scores = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in meta and k not in point]
+    _print_table(rows, [c for c in ["trial", *point, "objective", *scores, "merge_seconds", "eval_seconds", "error"]
+                        if any(r.get(c) is not None for r in rows)])
+    summary = run.summary()
+    best = summary.get("best")
+    print(f"sweep {summary['name']}: {summary['finished']} of {summary['trials']} trials finished"
+          + (f", {summary['errors']} failed" if summary["errors"] else "") + f" ({run.folder})")
+    if best:
+        print(f"best: {', '.join(f'{k}={v}' for k, v in best['point'].items())}: objective {best['objective']:.4f}")
+    if summary.get("holdout"):
+        print(f"held out ({summary['holdout']['examples']} examples per task): objective "
+              f"{summary['holdout']['objective']:.4f}")
+
+
+def _stderr_progress():
+    """A progress line on stderr each time the fraction moves (a sweep repeats its report while trials run)."""
+    last = [-1.0]
+
+    def report(fraction: float, desc: str) -> None:
+        if fraction != last[0]:
+            print(f"[{fraction:4.0%}] {desc}", file=sys.stderr, flush=True)
+            last[0] = fraction
+    return report
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -460,15 +560,15 @@ def _scores(result: dict) -> str:
 
 # Engine inputs whose flag is not simply --<name> (`param` of a MergeLabError -> the option's dest).
 _DESTS = {"stats_tasks": "stats_task", "stats_files": "stats_file", "tasks": "task", "similarity": "similarity",
-          "models": ("models", "a"), "params": "set", "size": "subsets"}
+          "models": ("models", "a"), "params": "set", "size": "subsets", "space": "vary"}
 
 
 def _flag(parser: argparse.ArgumentParser, args: argparse.Namespace, param: str) -> str:
     """How a shell user names the engine input `param` in this command: its flag, or --set KEY=..."""
     command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
-    if args.command == "zoo":
+    if args.command in ("zoo", "sweep"):
         command = next(a for a in command._actions if isinstance(a, argparse._SubParsersAction)).choices[
-            args.zoo_command]
+            getattr(args, f"{args.command}_command")]
     options = {a.dest: a.option_strings[-1] for a in command._actions if a.option_strings}
     wanted = _DESTS.get(param, param)
     for dest in (wanted if isinstance(wanted, tuple) else (wanted,)):

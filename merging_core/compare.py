@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from itertools import combinations
 from pathlib import Path
 from types import SimpleNamespace
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Iterator
 
 import torch
@@ -142,12 +142,15 @@ class Inputs:
 
 
 class Scorer:
-    """One evaluator per task, shared by every row of a table."""
+    """One evaluator per task, shared by every row of a table; `indices`: these examples of each task's
+    split (a sweep's held-out part), else the first `limit`."""
 
-    def __init__(self, inputs: Inputs, limit: int | None, split: str = "dev"):
+    def __init__(self, inputs: Inputs, limit: int | None, split: str = "dev", tasks: list[str] | None = None,
+                 indices: dict[str, Sequence[int]] | None = None):
         self.inputs = inputs
-        self.evaluators = {t: Evaluator(t, inputs.templates[t].tokenizer, split, limit)
-                           for t in dict.fromkeys(inputs.tasks)}
+        self.evaluators = {t: Evaluator(t, inputs.templates[t].tokenizer, split, limit,
+                                        indices=(indices or {}).get(t))
+                           for t in dict.fromkeys(tasks or inputs.tasks)}
 
     def score(self, task: str, model: torch.nn.Module, progress: ProgressFn | None = None) -> dict:
         return self.evaluators[task](model, progress)

@@ -74,6 +74,7 @@ class Plan:
     encoder: list[str] = field(default_factory=list)  # canonical names merged into the shared model
     head_groups: dict[str, list[int]] = field(default_factory=dict)  # separate heads: task -> model indices
     notes: list[str] = field(default_factory=list)
+    block_lambdas: dict[tuple[str | None, int], float] = field(default_factory=dict)  # (stack, layer) -> λ
 
     def by_method(self, name: str) -> bool:
         # from whichever model holds it: a token classifier (first) has no pooler, a sequence one does
@@ -117,6 +118,26 @@ def _plan(method: Method, params: dict, models: list[Checkpoint], base: Checkpoi
             if first.infos[n].group in HEAD_GROUPS and len(_holders(plan, n)) < len(models):
                 plan.notes.append(f"{n}: only some models have it; averaged over those")
     return plan
+
+
+def _block_lambdas(plan: Plan, values: tuple[float, ...]) -> dict[tuple[str | None, int], float]:
+    """The blocks of the method's parameters in stack order, each paired with its λ."""
+    blocks = list(dict.fromkeys(info.block for name in plan.encoder if plan.by_method(name)
+                                for info in [_info(plan, name)] if info.layer is not None))
+    if len(values) != len(blocks):
+        raise MergeLabError(f"layer_lambdas has {len(values)} values, but {plan.models[0].ref.spec!r} has {len(blocks)} "
+                            f"transformer blocks among the merged components; give one λ per block",
+                            param="layer_lambdas")
+    return dict(zip(blocks, values))
+
+
+def _job_params(plan: Plan, name: str) -> dict[str, Any]:
+    """The method's parameters for one tensor: its block's own λ where `layer_lambdas` gives one."""
+    if plan.block_lambdas:
+        block = _info(plan, name).block
+        if block in plan.block_lambdas:
+            return {**plan.params, "lambda": plan.block_lambdas[block]}
+    return plan.params
 
 
 def _holders(plan: Plan, name: str) -> list[int]:
@@ -191,6 +212,8 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     check_compatible(checkpoints, base_ckpt)
     plan = _plan(method, params, checkpoints, base_ckpt, spec.components, spec.fallback, spec.heads)
     work = _vector_plan(plan) if spec.space == "module" else plan  # what the method merges
+    if spec.layer_lambdas is not None:
+        work.block_lambdas = _block_lambdas(work, spec.layer_lambdas)
     device = _device(spec.device)
 
     kinds = method.stats_required(params)
@@ -242,8 +265,8 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
         if yaml_text:
             (tmp / "mergekit.yaml").write_text(yaml_text)
         config["mergekit"] = "mergekit.yaml" if yaml_text else (
-            "not expressible in mergekit (per-task heads, a subset of components, TIES scope model, "
-            "a data-aware method, module space, or a base of another architecture class)")
+            "not expressible in mergekit (per-task heads, a subset of components, per-block lambdas, TIES scope "
+            "model, a data-aware method, module space, or a base of another architecture class)")
         (tmp / "merge_config.json").write_text(json.dumps({**config, "report": report, "notes": plan.notes},
                                                           indent=2) + "\n")
         metadata = {"kind": "merge", "method": spec.method, "models": config["models"], "base": base_spec,
@@ -429,7 +452,8 @@ def _slice_jobs(plan: Plan, name: str, read, weights: torch.Tensor, context: dic
                 ) -> Iterator[TensorJob]:
     """A TensorJob per flat slice of one large parameter, read afresh (a method's `scan`)."""
     for _, inputs in _read_pieces(plan, _pieces(plan, [name]), device, read):
-        yield TensorJob(name=name, info=_info(plan, name), tensors=inputs.tensors, weights=weights, params=plan.params,
+        yield TensorJob(name=name, info=_info(plan, name), tensors=inputs.tensors, weights=weights,
+                        params=_job_params(plan, name),
                         base=inputs.base, context=context, seed=_seed(seed, name))
 
 
@@ -449,7 +473,8 @@ def _merge_piece(plan: Plan, piece: Piece, inputs: Inputs, weights: torch.Tensor
         else:
             merged = _average(tensors)
     else:
-        job = TensorJob(name=name, info=_info(plan, name), tensors=tensors, weights=weights, params=plan.params,
+        job = TensorJob(name=name, info=_info(plan, name), tensors=tensors, weights=weights,
+                        params=_job_params(plan, name),
                         base=base, stats=[s.get(name, {}) for s in stats] if stats is not None else None,
                         context=context, seed=_seed(seed, name))
         merged = plan.method.merge_tensor(job)
@@ -589,7 +614,8 @@ def _meta(plan: Plan, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
 def mergekit_yaml(plan: Plan, base: str | None) -> str | None:
     """The same merge as a mergekit config, when mergekit can express it (all components, one head)."""
     present = {info.group for m in plan.models for info in m.infos.values()}
-    if plan.method.mergekit is None or plan.heads == "separate" or not present <= set(plan.components):
+    if plan.method.mergekit is None or plan.heads == "separate" or plan.block_lambdas or \
+            not present <= set(plan.components):
         return None  # (a group the models do not have, e.g. a BERT model's lm_head, is no restriction)
     if plan.base is not None and plan.method.base_required(plan.params) and \
             plan.base.config.get("architectures") != plan.models[0].config.get("architectures"):

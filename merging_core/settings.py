@@ -117,6 +117,7 @@ class Limits:
     seeds: int = 3  # few-shot seeds of one ensemble request
     shots: int = 64  # few-shot examples
     steps: int = 100  # few-shot tuning steps
+    trials: int = 25  # merges one sweep evaluates
     session_mb: int = 2000  # disk a session's results may use
     session_hours: int = 24  # a session's results are deleted this long after its last request
     upload_mb: int = 200  # one uploaded model

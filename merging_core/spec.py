@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 from .arch import GROUPS
 from .errors import MergeLabError
-from .methods import get_method
+from .methods import METHODS, get_method
 from .params import parse_assignments
 from .tensorio import OUTPUT_DTYPES, parse_size
 
@@ -59,6 +59,10 @@ class MergeSpec:
     space: str = "weights"  # "module": merge (IA)³ modules' scaling vectors, then fold them (`module_space`)
     dtype: str | None = None  # the floats of the output: "fp32", "bf16" or "fp16" (default: the inputs')
     shard_size: int | None = None  # bytes per output file; a larger model is sharded (default 5 GB)
+    # λ of each transformer block, in stack order (an encoder-decoder's encoder blocks first): the method's
+    # `lambda` for that block's parameters; everything outside the blocks keeps `params["lambda"]`. What a
+    # per-layer search (`merging_core.sweep`) finds, as a merge that re-runs.
+    layer_lambdas: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -104,6 +108,8 @@ class MergeSpec:
             raise MergeLabError(f"dtype must be one of {list(OUTPUT_DTYPES)}, got {self.dtype!r}", param="dtype")
         if self.shard_size is not None:
             setter("shard_size", parse_size(self.shard_size))
+        if self.layer_lambdas is not None:
+            setter("layer_lambdas", _layer_lambdas(method, self.layer_lambdas))
 
     # -- serialization ------------------------------------------------------------------------------
 
@@ -111,7 +117,7 @@ class MergeSpec:
         """Plain JSON-ready data; `MergeSpec.from_dict` turns it back into an equal spec."""
         data = asdict(self)
         data["params"] = dict(self.params)
-        for name in ("models", "components", "stats_tasks", "stats_files"):
+        for name in ("models", "components", "stats_tasks", "stats_files", "layer_lambdas"):
             data[name] = list(data[name]) if data[name] is not None else None
         return data
 
@@ -127,6 +133,22 @@ class MergeSpec:
     @classmethod
     def from_json(cls, text: str) -> "MergeSpec":
         return cls.from_dict(json.loads(text))
+
+
+def _layer_lambdas(method, values) -> tuple[float, ...]:
+    """Per-block λs checked as the method checks its own `lambda` (same bounds)."""
+    known = {p.name: p for p in method.params}
+    if "lambda" not in known:
+        with_lambda = [m.name for m in METHODS.values() if any(p.name == "lambda" for p in m.params)]
+        raise MergeLabError(f"method {method.name!r} has no lambda, so layer_lambdas cannot set one per block; "
+                            f"use one of: {', '.join(with_lambda)}", param="layer_lambdas")
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    parsed = tuple(known["lambda"].parse(v, f"method {method.name!r} (layer_lambdas)") for v in values)
+    if not parsed:
+        raise MergeLabError("layer_lambdas is empty; give one λ per transformer block, or leave it out",
+                            param="layer_lambdas")
+    return parsed
 
 
 def parse_method_text(text: str) -> tuple[str, dict[str, str]]:

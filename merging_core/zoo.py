@@ -242,6 +242,7 @@ _NEEDS = {
     "Ensemble": ("LoRA modules of at least two tasks", ("demo", "peft"),
                  lambda rows, pairs: len({r["task"] for r in rows if r["kind"] == "lora"}) >= 2),
 }
+_NEEDS["Sweep"] = _NEEDS["Merge"]  # a sweep merges what the Merge tab merges
 
 
 def readiness() -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -137,6 +138,45 @@ def test_curves_tab_in_chromium(app_home, pico):
         assert "pico-sst2 ↔ pico-sst2-b" in summary and "loss barrier" in summary
         assert page.locator("#curve-plot .scatterlayer .trace").count() >= 2  # metric and loss curves
         page.screenshot(path=str(ARTIFACTS / "curves.png"), full_page=True)
+
+
+def test_sweep_tab_fills_a_heatmap_and_stops_in_chromium(app_home, pico):
+    """A 7x7 TIES grid: the heatmap and the table fill in as trials finish; Stop ends the sweep itself."""
+    import ray
+
+    entry = copy_model(pico("sst2", seed=5), app_home / "zoo" / "pico-sst2-b")
+    (entry / "mergelab.json").write_text(json.dumps({"task": "sst2", "kind": "full", "seed": 5, "steps": 0}))
+    copy_model(pico(None), app_home / "zoo" / "pico-base")
+    (app_home / "zoo" / "pico-base" / "mergelab.json").write_text(json.dumps({"kind": "base"}))
+    try:
+        with app_page(1400, 1000) as page:
+            page.get_by_role("tab", name="Sweep").click()
+            for name in ("pico-sst2", "pico-sst2-b"):
+                page.locator("#sweep-models input").click()
+                page.get_by_role("option", name=picker_label(name)).click()
+            page.locator("#sweep-base input").click()
+            page.locator("#sweep-base").get_by_role("option", name=picker_label("pico-base")).click()
+            page.locator("#sweep-space textarea").fill("lambda=0.2:1.8:7\ndensity=0.1:0.9:7")
+            page.locator("#sweep-dev input").fill("48")
+            page.locator("#sweep-workers input[type=number]").fill("1")
+            page.locator("#sweep-workers input[type=number]").press("Enter")
+            page.locator("#sweep-run").click()
+            with screenshot_on_failure(page, "sweep"):
+                page.wait_for_selector("#sweep-plot .heatmaplayer", timeout=180_000)  # the first trials are in
+                playwright.expect(page.locator("#sweep-best")).to_contain_text("objective", timeout=30_000)
+            page.wait_for_function("/([3-9]|\\d\\d) of 49 trials/.test(document.querySelector('#sweep-status').innerText)",
+                                   timeout=60_000)  # a few cells filled
+            page.locator("#sweep-stop").click()
+            playwright.expect(page.locator("#sweep-status")).to_contain_text("Stopped", timeout=30_000)
+            rows = app_home / "sweeps"
+            time.sleep(8)  # the trials that were running when Stop was pressed end; no new one starts
+            finished = len(list(rows.glob("*/rows/*.json")))
+            time.sleep(4)
+            assert finished == len(list(rows.glob("*/rows/*.json"))) < 49
+            assert "lambda" in page.inner_text("#sweep-table") and "density" in page.inner_text("#sweep-table")
+            page.screenshot(path=str(ARTIFACTS / "sweep.png"), full_page=True)
+    finally:
+        ray.shutdown()
 
 
 def test_ensemble_tab_reweights_live_in_chromium(app_home, pico):

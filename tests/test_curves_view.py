@@ -13,7 +13,7 @@ import pytest
 
 import merging_core as ml
 from merging_core.curves import bend_warnings
-from views import curves_tab, figures
+from views import common, curves_tab, figures
 
 from .conftest import copy_model
 
@@ -184,7 +184,7 @@ def test_the_status_follows_a_long_step_and_closing_stops_the_worker():
         finally:
             finished.set()
 
-    stream = curves_tab.in_background(work, lambda fraction, desc: None, every=0.1)
+    stream = common.in_background(work, lambda fraction, desc: None, every=0.1)
     seen = []
     for event, value in stream:
         seen.append((event, value))
@@ -204,7 +204,7 @@ def test_a_stop_in_the_progress_callback_ends_the_curve(two_seeds):
     spec = ml.CurveSpec(("pico-sst2", "pico-sst2-b"), ("sst2",), points=3, limit=8, path="bezier", bend_steps=50)
     seen = []
     with pytest.raises(ml.progress.Cancelled):
-        for event in curves_tab.in_background(lambda relay: curves_tab._walk(spec, relay), report, every=0.01):
+        for event in common.in_background(lambda relay: curves_tab._walk(spec, relay), report, every=0.01):
             seen.append(event)  # kept one by one: the stream ends in the exception
     assert not [e for e in seen if e[0] == "item"]  # stopped inside the bend's training, before any point
 

@@ -96,6 +96,9 @@ BASE: dict[str, dict[str, Any]] = {
     "/zoo_build": {"recipe": "tiny", "token": TOKEN},
     "/zoo_demo": {"token": TOKEN},
     "/upload": {"files": [], "name": "mine"},
+    "/sweep": {"method": "ties", "models": ["pico-sst2", "pico-cola"], "base": "", "space": "lambda=0.5:1:2",
+               "per_layer": False, "algorithm": "grid", "trials": 4, "dev_size": 4, "holdout_size": 0, "workers": 1},
+    "/sweep_materialize": {"name": "ties-0123456789", "out": ""},
 }
 
 CASES: list[Case] = []
@@ -154,6 +157,8 @@ MODEL_FIELDS = [  # endpoint, field, label, which names, how the field takes a n
     ("/align", "a", r"A \(reference basis\)", FEW, str, {}),
     ("/align", "b", r"B \(permuted into A's basis\)", FEW, str, {}),
     ("/ensemble", "sources", "Source modules", FEW, lambda n: [n], {}),
+    ("/sweep", "models", "Checkpoints", FEW, lambda n: [n, "pico-cola"], {}),
+    ("/sweep", "base", "Base model", FEW, str, {}),
 ]
 for endpoint, name, label, which, wrap, extra in MODEL_FIELDS:
     for key in which:
@@ -536,6 +541,34 @@ class Collect(logging.Handler):
 
 LOGGERS = ("", "gradio", "uvicorn", "uvicorn.error", "uvicorn.access", "asyncio", "httpx", "huggingface_hub",
            "transformers")
+
+
+# -- sweeps: the space, the search, the counts, and the sweep a result is written from ---------------------
+
+case("/sweep", "models-huge-count", r"^Checkpoints: 100000 is more than this app allows \(6\)",
+     models=["pico-sst2"] * 100_000)
+for key, space, expect in (
+        ("inverted", "density=0.9:0.1:3", r"the range \[0.9, 0.1\] is empty or inverted"),
+        ("unknown", "temperature=0:1:3", r"has no parameter 'temperature' to vary"),
+        ("traversal", "../../etc=0:1:3", r"has no parameter '../../etc' to vary"),
+        ("huge", "x" * 100_000, r"has no parameter 'x+' to vary"),
+        ("nul", "lambda=0\x00:1:3", r"must be a float"),
+        ("out-of-bounds", "density=0:9:3", r"must be in \[0.0, 1.0\]"),
+        ("one-point", "density=0:1:1", r"at least 2 points"),
+        ("empty", "", r"nothing varies"),
+        ("too-many-trials", "lambda=0:1:6\ndensity=0:1:6", r"36 trials is more than this app allows \(25\)")):
+    case("/sweep", f"space-{key}", rf"^Space: .*{expect}", space=space)
+case("/sweep", "per-layer-grid", r"^λ per layer|^Search: a per-layer search", per_layer=True)
+case("/sweep", "random-too-many", r"^Trials: 100 trials is more than this app allows \(25\)", algorithm="random",
+     space="lambda=0:1", trials=100)
+case("/sweep", "dev-huge", r"^Dev examples: .* is more than this app allows \(8\)", dev_size=10**6)
+case("/sweep", "algorithm-unknown", CHOICE, algorithm="../grid")
+case("/sweep", "method-unknown", CHOICE, method="nope")
+case("/sweep_materialize", "name-empty", r"^Sweep: run a sweep first", name="")
+for key, name in (("traversal", "../zoo"), ("abs", "/etc"), ("nul", "a\x00b"), ("missing", "ties-0123456789")):
+    case("/sweep_materialize", f"name-{key}", r"^Sweep: no sweep named .* here", name=name)
+for key in ("abs", "dotdot-zoo", "nested", "huge", "nul"):
+    case("/sweep_materialize", f"out-{key}", r"^Output name: output name .* must be a plain name", out=OUTS[key])
 
 
 @dataclass

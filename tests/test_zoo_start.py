@@ -46,9 +46,10 @@ def test_readiness_follows_the_zoo(isolated_home):
     assert not any(ready().values())
     assert all(r["recipes"] and r["needs"] for r in zoo.readiness())
     _entry(isolated_home, "a", task="sst2", seed=0)
-    assert ready() == {"Evaluate": True, "Merge": False, "Curves": False, "Permute": False, "Ensemble": False}
+    assert ready() == {"Evaluate": True, "Merge": False, "Curves": False, "Permute": False, "Ensemble": False,
+                       "Sweep": False}
     _entry(isolated_home, "b", task="sst2", seed=1)
-    assert ready()["Merge"] and ready()["Curves"] and not ready()["Permute"]
+    assert ready()["Merge"] and ready()["Sweep"] and ready()["Curves"] and not ready()["Permute"]
     _entry(isolated_home, "p0", task="corpus", base="scratch:tiny", seed=0)
     _entry(isolated_home, "p1", task="corpus", base="scratch:tiny", seed=1)
     assert ready()["Permute"]

@@ -13,7 +13,8 @@ import gradio as gr
 import merging_core as ml
 from merging_core import caches
 
-from . import curves_tab, ensemble_tab, evaluate_tab, merge_tab, permute_tab, start, uploads_tab, zoo_tab
+from . import (curves_tab, ensemble_tab, evaluate_tab, merge_tab, permute_tab, start, sweep_tab, uploads_tab,
+               zoo_tab)
 from .session import limits_note, startup_sweep
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -41,6 +42,7 @@ def build_app() -> gr.Blocks:
             curves_tab.build(demo)
             permute_tab.build(demo)
             ensemble_tab.build(demo)
+            sweep_tab.build(demo)
     # One heavy job at a time per event, and a bounded queue: a flood of requests waits or is turned away.
     demo.queue(max_size=32, default_concurrency_limit=1)
     # Give memory back to the OS: the heap after each job, and the engine's caches too once no job has run

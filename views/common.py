@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import math
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ def engine_errors(handler: Callable | None = None, *, labels: Mapping[str, str] 
     return wrapper
 
 
+STATUS_EVERY = 0.5  # seconds between status updates while a step runs
 _stops: dict[str, float] = {}  # session -> when it last pressed Stop (monotonic clock)
 _stops_lock = threading.Lock()
 _STOP_MEMORY = 3600.0  # forget a Stop after an hour
@@ -217,3 +220,55 @@ def on_open(demo: gr.Blocks, tab: gr.Tab, handler: Callable, inputs: list | None
     or aligned in another tab since then show up without a reload."""
     for trigger in (demo.load, tab.select):
         trigger(handler, inputs, outputs, api_visibility="private", show_progress="hidden", queue=False)
+
+
+def in_background(work: Callable[[ml.progress.ProgressFn], Iterator[tuple[str, Any]]], report: ml.progress.ProgressFn,
+                  every: float = STATUS_EVERY) -> Iterator[tuple[str, Any]]:
+    """Run `work(progress)` in a worker thread; yield what it yields, and ("status", description) for its
+    progress reports, at most one per `every` seconds (the latest), also while one long step runs.
+
+    The worker's progress calls `report` (Gradio's progress bar, and Stop: it raises `Cancelled` there), and
+    raises `Cancelled` itself once this generator is closed (the event was cancelled), so the engine never
+    runs on unseen. The worker's exceptions are raised here."""
+    events: queue.Queue = queue.Queue()
+    closed = threading.Event()
+
+    def relay(fraction: float, desc: str) -> None:
+        if closed.is_set():
+            raise ml.progress.Cancelled()
+        report(fraction, desc)
+        events.put(("status", desc))
+
+    def body() -> None:
+        try:
+            for event in work(relay):
+                if closed.is_set():
+                    raise ml.progress.Cancelled()
+                events.put(event)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the generator, which raises it in the handler
+            events.put(("error", exc))
+        else:
+            events.put(("end", None))
+
+    # the copied context carries Gradio's request context, which its progress bar needs
+    threading.Thread(target=contextvars.copy_context().run, args=(body,), daemon=True, name="curve-worker").start()
+    latest, shown_at = None, float("-inf")
+    try:
+        while True:
+            try:
+                event, value = events.get(timeout=every)
+            except queue.Empty:
+                event, value = "wait", None
+            if event == "error":
+                raise value
+            if event == "end":
+                return
+            if event == "status":
+                latest = value
+            elif event != "wait":
+                yield event, value
+            if latest is not None and time.monotonic() - shown_at >= every:
+                yield "status", latest
+                latest, shown_at = None, time.monotonic()
+    finally:
+        closed.set()

@@ -16,12 +16,8 @@ point, with the time left) while a long step runs; Stop ends it at its next prog
 
 from __future__ import annotations
 
-import contextvars
 import json
-import queue
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,8 +32,8 @@ from merging_core.curves import CurveSpec, PlaneSpec, bend_warnings
 from . import controls as ui
 from . import figures
 from . import start
-from .common import (PICKER, all_or, engine_errors, model_choices, on_open, on_stop, progress_fn, scorable_tasks,
-                     stop_button, task_choices, task_update, whole)
+from .common import (PICKER, all_or, engine_errors, in_background, model_choices, on_open, on_stop, progress_fn,
+                     scorable_tasks, stop_button, task_choices, task_update, whole)
 from .session import redact, session
 
 BOTH = "line + bezier"
@@ -45,7 +41,6 @@ BOTH = "line + bezier"
 # ("bezier" alone is what API callers sent before; it gets the line too).
 WALKS = {"line": ("line",), BOTH: ("line", "bezier"), "bezier": ("line", "bezier")}
 PREFERRED_PAIR = "same task, different seeds"  # the pair preselected for a newcomer
-STATUS_EVERY = 0.5  # seconds between status updates while a step runs
 DEFAULT_LIMIT = 200
 NONE = ("(none)", "")
 # Engine inputs named in errors -> this tab's control labels.
@@ -189,58 +184,6 @@ def _walk(spec: CurveSpec, progress: ml.progress.ProgressFn) -> Iterator[tuple[s
     for item in run:
         yield "item", item
     yield "summary", run.summary()
-
-
-def in_background(work: Callable[[ml.progress.ProgressFn], Iterator[tuple[str, Any]]], report: ml.progress.ProgressFn,
-                  every: float = STATUS_EVERY) -> Iterator[tuple[str, Any]]:
-    """Run `work(progress)` in a worker thread; yield what it yields, and ("status", description) for its
-    progress reports, at most one per `every` seconds (the latest), also while one long step runs.
-
-    The worker's progress calls `report` (Gradio's progress bar, and Stop: it raises `Cancelled` there), and
-    raises `Cancelled` itself once this generator is closed (the event was cancelled), so the engine never
-    runs on unseen. The worker's exceptions are raised here."""
-    events: queue.Queue = queue.Queue()
-    closed = threading.Event()
-
-    def relay(fraction: float, desc: str) -> None:
-        if closed.is_set():
-            raise ml.progress.Cancelled()
-        report(fraction, desc)
-        events.put(("status", desc))
-
-    def body() -> None:
-        try:
-            for event in work(relay):
-                if closed.is_set():
-                    raise ml.progress.Cancelled()
-                events.put(event)
-        except BaseException as exc:  # noqa: BLE001 -- handed to the generator, which raises it in the handler
-            events.put(("error", exc))
-        else:
-            events.put(("end", None))
-
-    # the copied context carries Gradio's request context, which its progress bar needs
-    threading.Thread(target=contextvars.copy_context().run, args=(body,), daemon=True, name="curve-worker").start()
-    latest, shown_at = None, float("-inf")
-    try:
-        while True:
-            try:
-                event, value = events.get(timeout=every)
-            except queue.Empty:
-                event, value = "wait", None
-            if event == "error":
-                raise value
-            if event == "end":
-                return
-            if event == "status":
-                latest = value
-            elif event != "wait":
-                yield event, value
-            if latest is not None and time.monotonic() - shown_at >= every:
-                yield "status", latest
-                latest, shown_at = None, time.monotonic()
-    finally:
-        closed.set()
 
 
 def plane_view(plane: dict | None, show: str):

@@ -422,3 +422,82 @@ def data_amount_figure(rows: list[dict], vanilla: float | None = None) -> go.Fig
     figure.update_yaxes(title_text="loss barrier (above the chord)")
     figure.update_layout(height=450, **LAYOUT)
     return figure
+
+
+def sweep_figure(rows: list[dict], dims: list[str], tasks: list[str], axes: dict[str, list] | None = None
+                 ) -> go.Figure:
+    """A sweep's trials as they finish: a line for one varied setting, a heatmap for two (a grid, whose
+    `axes` are known before any trial ends; a scatter coloured by the objective for sampled points),
+    parallel coordinates for more; the objective throughout. Two tasks' trade-off: `pareto_figure`."""
+    axes = axes or {}
+    scored = [r for r in rows if isinstance(r.get("objective"), float) and math.isfinite(r["objective"])]
+    figure = go.Figure()
+    figure.update_layout(**TITLED, title="Objective per trial" + (f" ({len(scored)} scored)" if scored else ""))
+    if len(dims) == 2 and all(d in axes for d in dims):
+        x, y = dims
+        xs, ys = axes[x], axes[y]
+        z = [[None] * len(xs) for _ in ys]
+        for r in scored:
+            if r[x] in xs and r[y] in ys:
+                z[ys.index(r[y])][xs.index(r[x])] = r["objective"]
+        figure.add_trace(go.Heatmap(x=[_tick(v) for v in xs], y=[_tick(v) for v in ys], z=z, colorscale="Viridis",
+                                    colorbar={"title": "objective"}, hoverongaps=False, texttemplate="%{z:.3f}"))
+        figure.update_layout(xaxis_title=x, yaxis_title=y, showlegend=False)
+        return figure
+    if not scored or not dims:
+        return figure
+    numeric = [d for d in dims if all(isinstance(r.get(d), (int, float)) for r in scored)]
+    if len(dims) == 1:
+        d = dims[0]
+        ordered = sorted(scored, key=lambda r: (r[d] if d in numeric else str(r[d])))
+        figure.add_trace(go.Scatter(x=[r[d] for r in ordered], y=[r["objective"] for r in ordered],
+                                    mode="lines+markers", line={"color": PALETTE[0]}, name="objective"))
+        figure.update_layout(xaxis_title=d, yaxis_title="objective", showlegend=False)
+        return figure
+    if len(dims) == 2:
+        x, y = dims
+        xs, ys = sorted({r[x] for r in scored}, key=str), sorted({r[y] for r in scored}, key=str)
+        if x in numeric:
+            xs = sorted({r[x] for r in scored})
+        if y in numeric:
+            ys = sorted({r[y] for r in scored})
+        if len(xs) * len(ys) <= 2 * len(scored):  # a grid (or most of one): a heatmap, its holes left blank
+            z = [[None] * len(xs) for _ in ys]
+            for r in scored:
+                z[ys.index(r[y])][xs.index(r[x])] = r["objective"]
+            figure.add_trace(go.Heatmap(x=[_tick(v) for v in xs], y=[_tick(v) for v in ys], z=z, colorscale="Viridis",
+                                        colorbar={"title": "objective"}, hoverongaps=False,
+                                        texttemplate="%{z:.3f}"))
+        else:
+            figure.add_trace(go.Scatter(x=[r[x] for r in scored], y=[r[y] for r in scored], mode="markers",
+                                        marker={"color": [r["objective"] for r in scored], "colorscale": "Viridis",
+                                                "size": 11, "showscale": True, "colorbar": {"title": "objective"}}))
+        figure.update_layout(xaxis_title=x, yaxis_title=y, showlegend=False)
+        return figure
+    columns = [{"label": d, "values": [r[d] for r in scored]} for d in numeric]
+    columns.append({"label": "objective", "values": [r["objective"] for r in scored]})
+    figure.add_trace(go.Parcoords(dimensions=columns, line={"color": [r["objective"] for r in scored],
+                                                            "colorscale": "Viridis", "showscale": True}))
+    return figure
+
+
+def _tick(value) -> str:
+    """A grid point as an axis label: 0.7666666667 -> 0.767."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def pareto_figure(rows: list[dict], tasks: list[str]) -> go.Figure:
+    """Two tasks' scores of every trial, the trials no other trial beats on both marked and joined."""
+    a, b = tasks[:2]
+    scored = [r for r in rows if isinstance(r.get(a), float) and isinstance(r.get(b), float)]
+    front = [r for r in scored if not any(o[a] >= r[a] and o[b] >= r[b] and (o[a] > r[a] or o[b] > r[b])
+                                          for o in scored)]
+    front.sort(key=lambda r: r[a])
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=[r[a] for r in scored], y=[r[b] for r in scored], mode="markers", name="trials",
+                                marker={"color": "#94a3b8", "size": 9}, text=[r["trial"] for r in scored]))
+    figure.add_trace(go.Scatter(x=[r[a] for r in front], y=[r[b] for r in front], mode="lines+markers",
+                                name="Pareto front", marker={"color": PALETTE[0], "size": 11},
+                                text=[r["trial"] for r in front]))
+    figure.update_layout(**TITLED, title=f"{a} against {b}", xaxis_title=a, yaxis_title=b)
+    return figure

@@ -213,5 +213,6 @@ def limits_note() -> str:
     if limits is None:
         return ""
     return (f"Public mode: up to {limits.examples} examples per task, {limits.models} models per merge, "
-            f"{limits.points} curve points, {limits.grid}×{limits.grid} plane grids, {limits.seeds} seeds; "
+            f"{limits.points} curve points, {limits.grid}×{limits.grid} plane grids, {limits.seeds} seeds, "
+            f"{limits.trials} sweep trials; "
             f"your results (≤ {limits.session_mb} MB) are kept {limits.session_hours} h after your last request.")
