@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -175,7 +176,12 @@ def test_sweep_tab_fills_a_heatmap_and_stops_in_chromium(app_home, pico):
             assert finished == len(list(rows.glob("*/rows/*.json"))) < 49
             assert "lambda" in page.inner_text("#sweep-table") and "density" in page.inner_text("#sweep-table")
             page.screenshot(path=str(ARTIFACTS / "sweep.png"), full_page=True)
-    finally:
+    finally:  # a failed wait leaves the sweep running: end it before Ray goes (or Ray's threads end the process)
+        for folder in (app_home / "sweeps").glob("*"):
+            (folder / "stop").touch()
+        deadline = time.monotonic() + 120
+        while any(t.name == "mergelab-sweep" for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.2)
         ray.shutdown()
 
 

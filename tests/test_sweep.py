@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,10 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 import merging_core as ml
+from merging_core.compare import Inputs, Scorer
 from merging_core.errors import MergeLabError
 from merging_core.methods import get_method
 from merging_core.sweep import SweepSpec, materialize, open_sweep, parse_dimension, sweep
 from merging_core.sweep.runner import connect
+from merging_core.sweep.trial import Job, score_point
 
 from .conftest import REPO, copy_model
 
@@ -118,6 +121,24 @@ def test_an_unreachable_cluster_is_one_line():
         connect("nowhere")
 
 
+def test_component_and_model_dimensions_are_merges(sweep_zoo, pico):
+    """A point's components and model subset become the merge's own: a trial scores exactly that merge."""
+    entry = copy_model(pico("sst2", 7), sweep_zoo / "zoo" / "sst2-c")
+    (entry / "mergelab.json").write_text(json.dumps({"task": "sst2", "kind": "full", "seed": 7, "steps": 0}))
+    spec = SweepSpec("task_arithmetic", ("sst2-a", "sst2-b", "sst2-c"), base="base",
+                     space=("components=attention+feed_forward,all", "models=sst2-a+sst2-b,sst2-a+sst2-b+sst2-c"),
+                     dev_size=DEV)
+    point = {"components": "attention+feed_forward", "models": "sst2-a+sst2-c", "lambda": 0.7}
+    merge_spec = spec.merge_spec(point)
+    assert merge_spec.components == ("attention", "feed_forward") and merge_spec.models == ("sst2-a", "sst2-c")
+    assert merge_spec.params["lambda"] == 0.7
+    scored = score_point(Job(spec, ("sst2",), "", "test", {}), point)
+    merged = ml.merge(merge_spec)
+    expected = Scorer(Inputs.open(["sst2-a", "sst2-c"]), DEV).merged(merged, "sst2")
+    assert scored["sst2"] == expected["accuracy"] and scored["sst2:loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert spec.trial_count() == 4
+
+
 # ----------------------------------------------------------------------------------------------------
 # per-block λ in the engine
 
@@ -159,8 +180,24 @@ def test_layer_lambdas_set_each_blocks_lambda(sweep_zoo, tmp_path):
 
 
 @pytest.mark.integration
-def test_a_ties_grid_equals_sequential_merges(sweep_zoo, local_ray, tmp_path):
-    """Every trial of a 5x5 TIES grid (λ x density) scores what `merge` + `evaluate` of its settings score."""
+def test_ray_outlives_the_thread_that_started_it(local_ray):
+    """The app starts Ray from a request's thread; Ray's processes die with the thread that spawned them
+    (Linux's parent-death signal), so MergeLab spawns them from one thread that lives on."""
+    import ray
+
+    ray.shutdown()
+    starter = threading.Thread(target=connect)
+    starter.start()
+    starter.join()
+    time.sleep(3)  # a killed GCS would be gone by now
+    assert ray.get(ray.put(41), timeout=30) == 41 and all(n["Alive"] for n in ray.nodes())
+
+
+@pytest.mark.integration
+def test_a_ties_grid_equals_sequential_merges(sweep_zoo, local_ray, tmp_path, monkeypatch):
+    """Every trial of a 5x5 TIES grid (λ x density) scores what `merge` + `evaluate` of its settings score;
+    with a relative data root, as CI sets it (the workers run elsewhere)."""
+    monkeypatch.setenv("MERGELAB_DATA", os.path.relpath(os.environ["MERGELAB_DATA"]))
     spec = SweepSpec("ties", ("sst2-a", "sst2-b"), base="base", space=("lambda=0.2:1.8:5", "density=0.1:0.9:5"),
                      dev_size=DEV, workers=2)
     fractions = []
@@ -200,6 +237,18 @@ def test_per_layer_cmaes_materializes_as_a_merge(sweep_zoo, local_ray, tmp_path)
     with pytest.raises(MergeLabError, match="sweep exists with other settings|exists with other settings"):
         sweep(SweepSpec("task_arithmetic", ("sst2-a", "sst2-b"), base="base", space=("lambda=0:2",), per_layer=True,
                         algorithm="cmaes", trials=4), folder=run.folder).run()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("algorithm", ["random", "tpe"])
+def test_sampled_searches_stay_in_their_ranges(sweep_zoo, local_ray, algorithm):
+    spec = SweepSpec("ties", ("sst2-a", "sst2-b"), base="base", space=("lambda=0.2:1.8", "scope=model,tensor"),
+                     algorithm=algorithm, trials=4, dev_size=DEV, seed=1)
+    run = sweep(spec)
+    run.run()
+    rows = run.rows()
+    assert len(rows) == 4 and len({(r["lambda"], r["scope"]) for r in rows}) == 4
+    assert all(0.2 <= r["lambda"] <= 1.8 and r["scope"] in ("model", "tensor") and 0 <= r["sst2"] <= 1 for r in rows)
 
 
 def _cli(*args: str) -> list[str]:

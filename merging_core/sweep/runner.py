@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import queue
 import secrets
 import shutil
 import socket
@@ -87,15 +88,46 @@ def connect(address: str | None = None) -> str:
                                "configure_logging": False}
     try:
         if target == "local":
-            ray.init(address="local", include_dashboard=False, **options)
+            _on_keeper(lambda: ray.init(address="local", include_dashboard=False, **options))
         else:
-            ray.init(address=target, **options)
+            _on_keeper(lambda: ray.init(address=target, **options))
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise MergeLabError(f"could not attach to the Ray cluster at {target} ({' '.join(str(exc).split())[:200]}); "
                             "check the address, or leave RAY_ADDRESS unset to run on this machine",
                             param="address") from None
     connect.target = target
     return target
+
+
+_calls: queue.Queue = queue.Queue()
+_keeper: threading.Thread | None = None
+_keeper_lock = threading.Lock()
+
+
+def _on_keeper(call):
+    """Run `call` on one thread that lives as long as the process, and return what it returns. Ray starts its
+    local processes (GCS, raylet) with Linux's parent-death signal, which follows the *thread* that started
+    them: started from an app's request thread, they would be killed when that request ends."""
+    global _keeper
+    with _keeper_lock:
+        if _keeper is None:
+            def serve() -> None:
+                while True:
+                    work, box, done = _calls.get()
+                    try:
+                        box["value"] = work()
+                    except BaseException as exc:  # noqa: BLE001  (raised again in the caller)
+                        box["error"] = exc
+                    done.set()
+            _keeper = threading.Thread(target=serve, name="mergelab-ray", daemon=True)
+            _keeper.start()
+    box: dict = {}
+    done = threading.Event()
+    _calls.put((call, box, done))
+    done.wait()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 def _use_token() -> None:
@@ -278,7 +310,10 @@ class Sweep:
         os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = str(_STATE_EVERY)
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no console tables
         env = {k: v for k, v in os.environ.items() if k.startswith(_ENV)}
-        job = Job(self.spec, self.tasks, str(self.folder / ROWS), secrets.token_hex(4), env)
+        for key in ("MERGELAB_HOME", "MERGELAB_DATA"):  # CI sets MERGELAB_DATA=../shared/data
+            if env.get(key):
+                env[key] = str(Path(env[key]).expanduser().resolve())
+        job = Job(self.spec, self.tasks, str(self.folder.resolve() / ROWS), secrets.token_hex(4), env, os.getcwd())
         trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": self.spec.cpus_per_trial})
         path = str(self.folder)
         if tune.Tuner.can_restore(path) and _readable_state(self.folder):

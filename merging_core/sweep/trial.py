@@ -38,6 +38,7 @@ class Job:
     run: str  # this run's id: a resumed sweep's new trials carry another one than the trials before
     env: dict[str, str]  # the driver's MergeLab settings (home, data root, device): Ray may reuse a worker
     #                      that an earlier sweep of this process, with other settings, started
+    cwd: str = ""  # the driver's working folder: relative model folders and data roots mean the same there
 
 
 def run_trial(point: dict, job: Job) -> None:
@@ -50,6 +51,8 @@ def run_trial(point: dict, job: Job) -> None:
         tune.report({**reported, "mergelab": {**reported["mergelab"], "from": done["trial"]}})
         return
     os.environ.update(job.env)
+    if job.cwd and os.path.isdir(job.cwd):  # (a node of a cluster may not have it: absolute paths still work)
+        os.chdir(job.cwd)
     values = score_point(job, point)
     tune.report({OBJECTIVE: values.pop(OBJECTIVE), "mergelab": values})
 
