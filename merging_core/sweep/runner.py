@@ -38,6 +38,7 @@ from .. import settings, stats
 from ..checkpoint import open_checkpoint
 from ..data import load_split
 from ..errors import MergeLabError, writing
+from ..evaluation import headline
 from ..merge import MergeResult, merge
 from ..methods import get_method
 from ..outputs import staging_file
@@ -403,8 +404,6 @@ def open_sweep(folder: str | Path) -> Sweep:
 
 def holdout(spec: SweepSpec, point: dict, tasks: tuple[str, ...]) -> dict:
     """The merge at `point` scored on each task's held-out examples (after the dev subset)."""
-    from ..evaluation import headline
-
     indices = {t: range(spec.dev_size, spec.dev_size + spec.holdout_size) for t in tasks}
     scorer = scorer_for(spec.models, tasks, None, indices)
     result = merge(spec.merge_spec(point))
