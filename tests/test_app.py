@@ -112,11 +112,38 @@ def test_merge_with_every_pair(pico_cola_entry, pico, client, app_home):
     assert "Pairs skipped" in status
 
 
+def test_merge_writes_the_dtype_and_shards_asked_for(pico_cola_entry, client, app_home):
+    from safetensors import safe_open
+
+    _, status, _ = _merge(client, out="bf16-shards", compare=False, dtype="bf16", shard_size="20KB")
+    assert "saved in bf16" in status and "files of at most 20,000 bytes" in status
+    folder = app_home / "merges" / "bf16-shards"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted({*index["weight_map"].values()})
+    assert len(shards) > 1 and not (folder / "model.safetensors").exists()
+    dtypes = set()
+    for shard in shards:  # the size bounds a shard's tensor bytes (as transformers'); one larger tensor sits alone
+        with safe_open(folder / shard, "pt") as f:
+            slices = [f.get_slice(k) for k in f.keys()]
+            data = sum({"BF16": 2, "I64": 8}[s.get_dtype()] * math.prod(s.get_shape()) for s in slices)
+            assert data <= 20_000 or len(slices) == 1
+            dtypes |= {str(s.get_dtype()) for k, s in zip(f.keys(), slices) if "position_ids" not in k}
+    assert dtypes == {"BF16"}
+    config = json.loads((folder / "merge_config.json").read_text())
+    assert config["dtype"] == "bf16" and config["shard_size"] == 20_000
+    # left empty: one file, in the inputs' float32
+    _merge(client, out="plain", compare=False, dtype="", shard_size=" ")
+    with safe_open(app_home / "merges" / "plain" / "model.safetensors", "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} >= {"F32"}
+
+
 def test_merge_errors_are_one_line(pico_cola_entry, client, app_home):
     cases = [({"method": "task_arithmetic"}, "^Base model: .*give the model they were fine-tuned from"),
              ({"method": "ties", "base": "pico-sst2", "params": {"density": 5}}, r"'density'.*\[0\.0, 1\.0\]"),
              ({"method": "average", "params": {"lambda": 0.3}}, "has no parameter 'lambda'"),
-             ({"method": "slerp", "models": ["pico-sst2"]}, "exactly 2 models")]
+             ({"method": "slerp", "models": ["pico-sst2"]}, "exactly 2 models"),
+             ({"dtype": "int8"}, "^Output dtype: .*'int8'.* not in the list of choices"),
+             ({"shard_size": "big"}, "^Shard size: shard size 'big' is not a size")]
     for kwargs, message in cases:
         with pytest.raises(gradio_client.exceptions.AppError, match=message) as caught:
             _merge(client, **kwargs)

@@ -107,6 +107,8 @@ def test_merge_tab_in_chromium(app_home, pico_cola_entry):
         density.fill("0.5")
         density.press("Enter")
         page.locator("#merge-limit input").fill("8")
+        page.locator("#merge-components-box").get_by_text("Components, heads").click()  # open the accordion
+        page.locator("#merge-dtype").get_by_text("bf16").click()
         page.locator("#merge-run").click()
         with screenshot_on_failure(page, "merge"):
             page.wait_for_function("document.querySelector('#merge-table').innerText.includes('ensemble')",
@@ -115,7 +117,7 @@ def test_merge_tab_in_chromium(app_home, pico_cola_entry):
         page.wait_for_selector("#merge-table .pending", state="detached")
         text = page.inner_text("#merge-table")
         assert "ties-" in text and "pico-cola" in text and "pico-sst2" in text
-        assert "density=0.5" in page.inner_text("#merge-status")
+        assert "density=0.5" in page.inner_text("#merge-status") and "saved in bf16" in page.inner_text("#merge-status")
         page.screenshot(path=str(ARTIFACTS / "merge.png"), full_page=True)
 
 

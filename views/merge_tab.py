@@ -23,6 +23,7 @@ from merging_core.arch import GROUPS
 from merging_core.params import parse_assignments
 from merging_core.progress import scaled
 from merging_core.spec import FALLBACKS, HEAD_POLICIES, MERGE_SPACES, MergeSpec
+from merging_core.tensorio import OUTPUT_DTYPES
 
 from . import controls as ui
 from . import start
@@ -42,7 +43,9 @@ TOP_RESIDUALS = 12  # solved parameters listed under a MaTS merge (worst first)
 LABELS = {"models": "Checkpoints", "base": "Base model", "method": "Method", "params": "Parameters",
           "components": "Components", "fallback": "Fallback", "heads": "Heads", "out": "Output folder",
           "space": "Adapter modules",
-          "stats_tasks": "Checkpoints (each needs a recorded task)", "limit": "Limit", "multitask": "Multi-task model"}
+          "stats_tasks": "Checkpoints (each needs a recorded task)", "limit": "Limit", "multitask": "Multi-task model",
+          "dtype": "Output dtype", "shard_size": "Shard size"}
+INPUTS_DTYPE = ("the inputs'", "")  # the output dtype choice that keeps the checkpoints' own
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,7 +195,8 @@ def _changed(method: str, params: dict) -> dict:
 
 
 def _settings(config: dict) -> str:
-    """One line: method, the parameters that differ from its defaults, base, components, space, heads."""
+    """One line: method, the parameters that differ from its defaults, base, components, space, heads, and
+    the output's dtype and shard size when asked for."""
     shown = ", ".join(f"{k}={v}" for k, v in _changed(config["method"], config["params"]).items()) or "defaults"
     parts = [f"{config['method']} ({shown})"]
     if config.get("base"):
@@ -202,6 +206,10 @@ def _settings(config: dict) -> str:
     if config.get("space") == "module":
         parts.append("(IA)3 vectors merged, then folded")
     parts.append(f"heads: {config['heads']}")
+    if config.get("dtype"):
+        parts.append(f"saved in {config['dtype']}")
+    if config.get("shard_size"):
+        parts.append(f"files of at most {config['shard_size']:,} bytes")
     return " · ".join(parts)
 
 
@@ -247,10 +255,12 @@ def _params(method: str, params: dict | str | None) -> dict:
 def run_merge(models: list[str] | None, base: str | None, method: str, params: dict | str | None,
               components: list[str] | None, fallback: str, heads: str, limit: float | None, compare: bool,
               multitask: str | None, out: str | None, space: str = "weights", pairwise: bool = False,
+              dtype: str | None = None, shard_size: str | None = None,
               request: gr.Request = None, progress: gr.Progress = gr.Progress()):
     """Merge, save, then stream the score table: the merge first, then (compare on) each individual
     model, the ensemble and the multi-task model, then (pairwise on) every pair merged with the same
-    method and the mean over the pairs. Yields (table, status, downloadable files)."""
+    method and the mean over the pairs. `dtype` (fp32, bf16, fp16; empty: the inputs') and `shard_size`
+    (e.g. 500MB; empty: 5GB) shape the saved files. Yields (table, status, downloadable files)."""
     visitor = session(request)
     models = visitor.models(models, "models")
     if not models:
@@ -263,7 +273,8 @@ def run_merge(models: list[str] | None, base: str | None, method: str, params: d
     limit = visitor.bound("examples", all_or(limit, "limit"), "limit")
     report = progress_fn(progress, request)
     spec = MergeSpec(method, tuple(models), base=base, params=_params(method, params), components=tuple(components),
-                     fallback=fallback, heads=heads, space=space)
+                     fallback=fallback, heads=heads, space=space, dtype=dtype or None,
+                     shard_size=(shard_size or "").strip() or None)
     folder = visitor.output("merges", out, method)
     yield score_table([]), "", None
     result = ml.merge(spec, out=folder, progress=scaled(report, 0.0, 0.4 if compare else 0.7, "merge: "))
@@ -381,7 +392,8 @@ def build(demo: gr.Blocks) -> dict:
                 for control in made:
                     control.change(None, made, params, js=_collect_js(names), api_visibility="private")
 
-        with gr.Accordion("Components, heads and adapter modules", open=False, elem_id="merge-components-box"):
+        with gr.Accordion("Components, heads, adapter modules and output files", open=False,
+                          elem_id="merge-components-box"):
             with gr.Row():
                 components = ui.CheckboxGroup(list(GROUPS), value=list(GROUPS), label="Components", scale=3,
                                               elem_id="merge-components",
@@ -394,6 +406,14 @@ def build(demo: gr.Blocks) -> dict:
                                  elem_id="merge-space",
                                  info="(IA)3 modules: merge the weights they fold into, or their scaling vectors "
                                       "(module)")
+            with gr.Row():
+                dtype = ui.Radio([INPUTS_DTYPE, *[(d, d) for d in OUTPUT_DTYPES]], value="", label="Output dtype",
+                                 scale=2, elem_id="merge-dtype",
+                                 info="the floats the merged model is saved in (the math runs in fp32)")
+                shard_size = gr.Textbox("", label="Shard size", scale=1, elem_id="merge-shard-size",
+                                        placeholder="5GB",
+                                        info="most tensor bytes per file, e.g. 500MB; a larger model is split "
+                                             "into shards with an index")
         with gr.Row(equal_height=True):
             limit = ui.Number(value=DEFAULT_LIMIT, precision=0, minimum=0, label="Limit", scale=1, min_width=120,
                               info="first N dev examples per task; 0 = all", elem_id="merge-limit")
@@ -424,7 +444,8 @@ def build(demo: gr.Blocks) -> dict:
         method.change(method_doc, method, doc, api_name="method_doc", api_visibility="private")
         method.change(None, method, params, js=_reset_js(), api_visibility="private")
         merging = run.click(run_merge, [models, base, method, params, components, fallback, heads, limit, compare,
-                                        multitask, out, space, pairwise], [table, status, files], api_name="merge",
+                                        multitask, out, space, pairwise, dtype, shard_size], [table, status, files],
+                            api_name="merge",
                             concurrency_id="gpu", show_progress_on=status)
         on_stop(halt, [merging], status, api=True)
         merging.then(lambda saved: gr.File(visible=bool(saved)), files, files, api_visibility="private",
