@@ -3,9 +3,10 @@ model's loss on WikiText-2 dev before pretraining (the same seeded random initia
 loss for the BERTs, next-token loss for the decoders, span-corruption loss for the T5s), its training
 time and loss curve, and each fine-tune's dev score beside the majority-class rate of that dev set.
 
-    MERGELAB_HOME=/tmp/zoo-home python bench/scratch_zoo.py [--recipe scratch] [--limit N]
+    MERGELAB_HOME=/tmp/zoo-home python bench/scratch_zoo.py [--recipe scratch] [--limit N] [--built-only]
 
-Run after `python -m merging_core zoo build --recipe <recipe>`; nothing is trained here.
+Run after `python -m merging_core zoo build --recipe <recipe>`; nothing is trained here. `--built-only`
+reports the entries built so far of a zoo still building (and names the others), instead of failing.
 """
 
 from __future__ import annotations
@@ -35,11 +36,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default="scratch")
     parser.add_argument("--limit", type=int, default=None, help="first N dev blocks (default: all)")
+    parser.add_argument("--built-only", action="store_true", help="skip the entries not built yet")
     args = parser.parse_args()
     recipe = ml.zoo.load_recipe(args.recipe)
     text = ml.get_task("wikitext2")
     rows, curves = [], {}
+    built = {name for name in recipe.entries if (ml.settings.zoo_dir() / name / ml.zoo.METADATA).is_file()}
+    missing = [name for name in recipe.entries if name not in built]
+    if missing and args.built_only:
+        print(f"not built yet, left out: {', '.join(missing)}")
     for name, config in recipe.entries.items():
+        if args.built_only and name not in built:
+            continue
         meta = ml.resolve(name).metadata()
         row = {"model": name, "task": config.task, "kind": meta["kind"], "seed": config.seed, "steps": meta["steps"],
                "train_s": meta["train_seconds"]}
@@ -60,7 +68,8 @@ def main() -> None:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     print_table(rows, columns)
     name = Path(args.recipe).stem.replace("-", "_")
-    write_results(f"{name}_zoo", {"recipe": args.recipe, "rows": rows, "loss_curves": curves})
+    write_results(f"{name}_zoo", {"recipe": args.recipe, "rows": rows, "loss_curves": curves,
+                                   "not_built": missing if args.built_only else []})
 
 
 if __name__ == "__main__":
