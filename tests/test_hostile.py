@@ -80,7 +80,7 @@ BASE: dict[str, dict[str, Any]] = {
     "/merge": {"models": ["pico-sst2", "pico-cola"], "base": "", "method": "average", "params": {},
                "components": ["embeddings", "attention", "feed_forward", "layer_norm", "pooler", "head", "mlm_head"],
                "fallback": "average", "heads": "auto", "limit": 4, "compare": False, "multitask": "", "out": "",
-               "space": "weights", "pairwise": False},
+               "space": "weights", "pairwise": False, "dtype": "", "shard_size": ""},
     "/curve": {"a": "pico-sst2", "b": "pico-cola", "tasks": ["sst2"], "points": 3, "path": "line", "limit": 4,
                "head_from": "", "base": "", "merges": [], "bend_steps": 10},
     "/knowledge": {"a": "pico-sst2", "b": "pico-cola", "tasks": ["sst2"], "points": 3, "limit": 4, "head_from": "",
@@ -173,6 +173,8 @@ case("/evaluate", "model-empty", r"no model given", model="")
 case("/evaluate", "model-blank", r"no model given", model="   ")
 case("/evaluate", "model-none", r"no model given", model=None)
 case("/merge", "models-empty", r"^Checkpoints: pick the checkpoints", models=[])
+case("/merge", "dtype-int8", r"^Output dtype: .*not in the list of choices", dtype="int8")
+case("/merge", "shard-size-path", r"^Shard size: shard size .* is not a size", shard_size="../../etc")
 case("/merge", "pairwise-multitask-dotdot", r"^Multi-task model: model .* is not available here", pairwise=True,
      multitask=NAMES["dotdot"])
 case("/merge", "models-none", r"^Checkpoints: pick the checkpoints", models=None)
