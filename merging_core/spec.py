@@ -115,17 +115,12 @@ class MergeSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data; `MergeSpec.from_dict` turns it back into an equal spec."""
-        data = asdict(self)
-        data["params"] = dict(self.params)
-        for name in ("models", "components", "stats_tasks", "stats_files", "layer_lambdas"):
-            data[name] = list(data[name]) if data[name] is not None else None
-        return data
+        return plain(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MergeSpec":
         """A spec from `to_dict()` output or a `merge_config.json` (whose report keys are ignored)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return from_plain(cls, data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -133,6 +128,19 @@ class MergeSpec:
     @classmethod
     def from_json(cls, text: str) -> "MergeSpec":
         return cls.from_dict(json.loads(text))
+
+
+def plain(spec: Any) -> dict[str, Any]:
+    """A spec dataclass with `params` as JSON-ready data: its tuples as lists, its params a plain dict."""
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}
+    data["params"] = dict(spec.params)
+    return data
+
+
+def from_plain(cls: type, data: Mapping[str, Any]) -> Any:
+    """`cls` built from `plain` output, keys that are not its fields ignored (a saved record's extras)."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def _layer_lambdas(method, values) -> tuple[float, ...]:

@@ -251,7 +251,7 @@ def in_background(work: Callable[[ml.progress.ProgressFn], Iterator[tuple[str, A
             events.put(("end", None))
 
     # the copied context carries Gradio's request context, which its progress bar needs
-    threading.Thread(target=contextvars.copy_context().run, args=(body,), daemon=True, name="curve-worker").start()
+    threading.Thread(target=contextvars.copy_context().run, args=(body,), daemon=True, name="view-worker").start()
     latest, shown_at = None, float("-inf")
     try:
         while True:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Mapping
 
@@ -20,7 +20,7 @@ from .. import settings
 from ..arch import GROUPS
 from ..errors import MergeLabError
 from ..methods import get_method
-from ..spec import FALLBACKS, HEAD_POLICIES, MergeSpec
+from ..spec import FALLBACKS, HEAD_POLICIES, MergeSpec, from_plain, plain
 from ..tasks import get_task
 from .space import LAYER, Dimension, components_of, grid_size, parse_dimension
 
@@ -182,16 +182,11 @@ class SweepSpec:
     # -- serialization ---------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["params"] = dict(self.params)
-        for name in ("models", "space", "tasks", "task_weights", "components"):
-            data[name] = list(data[name]) if data[name] is not None else None
-        return data
+        return plain(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SweepSpec:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return from_plain(cls, data)
 
     def key(self) -> str:
         """A name for the sweep, from its content: running the same command again resumes it."""
