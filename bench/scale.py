@@ -31,6 +31,12 @@ math in both tools (float32 arithmetic, bf16 output):
   the per-tensor solves; the row adds the statistics' seconds per model and per block, the solve time
   per layer, and the statistics files' size.
 
+TIES runs its elementwise steps as compiled kernels on a large CPU merge (`merging_core.methods.fused`).
+With `--eager` each TIES row also runs MergeLab with `MERGELAB_FUSED=0` (the eager PyTorch code) and
+records its time and the largest difference between the two outputs (0: the same values). The kernels
+are compiled once, cold, into an Inductor cache of the run's own (`--cache`/inductor) before the timed
+runs; that compile time is reported on its own.
+
 The floor is the time to read every input once and write the output's bytes once, on the same disk in
 the same run: what no merge can beat.
 """
@@ -287,6 +293,17 @@ def mergelab_command(method: str, folders: dict[str, Path], out: Path) -> list[s
     return cmd
 
 
+def compile_kernels(env: dict) -> float:
+    """Seconds to compile TIES's kernels (`merging_core.methods.fused`) into an empty Inductor cache, in
+    a fresh process: what the first large TIES merge on a machine pays once."""
+    code = ("import torch; from merging_core.methods import fused; b = torch.zeros(1 << 20); "
+            "fused.ties_combine(b, [b, b], [0.0, 0.0], 1.0, 1.0); fused.ties_disjoint(b, torch.stack([b, b]), 1.0, 1.0); "
+            "fused.band(b, b, 0.0, 1.0); assert fused.failure() is None, fused.failure()")
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True)
+    return round(time.perf_counter() - started, 1)
+
+
 def statistics_times(home: Path, layers: int) -> dict:
     """A RegMean run's statistics, from the records its cache holds: seconds per model and per block."""
     seconds = [json.loads(p.read_text())["seconds"] for p in sorted((home / "cache" / "stats").glob("*.json"))]
@@ -302,8 +319,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-mergekit", action="store_true", help="MergeLab only (e.g. the 7B shape's memory)")
     parser.add_argument("--results", default="scale")
+    parser.add_argument("--eager", action="store_true", help="TIES rows also run eagerly (MERGELAB_FUSED=0)")
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    inductor = args.cache / "inductor"
+    shutil.rmtree(inductor, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
+    compile_s = compile_kernels(env) if any(m.startswith("ties") for m in args.methods) else None
     rows = []
     for shape in args.shapes:
         folders = synthesize(args.cache, shape, SHAPES[shape])
@@ -344,13 +365,22 @@ def main() -> None:
                     row["max_abs_diff"] = max_difference(ours, theirs)
                     row["time_ratio"] = round(mine["wall_s"] / other["wall_s"], 3)
                     shutil.rmtree(theirs)
+                if args.eager and method.startswith("ties"):
+                    eager = args.cache / "out-eager"
+                    shutil.rmtree(eager, ignore_errors=True)
+                    slow = timed(mergelab_command(method, folders, eager), {**env, "MERGELAB_FUSED": "0"})
+                    row.update({f"eager_{k}": v for k, v in slow.items()})
+                    row["eager_max_abs_diff"] = max_difference(ours, eager)
+                    row["eager_ratio"] = round(slow["wall_s"] / mine["wall_s"], 2)
+                    shutil.rmtree(eager)
                 row["floor_ratio"] = round(mine["wall_s"] / row["floor_s"], 2)
+                row["compile_s"] = compile_s
                 shutil.rmtree(ours)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     columns = ["shape", "method", "floor_s", "mergelab_wall_s", "mergekit_wall_s", "time_ratio", "floor_ratio",
                "mergelab_peak_anon_mib", "mergelab_peak_file_mib", "mergekit_peak_anon_mib", "mergekit_peak_file_mib",
-               "max_abs_diff"]
+               "max_abs_diff", "eager_wall_s", "eager_ratio", "eager_max_abs_diff"]
     print_table(rows, columns)
     write_results(args.results, {"rows": rows})
 

@@ -48,7 +48,7 @@ from ._version import __version__
 from .arch import ParamInfo, fallback_note
 from .checkpoint import HEAD_GROUPS, Checkpoint, check_compatible, open_checkpoint, recorded_base
 from .errors import MergeLabError, writing
-from .methods import METHODS, Method, TensorJob, WholeModel, get_method, sum_weighted
+from .methods import METHODS, Method, TensorJob, WholeModel, fused, get_method, sum_weighted
 from .models import HEAD_SUFFIXES, METADATA, ConfigView, copy_tokenizer, resolve, task_head_kwargs
 from .outputs import check_out, staging
 from .progress import ProgressFn, scaled, track
@@ -225,6 +225,8 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
         whole = WholeModel(_method_names(work), lambda: _method_tensors(work, device), stats,
                            lambda: _method_sample(work, device))
         context = method.prepare(whole, params)
+    if fused.wanted(device, len(work.models) * sum(math.prod(_meta(work, n)[1]) for n in _method_names(work))):
+        context = {**context, "fused": True}  # compiled kernels (TIES), where the merge is large enough to repay
 
     merged_progress = scaled(progress, 0.5 if kinds else 0.0, 0.95, "merging: ")
     report: dict[str, dict] = {}
@@ -242,6 +244,8 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
             part = part.to(_out_dtype(plan, name, spec.dtype))
             yield name, part
             del part  # (a streamed slice is written by now)
+        if context.get("fused") and fused.failure():
+            plan.notes.append(f"compiled kernels unavailable here ({fused.failure()}); merged with eager PyTorch")
 
     # What ran, fully resolved (recorded base, per-model statistics tasks, the head policy chosen), so
     # that merge_config.json re-runs exactly this merge.
@@ -334,6 +338,7 @@ def _method_names(plan: Plan) -> list[str]:
 CHUNK = 1 << 21  # elements: the largest slice of one tensor an elementwise merge holds per input (8 MB in fp32)
 WHOLE = 1 << 22  # elements: the largest tensor a method that scans (SLERP, TIES per tensor) takes whole (16 MB)
 SAMPLE = 1 << 16  # elements: the head of each parameter `WholeModel.sample` reads
+SCAN_BLOCKS, SCAN_BLOCK = 64, 1 << 14  # the sample of a large tensor a scan may use: 64 blocks of 16,384 values
 
 
 @dataclass(frozen=True)
@@ -440,7 +445,9 @@ def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats
             if piece.start == 0:
                 def slices(name: str = piece.name) -> Iterator[TensorJob]:
                     return _slice_jobs(plan, name, read, weights, context, seed, device)
-                scanned = plan.method.scanner(plan.params)(slices, plan.params)
+                def sample(name: str = piece.name) -> tuple[TensorJob, int]:
+                    return _sample_job(plan, name, read, weights, context, seed, device)
+                scanned = plan.method.scanner(plan.params)(slices, plan.params, sample)
             here = {**context, **scanned}
         merged = _merge_piece(plan, piece, _on_device(inputs, device), weights, stats, here, report, seed)
         del inputs  # before the next piece is read: at most two pieces' inputs in memory
@@ -455,6 +462,20 @@ def _slice_jobs(plan: Plan, name: str, read, weights: torch.Tensor, context: dic
         yield TensorJob(name=name, info=_info(plan, name), tensors=inputs.tensors, weights=weights,
                         params=_job_params(plan, name),
                         base=inputs.base, context=context, seed=_seed(seed, name))
+
+
+def _sample_job(plan: Plan, name: str, read, weights: torch.Tensor, context: dict, seed: int, device
+                ) -> tuple[TensorJob, int]:
+    """A TensorJob of `SCAN_BLOCKS` blocks spread evenly over one large parameter (a sample of its values
+    that a scan may estimate from), and the parameter's size."""
+    numel = math.prod(_meta(plan, name)[1])
+    step = numel // SCAN_BLOCKS
+    pieces = [Piece(name, i * step, i * step + min(SCAN_BLOCK, step)) for i in range(SCAN_BLOCKS)]
+    parts = [inputs for _, inputs in _read_pieces(plan, pieces, device, read)]
+    tensors = [torch.cat([part.tensors[m] for part in parts]) for m in range(len(parts[0].tensors))]
+    base = torch.cat([part.base for part in parts]) if parts[0].base is not None else None
+    return TensorJob(name=name, info=_info(plan, name), tensors=tensors, weights=weights,
+                     params=_job_params(plan, name), base=base, context=context, seed=_seed(seed, name)), numel
 
 
 def _merge_piece(plan: Plan, piece: Piece, inputs: Inputs, weights: torch.Tensor, stats: list[dict] | None,

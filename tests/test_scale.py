@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -464,3 +465,142 @@ def test_gpu_streamed_merge_matches_the_cpu(llamas, monkeypatch, tmp_path, metho
     for name in cpu:
         differ = (cpu[name].float() - gpu[name].float()).abs() > 2 ** -7 * cpu[name].float().abs() + 1e-6
         assert float(differ.float().mean()) < (0.01 if method == "ties" else 0.001), name
+
+
+# -- compiled kernels and the one-pass band selection ----------------------------------------------------
+
+FUSED_CASES = [{"density": 0.3}, {"density": 0.3, "zero_sign": "majority", "lambda": 0.7}, {"density": 1.0},
+               {"density": 0.3, "scope": "tensor"}, {"density": 0.3, "scope": "tensor", "zero_sign": "total"},
+               {"density": 0.3, **INDEX_TIES}, {"density": 0.05, "lambda": 1.3, **INDEX_TIES}]
+
+
+@pytest.mark.parametrize("params", FUSED_CASES, ids=["-".join(map(str, p.values())) for p in FUSED_CASES])
+def test_compiled_ties_equals_eager(llamas, monkeypatch, params):
+    """TIES with its elementwise steps compiled into one loop (what a large CPU merge runs) gives the
+    eager merge's values exactly, whole tensors and slices, every scope and tie rule."""
+    from merging_core.methods import fused
+
+    monkeypatch.setattr(engine, "CHUNK", 1000)
+    monkeypatch.setattr(engine, "WHOLE", 10_000)  # the embedding in slices after a scan (tie_break index)
+    eager = run(llamas["single"], "ties", params).state
+    calls = []
+    real = fused._call
+    monkeypatch.setattr(fused, "_call", lambda name, *a: calls.append(name) or real(name, *a))
+    monkeypatch.setattr(fused, "MIN_VALUES", 0)
+    compiled = run(llamas["single"], "ties", params)
+    # (a whole tensor whose zero-sign rule needs its trimmed total first stays eager)
+    whole_total = params.get("scope") == "tensor" and params.get("zero_sign") == "total" and "tie_break" not in params
+    assert fused.failure() is None and bool(calls) != whole_total, "the compiled kernels must run where they can"
+    assert not compiled.notes
+    for name in eager:
+        assert torch.equal(compiled.state[name], eager[name]), name
+
+
+def test_compiled_kernel_with_three_models_and_zero_sums():
+    """The kernel on three task vectors (the sums' order matters in float32), entries that cancel to an
+    elected sum of 0, zeros, and every limit kind (none, strict, at a tie): the eager expression exactly."""
+    from merging_core.methods import fused
+    from merging_core.methods.ties_dare import below
+
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(5000, generator=generator).bfloat16().float()
+    tensors = [(base + 0.01 * torch.randn(5000, generator=generator)).bfloat16().float() for _ in range(3)]
+    tensors[1][:100] = base[:100] + (base[:100] - tensors[0][:100])  # +a and -a: an elected sum of 0
+    tensors[2][100:200] = base[100:200]  # no change
+    magnitude = (tensors[0] - base).abs()
+    limits = [-math.inf, 0.004, below(float(magnitude.kthvalue(4000).values))]
+    for lam, fallback in ((1.0, 1.0), (0.6, -1.0)):
+        eager = fused.ties_combine(base, tensors, limits, lam, fallback, compiled=False)
+        assert torch.equal(fused.ties_combine(base, tensors, limits, lam, fallback), eager)
+    assert fused.failure() is None
+
+
+def spread_sample(models, bases, blocks: int, block: int):
+    """A scan's `sample`: `blocks` evenly spaced blocks of one parameter's values, and its size."""
+    from merging_core.methods import TensorJob
+
+    flat = [t.flatten() for t in models[0]]
+    base = bases[0].flatten()
+    step = base.numel() // blocks
+    pick = torch.cat([torch.arange(i * step, i * step + min(block, step)) for i in range(blocks)])
+    return lambda: (TensorJob(name="p0", info=None, tensors=[t[pick] for t in flat], weights=torch.ones(2),
+                              params={}, base=base[pick]), base.numel())
+
+
+def slice_jobs(models, bases, chunk: int):
+    from merging_core.methods import TensorJob
+
+    model = fake_model([models[0]], [bases[0]], chunk)
+
+    def slices():
+        for name, _, tensors_, base in model.tensors():
+            yield TensorJob(name=name, info=None, tensors=tensors_, weights=torch.ones(2), params={}, base=base)
+    return slices
+
+
+@pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.999])
+@pytest.mark.parametrize("tied", [False, True])
+def test_band_selection_is_exact_in_one_pass(density, tied):
+    """The scan of one large tensor finds from a spread sample and one pass the radix selection's exact
+    threshold and tie count per model, and how many tied entries each slice holds."""
+    from merging_core.methods.ties_dare import band_select
+
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(200, 300, generator=generator).bfloat16().float()
+    step = 2 ** -6 if tied else 0.01  # coarse steps: thousands of entries share each magnitude
+    models = [[(base + (step * torch.randn(base.shape, generator=generator)).round() * (1 if tied else 0)
+                + (0 if tied else step * torch.randn(base.shape, generator=generator))).bfloat16().float()
+               for _ in range(2)]]
+    slices = slice_jobs(models, [base], chunk=7000)
+    reads = []
+    counted = lambda: reads.append(1) or slices()  # noqa: E731
+    trim = band_select(counted, density, spread_sample(models, [base], blocks=16, block=1000))
+    assert trim is not None and len(reads) == 1
+    thresholds, _, tied_left = streamed_thresholds(fake_model(models, [base], chunk=7000), density)
+    assert trim.thresholds == thresholds and trim.ties_left == tied_left
+    for i, t in enumerate(models[0]):
+        magnitude = (t - base).flatten()
+        per_slice = [int((part.abs() == thresholds[i]).sum()) for part in magnitude.split(7000)]
+        assert trim.tied[i] == per_slice
+
+
+def test_band_selection_gives_way_when_the_sample_misleads():
+    """A sample unlike the tensor (here: its first rows, whose task vector is ten times smaller) places
+    the band wrongly: the selection says so, and the scan falls back on the radix passes, still exact."""
+    from merging_core.methods.ties_dare import _tensor_scan, band_select
+
+    generator = torch.Generator().manual_seed(8)
+    base = torch.randn(100, 400, generator=generator)
+    scale = torch.ones(100, 1)
+    scale[:10] = 0.1
+    models = [[base + 0.01 * scale * torch.randn(base.shape, generator=generator) for _ in range(2)]]
+    slices = slice_jobs(models, [base], chunk=4000)
+    head = spread_sample(models, [base], blocks=1, block=4000)  # rows 0-9 only
+    assert band_select(slices, 0.2, head) is None
+    context = _tensor_scan(slices, {"density": 0.2, "zero_sign": "plus"}, head)
+    thresholds, _, tied_left = streamed_thresholds(fake_model(models, [base], chunk=4000), 0.2)
+    assert context["tensor_trim"].thresholds == thresholds and context["tensor_trim"].ties_left == tied_left
+
+
+def test_without_a_compiler_the_merge_goes_on_eagerly(llamas, monkeypatch):
+    """Where the kernels cannot be compiled (no C++ compiler), the merge runs the eager code, gives the
+    same values, and its notes say so."""
+    from merging_core.methods import fused
+
+    eager = run(llamas["single"], "ties", {"density": 0.3}).state
+
+    def no_compiler(fn, **_):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler found\nsecond line")
+        return fails
+
+    monkeypatch.setattr(fused, "MIN_VALUES", 0)
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_failure", None)
+    monkeypatch.setattr(fused.torch, "compile", no_compiler)
+    result = run(llamas["single"], "ties", {"density": 0.3})
+    assert fused.failure() == "RuntimeError: no C++ compiler found"
+    assert result.notes == ["compiled kernels unavailable here (RuntimeError: no C++ compiler found); merged with "
+                            "eager PyTorch"]
+    assert all(torch.equal(result.state[name], eager[name]) for name in eager)
+    assert not fused.wanted(torch.device("cpu"), 1 << 40)  # and the process does not try again

@@ -372,7 +372,11 @@ def refresh(a: str | None = None, b: str | None = None, request: gr.Request = No
                 gr.Dropdown(choices=[NONE, *choices]), gr.skip())
     return (gr.Dropdown(choices=pairs, value=json.dumps(pick)), gr.Dropdown(choices=choices, value=pick["a"]),
             gr.Dropdown(choices=choices, value=pick["b"]), gr.Dropdown(choices=choices),
-            gr.Dropdown(choices=[NONE, *choices]), gr.Dropdown(choices=[NONE, *choices]), list(pick["tasks"]))
+            gr.Dropdown(choices=[NONE, *choices]), gr.Dropdown(choices=[NONE, *choices]),
+            # the pair's tasks with the choices they belong to, in one update: a value sent alone can meet the
+            # choices of the previous pick, and the next event that reads it fails "not in the list of choices"
+            task_update([pick["a"], pick["b"]], list(pick["tasks"]), "", request, preferred=list(pick["tasks"]),
+                        always=OWN_TASKS))
 
 
 def pick_tasks(a: str | None, b: str | None, head_from: str | None, tasks: list[str] | None,

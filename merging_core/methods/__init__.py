@@ -85,10 +85,11 @@ class Method:
     # engine may merge a large tensor one flat slice at a time, which bounds memory at any model size.
     elementwise: bool | Callable[[dict[str, Any]], bool] = False
     # For a method that is elementwise once it knows a few numbers of the whole tensor (SLERP's angle, TIES's
-    # per-tensor threshold): `scan(params)` gives the function `f(slices, params)` that goes over a tensor's
-    # flat slices (`slices()` yields a TensorJob per slice, afresh on each call) and returns what each
-    # slice's merge needs, which the engine adds to every slice's `context`; or None where these
-    # parameters need the whole tensor. Used for tensors too large to hold whole (`merge.WHOLE`).
+    # per-tensor threshold): `scan(params)` gives the function `f(slices, params, sample)` that goes over a
+    # tensor's flat slices (`slices()` yields a TensorJob per slice, afresh on each call; `sample()` gives a
+    # TensorJob of blocks spread over the tensor, and the tensor's size) and returns what each slice's
+    # merge needs, which the engine adds to every slice's `context`; or None where these parameters need
+    # the whole tensor. Used for tensors too large to hold whole (`merge.WHOLE`).
     scan: Callable[[dict[str, Any]], Callable[[Callable[[], Iterator[TensorJob]], dict[str, Any]],
                                               dict[str, Any]] | None] | None = None
     doc: str = ""

@@ -75,8 +75,9 @@ def slerp_coefficients(cosine: float, params: dict) -> tuple[float, float] | Non
     return float(((1 - t) * omega).sin() / sin), float((t * omega).sin() / sin)
 
 
-def slerp_scan(slices, params: dict) -> dict:
-    """A large tensor's SLERP coefficients, from its dot product and norms summed slice by slice."""
+def slerp_scan(slices, params: dict, sample=None) -> dict:
+    """A large tensor's SLERP coefficients, from its dot product and norms summed slice by slice (every
+    entry counts: no use for a sample)."""
     dot = aa = bb = 0.0
     for job in slices():
         d, x, y = _products(*job.tensors)

@@ -33,11 +33,13 @@ for its threshold.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import Method, Param, TensorJob, WholeModel, register, stack
+from . import Method, Param, TensorJob, WholeModel, fused, register, stack
 from .sort_order import sorted_top
 
 
@@ -235,29 +237,136 @@ def _estimated_windows(sample, density: float) -> list[int]:
     return [min(max(_bucket_of(h, k)[0] - WINDOW // 2, 0), (1 << 15) - WINDOW) for h in high]
 
 
-def _tensor_scan(slices, params: dict[str, Any]) -> dict[str, Any]:
+@dataclass
+class SliceTrim:
+    """Scope `tensor` on a tensor merged slice by slice: per model, its threshold over the whole tensor, how
+    many entries equal to it the trim still keeps (the first ones in index order), and, when the scan
+    counted them, how many each slice holds. Slices are trimmed in order, once each."""
+
+    thresholds: list[float]
+    ties_left: list[int]
+    tied: list[list[int]] | None = None  # per model, per slice in order
+    slice: int = 0  # the next slice
+
+    def next_limits(self) -> list[float | None]:
+        """Per model, the limit of the next slice's trim (keep |τ| > limit), or None where it keeps some
+        of the slice's tied entries and drops others (or the scan did not count them): `trim_slice_`, which
+        counts them down itself. Moves on to the following slice."""
+        limits: list[float | None] = []
+        for i, threshold in enumerate(self.thresholds):
+            left = self.ties_left[i]
+            here = self.tied[i][self.slice] if self.tied is not None else None
+            if threshold == 0 or left == 0 or here == 0:  # (tied zeros change nothing)
+                limits.append(threshold)
+            elif here is not None and left >= here:  # every tied entry of this slice is kept
+                limits.append(below(threshold))
+                self.ties_left[i] -= here
+            else:
+                limits.append(None)
+        self.slice += 1
+        return limits
+
+    def restarted(self) -> "SliceTrim":
+        """The same trim from the first slice again (for a second pass over the tensor)."""
+        return SliceTrim(self.thresholds, list(self.ties_left), self.tied)
+
+
+def below(value: float) -> float:
+    """The largest float32 below `value`: |τ| > below(t) is |τ| >= t."""
+    return float(torch.nextafter(torch.tensor(value), torch.tensor(-math.inf)))
+
+
+BAND_SIGMAS = 6  # the half-width of the sample's band around the estimated k-th largest, in standard deviations
+BAND_CAP = 1 << 23  # values per model: a band holding more than this (a huge tie) leaves it to the radix passes
+
+
+def _tensor_scan(slices, params: dict[str, Any], sample=None) -> dict[str, Any]:
     """Scope `tensor` on a tensor too large to hold whole, read slice by slice: per model, its exact
-    threshold (`streamed_thresholds` over this tensor) and how many entries equal to it the trim keeps so
-    that exactly k survive (the first ones in index order; mergekit's sort keeps an arbitrary subset of
-    such ties), and the zero-sign fallback over the trimmed tensor when the rule needs one."""
+    threshold and how many entries equal to it the trim keeps so that exactly k survive (the first ones
+    in index order; mergekit's sort keeps an arbitrary subset of such ties), found by `band_select` in
+    one pass when `sample` places it, else by `streamed_thresholds` in two; and the zero-sign fallback
+    over the trimmed tensor when the rule needs one."""
     context: dict[str, Any] = {"tensor_trim": None, "zero_sign": 1.0}
     if params["density"] < 1:
-        as_model = WholeModel([], lambda: ((job.name, job.info, job.tensors, job.base) for job in slices()))
-        thresholds, _, tied = streamed_thresholds(as_model, params["density"])
-        context["tensor_trim"] = (thresholds, tied)
+        trim = band_select(slices, params["density"], sample) if sample is not None else None
+        if trim is None:
+            as_model = WholeModel([], lambda: ((job.name, job.info, job.tensors, job.base) for job in slices()))
+            thresholds, _, tied = streamed_thresholds(as_model, params["density"])
+            trim = SliceTrim(thresholds, tied)
+        context["tensor_trim"] = trim
     rule = zero_sign_rule(params)
     if rule != "plus":
         total = votes = 0.0
-        left = list(context["tensor_trim"][1]) if context["tensor_trim"] else None
+        trim = context["tensor_trim"].restarted() if context["tensor_trim"] else None
         for job in slices():
             deltas = task_vectors(job)
-            if left is not None:
-                for i, d in enumerate(deltas):
-                    trim_slice_(d, context["tensor_trim"][0][i], left, i)
+            if trim is not None:
+                _trim_slices_(deltas, trim)
             summed = deltas.sum(0)
             total, votes = total + float(summed.double().sum()), votes + float(summed.sign().sum())
         context["zero_sign"] = _fallback(total, votes, rule)
     return context
+
+
+def band_select(slices, density: float, sample) -> SliceTrim | None:
+    """Per model, the exact k-th largest |τ| of a large tensor in one pass over its slices, k = max(1,
+    ⌊density · n⌋), with how many entries equal to it each slice holds; None where the sample misled.
+
+    A sample-select: `sample()` (a TensorJob of blocks spread over the tensor, and the tensor's size)
+    places the k-th largest inside a band of magnitudes [low, high] with high probability; the pass counts
+    the entries above the band and keeps the few inside it, and the k-th largest is then found among
+    those. It is exact whenever the count above the band is below k and the band reaches k; otherwise
+    (or when a huge tie fills the band) it returns None, and the radix passes decide."""
+    job, n = sample()
+    k = max(1, int(density * n))
+    bands = [_band_of(t, job.base, k, n) for t in job.tensors]
+    fused_ok = job.context.get("fused", False)
+    above = [0] * len(bands)
+    inside: list[list[torch.Tensor]] = [[] for _ in bands]
+    held = [0] * len(bands)
+    for piece in slices():
+        for i, (t, (low, high)) in enumerate(zip(piece.tensors, bands)):
+            found = fused.band(t, piece.base, low, high) if fused_ok else None
+            count, values = found if found is not None else fused.band(t, piece.base, low, high, False)
+            above[i] += count
+            inside[i].append(values)
+            held[i] += inside[i][-1].numel()
+            if held[i] > BAND_CAP:
+                return None
+    thresholds, tied, tied_left = [], [], []
+    for i, parts in enumerate(inside):
+        band = torch.cat(parts)
+        rank = k - above[i]  # the k-th largest's rank inside the band, from the top
+        if not 0 < rank <= band.numel():
+            return None
+        threshold = torch.kthvalue(band, band.numel() - rank + 1).values
+        thresholds.append(float(threshold))
+        tied_left.append(k - above[i] - int((band > threshold).sum()))
+        tied.append([int((part == threshold).sum()) for part in parts])
+    return SliceTrim(thresholds, tied_left, tied)
+
+
+def _band_of(t: torch.Tensor, base: torch.Tensor, k: int, n: int) -> tuple[float, float]:
+    """[low, high]: magnitudes between which the sample places the k-th largest |τ| of n with high
+    probability (the sample's order statistics `BAND_SIGMAS` binomial deviations either side, and a
+    margin for the sample's blocks not being independent draws)."""
+    magnitude = (t - base).abs().flatten()
+    s = magnitude.numel()
+    expected = k * s / n  # the k-th largest's expected rank in the sample, from the top
+    margin = BAND_SIGMAS * math.sqrt(expected * (1 - k / n)) + 0.002 * s + 16
+    top, bottom = math.floor(expected - margin), math.ceil(expected + margin)
+    high = float(torch.kthvalue(magnitude, s - top + 1).values) if top >= 1 else math.inf
+    low = float(torch.kthvalue(magnitude, s - bottom + 1).values) if bottom <= s else 0.0
+    return low, high
+
+
+def _trim_slices_(deltas: torch.Tensor, trim: SliceTrim) -> None:
+    """Trim one slice's task vectors (in place) with `trim`'s next limits."""
+    for i, (d, limit) in enumerate(zip(deltas, trim.next_limits())):
+        if limit is None:
+            trim_slice_(d, trim.thresholds[i], trim.ties_left, i)
+        else:
+            d.mul_(d.abs() > limit)
 
 
 def trim_slice_(delta: torch.Tensor, threshold: float, ties_left: list[int], i: int) -> torch.Tensor:
@@ -278,30 +387,56 @@ def task_vectors(job: TensorJob) -> torch.Tensor:
 
 
 def ties(job: TensorJob) -> torch.Tensor:
-    # The stacked task vectors are trimmed and averaged in place: on a large embedding matrix every
-    # temporary copy of the stack is hundreds of MB.
-    deltas = task_vectors(job)
-    density = job.params["density"]
-    if job.params["scope"] == "tensor" and "tensor_trim" in job.context:  # a slice of a large tensor
-        trim = job.context["tensor_trim"]
-        if trim is not None:
-            for i, d in enumerate(deltas):
-                trim_slice_(d, trim[0][i], trim[1], i)  # (counts down the ties this tensor still keeps)
-        total = deltas.sum(0)
-        fallback = job.context["zero_sign"]
-    elif job.params["scope"] == "tensor":
+    params, context = job.params, job.context
+    lam, compiled = params["lambda"], context.get("fused", False)
+    if params["scope"] == "tensor" and "tensor_trim" in context:  # a slice of a large tensor, after its scan
+        trim = context["tensor_trim"]
+        limits = trim.next_limits() if trim is not None else [-math.inf] * len(job.tensors)
+        if compiled and None not in limits:
+            merged = fused.ties_combine(job.base, job.tensors, limits, lam, context["zero_sign"])
+            if merged is not None:
+                return merged
+        deltas = task_vectors(job)
+        for i, (d, limit) in enumerate(zip(deltas, limits)):
+            if limit is None:  # (counts down the ties this tensor still keeps)
+                trim_slice_(d, trim.thresholds[i], trim.ties_left, i)
+            else:
+                d.mul_(d.abs() > limit)
+        return _combined(job, deltas, context["zero_sign"], compiled)
+    if params["scope"] == "tensor":
+        # The stacked task vectors are trimmed and averaged in place: on a large embedding matrix every
+        # temporary copy of the stack is hundreds of MB.
+        deltas = task_vectors(job)
         for d in deltas:
-            trim_tensor_(d, density, job.params["tie_break"])
+            trim_tensor_(d, params["density"], params["tie_break"])
+        rule = zero_sign_rule(params)
+        if rule == "plus":
+            return _combined(job, deltas, 1.0, compiled)
         total = deltas.sum(0)
-        rule = zero_sign_rule(job.params)
-        fallback = 1.0 if rule == "plus" else _fallback(float(total.double().sum()), float(total.sign().sum()), rule)
+        return _combined(job, deltas, _fallback(float(total.double().sum()), float(total.sign().sum()), rule), False)
+    thresholds = context.get("thresholds")
+    fallback = context.get("zero_sign", 1.0)
+    if params["density"] < 1 and thresholds is not None:
+        if compiled:
+            merged = fused.ties_combine(job.base, job.tensors, [below(t) for t in thresholds], lam, fallback)
+            if merged is not None:
+                return merged
+        deltas = task_vectors(job)
+        limits = torch.tensor(thresholds, dtype=deltas.dtype, device=deltas.device)
+        deltas.mul_(deltas.abs() >= limits.view(-1, *([1] * (deltas.dim() - 1))))
     else:
-        thresholds = job.context.get("thresholds")
-        if density < 1 and thresholds is not None:
-            limits = torch.tensor(thresholds, dtype=deltas.dtype, device=deltas.device)
-            deltas.mul_(deltas.abs() >= limits.view(-1, *([1] * (deltas.dim() - 1))))
-        total = deltas.sum(0)
-        fallback = job.context.get("zero_sign", 1.0)
+        deltas = task_vectors(job)
+    return _combined(job, deltas, fallback, compiled)
+
+
+def _combined(job: TensorJob, deltas: torch.Tensor, fallback: float, compiled: bool) -> torch.Tensor:
+    """θ_pre + λ · the disjoint mean of the trimmed task vectors under the elected sign (`fallback` where
+    their sum is 0): compiled when asked (the deltas then untrimmed further), else eagerly in place."""
+    if compiled:
+        merged = fused.ties_disjoint(job.base, deltas, job.params["lambda"], fallback)
+        if merged is not None:
+            return merged
+    total = deltas.sum(0)
     elected = torch.where(total == 0, torch.full_like(total, fallback), total.sign())
     return disjoint_mean_(deltas, elected).mul_(job.params["lambda"]).add_(job.base)
 

@@ -1,0 +1,139 @@
+"""Fused CPU kernels for TIES's elementwise steps on large merges.
+
+TIES (Yadav et al. 2023, "TIES-Merging: resolving interference when merging models", arXiv:2306.01708,
+Algorithm 1) trims each task vector τ_i to the entries above a magnitude threshold, elects a sign
+γ = sign(Σ_i τ̂_i) and averages the entries that agree with it. Run eagerly, each of those steps is its own
+pass over memory (a subtraction, an absolute value, a comparison, a product by the mask, a sum, a sign,
+a clamp, a count, ...: about thirty per slice of the inputs), and on a CPU with few cores that
+arithmetic, not the disk, bounds a 7B merge. `torch.compile` (Inductor's C++ backend) turns the same
+expression into one loop over the entries.
+
+The kernels run the eager code's float32 operations in the same order, and Inductor compiles without
+floating-point contraction (`-ffp-contract=off`), so they return the eager values exactly (the tests
+compare them). Compiling takes seconds once per process (Inductor then keeps the code in its on-disk
+cache), so the engine asks for the kernels (`wanted`) only on the CPU, for merges of at least
+`MIN_VALUES` input values, without an address-space limit, and never when `MERGELAB_FUSED=0`. Where
+compiling fails (no C++ compiler), the merge goes on eagerly and says so (`failure`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+try:
+    import resource
+except ImportError:  # (Windows: no address-space limits to respect)
+    resource = None
+
+MIN_VALUES = 1 << 28  # input values (all models): below this an eager TIES takes seconds, less than compiling
+
+_failure: str | None = None  # why compiling failed in this process, once it has
+_compiled: dict[str, object] = {}
+
+
+def wanted(device: torch.device, values: int) -> bool:
+    """Whether a merge of `values` input values on `device` should use the compiled kernels: not under an
+    address-space limit (`ulimit -v`), where the compiler's hundreds of MB of mappings would eat the budget
+    the merge was given."""
+    return (device.type == "cpu" and values >= MIN_VALUES and _failure is None
+            and os.environ.get("MERGELAB_FUSED", "1") != "0"
+            and (resource is None or resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY))
+
+
+def failure() -> str | None:
+    """Why the kernels could not be compiled in this process, or None."""
+    return _failure
+
+
+def _ties_combine(base: torch.Tensor, tensors: list[torch.Tensor], limits: torch.Tensor, lam: torch.Tensor,
+                  fallback: torch.Tensor) -> torch.Tensor:
+    """θ_pre + λ · disjoint mean of the trimmed task vectors: the eager `ties_dare.ties` step by step."""
+    deltas = []
+    for i, t in enumerate(tensors):
+        delta = t - base
+        deltas.append(delta * (delta.abs() > limits[i]))  # trim: keep |τ| > limit (a product, as eagerly)
+    return _disjoint(base, deltas, lam, fallback)
+
+
+def _disjoint(base: torch.Tensor, deltas: list[torch.Tensor], lam: torch.Tensor, fallback: torch.Tensor
+              ) -> torch.Tensor:
+    """θ_pre + λ · the mean of the trimmed task vectors' entries that agree with the elected sign."""
+    total = deltas[0]
+    for delta in deltas[1:]:
+        total = total + delta
+    elected = torch.where(total == 0, fallback, total.sign())
+    agreeing = [delta * elected for delta in deltas]
+    count = (agreeing[0] > 0).to(base.dtype)
+    kept = agreeing[0].clamp_min(0)
+    for delta in agreeing[1:]:
+        count = count + (delta > 0).to(base.dtype)
+        kept = kept + delta.clamp_min(0)
+    return (kept * elected / count.clamp_min(1)) * lam + base
+
+
+def _band(t: torch.Tensor, base: torch.Tensor, low: torch.Tensor, high: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many entries of one slice have |τ| above `high`, and |τ| where it lies in [low, high], −1
+    elsewhere (one output: a compiled loop writing a mask and the magnitudes separately is several
+    times slower)."""
+    magnitude = (t - base).abs()
+    return (magnitude > high).sum(), torch.where((magnitude >= low) & (magnitude <= high), magnitude, -1.0)
+
+
+def _kernel(name: str, fn):
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, dynamic=True)
+    return _compiled[name]
+
+
+def _call(name: str, fn, *args):
+    """The compiled `fn` on `args`, or None when it cannot be compiled here (then never tried again)."""
+    global _failure
+    if _failure is not None:
+        return None
+    try:
+        return _kernel(name, fn)(*args)
+    except Exception as error:  # a missing compiler, an unsupported platform: eager code instead
+        _failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+        logging.getLogger(__name__).warning("compiled kernels unavailable, merging eagerly (%s)", _failure)
+        return None
+
+
+def ties_combine(base: torch.Tensor, tensors: list[torch.Tensor], limits: list[float], lam: float,
+                 fallback: float, compiled: bool = True) -> torch.Tensor | None:
+    """TIES's merge of one tensor or slice: each task vector trimmed to the entries with |τ_i| > limits[i]
+    (−inf: no trim), the sign elected (`fallback` where the sum is 0), the disjoint mean scaled by λ and
+    added to the base. Compiled, or the same expression eagerly (`compiled=False`); None when compiling
+    failed."""
+    shape = base.shape
+    args = (base.flatten(), [t.flatten() for t in tensors], torch.tensor(limits, dtype=base.dtype),
+            torch.tensor(lam, dtype=base.dtype), torch.tensor(fallback, dtype=base.dtype))
+    merged = _call("ties", _ties_combine, *args) if compiled else _ties_combine(*args)
+    return None if merged is None else merged.view(shape)
+
+
+def ties_disjoint(base: torch.Tensor, deltas: torch.Tensor, lam: float, fallback: float) -> torch.Tensor | None:
+    """The same from task vectors already trimmed (stacked): the elected sign, the disjoint mean, λ and the
+    base. Compiled; None when compiling failed."""
+    shape = base.shape
+    merged = _call("disjoint", _disjoint, base.flatten(), [d.flatten() for d in deltas],
+                   torch.tensor(lam, dtype=base.dtype), torch.tensor(fallback, dtype=base.dtype))
+    return None if merged is None else merged.view(shape)
+
+
+def band(t: torch.Tensor, base: torch.Tensor, low: float, high: float, compiled: bool = True
+         ) -> tuple[int, torch.Tensor] | None:
+    """For the selection of a tensor's threshold: how many entries of one slice have |τ| above `high`, and
+    the values of |τ| that lie in [low, high]. None when compiling failed."""
+    args = (t.flatten(), base.flatten(), torch.tensor(low, dtype=t.dtype), torch.tensor(high, dtype=t.dtype))
+    found = _call("band", _band, *args) if compiled else _band(*args)
+    if found is None:
+        return None
+    count, banded = found
+    if banded.device.type != "cpu":
+        return int(count), banded[banded >= 0]
+    values = banded.numpy()  # NumPy compacts a boolean selection ~10x faster than torch on the CPU
+    return int(count), torch.from_numpy(values[values >= 0])
