@@ -28,7 +28,8 @@ Scope `model` finds each model's exact threshold over the whole model in one or 
 radix selection on the magnitudes' bit patterns, `streamed_thresholds`), then merges slice by slice like
 an elementwise method: memory does not grow with the model. Scope `tensor` merges one whole tensor at a time;
 with `tie_break` index, a tensor too large to hold whole goes slice by slice after a streaming pass over it
-for its threshold.
+for its threshold (`band_select`: one pass after a spread sample places the threshold). On a large CPU
+merge the elementwise steps run as compiled loops (`fused`), with the same values.
 """
 
 from __future__ import annotations
