@@ -338,7 +338,7 @@ def _method_names(plan: Plan) -> list[str]:
 CHUNK = 1 << 21  # elements: the largest slice of one tensor an elementwise merge holds per input (8 MB in fp32)
 WHOLE = 1 << 22  # elements: the largest tensor a method that scans (SLERP, TIES per tensor) takes whole (16 MB)
 SAMPLE = 1 << 16  # elements: the head of each parameter `WholeModel.sample` reads
-SCAN_BLOCKS, SCAN_BLOCK = 64, 1 << 14  # the sample of a large tensor a scan may use: 64 blocks of 16,384 values
+SCAN_BLOCKS, SCAN_BLOCK = 16, 1 << 14  # the sample of a large tensor a scan may use: 16 blocks of 16,384 values
 
 
 @dataclass(frozen=True)
