@@ -104,15 +104,16 @@ def layout(shape: dict) -> dict[str, tuple[int, ...]]:
 
 
 def synthesize(cache: Path, name: str, shape: dict) -> dict[str, Path]:
-    """Write (once) the shape's base and two fine-tunes into `cache/name/`; their folders."""
+    """Write (once) the shape's base and two fine-tunes into `cache/name/`; their folders. A folder with its
+    config.json is complete (it is written last) and kept, so an interrupted run resumes."""
     folders = {who: cache / name / who for who in ("base", "ft1", "ft2")}
-    if all((f / "config.json").is_file() for f in folders.values()):
-        return folders
     tensors = layout(shape)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
               "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
               "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16", **shape}
     for who, folder in folders.items():
+        if (folder / "config.json").is_file():
+            continue
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         seed = {"base": 0, "ft1": 1, "ft2": 2}[who]
