@@ -459,9 +459,7 @@ def _slice_jobs(plan: Plan, name: str, read, weights: torch.Tensor, context: dic
                 ) -> Iterator[TensorJob]:
     """A TensorJob per flat slice of one large parameter, read afresh (a method's `scan`)."""
     for _, inputs in _read_pieces(plan, _pieces(plan, [name]), device, read):
-        yield TensorJob(name=name, info=_info(plan, name), tensors=inputs.tensors, weights=weights,
-                        params=_job_params(plan, name),
-                        base=inputs.base, context=context, seed=_seed(seed, name))
+        yield _job(plan, name, inputs.tensors, inputs.base, weights, context, seed)
 
 
 def _sample_job(plan: Plan, name: str, read, weights: torch.Tensor, context: dict, seed: int, device
@@ -474,8 +472,16 @@ def _sample_job(plan: Plan, name: str, read, weights: torch.Tensor, context: dic
     parts = [inputs for _, inputs in _read_pieces(plan, pieces, device, read)]
     tensors = [torch.cat([part.tensors[m] for part in parts]) for m in range(len(parts[0].tensors))]
     base = torch.cat([part.base for part in parts]) if parts[0].base is not None else None
+    return _job(plan, name, tensors, base, weights, context, seed), numel
+
+
+def _job(plan: Plan, name: str, tensors: list[torch.Tensor], base: torch.Tensor | None, weights: torch.Tensor,
+         context: dict, seed: int, stats: list[dict] | None = None) -> TensorJob:
+    """What the method sees of parameter `name` (whole, a slice or a sample of it)."""
     return TensorJob(name=name, info=_info(plan, name), tensors=tensors, weights=weights,
-                     params=_job_params(plan, name), base=base, context=context, seed=_seed(seed, name)), numel
+                     params=_job_params(plan, name), base=base,
+                     stats=[s.get(name, {}) for s in stats] if stats is not None else None,
+                     context=context, seed=_seed(seed, name))
 
 
 def _merge_piece(plan: Plan, piece: Piece, inputs: Inputs, weights: torch.Tensor, stats: list[dict] | None,
@@ -494,10 +500,7 @@ def _merge_piece(plan: Plan, piece: Piece, inputs: Inputs, weights: torch.Tensor
         else:
             merged = _average(tensors)
     else:
-        job = TensorJob(name=name, info=_info(plan, name), tensors=tensors, weights=weights,
-                        params=_job_params(plan, name),
-                        base=base, stats=[s.get(name, {}) for s in stats] if stats is not None else None,
-                        context=context, seed=_seed(seed, name))
+        job = _job(plan, name, tensors, base, weights, context, seed, stats)
         merged = plan.method.merge_tensor(job)
         if job.report:
             report[name] = job.report
