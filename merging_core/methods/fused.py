@@ -96,7 +96,7 @@ def _call(name: str, fn, *args):
         return None
     try:
         return _kernel(name, fn)(*args)
-    except Exception as error:  # a missing compiler, an unsupported platform: eager code instead
+    except Exception as error:  # noqa: BLE001 (a missing compiler, an unsupported platform: eager code instead)
         _failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
         logging.getLogger(__name__).warning("compiled kernels unavailable, merging eagerly (%s)", _failure)
         return None

@@ -267,7 +267,7 @@ class SliceTrim:
         self.slice += 1
         return limits
 
-    def restarted(self) -> "SliceTrim":
+    def restarted(self) -> SliceTrim:
         """The same trim from the first slice again (for a second pass over the tensor)."""
         return SliceTrim(self.thresholds, list(self.ties_left), self.tied)
 
@@ -302,7 +302,7 @@ def _tensor_scan(slices, params: dict[str, Any], sample=None) -> dict[str, Any]:
         for job in slices():
             deltas = task_vectors(job)
             if trim is not None:
-                _trim_slices_(deltas, trim)
+                _trim_slices_(deltas, trim, trim.next_limits())
             summed = deltas.sum(0)
             total, votes = total + float(summed.double().sum()), votes + float(summed.sign().sum())
         context["zero_sign"] = _fallback(total, votes, rule)
@@ -361,9 +361,10 @@ def _band_of(t: torch.Tensor, base: torch.Tensor, k: int, n: int) -> tuple[float
     return low, high
 
 
-def _trim_slices_(deltas: torch.Tensor, trim: SliceTrim) -> None:
-    """Trim one slice's task vectors (in place) with `trim`'s next limits."""
-    for i, (d, limit) in enumerate(zip(deltas, trim.next_limits())):
+def _trim_slices_(deltas: torch.Tensor, trim: SliceTrim, limits: list[float | None]) -> None:
+    """Trim one slice's task vectors in place by the limits `trim.next_limits()` gave for it; where a limit
+    is None, by index order (counting down the ties the tensor still keeps)."""
+    for i, (d, limit) in enumerate(zip(deltas, limits)):
         if limit is None:
             trim_slice_(d, trim.thresholds[i], trim.ties_left, i)
         else:
@@ -398,11 +399,8 @@ def ties(job: TensorJob) -> torch.Tensor:
             if merged is not None:
                 return merged
         deltas = task_vectors(job)
-        for i, (d, limit) in enumerate(zip(deltas, limits)):
-            if limit is None:  # (counts down the ties this tensor still keeps)
-                trim_slice_(d, trim.thresholds[i], trim.ties_left, i)
-            else:
-                d.mul_(d.abs() > limit)
+        if trim is not None:
+            _trim_slices_(deltas, trim, limits)
         return _combined(job, deltas, context["zero_sign"], compiled)
     if params["scope"] == "tensor":
         # The stacked task vectors are trimmed and averaged in place: on a large embedding matrix every
