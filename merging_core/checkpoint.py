@@ -42,13 +42,19 @@ class Checkpoint:
     infos: dict[str, ParamInfo]  # canonical -> group / role / layer
     adapter: Adapter | None = None  # the family's adapter (generic for a family without one)
 
-    def get(self, name: str, start: int = 0, stop: int | None = None, *, pin: bool = False) -> torch.Tensor:
+    def get(self, name: str, start: int = 0, stop: int | None = None, *, pin: bool = False,
+            mapped: bool = False) -> torch.Tensor:
         """Parameter `name`, or the flat slice [start, stop) of its elements; `pin`: in page-locked memory,
-        for a fast copy to the GPU."""
-        return self.reader.get(self.names[name], start, stop, pin=pin)
+        for a fast copy to the GPU; `mapped`: where it comes from a file, a view of the file's cached pages
+        rather than a copy (for kernels that only read it)."""
+        return self.reader.get(self.names[name], start, stop, pin=pin, mapped=mapped)
 
     def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return self.reader.meta(self.names[name])
+
+    def prefetch(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Start reading what `get(name, start, stop)` will read, without waiting for it."""
+        self.reader.prefetch(self.names[name], start, stop)
 
     @property
     def tokenizer(self):

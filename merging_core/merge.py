@@ -36,6 +36,7 @@ import math
 import shutil
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -55,7 +56,7 @@ from .progress import ProgressFn, scaled, track
 from .spec import MergeSpec
 from .stats import load_stats, settings_of, statistics
 from .tasks import get_task
-from .tensorio import OUTPUT_DTYPES, SHARD_SIZE, ShardedWriter, read_ahead
+from .tensorio import OUTPUT_DTYPES, SHARD_SIZE, ShardedWriter, read_ahead, write_behind
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,7 +227,10 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
                            lambda: _method_sample(work, device))
         context = method.prepare(whole, params)
     if fused.wanted(device, len(work.models) * sum(math.prod(_meta(work, n)[1]) for n in _method_names(work))):
-        context = {**context, "fused": True}  # compiled kernels (TIES), where the merge is large enough to repay
+        # compiled kernels (TIES), where the merge is large enough to repay; they read the inputs as stored
+        # and write the output's dtype
+        context = {**context, "fused": True, "raw_inputs": method.raw_inputs,
+                   "out_dtype": OUTPUT_DTYPES[spec.dtype] if spec.dtype else None}
 
     merged_progress = scaled(progress, 0.5 if kinds else 0.0, 0.95, "merging: ")
     report: dict[str, dict] = {}
@@ -338,7 +342,7 @@ def _method_names(plan: Plan) -> list[str]:
 CHUNK = 1 << 21  # elements: the largest slice of one tensor an elementwise merge holds per input (8 MB in fp32)
 WHOLE = 1 << 22  # elements: the largest tensor a method that scans (SLERP, TIES per tensor) takes whole (16 MB)
 SAMPLE = 1 << 16  # elements: the head of each parameter `WholeModel.sample` reads
-SCAN_BLOCKS, SCAN_BLOCK = 16, 1 << 14  # the sample of a large tensor a scan may use: 16 blocks of 16,384 values
+SCAN_BLOCKS, SCAN_BLOCK = 256, 1 << 10  # the sample of a large tensor a scan may use: 256 blocks of 1,024 values
 
 
 @dataclass(frozen=True)
@@ -388,15 +392,18 @@ class Inputs:
     base: torch.Tensor | None
 
 
-def _reader(plan: Plan, device: torch.device):
+def _reader(plan: Plan, device: torch.device, raw: bool = False):
     """The function that reads one piece of every input; on the reader thread (`read_ahead`). On the CPU
-    it also converts to float32; for the GPU it leaves the values in page-locked memory, to be copied."""
-    gpu = device.type == "cuda"
+    it also converts to float32, unless `raw` (a method that converts inside its compiled kernels): those
+    read the file's cached pages in place, bf16 as stored, with no copy at all. For the GPU it leaves the
+    values in page-locked memory, to be copied."""
+    keep = raw or device.type == "cuda"
+    mapped = raw and device.type == "cpu"
 
     def read(piece: Piece) -> Inputs:
         def get(model: Checkpoint) -> torch.Tensor:
-            t = model.get(piece.name, piece.start, piece.stop, pin=gpu)
-            return t.to(torch.float32) if not gpu and t.dtype.is_floating_point else t
+            t = model.get(piece.name, piece.start, piece.stop, pin=device.type == "cuda", mapped=mapped)
+            return t if keep or not t.dtype.is_floating_point else t.to(torch.float32)
 
         base = plan.base if plan.base is not None and piece.name in plan.base.names else None
         return Inputs([get(plan.models[i]) for i in _holders(plan, piece.name)], get(base) if base else None)
@@ -404,6 +411,11 @@ def _reader(plan: Plan, device: torch.device):
 
 
 def _on_device(inputs: Inputs, device: torch.device) -> Inputs:
+    """The inputs on the merge's device; a GPU gets them in float32 (on the CPU the reader converted them,
+    or left them raw on purpose)."""
+    if device.type == "cpu":
+        return inputs
+
     def move(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, non_blocking=True).to(torch.float32) if t.dtype.is_floating_point else t
     return Inputs([move(t) for t in inputs.tensors], move(inputs.base) if inputs.base is not None else None)
@@ -437,22 +449,32 @@ def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats
     """(name, merged values) for every parameter in order, on the CPU: a whole tensor, or consecutive flat
     slices of a large one when the merge is elementwise there. Reading runs one piece ahead."""
     pieces = list(_pieces(plan, names))
-    read = _reader(plan, device)
+    read = _reader(plan, device, raw=context.get("raw_inputs", False))
     scanned: dict = {}  # what the method's scan of the current large tensor found
-    for piece, inputs in track(read_ahead(pieces, read), len(pieces), what, progress):
-        here = context
-        if piece.stop is not None and _needs_scan(plan, piece.name):
-            if piece.start == 0:
-                def slices(name: str = piece.name) -> Iterator[TensorJob]:
-                    return _slice_jobs(plan, name, read, weights, context, seed, device)
-                def sample(name: str = piece.name) -> tuple[TensorJob, int]:
-                    return _sample_job(plan, name, read, weights, context, seed, device)
-                scanned = plan.method.scanner(plan.params)(slices, plan.params, sample)
-            here = {**context, **scanned}
-        merged = _merge_piece(plan, piece, _on_device(inputs, device), weights, stats, here, report, seed)
-        del inputs  # before the next piece is read: at most two pieces' inputs in memory
-        yield piece.name, merged
-        del merged
+    threads = torch.get_num_threads()
+    if context.get("fused"):  # one core for the reading, prefetching and writing threads: idle OpenMP workers spin
+        torch.set_num_threads(max(1, threads - 1))
+    ahead = _Lookahead(plan, [name for name in names if _meta(plan, name)[0].is_floating_point
+                              and _needs_scan(plan, name) and _sliced(plan, name, math.prod(_meta(plan, name)[1]))])
+    try:
+        for piece, inputs in track(read_ahead(pieces, read), len(pieces), what, progress):
+            here = context
+            if piece.stop is not None and _needs_scan(plan, piece.name):
+                if piece.start == 0:
+                    def slices(name: str = piece.name) -> Iterator[TensorJob]:
+                        return _slice_jobs(plan, name, read, weights, context, seed, device)
+                    def sample(name: str = piece.name) -> tuple[TensorJob, int]:
+                        return _sample_job(plan, name, read, weights, context, seed, device)
+                    ahead.reached(piece.name)  # the disk reads the next tensors while this one is scanned, merged
+                    scanned = plan.method.scanner(plan.params)(slices, plan.params, sample)
+                here = {**context, **scanned}
+            merged = _merge_piece(plan, piece, _on_device(inputs, device), weights, stats, here, report, seed)
+            del inputs  # before the next piece is read: at most two pieces' inputs in memory
+            yield piece.name, merged
+            del merged
+    finally:
+        ahead.close()
+        torch.set_num_threads(threads)
 
 
 def _slice_jobs(plan: Plan, name: str, read, weights: torch.Tensor, context: dict, seed: int, device
@@ -465,14 +487,52 @@ def _slice_jobs(plan: Plan, name: str, read, weights: torch.Tensor, context: dic
 def _sample_job(plan: Plan, name: str, read, weights: torch.Tensor, context: dict, seed: int, device
                 ) -> tuple[TensorJob, int]:
     """A TensorJob of `SCAN_BLOCKS` blocks spread evenly over one large parameter (a sample of its values
-    that a scan may estimate from), and the parameter's size."""
+    that a scan may estimate from), and the parameter's size. Many short blocks: a weight matrix's task
+    vector varies from row to row, and a few long blocks (a few rows) can misplace its quantiles by 10%."""
     numel = math.prod(_meta(plan, name)[1])
     step = numel // SCAN_BLOCKS
     pieces = [Piece(name, i * step, i * step + min(SCAN_BLOCK, step)) for i in range(SCAN_BLOCKS)]
-    parts = [inputs for _, inputs in _read_pieces(plan, pieces, device, read)]
+    parts = [_on_device(read(piece), device) for piece in pieces]  # (small reads: cheaper here than on a thread)
     tensors = [torch.cat([part.tensors[m] for part in parts]) for m in range(len(parts[0].tensors))]
     base = torch.cat([part.base for part in parts]) if parts[0].base is not None else None
     return _job(plan, name, tensors, base, weights, context, seed), numel
+
+
+LOOKAHEAD = 1 << 29  # bytes of input the prefetch thread may read ahead of the merge (more evicts pages before use)
+
+
+class _Lookahead:
+    """Reads the inputs of the large tensors ahead of a merge that scans them (two passes over each, the
+    second from memory), on a thread, into the page cache: the disk works while the CPU merges. At most
+    `LOOKAHEAD` bytes ahead, so that nothing is evicted before it is used."""
+
+    def __init__(self, plan: Plan, names: list[str]):
+        self.plan, self.queue, self.sizes = plan, list(names), {}
+        inputs = [*plan.models, *([plan.base] if plan.base is not None else [])]
+        for name in names:
+            self.sizes[name] = sum(m.meta(name)[0].itemsize * math.prod(m.meta(name)[1])
+                                   for m in inputs if name in m.names)
+        self.sent: list[str] = []
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mergelab-prefetch")
+
+    def reached(self, name: str) -> None:
+        """The merge is at tensor `name`: send what follows it, up to the lookahead."""
+        for passed in (self.sent, self.queue):
+            if name in passed:
+                del passed[:passed.index(name) + 1]
+        while self.queue and sum(self.sizes[n] for n in self.sent) < LOOKAHEAD:
+            following = self.queue.pop(0)
+            self.sent.append(following)
+            self.pool.submit(self._read, following)  # (a hint: its errors are ignored)
+
+    def _read(self, name: str) -> None:
+        for i in _holders(self.plan, name):
+            self.plan.models[i].prefetch(name)
+        if self.plan.base is not None and name in self.plan.base.names:
+            self.plan.base.prefetch(name)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _job(plan: Plan, name: str, tensors: list[torch.Tensor], base: torch.Tensor | None, weights: torch.Tensor,
@@ -498,7 +558,7 @@ def _merge_piece(plan: Plan, piece: Piece, inputs: Inputs, weights: torch.Tensor
         if plan.fallback == "first" and holders[0] == 0:
             merged = tensors[0]
         else:
-            merged = _average(tensors)
+            merged = _average([t.float() for t in tensors])  # (raw inputs, see `_reader`)
     else:
         job = _job(plan, name, tensors, base, weights, context, seed, stats)
         merged = plan.method.merge_tensor(job)
@@ -583,9 +643,7 @@ def _write(folder: Path, plan: Plan, tensors: Iterator[tuple[str, torch.Tensor]]
         names = {n: first.names.get(n) or _prefixed(first, n) for n in plan.encoder}
     layout = {names[n]: (_out_dtype(plan, n, dtype), _meta(plan, n)[1]) for n in plan.encoder}
     with ShardedWriter(folder, layout, shard_size, {"format": "pt"}) as writer:
-        for name, tensor in tensors:
-            writer.write(names[name], tensor)
-            del tensor
+        write_behind(lambda name, tensor: writer.write(names[name], tensor), tensors)
     changes = {"architectures": architectures}
     if dtype:
         written = str(OUTPUT_DTYPES[dtype]).removeprefix("torch.")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -68,7 +69,10 @@ def check_safetensors(files: list[Path], what: str = "") -> None:
 
 
 def element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
+
+
+MAPPED_MIN = 1 << 20  # bytes: a `mapped` read smaller than this is copied (a mapping costs more than the copy)
 
 
 class SafetensorsFile:
@@ -116,23 +120,57 @@ class SafetensorsFile:
         dtype, shape, _ = self.entries[key]
         return dtype, shape
 
-    def get(self, key: str, start: int = 0, stop: int | None = None, *, pin: bool = False) -> torch.Tensor:
-        """Tensor `key`, or (with `start`/`stop`) the flat slice [start, stop) of its elements."""
+    def get(self, key: str, start: int = 0, stop: int | None = None, *, pin: bool = False,
+            mapped: bool = False) -> torch.Tensor:
+        """Tensor `key`, or (with `start`/`stop`) the flat slice [start, stop) of its elements: read into a
+        buffer of its own (page-locked with `pin`), or with `mapped` a view of the file's pages in the page
+        cache, copied by nobody (a private mapping: a write to the tensor copies the page, never reaches the
+        file; the mapping goes when the tensor does)."""
         dtype, shape, offset = self.entries[key]
         numel = math.prod(shape)
         whole = start == 0 and stop in (None, numel)
         stop = numel if stop is None else stop
         size = element_size(dtype)
-        buffer = torch.empty((stop - start) * size, dtype=torch.uint8, pin_memory=pin)
-        view, done, position = memoryview(buffer.numpy()), 0, offset + start * size
+        position, length = offset + start * size, (stop - start) * size
+        if mapped and length >= MAPPED_MIN and not pin:
+            if os.fstat(self._fd).st_size < position + length:  # (a mapping would crash the process instead)
+                raise self._truncated(key)
+            aligned = position - position % mmap.ALLOCATIONGRANULARITY
+            pages = mmap.mmap(self._fd, position + length - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+            flat = torch.frombuffer(pages, dtype=dtype, count=stop - start, offset=position - aligned)
+            return flat.view(shape) if whole else flat
+        buffer = torch.empty(length, dtype=torch.uint8, pin_memory=pin)
+        view, done = memoryview(buffer.numpy()), 0
         while done < len(view):
             read = os.preadv(self._fd, [view[done:]], position + done)
             if read <= 0:
-                raise MergeLabError(f"{self.path} ended while reading {key}; the file changed or is truncated: "
-                                    "re-download or re-export it")
+                raise self._truncated(key)
             done += read
         flat = buffer.view(dtype)
         return flat.view(shape) if whole else flat
+
+    def _truncated(self, key: str) -> MergeLabError:
+        return MergeLabError(f"{self.path} ended while reading {key}; the file changed or is truncated: "
+                             "re-download or re-export it")
+
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        """Bring the flat slice [start, stop) of tensor `key` into the page cache, waiting for the disk but
+        copying nothing into this process (the kernel sends the pages to /dev/null): run on a thread ahead
+        of the reads, it keeps the disk busy while the CPU merges. (`posix_fadvise` would not wait, and
+        reads only the first few hundred KB of a range.) A no-op where `sendfile` cannot do that."""
+        dtype, shape, offset = self.entries[key]
+        stop = math.prod(shape) if stop is None else stop
+        position, length = offset + start * dtype.itemsize, (stop - start) * dtype.itemsize
+        try:
+            with open(os.devnull, "wb") as sink:
+                done = 0
+                while done < length:
+                    sent = os.sendfile(sink.fileno(), self._fd, position + done, length - done)
+                    if sent <= 0:
+                        break
+                    done += sent
+        except (OSError, AttributeError):  # (Windows; macOS sends to sockets only): the reads just wait
+            pass
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -209,8 +247,12 @@ class LazyFiles:
         """The number of values the files hold, from their headers: no tensor is read."""
         return sum(math.prod(self.meta(key)[1]) for key in self._where)
 
-    def get(self, key: str, start: int = 0, stop: int | None = None, *, pin: bool = False) -> torch.Tensor:
-        return self._where[key].get(key, start, stop, pin=pin)
+    def get(self, key: str, start: int = 0, stop: int | None = None, *, pin: bool = False,
+            mapped: bool = False) -> torch.Tensor:
+        return self._where[key].get(key, start, stop, pin=pin, mapped=mapped)
+
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        self._where[key].prefetch(key, start, stop)
 
 
 Item = TypeVar("Item")
@@ -243,6 +285,22 @@ def read_ahead(items: Iterable[Item], load: Callable[[Item], Loaded], depth: int
                 future.cancel()
 
 
+def write_behind(write: Callable[[str, torch.Tensor], None], items: Iterable[tuple[str, torch.Tensor]],
+                 depth: int = 1) -> None:
+    """`write(name, tensor)` for every item, in order, on a writer thread while the caller computes the
+    next items: copying a merge's output into the page cache overlaps its math. At most `depth` items wait
+    to be written; the first error is raised here."""
+    with ThreadPoolExecutor(1, thread_name_prefix="mergelab-write") as pool:
+        pending: deque = deque()
+        for name, tensor in items:
+            pending.append(pool.submit(write, name, tensor))
+            del tensor
+            while len(pending) > depth:
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+
+
 def model_files(folder: Path, what: str = "") -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a model folder and, when it is sharded, its index's weight map."""
     if (folder / INDEX).is_file():
@@ -263,9 +321,13 @@ class InMemory:
         t = self._state[key]
         return t.dtype, tuple(t.shape)
 
-    def get(self, key: str, start: int = 0, stop: int | None = None, *, pin: bool = False) -> torch.Tensor:
+    def get(self, key: str, start: int = 0, stop: int | None = None, *, pin: bool = False,
+            mapped: bool = False) -> torch.Tensor:
         t = self._state[key]
         return t if start == 0 and stop in (None, t.numel()) else t.reshape(-1)[start:stop]
+
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        """(In memory already.)"""
 
 
 class StreamingWriter:

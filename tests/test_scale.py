@@ -26,6 +26,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import merging_core as ml
+from merging_core import tensorio
 from merging_core.errors import MergeLabError
 from merging_core.merge import merge
 from merging_core.methods import WholeModel, ties_dare
@@ -451,6 +452,92 @@ def test_sliced_tensor_trim_keeps_exactly_k():
     assert kept.tolist() == [0.5, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.75]
 
 
+@pytest.mark.parametrize("left", [1, 5, 17, 40])
+def test_slice_split_where_the_kept_ties_run_out(monkeypatch, left):
+    """A slice whose tied entries are kept only up to a point is cut there: the ranges' plain limits keep
+    exactly what the index-order trim keeps, with the tie count carried on, found block by block."""
+    from merging_core.methods import TensorJob
+    from merging_core.methods.ties_dare import SliceTrim, _slice_ranges, _trim_ranges_, trim_slice_
+
+    monkeypatch.setattr(ties_dare, "TIE_SCAN", 7)  # several blocks in one slice
+    generator = torch.Generator().manual_seed(4)
+    base = torch.zeros(2, 50)
+    tensors = [(torch.randint(-3, 4, (2, 50), generator=generator) * 0.25).float() for _ in range(2)]
+    tied = [int(((t - base).abs() == 0.5).sum()) for t in tensors]
+    trim = SliceTrim([0.5, 0.5], [left, tied[1] + 5], tied=[[tied[0]], [tied[1]]])  # (model 1: every tie kept)
+    job = TensorJob(name="p", info=None, tensors=tensors, weights=torch.ones(2), params={}, base=base)
+    ranges = _slice_ranges(job, trim)
+    trimmed = _trim_ranges_(torch.stack([t - base for t in tensors]), ranges)
+    expected_left = [left]
+    expected = trim_slice_((tensors[0] - base).clone(), 0.5, expected_left, 0)
+    assert torch.equal(trimmed[0], expected) and trim.ties_left == [expected_left[0], 5]
+    assert torch.equal(trimmed[1], (tensors[1] - base) * ((tensors[1] - base).abs() >= 0.5))
+    assert len(ranges) == (1 if left >= tied[0] else 2)
+
+
+def test_mapped_reads_equal_copied_reads_and_never_write_the_file(tmp_path):
+    """A `mapped` read gives the values a copied read gives (whole tensors and slices, small ones copied);
+    writing into it changes the tensor, not the file."""
+    from merging_core.tensorio import SafetensorsFile
+
+    state = {"big": torch.randn(1 << 19).bfloat16(), "small": torch.randn(100)}
+    save_file(state, tmp_path / "m.safetensors")
+    before = (tmp_path / "m.safetensors").read_bytes()
+    reader = SafetensorsFile(tmp_path / "m.safetensors")
+    for key, (start, stop) in [("big", (0, None)), ("big", (1000, 400_000)), ("small", (3, 50))]:
+        mapped = reader.get(key, start, stop, mapped=True)
+        assert torch.equal(mapped, reader.get(key, start, stop)), key
+        mapped.add_(1)
+    reader.prefetch("big", 10, 20_000)  # (a hint: the page cache, nothing to see)
+    assert (tmp_path / "m.safetensors").read_bytes() == before
+    assert torch.equal(reader.get("big"), state["big"])
+
+
+def test_write_behind_keeps_order_and_raises_the_writers_error():
+    """The writer thread writes in order, and its failure (a full disk) is raised to the merge."""
+    from merging_core.tensorio import write_behind
+
+    written = []
+    write_behind(lambda name, t: written.append((name, int(t))), ((str(i), torch.tensor(i)) for i in range(20)))
+    assert written == [(str(i), i) for i in range(20)]
+
+    def fails(name, tensor):
+        if name == "3":
+            raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space"):
+        write_behind(fails, ((str(i), torch.tensor(i)) for i in range(10)))
+
+
+def test_lookahead_reads_ahead_within_its_budget(monkeypatch):
+    """The prefetch thread is sent the tensors after the one the merge reached, up to `LOOKAHEAD` bytes
+    ahead, each once."""
+    sent = []
+
+    class Model:
+        def __init__(self):
+            self.names = {f"t{i}": f"t{i}" for i in range(6)}
+
+        def meta(self, name):
+            return torch.bfloat16, (1000,)  # 2000 bytes a model
+
+        def prefetch(self, name, *_):
+            sent.append(name)
+
+    plan = type("Plan", (), {"models": [Model()], "base": None})()
+    monkeypatch.setattr(engine, "_holders", lambda plan_, name: [0])
+    monkeypatch.setattr(engine, "LOOKAHEAD", 4000)
+    ahead = engine._Lookahead(plan, [f"t{i}" for i in range(6)])
+    ahead.pool.shutdown()
+    ahead.pool = type("Now", (), {"submit": lambda self, fn, *args: fn(*args), "shutdown": lambda self, **_: None})()
+    ahead.reached("t0")
+    assert sent == ["t1", "t2"]  # 4000 bytes ahead
+    ahead.reached("t1")
+    assert sent == ["t1", "t2", "t3"]
+    ahead.reached("t3")
+    ahead.close()
+    assert sent == ["t1", "t2", "t3", "t4", "t5"]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method,params", METHODS, ids=[f"{m}-{'-'.join(map(str, p.values()))}" for m, p in METHODS])
 def test_gpu_streamed_merge_matches_the_cpu(llamas, monkeypatch, tmp_path, method, params):
@@ -487,6 +574,7 @@ def test_compiled_ties_equals_eager(llamas, monkeypatch, params):
     real = fused._call
     monkeypatch.setattr(fused, "_call", lambda name, *a: calls.append(name) or real(name, *a))
     monkeypatch.setattr(fused, "MIN_VALUES", 0)
+    monkeypatch.setattr(tensorio, "MAPPED_MIN", 0)  # every slice read in place, bf16, as a large merge reads it
     compiled = run(llamas["single"], "ties", params)
     # (a whole tensor whose zero-sign rule needs its trimmed total first stays eager)
     whole_total = params.get("scope") == "tensor" and params.get("zero_sign") == "total" and "tie_break" not in params
@@ -542,7 +630,8 @@ def slice_jobs(models, bases, chunk: int):
 @pytest.mark.parametrize("tied", [False, True])
 def test_band_selection_is_exact_in_one_pass(density, tied):
     """The scan of one large tensor finds from a spread sample and one pass the radix selection's exact
-    threshold and tie count per model, and how many tied entries each slice holds."""
+    threshold and tie count per model, and how many tied entries each slice holds (two passes where the
+    sample holds a wide tie that turns out not to be the threshold: a counting pass refutes it first)."""
     from merging_core.methods.ties_dare import band_select
 
     generator = torch.Generator().manual_seed(7)
@@ -555,13 +644,55 @@ def test_band_selection_is_exact_in_one_pass(density, tied):
     reads = []
     counted = lambda: reads.append(1) or slices()  # noqa: E731
     trim = band_select(counted, density, spread_sample(models, [base], blocks=16, block=1000))
-    assert trim is not None and len(reads) == 1
+    assert trim is not None and len(reads) <= 2
     thresholds, _, tied_left = streamed_thresholds(fake_model(models, [base], chunk=7000), density)
     assert trim.thresholds == thresholds and trim.ties_left == tied_left
     for i, t in enumerate(models[0]):
         magnitude = (t - base).flatten()
         per_slice = [int((part.abs() == thresholds[i]).sum()) for part in magnitude.split(7000)]
         assert trim.tied[i] == per_slice
+
+
+def bf16_task_vectors(seed: int, shape=(300, 400)):
+    """A bf16 base and two fine-tunes of it, as a hub checkpoint holds them: |τ| is a small multiple of the
+    base weights' spacing, so thousands of entries share each magnitude."""
+    generator = torch.Generator().manual_seed(seed)
+    base = (0.02 * torch.randn(shape, generator=generator)).bfloat16().float()
+    return base, [(base + 0.0002 * torch.randn(shape, generator=generator)).bfloat16().float() for _ in range(2)]
+
+
+@pytest.mark.parametrize("density", [0.2, 0.6])
+def test_tied_threshold_is_proven_by_one_counting_pass(monkeypatch, density):
+    """On bf16 task vectors the sample's value at rank k is the threshold, and one pass that only counts
+    (no band of magnitudes kept) proves it: the radix selection's threshold, tie count and per-slice ties."""
+    from merging_core.methods import fused
+    from merging_core.methods.ties_dare import band_select
+
+    base, tensors = bf16_task_vectors(9)
+    monkeypatch.setattr(fused, "band", lambda *a, **k: pytest.fail("the band pass ran"))
+    slices = slice_jobs([tensors], [base], chunk=7000)
+    reads = []
+    trim = band_select(lambda: reads.append(1) or slices(), density,
+                       spread_sample([tensors], [base], blocks=256, block=64))
+    thresholds, _, tied_left = streamed_thresholds(fake_model([tensors], [base], chunk=7000), density)
+    assert len(reads) == 1 and trim.thresholds == thresholds and trim.ties_left == tied_left
+    assert trim.tied == [[int(((t - base).flatten()[i:i + 7000].abs() == thresholds[m]).sum())
+                          for i in range(0, base.numel(), 7000)] for m, t in enumerate(tensors)]
+
+
+def test_counting_pass_refutes_a_wrong_guess():
+    """A guessed threshold one step off the k-th largest is refused (no trim), the right one accepted."""
+    from merging_core.methods.ties_dare import tie_select
+
+    base, tensors = bf16_task_vectors(10)
+    slices = slice_jobs([tensors], [base], chunk=7000)
+    k = int(0.2 * base.numel())
+    thresholds, _, tied_left = streamed_thresholds(fake_model([tensors], [base], chunk=7000), 0.2)
+    magnitudes = [(t - base).abs().flatten() for t in tensors]
+    next_up = [float(m[m > v].min()) for m, v in zip(magnitudes, thresholds)]
+    assert tie_select(slices, k, next_up) is None
+    assert tie_select(slices, k, [thresholds[0], next_up[1]]) is None
+    assert tie_select(slices, k, thresholds).ties_left == tied_left
 
 
 def test_band_selection_gives_way_when_the_sample_misleads():

@@ -34,7 +34,7 @@ class TensorJob:
 
     name: str  # canonical name (wrapper prefixes stripped)
     info: ParamInfo
-    tensors: list[torch.Tensor]  # one per input model, float32 (float64 for solves), on the merge device
+    tensors: list[torch.Tensor]  # one per input model, float32 (float64 for solves; see `Method.raw_inputs`)
     weights: torch.Tensor  # model weights c_i, summing to 1
     params: dict[str, Any]
     base: torch.Tensor | None = None
@@ -92,6 +92,10 @@ class Method:
     # the whole tensor. Used for tensors too large to hold whole (`merge.WHOLE`).
     scan: Callable[[dict[str, Any]], Callable[[Callable[[], Iterator[TensorJob]], dict[str, Any]],
                                               dict[str, Any]] | None] | None = None
+    # Whether `merge_tensor` and `scan` take the inputs in their stored dtype (bf16, fp16) when the merge uses
+    # compiled kernels (`context["fused"]`), which convert each value as they read it; the method converts
+    # where it computes eagerly. Otherwise a job's tensors are float32.
+    raw_inputs: bool = False
     doc: str = ""
     # Parameters under which merging one model (or N copies of it) returns that model: the values the
     # invariant tests use, declared by the method itself.

@@ -50,10 +50,13 @@ def failure() -> str | None:
 
 def _ties_combine(base: torch.Tensor, tensors: list[torch.Tensor], limits: torch.Tensor, lam: torch.Tensor,
                   fallback: torch.Tensor) -> torch.Tensor:
-    """θ_pre + λ · disjoint mean of the trimmed task vectors: the eager `ties_dare.ties` step by step."""
+    """θ_pre + λ · disjoint mean of the trimmed task vectors: the eager `ties_dare.ties` step by step. The
+    inputs may be bf16 or fp16 (each value converted to float32 as it is read, as the eager code's reader
+    converts it)."""
+    base = base.float()
     deltas = []
     for i, t in enumerate(tensors):
-        delta = t - base
+        delta = t.float() - base
         deltas.append(delta * (delta.abs() > limits[i]))  # trim: keep |τ| > limit (a product, as eagerly)
     return _disjoint(base, deltas, lam, fallback)
 
@@ -66,12 +69,12 @@ def _disjoint(base: torch.Tensor, deltas: list[torch.Tensor], lam: torch.Tensor,
         total = total + delta
     elected = torch.where(total == 0, fallback, total.sign())
     agreeing = [delta * elected for delta in deltas]
-    count = (agreeing[0] > 0).to(base.dtype)
+    count = (agreeing[0] > 0).to(total.dtype)
     kept = agreeing[0].clamp_min(0)
     for delta in agreeing[1:]:
-        count = count + (delta > 0).to(base.dtype)
+        count = count + (delta > 0).to(total.dtype)
         kept = kept + delta.clamp_min(0)
-    return (kept * elected / count.clamp_min(1)) * lam + base
+    return (kept * elected / count.clamp_min(1)) * lam + base.float()
 
 
 def _band(t: torch.Tensor, base: torch.Tensor, low: torch.Tensor, high: torch.Tensor
@@ -79,8 +82,18 @@ def _band(t: torch.Tensor, base: torch.Tensor, low: torch.Tensor, high: torch.Te
     """How many entries of one slice have |τ| above `high`, and |τ| where it lies in [low, high], −1
     elsewhere (one output: a compiled loop writing a mask and the magnitudes separately is several
     times slower)."""
-    magnitude = (t - base).abs()
+    magnitude = (t.float() - base.float()).abs()
     return (magnitude > high).sum(), torch.where((magnitude >= low) & (magnitude <= high), magnitude, -1.0)
+
+
+def _tie_counts(base: torch.Tensor, tensors: list[torch.Tensor], values: torch.Tensor) -> list[torch.Tensor]:
+    """Per model i, how many entries of one slice have |τ_i| above `values[i]`, and how many equal it."""
+    base = base.float()
+    counts = []
+    for i, t in enumerate(tensors):
+        magnitude = (t.float() - base).abs()
+        counts += [(magnitude > values[i]).sum(), (magnitude == values[i]).sum()]
+    return counts
 
 
 def _kernel(name: str, fn):
@@ -102,16 +115,27 @@ def _call(name: str, fn, *args):
         return None
 
 
+def _ties_combine_to(base: torch.Tensor, tensors: list[torch.Tensor], limits: torch.Tensor, lam: torch.Tensor,
+                     fallback: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`_ties_combine` rounded to the output's dtype in the same loop (as `.to(dtype)` rounds it after)."""
+    return _ties_combine(base, tensors, limits, lam, fallback).to(dtype)
+
+
 def ties_combine(base: torch.Tensor, tensors: list[torch.Tensor], limits: list[float], lam: float,
-                 fallback: float, compiled: bool = True) -> torch.Tensor | None:
+                 fallback: float, compiled: bool = True, dtype: torch.dtype = torch.float32
+                 ) -> torch.Tensor | None:
     """TIES's merge of one tensor or slice: each task vector trimmed to the entries with |τ_i| > limits[i]
     (−inf: no trim), the sign elected (`fallback` where the sum is 0), the disjoint mean scaled by λ and
-    added to the base. Compiled, or the same expression eagerly (`compiled=False`); None when compiling
-    failed."""
+    added to the base; in `dtype` (the output's: a bf16 output is written by the loop, half the bytes of
+    float32, with no conversion pass after it). Compiled, or the same expression eagerly
+    (`compiled=False`); None when compiling failed."""
     shape = base.shape
-    args = (base.flatten(), [t.flatten() for t in tensors], torch.tensor(limits, dtype=base.dtype),
-            torch.tensor(lam, dtype=base.dtype), torch.tensor(fallback, dtype=base.dtype))
-    merged = _call("ties", _ties_combine, *args) if compiled else _ties_combine(*args)
+    args = (base.flatten(), [t.flatten() for t in tensors], torch.tensor(limits, dtype=torch.float32),
+            torch.tensor(lam, dtype=torch.float32), torch.tensor(fallback, dtype=torch.float32))
+    if dtype == torch.float32:
+        merged = _call("ties", _ties_combine, *args) if compiled else _ties_combine(*args)
+    else:
+        merged = _call("ties_to", _ties_combine_to, *args, dtype) if compiled else _ties_combine_to(*args, dtype)
     return None if merged is None else merged.view(shape)
 
 
@@ -120,7 +144,7 @@ def ties_disjoint(base: torch.Tensor, deltas: torch.Tensor, lam: float, fallback
     base. Compiled; None when compiling failed."""
     shape = base.shape
     merged = _call("disjoint", _disjoint, base.flatten(), [d.flatten() for d in deltas],
-                   torch.tensor(lam, dtype=base.dtype), torch.tensor(fallback, dtype=base.dtype))
+                   torch.tensor(lam, dtype=torch.float32), torch.tensor(fallback, dtype=torch.float32))
     return None if merged is None else merged.view(shape)
 
 
@@ -128,7 +152,8 @@ def band(t: torch.Tensor, base: torch.Tensor, low: float, high: float, compiled:
          ) -> tuple[int, torch.Tensor] | None:
     """For the selection of a tensor's threshold: how many entries of one slice have |τ| above `high`, and
     the values of |τ| that lie in [low, high]. None when compiling failed."""
-    args = (t.flatten(), base.flatten(), torch.tensor(low, dtype=t.dtype), torch.tensor(high, dtype=t.dtype))
+    args = (t.flatten(), base.flatten(), torch.tensor(low, dtype=torch.float32),
+            torch.tensor(high, dtype=torch.float32))
     found = _call("band", _band, *args) if compiled else _band(*args)
     if found is None:
         return None
@@ -137,3 +162,15 @@ def band(t: torch.Tensor, base: torch.Tensor, low: float, high: float, compiled:
         return int(count), banded[banded >= 0]
     values = banded.numpy()  # NumPy compacts a boolean selection ~10x faster than torch on the CPU
     return int(count), torch.from_numpy(values[values >= 0])
+
+
+def tie_counts(base: torch.Tensor, tensors: list[torch.Tensor], values: list[float], compiled: bool = True
+               ) -> list[tuple[int, int]] | None:
+    """Per model i, how many entries of one slice have |τ_i| > values[i] and how many have |τ_i| == values[i]
+    (a threshold guessed where bf16 task vectors tie by the thousands: two counts decide it). None when
+    compiling failed."""
+    args = (base.flatten(), [t.flatten() for t in tensors], torch.tensor(values, dtype=torch.float32))
+    found = _call("tie_counts", _tie_counts, *args) if compiled else _tie_counts(*args)
+    if found is None:
+        return None
+    return [(int(found[2 * i]), int(found[2 * i + 1])) for i in range(len(tensors))]

@@ -34,6 +34,8 @@ merge the elementwise steps run as compiled loops (`fused`), with the same value
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -209,7 +211,7 @@ def streamed_thresholds(model: WholeModel, density: float, sample=None) -> tuple
 def _magnitude_bits(t: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A slice's task vector τ (flat), the float32 bit patterns of |τ| (which sort like the magnitudes) and
     their top 16 bits (the bucket of each entry)."""
-    delta = (t - base).flatten()
+    delta = (t.float() - base.float()).flatten()
     bits = delta.abs().view(torch.int32)
     return delta, bits, bits >> 16
 
@@ -251,8 +253,8 @@ class SliceTrim:
 
     def next_limits(self) -> list[float | None]:
         """Per model, the limit of the next slice's trim (keep |τ| > limit), or None where it keeps some
-        of the slice's tied entries and drops others (or the scan did not count them): `trim_slice_`, which
-        counts them down itself. Moves on to the following slice."""
+        of the slice's tied entries and drops others (or the scan did not count them): `_slice_ranges`
+        then finds where, and counts them down. Moves on to the following slice."""
         limits: list[float | None] = []
         for i, threshold in enumerate(self.thresholds):
             left = self.ties_left[i]
@@ -272,6 +274,7 @@ class SliceTrim:
         return SliceTrim(self.thresholds, list(self.ties_left), self.tied)
 
 
+@functools.lru_cache(maxsize=1024)
 def below(value: float) -> float:
     """The largest float32 below `value`: |τ| > below(t) is |τ| >= t."""
     return float(torch.nextafter(torch.tensor(value), torch.tensor(-math.inf)))
@@ -300,10 +303,7 @@ def _tensor_scan(slices, params: dict[str, Any], sample=None) -> dict[str, Any]:
         total = votes = 0.0
         trim = context["tensor_trim"].restarted() if context["tensor_trim"] else None
         for job in slices():
-            deltas = task_vectors(job)
-            if trim is not None:
-                _trim_slices_(deltas, trim, trim.next_limits())
-            summed = deltas.sum(0)
+            summed = _trim_ranges_(task_vectors(job), _slice_ranges(job, trim)).sum(0)
             total, votes = total + float(summed.double().sum()), votes + float(summed.sign().sum())
         context["zero_sign"] = _fallback(total, votes, rule)
     return context
@@ -317,17 +317,28 @@ def band_select(slices, density: float, sample) -> SliceTrim | None:
     places the k-th largest inside a band of magnitudes [low, high] with high probability; the pass counts
     the entries above the band and keeps the few inside it, and the k-th largest is then found among
     those. It is exact whenever the count above the band is below k and the band reaches k; otherwise
-    (or when a huge tie fills the band) it returns None, and the radix passes decide."""
+    (or when a huge tie fills the band) it returns None, and the radix passes decide.
+
+    bf16 task vectors tie by the thousands (|τ| is a small multiple of the base weights' spacing), and then
+    the value the sample puts at rank k is, most of the time, the k-th largest itself: a first pass only
+    counts the entries above it and equal to it, which proves it or not (`tie_select`), at a fraction of
+    the band's cost."""
     job, n = sample()
     k = max(1, int(density * n))
-    bands = [_band_of(t, job.base, k, n) for t in job.tensors]
-    fused_ok = job.context.get("fused", False)
+    compiled = job.context.get("fused", False)
+    magnitudes = [(t.float() - job.base.float()).abs().flatten() for t in job.tensors]
+    guesses = [_tied_guess(m, k, n) for m in magnitudes]
+    if None not in guesses:
+        trim = tie_select(slices, k, guesses, compiled)
+        if trim is not None:
+            return trim
+    bands = [_band_of(m, k, n) for m in magnitudes]
     above = [0] * len(bands)
     inside: list[list[torch.Tensor]] = [[] for _ in bands]
     held = [0] * len(bands)
     for piece in slices():
         for i, (t, (low, high)) in enumerate(zip(piece.tensors, bands)):
-            found = fused.band(t, piece.base, low, high) if fused_ok else None
+            found = fused.band(t, piece.base, low, high) if compiled else None
             count, values = found if found is not None else fused.band(t, piece.base, low, high, False)
             above[i] += count
             inside[i].append(values)
@@ -347,11 +358,38 @@ def band_select(slices, density: float, sample) -> SliceTrim | None:
     return SliceTrim(thresholds, tied_left, tied)
 
 
-def _band_of(t: torch.Tensor, base: torch.Tensor, k: int, n: int) -> tuple[float, float]:
-    """[low, high]: magnitudes between which the sample places the k-th largest |τ| of n with high
+def tie_select(slices, k: int, guesses: list[float], compiled: bool = False) -> SliceTrim | None:
+    """The trim of a large tensor whose k-th largest |τ_i| is `guesses[i]` for every model i, proven in one
+    counting pass over its slices (fewer than k entries above the guess, at least k from it up); None
+    where a guess is not the k-th largest."""
+    above = [0] * len(guesses)
+    tied: list[list[int]] = [[] for _ in guesses]
+    for piece in slices():
+        found = fused.tie_counts(piece.base, piece.tensors, guesses) if compiled else None
+        for i, (count, equal) in enumerate(found or fused.tie_counts(piece.base, piece.tensors, guesses, False)):
+            above[i] += count
+            tied[i].append(equal)
+    if not all(a < k <= a + sum(t) for a, t in zip(above, tied)):
+        return None
+    return SliceTrim(list(guesses), [k - a for a in above], tied)
+
+
+TIED = 0.002  # the share of the sample a value must hold to be tried as the threshold by counting alone
+
+
+def _tied_guess(magnitude: torch.Tensor, k: int, n: int) -> float | None:
+    """The sample's estimate of the k-th largest of n magnitudes, where the sample holds that value at
+    least `TIED` of the time (a tie wide enough to hold the true rank k, most of the time); else None."""
+    s = magnitude.numel()
+    rank = min(max(round(k * s / n), 1), s)  # from the top
+    guess = torch.kthvalue(magnitude, s - rank + 1).values
+    return float(guess) if int((magnitude == guess).sum()) >= max(16, TIED * s) else None
+
+
+def _band_of(magnitude: torch.Tensor, k: int, n: int) -> tuple[float, float]:
+    """[low, high]: magnitudes between which a sample of |τ| places the k-th largest of n with high
     probability (the sample's order statistics `BAND_SIGMAS` binomial deviations either side, and a
     margin for the sample's blocks not being independent draws)."""
-    magnitude = (t - base).abs().flatten()
     s = magnitude.numel()
     expected = k * s / n  # the k-th largest's expected rank in the sample, from the top
     margin = BAND_SIGMAS * math.sqrt(expected * (1 - k / n)) + 0.002 * s + 16
@@ -361,14 +399,52 @@ def _band_of(t: torch.Tensor, base: torch.Tensor, k: int, n: int) -> tuple[float
     return low, high
 
 
-def _trim_slices_(deltas: torch.Tensor, trim: SliceTrim, limits: list[float | None]) -> None:
-    """Trim one slice's task vectors in place by the limits `trim.next_limits()` gave for it; where a limit
-    is None, by index order (counting down the ties the tensor still keeps)."""
-    for i, (d, limit) in enumerate(zip(deltas, limits)):
-        if limit is None:
-            trim_slice_(d, trim.thresholds[i], trim.ties_left, i)
-        else:
-            d.mul_(d.abs() > limit)
+def _slice_ranges(job: TensorJob, trim: SliceTrim | None) -> list[tuple[int, int, list[float]]]:
+    """The next slice's trim as ranges [start, stop) of its flat entries with one plain limit per model
+    (keep |τ_i| > limit): the whole slice, or, where a model's kept ties run out inside it, the part up to
+    the last tied entry it keeps (a limit just below the threshold) and the part after (the threshold).
+    Counts the kept ties down."""
+    n = job.base.numel()
+    if trim is None:
+        return [(0, n, [-math.inf] * len(job.tensors))]
+    limits = trim.next_limits()
+    cuts: dict[int, int] = {}
+    for i, limit in enumerate(limits):
+        if limit is None:  # keep the first `left` entries equal to the threshold, in index order
+            cuts[i], kept = _tie_cut(job.tensors[i].flatten(), job.base.flatten(), trim.thresholds[i],
+                                     trim.ties_left[i])
+            trim.ties_left[i] -= kept
+    bounds = sorted({0, n, *cuts.values()})
+    return [(start, stop, [limit if limit is not None else
+                           below(trim.thresholds[i]) if stop <= cuts[i] else trim.thresholds[i]
+                           for i, limit in enumerate(limits)])
+            for start, stop in itertools.pairwise(bounds)]
+
+
+TIE_SCAN = 1 << 18  # entries: the block `_tie_cut` looks through at a time
+
+
+def _tie_cut(t: torch.Tensor, base: torch.Tensor, threshold: float, left: int) -> tuple[int, int]:
+    """The end of the shortest prefix of a flat slice holding `left` entries with |τ| == threshold (all of
+    it when it holds fewer), and how many it holds; looked for block by block, as it usually ends early."""
+    seen = 0
+    for start in range(0, t.numel(), TIE_SCAN):
+        tied = (t[start:start + TIE_SCAN].float() - base[start:start + TIE_SCAN].float()).abs() == threshold
+        here = int(tied.sum())
+        if seen + here >= left:
+            return start + int(torch.nonzero(tied).flatten()[left - seen - 1]) + 1, left
+        seen += here
+    return t.numel(), seen
+
+
+def _trim_ranges_(deltas: torch.Tensor, ranges: list[tuple[int, int, list[float]]]) -> torch.Tensor:
+    """Trim one slice's stacked task vectors in place by `_slice_ranges`."""
+    flat = deltas.view(len(deltas), -1)
+    for start, stop, limits in ranges:
+        for d, limit in zip(flat, limits):
+            part = d[start:stop]
+            part.mul_(part.abs() > limit)
+    return deltas
 
 
 def trim_slice_(delta: torch.Tensor, threshold: float, ties_left: list[int], i: int) -> torch.Tensor:
@@ -384,24 +460,24 @@ def trim_slice_(delta: torch.Tensor, threshold: float, ties_left: list[int], i: 
 
 
 def task_vectors(job: TensorJob) -> torch.Tensor:
-    """τ_i = θ_i − θ_pre stacked into one new tensor (the method may overwrite it)."""
-    return stack(job).sub_(job.base)
+    """τ_i = θ_i − θ_pre stacked into one new float32 tensor (the method may overwrite it); from inputs in
+    float32 or, for TIES with compiled kernels, as stored (`Method.raw_inputs`)."""
+    deltas = stack(job)
+    return (deltas if deltas.dtype in (torch.float32, torch.float64) else deltas.float()).sub_(job.base)
 
 
 def ties(job: TensorJob) -> torch.Tensor:
     params, context = job.params, job.context
     lam, compiled = params["lambda"], context.get("fused", False)
     if params["scope"] == "tensor" and "tensor_trim" in context:  # a slice of a large tensor, after its scan
-        trim = context["tensor_trim"]
-        limits = trim.next_limits() if trim is not None else [-math.inf] * len(job.tensors)
-        if compiled and None not in limits:
-            merged = fused.ties_combine(job.base, job.tensors, limits, lam, context["zero_sign"])
-            if merged is not None:
-                return merged
-        deltas = task_vectors(job)
-        if trim is not None:
-            _trim_slices_(deltas, trim, limits)
-        return _combined(job, deltas, context["zero_sign"], compiled)
+        ranges = _slice_ranges(job, context["tensor_trim"])
+        if compiled:
+            base, tensors = job.base.flatten(), [t.flatten() for t in job.tensors]
+            parts = [fused.ties_combine(base[start:stop], [t[start:stop] for t in tensors], limits, lam,
+                                        context["zero_sign"], dtype=_out_dtype(job)) for start, stop, limits in ranges]
+            if None not in parts:
+                return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(job.base.shape)
+        return _combined(job, _trim_ranges_(task_vectors(job), ranges), context["zero_sign"], compiled)
     if params["scope"] == "tensor":
         # The stacked task vectors are trimmed and averaged in place: on a large embedding matrix every
         # temporary copy of the stack is hundreds of MB.
@@ -417,7 +493,8 @@ def ties(job: TensorJob) -> torch.Tensor:
     fallback = context.get("zero_sign", 1.0)
     if params["density"] < 1 and thresholds is not None:
         if compiled:
-            merged = fused.ties_combine(job.base, job.tensors, [below(t) for t in thresholds], lam, fallback)
+            merged = fused.ties_combine(job.base, job.tensors, [below(t) for t in thresholds], lam, fallback,
+                                        dtype=_out_dtype(job))
             if merged is not None:
                 return merged
         deltas = task_vectors(job)
@@ -426,6 +503,14 @@ def ties(job: TensorJob) -> torch.Tensor:
     else:
         deltas = task_vectors(job)
     return _combined(job, deltas, fallback, compiled)
+
+
+def _out_dtype(job: TensorJob) -> torch.dtype:
+    """The dtype the compiled merge writes: the output's (`context["out_dtype"]`, else that of the inputs as
+    stored when they come raw), float32 otherwise (the engine converts)."""
+    if not job.context.get("raw_inputs"):
+        return torch.float32
+    return job.context.get("out_dtype") or job.tensors[0].dtype
 
 
 def _combined(job: TensorJob, deltas: torch.Tensor, fallback: float, compiled: bool) -> torch.Tensor:
@@ -487,7 +572,7 @@ register(Method(
                   "magnitude, keep those mergekit's sort keeps (sort: its output bit for bit) or the first in "
                   "index order (index: the same on every device, and large tensors stream in slices)",
                   choices=("sort", "index"))),
-    merge_tensor=ties, needs_base=True, prepare=_model_thresholds, mergekit=_ties_yaml,
+    merge_tensor=ties, needs_base=True, prepare=_model_thresholds, mergekit=_ties_yaml, raw_inputs=True,
     neutral={"density": 1.0, "lambda": 1.0}, elementwise=lambda params: params["scope"] == "model",
     scan=lambda params: _tensor_scan if params["scope"] == "tensor" and params["tie_break"] == "index" else None,
     doc="Trim small task-vector entries, elect a sign, average the agreeing ones."))
