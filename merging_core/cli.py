@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from . import data, tasks, zoo
 from .arch import GROUPS
@@ -583,9 +586,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        _run(args)
+        with _exit_on_terminate():
+            _run(args)
     except MergeLabError as exc:
         text = exc.render(lambda param: _flag(parser, args, param))
         print("error: " + " ".join(text.split()), file=sys.stderr)  # one line, always
         return 2
     return 0
+
+
+@contextmanager
+def _exit_on_terminate() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a job scheduler) ends the command as Ctrl-C does, by an exception: a
+    merge's staging folder and the output folder it claimed are then removed, not left behind to block
+    the next run."""
+    if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread only)
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _terminated(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)

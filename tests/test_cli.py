@@ -196,3 +196,26 @@ def test_scratch_zoo_pairs_and_align(isolated_home, tmp_path, capsys):
     assert (out / "model.safetensors").is_file() and (out / "alignment" / "permutation.safetensors").is_file()
     assert main(["align", "--a", "s0", "--b", "s1", "--out", str(out)]) == 2  # never overwritten
     assert "already exists" in capsys.readouterr().err
+
+
+def test_terminated_merge_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A merge killed with SIGTERM (`kill`, `timeout`) while writing exits with 143 and removes its staging
+    folder and the output folder it claimed: the same command can run again."""
+    import importlib
+    import signal
+    import time
+
+    engine = importlib.import_module("merging_core.merge")
+
+    def killed_while_writing(folder, *args, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"half written")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # (the handler raises here)
+
+    out = tmp_path / "merged"
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(engine, "_write", killed_while_writing)
+    with pytest.raises(SystemExit) as stopped:
+        main(["merge", "--method", "average", "--models", "minilm", "minilm", "--out", str(out)])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
