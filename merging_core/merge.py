@@ -454,8 +454,8 @@ def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats
     threads = torch.get_num_threads()
     if context.get("fused"):  # one core for the reading, prefetching and writing threads: idle OpenMP workers spin
         torch.set_num_threads(max(1, threads - 1))
-    ahead = _Lookahead(plan, [name for name in names if _meta(plan, name)[0].is_floating_point
-                              and _needs_scan(plan, name) and _sliced(plan, name, math.prod(_meta(plan, name)[1]))])
+    ahead = _Lookahead(plan, [piece.name for piece in pieces
+                              if piece.start == 0 and piece.stop is not None and _needs_scan(plan, piece.name)])
     try:
         for piece, inputs in track(read_ahead(pieces, read), len(pieces), what, progress):
             here = context

@@ -160,7 +160,7 @@ class SafetensorsFile:
         reads only the first few hundred KB of a range.) A no-op where `sendfile` cannot do that."""
         dtype, shape, offset = self.entries[key]
         stop = math.prod(shape) if stop is None else stop
-        position, length = offset + start * dtype.itemsize, (stop - start) * dtype.itemsize
+        position, length = offset + start * element_size(dtype), (stop - start) * element_size(dtype)
         try:
             with open(os.devnull, "wb") as sink:
                 done = 0

@@ -117,7 +117,8 @@ def _call(name: str, fn, *args):
 
 def _ties_combine_to(base: torch.Tensor, tensors: list[torch.Tensor], limits: torch.Tensor, lam: torch.Tensor,
                      fallback: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`_ties_combine` rounded to the output's dtype in the same loop (as `.to(dtype)` rounds it after)."""
+    """`_ties_combine` rounded to the output's dtype in the same loop (as `.to(dtype)` rounds it after; float32:
+    as it is)."""
     return _ties_combine(base, tensors, limits, lam, fallback).to(dtype)
 
 
@@ -132,10 +133,7 @@ def ties_combine(base: torch.Tensor, tensors: list[torch.Tensor], limits: list[f
     shape = base.shape
     args = (base.flatten(), [t.flatten() for t in tensors], torch.tensor(limits, dtype=torch.float32),
             torch.tensor(lam, dtype=torch.float32), torch.tensor(fallback, dtype=torch.float32))
-    if dtype == torch.float32:
-        merged = _call("ties", _ties_combine, *args) if compiled else _ties_combine(*args)
-    else:
-        merged = _call("ties_to", _ties_combine_to, *args, dtype) if compiled else _ties_combine_to(*args, dtype)
+    merged = _call("ties", _ties_combine_to, *args, dtype) if compiled else _ties_combine_to(*args, dtype)
     return None if merged is None else merged.view(shape)
 
 

@@ -424,12 +424,14 @@ def _slice_ranges(job: TensorJob, trim: SliceTrim | None) -> list[tuple[int, int
 TIE_SCAN = 1 << 18  # entries: the block `_tie_cut` looks through at a time
 
 
-def _tie_cut(t: torch.Tensor, base: torch.Tensor, threshold: float, left: int) -> tuple[int, int]:
-    """The end of the shortest prefix of a flat slice holding `left` entries with |τ| == threshold (all of
-    it when it holds fewer), and how many it holds; looked for block by block, as it usually ends early."""
+def _tie_cut(t: torch.Tensor, base: torch.Tensor | None, threshold: float, left: int) -> tuple[int, int]:
+    """The end of the shortest prefix of a flat slice holding `left` entries with |τ| == threshold (τ = t −
+    base, or t itself without a base; all of it when it holds fewer), and how many it holds; looked for
+    block by block, as it usually ends early."""
     seen = 0
     for start in range(0, t.numel(), TIE_SCAN):
-        tied = (t[start:start + TIE_SCAN].float() - base[start:start + TIE_SCAN].float()).abs() == threshold
+        block = t[start:start + TIE_SCAN].float()
+        tied = (block if base is None else block - base[start:start + TIE_SCAN].float()).abs() == threshold
         here = int(tied.sum())
         if seen + here >= left:
             return start + int(torch.nonzero(tied).flatten()[left - seen - 1]) + 1, left
@@ -450,13 +452,12 @@ def _trim_ranges_(deltas: torch.Tensor, ranges: list[tuple[int, int, list[float]
 def trim_slice_(delta: torch.Tensor, threshold: float, ties_left: list[int], i: int) -> torch.Tensor:
     """Keep the entries of one slice of model i's task vector above `threshold`, and the first
     `ties_left[i]` equal to it (counting down across the slices of the tensor, in order); in place."""
-    magnitude = delta.abs()
-    keep = magnitude > threshold
+    flat, cut = delta.view(-1), 0
     if ties_left[i] > 0 and threshold > 0:  # (tied zeros change nothing)
-        tied = magnitude == threshold
-        keep |= tied & (tied.flatten().cumsum(0).view_as(tied) <= ties_left[i])
-        ties_left[i] -= min(ties_left[i], int(tied.sum()))
-    return delta.mul_(keep)
+        cut, kept = _tie_cut(flat, None, threshold, ties_left[i])
+        ties_left[i] -= kept
+    _trim_ranges_(flat.unsqueeze(0), [(0, cut, [below(threshold)]), (cut, flat.numel(), [threshold])])
+    return delta
 
 
 def task_vectors(job: TensorJob) -> torch.Tensor:
