@@ -297,9 +297,12 @@ def mergelab_command(method: str, folders: dict[str, Path], out: Path) -> list[s
 def compile_kernels(env: dict) -> float:
     """Seconds to compile TIES's kernels (`merging_core.methods.fused`) into an empty Inductor cache, in
     a fresh process: what the first large TIES merge on a machine pays once."""
-    code = ("import torch; from merging_core.methods import fused; b = torch.zeros(1 << 20); "
-            "fused.ties_combine(b, [b, b], [0.0, 0.0], 1.0, 1.0); fused.ties_disjoint(b, torch.stack([b, b]), 1.0, 1.0); "
-            "fused.band(b, b, 0.0, 1.0); assert fused.failure() is None, fused.failure()")
+    code = ("import torch; from merging_core.methods import fused; f = torch.zeros(1 << 20)\n"
+            "for b in (f, f.bfloat16()):\n"
+            "    fused.ties_combine(b, [b, b], [0.0, 0.0], 1.0, 1.0, dtype=b.dtype); fused.band(b, b, 0.0, 1.0)\n"
+            "    fused.tie_counts(b, [b, b], [0.0, 0.0]); fused.trim_tally(b, [b, b], [0.0, 0.0])\n"
+            "    fused.trim_tally(b, [b, b], [0.0, 0.0], votes=True)\n"
+            "fused.ties_disjoint(f, torch.stack([f, f]), 1.0, 1.0); assert fused.failure() is None, fused.failure()")
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True)
     return round(time.perf_counter() - started, 1)

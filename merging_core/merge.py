@@ -31,12 +31,13 @@ can express the merge.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -76,6 +77,7 @@ class Plan:
     head_groups: dict[str, list[int]] = field(default_factory=dict)  # separate heads: task -> model indices
     notes: list[str] = field(default_factory=list)
     block_lambdas: dict[tuple[str | None, int], float] = field(default_factory=dict)  # (stack, layer) -> λ
+    in_place: bool = False  # large tensors read in place (mapped, as stored): longer slices, no process memory
 
     def by_method(self, name: str) -> bool:
         # from whichever model holds it: a token classifier (first) has no pooler, a sequence one does
@@ -221,14 +223,18 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     stats, stats_records = _gather_stats(work, kinds, params, spec.stats_tasks, spec.stats_files,
                                          scaled(progress, 0.0, 0.5 if kinds else 0.0, "statistics: "), spec.space)
     weights = _weights(params, len(checkpoints), device)
+    # compiled kernels (TIES), where the merge is large enough to repay; they read the inputs as stored and
+    # write the output's dtype
+    compiled = fused.wanted(device, len(work.models) * sum(math.prod(_meta(work, n)[1]) for n in _method_names(work)))
+    work.in_place = plan.in_place = compiled and method.raw_inputs
     context = {}
     if method.prepare is not None:
         whole = WholeModel(_method_names(work), lambda: _method_tensors(work, device), stats,
-                           lambda: _method_sample(work, device))
-        context = method.prepare(whole, params)
-    if fused.wanted(device, len(work.models) * sum(math.prod(_meta(work, n)[1]) for n in _method_names(work))):
-        # compiled kernels (TIES), where the merge is large enough to repay; they read the inputs as stored
-        # and write the output's dtype
+                           lambda: _method_sample(work, device),
+                           (lambda: _method_stored(work, device)) if compiled and method.raw_inputs else None)
+        with _kernel_cores(whole.stored is not None):
+            context = method.prepare(whole, params)
+    if compiled:
         context = {**context, "fused": True, "raw_inputs": method.raw_inputs,
                    "out_dtype": OUTPUT_DTYPES[spec.dtype] if spec.dtype else None}
 
@@ -340,8 +346,9 @@ def _method_names(plan: Plan) -> list[str]:
 
 
 CHUNK = 1 << 21  # elements: the largest slice of one tensor an elementwise merge holds per input (8 MB in fp32)
+IN_PLACE = 4  # slices this many times longer where the inputs are read in place (fewer steps, same memory)
 WHOLE = 1 << 22  # elements: the largest tensor a method that scans (SLERP, TIES per tensor) takes whole (16 MB)
-SAMPLE = 1 << 16  # elements: the head of each parameter `WholeModel.sample` reads
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 16, 1 << 10  # `WholeModel.sample`: 16 blocks of 1,024 values of each parameter
 SCAN_BLOCKS, SCAN_BLOCK = 256, 1 << 10  # the sample of a large tensor a scan may use: 256 blocks of 1,024 values
 
 
@@ -360,7 +367,8 @@ def _pieces(plan: Plan, names: Sequence[str]) -> Iterator[Piece]:
         dtype, shape = _meta(plan, name)
         numel = math.prod(shape)
         if dtype.is_floating_point and _sliced(plan, name, numel):
-            yield from (Piece(name, start, min(start + CHUNK, numel)) for start in range(0, numel, CHUNK))
+            size = CHUNK * (IN_PLACE if plan.in_place else 1)
+            yield from (Piece(name, start, min(start + size, numel)) for start in range(0, numel, size))
         else:
             yield Piece(name)
 
@@ -427,13 +435,26 @@ def _read_pieces(plan: Plan, pieces: Iterable[Piece], device, read=None) -> Iter
         yield piece, _on_device(inputs, device)
 
 
+def _spread(plan: Plan, name: str, blocks: int, block: int, read, device) -> tuple[Inputs, int]:
+    """`blocks` blocks of `block` values spread evenly over parameter `name` (all of it when that is no
+    more), flat and joined; and the parameter's size. Many short blocks: a weight matrix's task vector
+    varies from row to row, and a few long blocks (a few rows) can misplace its quantiles by 10%."""
+    numel = math.prod(_meta(plan, name)[1])
+    step = max(numel // blocks, block)
+    parts = [_on_device(read(Piece(name, start, min(start + block, numel))), device)  # (small reads: no thread)
+             for start in range(0, numel, step)[:blocks]]
+    tensors = [torch.cat([part.tensors[m] for part in parts]) for m in range(len(parts[0].tensors))]
+    base = torch.cat([part.base for part in parts]) if parts[0].base is not None else None
+    return Inputs(tensors, base), numel
+
+
 def _method_sample(plan: Plan, device) -> Iterator[tuple[str, int, list[torch.Tensor], torch.Tensor | None]]:
-    """(name, size, tensors, base) with the first `SAMPLE` values of every parameter in `_method_names`:
-    a cheap look at the whole model before a `prepare` pass over it (`WholeModel.sample`)."""
-    sizes = {name: math.prod(_meta(plan, name)[1]) for name in _method_names(plan)}
-    heads = [Piece(name, 0, min(SAMPLE, size)) for name, size in sizes.items()]
-    for piece, inputs in _read_pieces(plan, heads, device):
-        yield piece.name, sizes[piece.name], inputs.tensors, inputs.base
+    """(name, size, tensors, base) with `SAMPLE_BLOCKS` blocks spread over every parameter in
+    `_method_names`: a cheap look at the whole model before a `prepare` pass over it (`WholeModel.sample`)."""
+    read = _reader(plan, device)
+    for name in _method_names(plan):
+        inputs, size = _spread(plan, name, SAMPLE_BLOCKS, SAMPLE_BLOCK, read, device)
+        yield name, size, inputs.tensors, inputs.base
 
 
 def _method_tensors(plan: Plan, device) -> Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]:
@@ -441,6 +462,19 @@ def _method_tensors(plan: Plan, device) -> Iterator[tuple[str, ParamInfo, list[t
     as flat slices, for a `prepare` that needs entries, not shapes)."""
     for piece, inputs in _read_pieces(plan, _pieces(plan, _method_names(plan)), device):
         yield piece.name, _info(plan, piece.name), inputs.tensors, inputs.base
+
+
+def _method_stored(plan: Plan, device) -> Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]:
+    """The pieces of `_method_tensors` as stored, the parameters in reverse order (a large one's slices in
+    order: the way the disk reads it ahead into the page cache) (`WholeModel.stored`): the merge that
+    follows starts with what this pass read last."""
+    names = _method_names(plan)[::-1]
+    pieces = list(_pieces(plan, names))
+    ahead = _Lookahead(plan, [piece.name for piece in pieces if piece.start == 0 and piece.stop is not None])
+    with contextlib.closing(ahead):
+        for piece, inputs in _read_pieces(plan, pieces, device, _reader(plan, device, raw=True)):
+            ahead.reached(piece.name)
+            yield piece.name, _info(plan, piece.name), inputs.tensors, inputs.base
 
 
 def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats: list[dict] | None,
@@ -451,29 +485,38 @@ def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats
     pieces = list(_pieces(plan, names))
     read = _reader(plan, device, raw=context.get("raw_inputs", False))
     scanned: dict = {}  # what the method's scan of the current large tensor found
-    threads = torch.get_num_threads()
-    if context.get("fused"):  # one core for the reading, prefetching and writing threads: idle OpenMP workers spin
-        torch.set_num_threads(max(1, threads - 1))
-    ahead = _Lookahead(plan, [piece.name for piece in pieces
-                              if piece.start == 0 and piece.stop is not None and _needs_scan(plan, piece.name)])
-    try:
+    # The disk reads the next large tensors into the page cache while this one is scanned and merged, or
+    # merged in place from mapped pages (which would otherwise wait for the disk inside the kernels).
+    ahead = _Lookahead(plan, [piece.name for piece in pieces if piece.start == 0 and piece.stop is not None
+                              and (_needs_scan(plan, piece.name) or context.get("raw_inputs"))])
+    with _kernel_cores(context.get("fused", False)), contextlib.closing(ahead):
         for piece, inputs in track(read_ahead(pieces, read), len(pieces), what, progress):
             here = context
+            ahead.reached(piece.name)
             if piece.stop is not None and _needs_scan(plan, piece.name):
                 if piece.start == 0:
                     def slices(name: str = piece.name) -> Iterator[TensorJob]:
                         return _slice_jobs(plan, name, read, weights, context, seed, device)
                     def sample(name: str = piece.name) -> tuple[TensorJob, int]:
                         return _sample_job(plan, name, read, weights, context, seed, device)
-                    ahead.reached(piece.name)  # the disk reads the next tensors while this one is scanned, merged
                     scanned = plan.method.scanner(plan.params)(slices, plan.params, sample)
                 here = {**context, **scanned}
             merged = _merge_piece(plan, piece, _on_device(inputs, device), weights, stats, here, report, seed)
             del inputs  # before the next piece is read: at most two pieces' inputs in memory
             yield piece.name, merged
             del merged
+
+
+@contextlib.contextmanager
+def _kernel_cores(compiled: bool) -> Iterator[None]:
+    """Compiled kernels run on every core but one, which the reading, prefetching and writing threads need
+    (OpenMP's idle workers would spin on it)."""
+    threads = torch.get_num_threads()
+    if compiled:
+        torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
     finally:
-        ahead.close()
         torch.set_num_threads(threads)
 
 
@@ -487,15 +530,9 @@ def _slice_jobs(plan: Plan, name: str, read, weights: torch.Tensor, context: dic
 def _sample_job(plan: Plan, name: str, read, weights: torch.Tensor, context: dict, seed: int, device
                 ) -> tuple[TensorJob, int]:
     """A TensorJob of `SCAN_BLOCKS` blocks spread evenly over one large parameter (a sample of its values
-    that a scan may estimate from), and the parameter's size. Many short blocks: a weight matrix's task
-    vector varies from row to row, and a few long blocks (a few rows) can misplace its quantiles by 10%."""
-    numel = math.prod(_meta(plan, name)[1])
-    step = numel // SCAN_BLOCKS
-    pieces = [Piece(name, i * step, i * step + min(SCAN_BLOCK, step)) for i in range(SCAN_BLOCKS)]
-    parts = [_on_device(read(piece), device) for piece in pieces]  # (small reads: cheaper here than on a thread)
-    tensors = [torch.cat([part.tensors[m] for part in parts]) for m in range(len(parts[0].tensors))]
-    base = torch.cat([part.base for part in parts]) if parts[0].base is not None else None
-    return _job(plan, name, tensors, base, weights, context, seed), numel
+    that a scan may estimate from), and the parameter's size."""
+    inputs, numel = _spread(plan, name, SCAN_BLOCKS, SCAN_BLOCK, read, device)
+    return _job(plan, name, inputs.tensors, inputs.base, weights, context, seed), numel
 
 
 LOOKAHEAD = 1 << 29  # bytes of input the prefetch thread may read ahead of the merge (more evicts pages before use)
@@ -503,8 +540,9 @@ LOOKAHEAD = 1 << 29  # bytes of input the prefetch thread may read ahead of the 
 
 class _Lookahead:
     """Reads the inputs of the large tensors ahead of a merge that scans them (two passes over each, the
-    second from memory), on a thread, into the page cache: the disk works while the CPU merges. At most
-    `LOOKAHEAD` bytes ahead, so that nothing is evicted before it is used."""
+    second from memory) or reads them in place (mapped pages, which would fault in from the disk inside the
+    kernels), on a thread, into the page cache: the disk works while the CPU merges. At most `LOOKAHEAD`
+    bytes ahead, so that nothing is evicted before it is used."""
 
     def __init__(self, plan: Plan, names: list[str]):
         self.plan, self.queue, self.sizes = plan, list(names), {}
@@ -513,17 +551,23 @@ class _Lookahead:
             self.sizes[name] = sum(m.meta(name)[0].itemsize * math.prod(m.meta(name)[1])
                                    for m in inputs if name in m.names)
         self.sent: list[str] = []
+        self.reads: dict[str, Future] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="mergelab-prefetch")
 
     def reached(self, name: str) -> None:
-        """The merge is at tensor `name`: send what follows it, up to the lookahead."""
+        """The merge is at tensor `name`: send what follows it, up to the lookahead, and wait until `name`
+        itself is read (the merge touching its pages first would read them too, in small pieces, against
+        the prefetch's long reads)."""
         for passed in (self.sent, self.queue):
             if name in passed:
                 del passed[:passed.index(name) + 1]
         while self.queue and sum(self.sizes[n] for n in self.sent) < LOOKAHEAD:
             following = self.queue.pop(0)
             self.sent.append(following)
-            self.pool.submit(self._read, following)  # (a hint: its errors are ignored)
+            self.reads[following] = self.pool.submit(self._read, following)
+        if name in self.reads:
+            with contextlib.suppress(Exception):  # (a hint: a failed read is the merge's to report)
+                self.reads.pop(name).result()
 
     def _read(self, name: str) -> None:
         for i in _holders(self.plan, name):

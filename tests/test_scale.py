@@ -18,6 +18,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -528,7 +530,13 @@ def test_lookahead_reads_ahead_within_its_budget(monkeypatch):
     monkeypatch.setattr(engine, "LOOKAHEAD", 4000)
     ahead = engine._Lookahead(plan, [f"t{i}" for i in range(6)])
     ahead.pool.shutdown()
-    ahead.pool = type("Now", (), {"submit": lambda self, fn, *args: fn(*args), "shutdown": lambda self, **_: None})()
+
+    def now(fn, *args) -> Future:
+        done = Future()
+        done.set_result(fn(*args))
+        return done
+    ahead.pool = type("Now", (), {"submit": lambda self, fn, *args: now(fn, *args),
+                                  "shutdown": lambda self, **_: None})()
     ahead.reached("t0")
     assert sent == ["t1", "t2"]  # 4000 bytes ahead
     ahead.reached("t1")
@@ -536,6 +544,31 @@ def test_lookahead_reads_ahead_within_its_budget(monkeypatch):
     ahead.reached("t3")
     ahead.close()
     assert sent == ["t1", "t2", "t3", "t4", "t5"]
+
+
+def test_lookahead_waits_for_the_tensor_reached():
+    """The merge touches a tensor's pages only once the prefetch thread has read it: `reached` returns
+    after that read, not before."""
+    release, finished = threading.Event(), []
+
+    class Model:
+        def __init__(self):
+            self.names = {"t0": "t0", "t1": "t1"}
+
+        def meta(self, name):
+            return torch.bfloat16, (10,)
+
+        def prefetch(self, name, *_):
+            release.wait(5)
+            finished.append(name)
+
+    plan = type("Plan", (), {"models": [Model()], "base": None})()
+    ahead = engine._Lookahead(plan, ["t0", "t1"])
+    ahead.reached("start")  # sends t0 and t1, waits for neither
+    threading.Timer(0.3, release.set).start()
+    ahead.reached("t1")
+    assert finished == ["t0", "t1"]
+    ahead.close()
 
 
 @pytest.mark.gpu
@@ -680,6 +713,26 @@ def test_tied_threshold_is_proven_by_one_counting_pass(monkeypatch, density):
                           for i in range(0, base.numel(), 7000)] for m, t in enumerate(tensors)]
 
 
+def test_counts_are_exact_across_blocks(monkeypatch):
+    """The kernels count in float32, exactly below `EXACT_COUNT` entries: longer slices go in blocks, and
+    the counts, the kept sums and the elected-sign votes equal the integer and float64 ones."""
+    from merging_core.methods import fused
+
+    base, tensors = bf16_task_vectors(11)
+    magnitudes = [(t - base).abs().flatten() for t in tensors]
+    values = [float(m.kthvalue(m.numel() // 2).values) for m in magnitudes]  # bf16 values, tied by the hundreds
+    kept = [(t - base).flatten() * (m >= v) for t, m, v in zip(tensors, magnitudes, values)]
+    expected = [(int((m > v).sum()), int((m == v).sum())) for m, v in zip(magnitudes, values)]
+    assert all(equal > 100 for _, equal in expected)
+    monkeypatch.setattr(fused, "EXACT_COUNT", 1000)  # 120 blocks
+    for compiled in (False, True):
+        counts, votes = fused.trim_tally(base, tensors, values, votes=True, compiled=compiled)
+        assert [(above, equal) for above, equal, _ in counts] == expected
+        assert [s for *_, s in counts] == pytest.approx([float(k.double().sum()) for k in kept], rel=1e-9)
+        assert votes == float((kept[0] + kept[1]).sign().sum())
+        assert fused.tie_counts(base, tensors, values, compiled=compiled) == expected
+
+
 def test_counting_pass_refutes_a_wrong_guess():
     """A guessed threshold one step off the k-th largest is refused (no trim), the right one accepted."""
     from merging_core.methods.ties_dare import tie_select
@@ -735,3 +788,65 @@ def test_without_a_compiler_the_merge_goes_on_eagerly(llamas, monkeypatch):
                             "eager PyTorch"]
     assert all(torch.equal(result.state[name], eager[name]) for name in eager)
     assert not fused.wanted(torch.device("cpu"), 1 << 40)  # and the process does not try again
+
+
+def fused_run(llamas, monkeypatch, params: dict):
+    """A TIES merge of the tiny Llamas as a large CPU merge runs it: compiled kernels, every slice read in
+    place."""
+    from merging_core.methods import fused
+
+    monkeypatch.setattr(fused, "MIN_VALUES", 0)
+    monkeypatch.setattr(tensorio, "MAPPED_MIN", 0)
+    return run(llamas["single"], "ties", params).state
+
+
+MODEL_CASES = [{"density": 0.3}, {"density": 0.3, "zero_sign": "majority", "lambda": 0.7},
+               {"density": 1.0}, {"density": 1.0, "zero_sign": "majority"}, {"density": 0.3, "zero_sign": "plus"}]
+
+
+@pytest.mark.parametrize("params", MODEL_CASES, ids=["-".join(map(str, p.values())) for p in MODEL_CASES])
+def test_model_threshold_proven_by_one_compiled_pass(llamas, monkeypatch, params):
+    """Scope model with compiled kernels: the threshold a spread sample guesses (bf16 ties) is proven by one
+    counting pass over the inputs as stored, backwards, which also sums what the zero-sign rule needs; the
+    radix passes never run, and the merge equals the eager one exactly."""
+    monkeypatch.setattr(engine, "CHUNK", 1000)  # the embedding in slices
+    forward, backward = [], []
+    eager_pass, stored_pass = engine._method_tensors, engine._method_stored
+    monkeypatch.setattr(engine, "_method_tensors", lambda *a: (forward.append(p[0]) or p for p in eager_pass(*a)))
+    eager = run(llamas["single"], "ties", params).state
+    monkeypatch.setattr(engine, "_method_stored", lambda *a: (backward.append(p) or p for p in stored_pass(*a)))
+    monkeypatch.setattr(ties_dare, "streamed_thresholds", lambda *a: pytest.fail("the radix passes ran"))
+    monkeypatch.setattr(engine, "_method_tensors", lambda *a: pytest.fail("an eager pass ran"))
+    compiled = fused_run(llamas, monkeypatch, params)
+    assert all(torch.equal(compiled[name], eager[name]) for name in eager)
+    if params.get("zero_sign") == "plus" and params["density"] == 1:
+        assert not backward and not forward  # nothing to find: no pass
+        return
+    names = list(dict.fromkeys(name for name, *_ in backward))
+    assert names and names == list(dict.fromkeys(forward[::-1]))  # every parameter of the eager pass, backwards
+    assert {t.dtype for _, _, tensors, _ in backward for t in tensors} == {torch.bfloat16}  # as stored
+
+
+def test_refuted_model_threshold_falls_back_to_the_radix_passes(llamas, monkeypatch):
+    """A guess one step off (too high for one model) is refuted by the counting pass; the radix passes then
+    find the thresholds, and the merge equals the eager one."""
+    monkeypatch.setattr(engine, "CHUNK", 1000)
+    eager = run(llamas["single"], "ties", {"density": 0.3}).state
+    real_guesses, real_select = ties_dare.sampled_guesses, ties_dare.streamed_thresholds
+    radix = []
+    monkeypatch.setattr(ties_dare, "sampled_guesses", lambda *a: [
+        value * 1.01 if i == 0 else value for i, value in enumerate(real_guesses(*a))])
+    monkeypatch.setattr(ties_dare, "streamed_thresholds", lambda *a: radix.append(1) or real_select(*a))
+    compiled = fused_run(llamas, monkeypatch, {"density": 0.3})
+    assert radix == [1]
+    assert all(torch.equal(compiled[name], eager[name]) for name in eager)
+
+
+def test_weighted_tied_guess():
+    """A sample whose values stand for different numbers of entries: the guess is the value at weighted
+    rank k, tried only when it holds at least `TIED` of the weight."""
+    magnitude = torch.tensor([5.0] * 20 + [3.0] * 20 + [1.0] * 20)
+    weights = torch.tensor([1.0] * 20 + [1.0] * 20 + [10.0] * 20, dtype=torch.float64)  # n = 240
+    assert ties_dare._tied_guess(magnitude, 30, 240, weights) == 3.0
+    assert ties_dare._tied_guess(magnitude, 41, 240, weights) == 1.0
+    assert ties_dare._tied_guess(magnitude, 41, 240) == 5.0  # unweighted, rank 10 of the 60 values

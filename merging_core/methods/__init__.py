@@ -52,13 +52,17 @@ class WholeModel:
     one as consecutive flat slices (TIES's model-wide magnitude threshold, which needs entries, not
     shapes); `stats` holds each model's statistics {name: {kind: tensor}}, or None
     for a data-free merge (Fisher's whole-model normalisation); `sample()`, when given, iterates
-    (name, size, tensors, base) with only the first values of each parameter (a cheap look at the whole
-    model before a pass over it)."""
+    (name, size, tensors, base) with a few blocks of values spread over each parameter (a cheap look at
+    the whole model before a pass over it). `stored()`, given when the merge runs compiled kernels
+    (`fused`), iterates the same pieces as `tensors()` but as stored (bf16 read in place, not converted)
+    and in reverse order, the disk reading ahead on a thread: a pass by those kernels that ends where the
+    merge starts, on pages the page cache still holds when the model is larger than memory."""
 
     names: list[str]
     tensors: Callable[[], Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]]
     stats: list[dict[str, dict[str, torch.Tensor]]] | None = None
     sample: Callable[[], Iterator[tuple[str, int, list[torch.Tensor], torch.Tensor | None]]] | None = None
+    stored: Callable[[], Iterator[tuple[str, ParamInfo, list[torch.Tensor], torch.Tensor | None]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -122,13 +122,16 @@ def _model_thresholds(model: WholeModel, params: dict[str, Any]) -> dict[str, An
         return {}
     rule = zero_sign_rule(params)
     thresholds, total, votes = None, 0.0, 0.0
-    if params.get("density", 1.0) < 1:
+    counted = counted_thresholds(model, params.get("density", 1.0), rule) if model.stored is not None else None
+    if counted is not None:
+        thresholds, total, votes = counted
+    elif params.get("density", 1.0) < 1:
         thresholds, totals, _ = streamed_thresholds(model, params["density"], model.sample)
         total = sum(totals)
     elif rule == "total":
         for _, _, tensors, base in model.tensors():
             total += sum(float((t - base).double().sum()) for t in tensors)
-    if rule == "majority":
+    if rule == "majority" and counted is None:
         for _, _, tensors, base in model.tensors():
             summed = torch.zeros_like(base)
             for i, t in enumerate(tensors):
@@ -136,6 +139,62 @@ def _model_thresholds(model: WholeModel, params: dict[str, Any]) -> dict[str, An
                 summed += delta * (delta.abs() >= thresholds[i]) if thresholds else delta
             votes += float(summed.sign().sum())
     return {"thresholds": thresholds, "zero_sign": _fallback(total, votes, rule)}
+
+
+def counted_thresholds(model: WholeModel, density: float, rule: str
+                       ) -> tuple[list[float] | None, float, float] | None:
+    """Scope `model` on a merge with compiled kernels (`WholeModel.stored`): per model, the exact k-th
+    largest |τ_i| of the whole model (density < 1; else None), the sum of the entries the trim keeps (the
+    rule `total`) and the sum of the elected signs (`majority`), in one compiled pass; None where the
+    sample gives no threshold to try, or the pass refutes it (the radix passes decide then).
+
+    bf16 task vectors tie by the millions over a whole model (|τ| is a small multiple of the base weights'
+    spacing, and the binades share those values), so the value a spread sample puts at rank k is most of
+    the time the k-th largest itself: the pass counts the entries above it and equal to it, which proves
+    it, and sums what the zero-sign rule needs at the same time. It goes over the model backwards, so the
+    merge after it starts on the pages it read last."""
+    if density >= 1 and rule == "plus":
+        return None  # nothing to find
+    guesses = sampled_guesses(model.sample(), density) if density < 1 else None
+    if density < 1 and guesses is None:
+        return None
+    above: list[int] = []
+    tied: list[int] = []
+    total = votes = 0.0
+    count = 0
+    for _, _, tensors, base in model.stored():
+        values = guesses or [0.0] * len(tensors)  # (|τ| >= 0: the whole task vector)
+        args = (base, tensors, values, rule == "majority")
+        counts, signs = fused.trim_tally(*args) or fused.trim_tally(*args, compiled=False)
+        above, tied = above or [0] * len(counts), tied or [0] * len(counts)
+        for i, (larger, equal, kept) in enumerate(counts):
+            above[i], tied[i], total = above[i] + larger, tied[i] + equal, total + kept
+        votes += signs
+        count += base.numel()
+    k = max(1, int(density * count))
+    if guesses is not None and not all(a < k <= a + t for a, t in zip(above, tied)):
+        return None
+    return guesses, total, votes
+
+
+def sampled_guesses(sample, density: float) -> list[float] | None:
+    """Per model, the value a sample of the whole model (`WholeModel.sample`: blocks of every parameter,
+    each weighted by its parameter's size) puts at the k-th largest |τ_i|, where that value is tied widely
+    enough to be tried as the exact threshold (`_tied_guess`); None when some model has no such value."""
+    magnitudes: list[list[torch.Tensor]] = []
+    weights: list[torch.Tensor] = []
+    count = 0
+    for _, size, tensors, base in sample:
+        for i, t in enumerate(tensors):
+            if len(magnitudes) <= i:
+                magnitudes.append([])
+            magnitudes[i].append((t.float() - base.float()).abs().flatten())
+        weights.append(torch.full((tensors[0].numel(),), size / tensors[0].numel(), dtype=torch.float64))
+        count += size
+    k = max(1, int(density * count))
+    weight = torch.cat(weights)
+    guesses = [_tied_guess(torch.cat(m), k, count, weight) for m in magnitudes]
+    return None if None in guesses else guesses
 
 
 WINDOW = 16  # top-16-bit buckets (an eighth of an octave) whose low bits the one-pass selection keeps
@@ -377,13 +436,21 @@ def tie_select(slices, k: int, guesses: list[float], compiled: bool = False) -> 
 TIED = 0.002  # the share of the sample a value must hold to be tried as the threshold by counting alone
 
 
-def _tied_guess(magnitude: torch.Tensor, k: int, n: int) -> float | None:
+def _tied_guess(magnitude: torch.Tensor, k: int, n: int, weights: torch.Tensor | None = None) -> float | None:
     """The sample's estimate of the k-th largest of n magnitudes, where the sample holds that value at
-    least `TIED` of the time (a tie wide enough to hold the true rank k, most of the time); else None."""
+    least `TIED` of the time (a tie wide enough to hold the true rank k, most of the time); else None.
+    `weights`: how many of the n values each sampled one stands for (summing to n), when not all alike."""
     s = magnitude.numel()
-    rank = min(max(round(k * s / n), 1), s)  # from the top
-    guess = torch.kthvalue(magnitude, s - rank + 1).values
-    return float(guess) if int((magnitude == guess).sum()) >= max(16, TIED * s) else None
+    if weights is None:
+        rank = min(max(round(k * s / n), 1), s)  # from the top
+        guess = torch.kthvalue(magnitude, s - rank + 1).values
+        held = float((magnitude == guess).sum()) / s
+    else:
+        order = magnitude.argsort(descending=True)
+        reached = int(torch.searchsorted(weights[order].cumsum(0), torch.tensor(float(k), dtype=torch.float64)))
+        guess = magnitude[order[min(reached, s - 1)]]
+        held = float(weights[magnitude == guess].sum()) / n
+    return float(guess) if int((magnitude == guess).sum()) >= 16 and held >= TIED else None
 
 
 def _band_of(magnitude: torch.Tensor, k: int, n: int) -> tuple[float, float]:
