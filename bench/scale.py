@@ -301,7 +301,8 @@ def compile_kernels(env: dict) -> float:
             "for b in (f, f.bfloat16()):\n"
             "    fused.ties_combine(b, [b, b], [0.0, 0.0], 1.0, 1.0, dtype=b.dtype); fused.band(b, b, 0.0, 1.0)\n"
             "    fused.tie_counts(b, [b, b], [0.0, 0.0]); fused.trim_tally(b, [b, b], [0.0, 0.0])\n"
-            "    fused.trim_tally(b, [b, b], [0.0, 0.0], votes=True)\n"
+            "    fused.trim_tally(b, [b, b], [0.0, 0.0], votes=True); fused.slerp_products(b, b)\n"
+            "    fused.interpolate(b, b, 0.5, 0.5, b.dtype)\n"
             "fused.ties_disjoint(f, torch.stack([f, f]), 1.0, 1.0); assert fused.failure() is None, fused.failure()")
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True)

@@ -617,6 +617,28 @@ def test_compiled_ties_equals_eager(llamas, monkeypatch, params):
         assert torch.equal(compiled.state[name], eager[name]), name
 
 
+def test_compiled_slerp_equals_eager_within_rounding(llamas, monkeypatch):
+    """SLERP with its angle's sums and its interpolation compiled, reading the inputs in place (what a large
+    CPU merge runs): the eager values, but for a bf16 rounding flip (the float64 sums in another order, the
+    product and sum not fused), whole tensors and scanned slices."""
+    from merging_core.methods import fused
+
+    monkeypatch.setattr(engine, "CHUNK", 1000)
+    monkeypatch.setattr(engine, "WHOLE", 10_000)  # the embedding scanned, then in slices
+    eager = run(llamas["single"], "slerp", {"t": 0.3}).state
+    calls = []
+    real = fused._call
+    monkeypatch.setattr(fused, "_call", lambda name, *a: calls.append(name) or real(name, *a))
+    monkeypatch.setattr(fused, "MIN_VALUES", 0)
+    monkeypatch.setattr(tensorio, "MAPPED_MIN", 0)
+    compiled = run(llamas["single"], "slerp", {"t": 0.3}).state
+    assert {"slerp_products", "interpolate"} <= set(calls) and fused.failure() is None
+    for name in eager:
+        assert compiled[name].dtype == eager[name].dtype == torch.bfloat16
+        differ = (compiled[name].float() - eager[name].float()).abs()
+        assert bool((differ <= 2 ** -7 * eager[name].float().abs()).all()), name
+
+
 def test_compiled_kernel_with_three_models_and_zero_sums():
     """The kernel on three task vectors (the sums' order matters in float32), entries that cancel to an
     elected sum of 0, zeros, and every limit kind (none, strict, at a tie): the eager expression exactly."""

@@ -151,6 +151,15 @@ def get_method(name: str) -> Method:
                             param="method") from None
 
 
+def kernel_dtype(job: TensorJob) -> torch.dtype:
+    """The dtype a compiled merge kernel writes: the output's (`context["out_dtype"]`, else that of the inputs
+    as stored when they come raw: a bf16 output written by the loop, no conversion pass after it), float32
+    otherwise (the engine converts)."""
+    if not job.context.get("raw_inputs"):
+        return torch.float32
+    return job.context.get("out_dtype") or job.tensors[0].dtype
+
+
 def stack(job: TensorJob) -> torch.Tensor:
     return torch.stack(job.tensors)
 

@@ -127,6 +127,17 @@ def _trim_tally(base: torch.Tensor, tensors: list[torch.Tensor], values: torch.T
     return tally
 
 
+def _slerp_products(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """a·b, a·a and b·b of one slice, the float32 products summed in float64."""
+    x, y = a.float(), b.float()
+    return (x * y).double().sum(), (x * x).double().sum(), (y * y).double().sum()
+
+
+def _interpolate(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w_a · a + w_b · b in float32, rounded to `dtype`."""
+    return (a.float() * weights[0] + b.float() * weights[1]).to(dtype)
+
+
 def _kernel(name: str, fn):
     if name not in _compiled:
         _compiled[name] = torch.compile(fn, dynamic=True, options=COMPILE_OPTIONS)
@@ -232,3 +243,17 @@ def trim_tally(base: torch.Tensor, tensors: list[torch.Tensor], values: list[flo
                   for i, (above, equal, kept) in enumerate(counts)]
         signs += float(found[-1]) if votes else 0.0
     return counts, signs
+
+
+def slerp_products(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float] | None:
+    """For SLERP's angle: a·b, a·a and b·b over one slice (inputs as stored, each value converted to float32
+    as it is read; the products summed in float64). Compiled; None when compiling failed."""
+    found = _call("slerp_products", _slerp_products, a.flatten(), b.flatten())
+    return None if found is None else (float(found[0]), float(found[1]), float(found[2]))
+
+
+def interpolate(a: torch.Tensor, b: torch.Tensor, wa: float, wb: float, dtype: torch.dtype) -> torch.Tensor | None:
+    """wa · a + wb · b (SLERP's merge, or linear interpolation) in float32, written in `dtype` by the loop.
+    Compiled; None when compiling failed."""
+    merged = _call("interpolate", _interpolate, a.flatten(), b.flatten(), torch.tensor([wa, wb]), dtype)
+    return None if merged is None else merged.view(a.shape)

@@ -10,14 +10,17 @@
   to linear interpolation when they are (anti)parallel. As in mergekit, each whole tensor is one vector,
   and a tensor whose norm is below 1e-8 is not normalised: an all-zero tensor counts as orthogonal to the
   other one (Ω = π/2), so the result is sin(tπ/2) · θ_B when θ_A = 0. The interpolation runs in float32,
-  as mergekit's; the dot product and norms that give Ω are accumulated in float64.
+  as mergekit's; the dot product and norms that give Ω are accumulated in float64. On a large CPU merge
+  both steps run as compiled loops over the inputs as stored (`fused`, one pass each instead of a
+  conversion and three dot products, then a product, a sum and a conversion): the same values within
+  rounding (the sums added in another order; the product and sum rounded separately, not fused).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import WEIGHTS, Method, Param, TensorJob, register, stack, sum_weighted
+from . import WEIGHTS, Method, Param, TensorJob, fused, kernel_dtype, register, stack, sum_weighted
 
 LAMBDA = Param("lambda", "float", 0.3, "scale λ of the summed task vectors", low=0.0, high=3.0)
 
@@ -36,21 +39,30 @@ SLERP_EPS = 1e-8  # below this norm a tensor is left unnormalised (mergekit's ru
 
 def slerp(job: TensorJob) -> torch.Tensor:
     a, b = job.tensors
+    compiled = job.context.get("fused", False)
     if "slerp" in job.context:  # a slice of a large tensor: its coefficients come from the whole (`slerp_scan`)
         coefficients = job.context["slerp"]
     else:
-        coefficients = slerp_coefficients(_cosine(*_products(a, b)), job.params)
+        coefficients = slerp_coefficients(_cosine(*_products(a, b, compiled)), job.params)
+    t = job.params["t"]
+    ca, cb = coefficients if coefficients is not None else (1 - t, t)
+    merged = fused.interpolate(a, b, ca, cb, kernel_dtype(job)) if compiled else None
+    if merged is not None:
+        return merged
+    a, b = a.float(), b.float()  # (as stored, when the kernels were asked for but could not be compiled)
     if coefficients is None:
-        t = job.params["t"]
         return (1 - t) * a + t * b
-    ca, cb = coefficients
     return (a * ca).add_(b, alpha=cb)
 
 
-def _products(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+def _products(a: torch.Tensor, b: torch.Tensor, compiled: bool = False) -> tuple[float, float, float]:
     """a·b, a·a and b·b, each summed in float64 over float32 products of 1M-value blocks: as exact as a
-    float64 pass for the angle, without float64 copies of the tensors."""
-    a, b = a.flatten(), b.flatten()
+    float64 pass for the angle, without float64 copies of the tensors. Compiled: one loop over the inputs
+    as stored (the same sums within rounding)."""
+    found = fused.slerp_products(a, b) if compiled else None
+    if found is not None:
+        return found
+    a, b = a.flatten().float(), b.flatten().float()
     dot = aa = bb = 0.0
     for start in range(0, a.numel(), 1 << 20):
         x, y = a[start:start + (1 << 20)], b[start:start + (1 << 20)]
@@ -80,7 +92,7 @@ def slerp_scan(slices, params: dict, sample=None) -> dict:
     entry counts: no use for a sample)."""
     dot = aa = bb = 0.0
     for job in slices():
-        d, x, y = _products(*job.tensors)
+        d, x, y = _products(*job.tensors, job.context.get("fused", False))
         dot, aa, bb = dot + d, aa + x, bb + y
     return {"slerp": slerp_coefficients(_cosine(dot, aa, bb), params)}
 
@@ -119,4 +131,5 @@ register(Method(
             Param("dot_threshold", "float", 0.9995, "|cos| above which to interpolate linearly", low=0.0,
                   high=1.0)),
     merge_tensor=slerp, min_models=2, max_models=2, mergekit=_slerp_yaml, neutral={}, scan=lambda params: slerp_scan,
+    raw_inputs=True,
     doc="Spherical interpolation between exactly two models."))

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from . import Method, Param, TensorJob, WholeModel, fused, register, stack
+from . import Method, Param, TensorJob, WholeModel, fused, kernel_dtype, register, stack
 from .sort_order import sorted_top
 
 
@@ -542,7 +542,7 @@ def ties(job: TensorJob) -> torch.Tensor:
         if compiled:
             base, tensors = job.base.flatten(), [t.flatten() for t in job.tensors]
             parts = [fused.ties_combine(base[start:stop], [t[start:stop] for t in tensors], limits, lam,
-                                        context["zero_sign"], dtype=_out_dtype(job)) for start, stop, limits in ranges]
+                                        context["zero_sign"], dtype=kernel_dtype(job)) for start, stop, limits in ranges]
             if None not in parts:
                 return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(job.base.shape)
         return _combined(job, _trim_ranges_(task_vectors(job), ranges), context["zero_sign"], compiled)
@@ -562,7 +562,7 @@ def ties(job: TensorJob) -> torch.Tensor:
     if params["density"] < 1 and thresholds is not None:
         if compiled:
             merged = fused.ties_combine(job.base, job.tensors, [below(t) for t in thresholds], lam, fallback,
-                                        dtype=_out_dtype(job))
+                                        dtype=kernel_dtype(job))
             if merged is not None:
                 return merged
         deltas = task_vectors(job)
@@ -571,14 +571,6 @@ def ties(job: TensorJob) -> torch.Tensor:
     else:
         deltas = task_vectors(job)
     return _combined(job, deltas, fallback, compiled)
-
-
-def _out_dtype(job: TensorJob) -> torch.dtype:
-    """The dtype the compiled merge writes: the output's (`context["out_dtype"]`, else that of the inputs as
-    stored when they come raw), float32 otherwise (the engine converts)."""
-    if not job.context.get("raw_inputs"):
-        return torch.float32
-    return job.context.get("out_dtype") or job.tensors[0].dtype
 
 
 def _combined(job: TensorJob, deltas: torch.Tensor, fallback: float, compiled: bool) -> torch.Tensor:
