@@ -297,7 +297,9 @@ def mergelab_command(method: str, folders: dict[str, Path], out: Path) -> list[s
 def compile_kernels(env: dict) -> float:
     """Seconds to compile TIES's kernels (`merging_core.methods.fused`) into an empty Inductor cache, in
     a fresh process: what the first large TIES merge on a machine pays once."""
+    # (on all cores but one, as a merge runs them: Inductor compiles for a number of threads)
     code = ("import torch; from merging_core.methods import fused; f = torch.zeros(1 << 20)\n"
+            "torch.set_num_threads(max(1, torch.get_num_threads() - 1))\n"
             "for b in (f, f.bfloat16()):\n"
             "    fused.ties_combine(b, [b, b], [0.0, 0.0], 1.0, 1.0, dtype=b.dtype); fused.band(b, b, 0.0, 1.0)\n"
             "    fused.tie_counts(b, [b, b], [0.0, 0.0]); fused.trim_tally(b, [b, b], [0.0, 0.0])\n"

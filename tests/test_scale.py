@@ -607,6 +607,7 @@ def test_compiled_ties_equals_eager(llamas, monkeypatch, params):
     real = fused._call
     monkeypatch.setattr(fused, "_call", lambda name, *a: calls.append(name) or real(name, *a))
     monkeypatch.setattr(fused, "MIN_VALUES", 0)
+    monkeypatch.setattr(fused, "SMALL", 0)  # every tensor through the compiled code
     monkeypatch.setattr(tensorio, "MAPPED_MIN", 0)  # every slice read in place, bf16, as a large merge reads it
     compiled = run(llamas["single"], "ties", params)
     # (a whole tensor whose zero-sign rule needs its trimmed total first stays eager)
@@ -630,6 +631,7 @@ def test_compiled_slerp_equals_eager_within_rounding(llamas, monkeypatch):
     real = fused._call
     monkeypatch.setattr(fused, "_call", lambda name, *a: calls.append(name) or real(name, *a))
     monkeypatch.setattr(fused, "MIN_VALUES", 0)
+    monkeypatch.setattr(fused, "SMALL", 0)  # every tensor through the compiled code
     monkeypatch.setattr(tensorio, "MAPPED_MIN", 0)
     compiled = run(llamas["single"], "slerp", {"t": 0.3}).state
     assert {"slerp_products", "interpolate"} <= set(calls) and fused.failure() is None
@@ -639,10 +641,12 @@ def test_compiled_slerp_equals_eager_within_rounding(llamas, monkeypatch):
         assert bool((differ <= 2 ** -7 * eager[name].float().abs()).all()), name
 
 
-def test_compiled_kernel_with_three_models_and_zero_sums():
+def test_compiled_kernel_with_three_models_and_zero_sums(monkeypatch):
     """The kernel on three task vectors (the sums' order matters in float32), entries that cancel to an
     elected sum of 0, zeros, and every limit kind (none, strict, at a tie): the eager expression exactly."""
     from merging_core.methods import fused
+
+    monkeypatch.setattr(fused, "SMALL", 0)
     from merging_core.methods.ties_dare import below
 
     generator = torch.Generator().manual_seed(3)
@@ -747,6 +751,7 @@ def test_counts_are_exact_across_blocks(monkeypatch):
     expected = [(int((m > v).sum()), int((m == v).sum())) for m, v in zip(magnitudes, values)]
     assert all(equal > 100 for _, equal in expected)
     monkeypatch.setattr(fused, "EXACT_COUNT", 1000)  # 120 blocks
+    monkeypatch.setattr(fused, "SMALL", 0)
     for compiled in (False, True):
         counts, votes = fused.trim_tally(base, tensors, values, votes=True, compiled=compiled)
         assert [(above, equal) for above, equal, _ in counts] == expected
@@ -801,6 +806,7 @@ def test_without_a_compiler_the_merge_goes_on_eagerly(llamas, monkeypatch):
         return fails
 
     monkeypatch.setattr(fused, "MIN_VALUES", 0)
+    monkeypatch.setattr(fused, "SMALL", 0)  # every tensor through the compiled code
     monkeypatch.setattr(fused, "_compiled", {})
     monkeypatch.setattr(fused, "_failure", None)
     monkeypatch.setattr(fused.torch, "compile", no_compiler)
@@ -818,6 +824,7 @@ def fused_run(llamas, monkeypatch, params: dict):
     from merging_core.methods import fused
 
     monkeypatch.setattr(fused, "MIN_VALUES", 0)
+    monkeypatch.setattr(fused, "SMALL", 0)  # every tensor through the compiled code
     monkeypatch.setattr(tensorio, "MAPPED_MIN", 0)
     return run(llamas["single"], "ties", params).state
 
@@ -872,3 +879,15 @@ def test_weighted_tied_guess():
     assert ties_dare._tied_guess(magnitude, 30, 240, weights) == 3.0
     assert ties_dare._tied_guess(magnitude, 41, 240, weights) == 1.0
     assert ties_dare._tied_guess(magnitude, 41, 240) == 5.0  # unweighted, rank 10 of the 60 values
+
+
+def test_small_tensors_skip_the_compiled_code(monkeypatch):
+    """Under `SMALL` values a kernel's expression runs eagerly (no compiling for small sizes): the same
+    values, and nothing compiled."""
+    from merging_core.methods import fused
+
+    monkeypatch.setattr(fused, "_kernel", lambda *a: pytest.fail("compiled for a small tensor"))
+    x = torch.randn(100)
+    args = (x, [x + 1, x - 1], [0.5, 0.5], 1.0, 1.0)
+    assert torch.equal(fused.ties_combine(*args), fused.ties_combine(*args, compiled=False))
+    assert fused.failure() is None

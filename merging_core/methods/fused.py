@@ -144,11 +144,18 @@ def _kernel(name: str, fn):
     return _compiled[name]
 
 
+SMALL = 1 << 16  # values: a smaller tensor or slice runs the kernel's expression eagerly (as fast as a call,
+# and no recompiling for small sizes: the compiled code assumes a few thousand values at least)
+
+
 def _call(name: str, fn, *args):
-    """The compiled `fn` on `args`, or None when it cannot be compiled here (then never tried again)."""
+    """The compiled `fn` on `args` (its expression run eagerly for a tensor under `SMALL` values), or None
+    when it cannot be compiled here (then never tried again)."""
     global _failure
     if _failure is not None:
         return None
+    if args[0].numel() < SMALL:
+        return fn(*args)
     try:
         return _kernel(name, fn)(*args)
     except Exception as error:  # noqa: BLE001 (a missing compiler, an unsupported platform: eager code instead)

@@ -25,8 +25,9 @@
   tensor to the L1 norm of the tensor before the drop instead of by 1/(1−p).
 
 Scope `model` finds each model's exact threshold over the whole model in one or two streaming passes (a
-radix selection on the magnitudes' bit patterns, `streamed_thresholds`), then merges slice by slice like
-an elementwise method: memory does not grow with the model. Scope `tensor` merges one whole tensor at a time;
+radix selection on the magnitudes' bit patterns, `streamed_thresholds`; with compiled kernels, first one
+counting pass that proves a bf16-tied value a spread sample guesses, `counted_thresholds`), then merges
+slice by slice like an elementwise method: memory does not grow with the model. Scope `tensor` merges one whole tensor at a time;
 with `tie_break` index, a tensor too large to hold whole goes slice by slice after a streaming pass over it
 for its threshold (`band_select`: one pass after a spread sample places the threshold). On a large CPU
 merge the elementwise steps run as compiled loops (`fused`), with the same values.
@@ -208,7 +209,7 @@ def streamed_thresholds(model: WholeModel, density: float, sample=None) -> tuple
     A radix selection in streaming passes, so no magnitude is held beyond the slice being read: the bit
     patterns of non-negative float32 values sort like the values, so a histogram of their top 16 bits
     finds the bucket holding the k-th largest, and a histogram of the low 16 bits of that bucket's entries
-    pins its exact bit pattern. With `sample` (`WholeModel.sample`: the head of every parameter) the bucket
+    pins its exact bit pattern. With `sample` (`WholeModel.sample`: blocks spread over every parameter) the bucket
     is first estimated, and one pass gathers both histograms, the low bits for a window of `WINDOW`
     buckets around the estimate; a second pass runs only when the bucket falls outside the window.
     Without it, two passes. Sums of τ_i above the bucket (and per low-bits value inside it) give the
@@ -284,7 +285,7 @@ def _bucket_of(high: torch.Tensor, k: int) -> tuple[int, int]:
 
 def _estimated_windows(sample, density: float) -> list[int]:
     """Per model, the first bucket of a `WINDOW`-bucket window centred on the bucket estimated to hold its
-    k-th largest |τ| entry, from the head of every parameter (each head's histogram scaled up to its
+    k-th largest |τ| entry, from a sample of every parameter (each sample's histogram scaled up to its
     parameter's size)."""
     high: list[torch.Tensor] = []
     count = 0
