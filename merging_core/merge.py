@@ -223,8 +223,8 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     stats, stats_records = _gather_stats(work, kinds, params, spec.stats_tasks, spec.stats_files,
                                          scaled(progress, 0.0, 0.5 if kinds else 0.0, "statistics: "), spec.space)
     weights = _weights(params, len(checkpoints), device)
-    # compiled kernels (TIES), where the merge is large enough to repay; they read the inputs as stored and
-    # write the output's dtype
+    # compiled kernels (TIES, SLERP), where the merge is large enough to repay; they read the inputs as stored
+    # and write the output's dtype
     compiled = fused.wanted(device, len(work.models) * sum(math.prod(_meta(work, n)[1]) for n in _method_names(work)))
     work.in_place = plan.in_place = compiled and method.raw_inputs
     context = {}
@@ -435,12 +435,22 @@ def _read_pieces(plan: Plan, pieces: Iterable[Piece], device, read=None) -> Iter
         yield piece, _on_device(inputs, device)
 
 
-def _spread(plan: Plan, name: str, blocks: int, block: int, read, device) -> tuple[Inputs, int]:
+def _spread(plan: Plan, name: str, blocks: int, block: int, read, device, cached: bool = False
+            ) -> tuple[Inputs, int]:
     """`blocks` blocks of `block` values spread evenly over parameter `name` (all of it when that is no
     more), flat and joined; and the parameter's size. Many short blocks: a weight matrix's task vector
-    varies from row to row, and a few long blocks (a few rows) can misplace its quantiles by 10%."""
+    varies from row to row, and a few long blocks (a few rows) can misplace its quantiles by 10%.
+    `cached`: `read` maps the inputs in place and the parameter is in the page cache (prefetched), so the
+    blocks are cut from one mapping per input instead of read one by one (on a cold page cache the
+    mapping's faults would read far more of the file than the blocks)."""
     numel = math.prod(_meta(plan, name)[1])
     step = max(numel // blocks, block)
+    if cached and numel >= blocks * step:  # one mapping per input, the blocks cut from it (no reads)
+        whole = read(Piece(name, 0, numel))
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t.flatten()[:blocks * step].view(blocks, step)[:, :block].reshape(-1)
+        return Inputs([cut(t) for t in whole.tensors], cut(whole.base) if whole.base is not None else None), numel
     parts = [_on_device(read(Piece(name, start, min(start + block, numel))), device)  # (small reads: no thread)
              for start in range(0, numel, step)[:blocks]]
     tensors = [torch.cat([part.tensors[m] for part in parts]) for m in range(len(parts[0].tensors))]
@@ -531,7 +541,7 @@ def _sample_job(plan: Plan, name: str, read, weights: torch.Tensor, context: dic
                 ) -> tuple[TensorJob, int]:
     """A TensorJob of `SCAN_BLOCKS` blocks spread evenly over one large parameter (a sample of its values
     that a scan may estimate from), and the parameter's size."""
-    inputs, numel = _spread(plan, name, SCAN_BLOCKS, SCAN_BLOCK, read, device)
+    inputs, numel = _spread(plan, name, SCAN_BLOCKS, SCAN_BLOCK, read, device, cached=plan.in_place)
     return _job(plan, name, inputs.tensors, inputs.base, weights, context, seed), numel
 
 

@@ -891,3 +891,31 @@ def test_small_tensors_skip_the_compiled_code(monkeypatch):
     args = (x, [x + 1, x - 1], [0.5, 0.5], 1.0, 1.0)
     assert torch.equal(fused.ties_combine(*args), fused.ties_combine(*args, compiled=False))
     assert fused.failure() is None
+
+
+def test_spread_sample_cut_from_one_mapping_equals_block_reads(llamas, monkeypatch):
+    """Reading in place a tensor the prefetch has cached, a spread sample is cut from one mapping of each
+    input (no small reads): the same values as the blocks read one by one."""
+    from merging_core.checkpoint import open_checkpoint
+    from merging_core.spec import GROUPS
+
+    layout = llamas["single"]
+    models = [open_checkpoint(layout[who]) for who in ("a", "b")]
+    plan = engine._plan(ml.methods.get_method("ties"), {"density": 0.3}, models, open_checkpoint(layout["base"]),
+                        GROUPS, "average", "auto")
+    name = next(n for n in engine._method_names(plan) if "embed" in n)  # 16,384 values
+    monkeypatch.setattr(tensorio, "MAPPED_MIN", 0)
+    cpu = torch.device("cpu")
+    read = engine._reader(plan, cpu, raw=True)
+    blocks = []
+
+    def counted(piece):
+        blocks.append(piece)
+        return read(piece)
+    one_by_one, size = engine._spread(plan, name, 8, 100, counted, cpu)
+    assert len(blocks) == 8 and size == 16_384
+    blocks.clear()
+    cut, _ = engine._spread(plan, name, 8, 100, counted, cpu, cached=True)
+    assert len(blocks) == 1 and blocks[0].stop == 16_384  # one mapping of the whole tensor
+    assert all(torch.equal(x, y) for x, y in zip(cut.tensors + [cut.base], one_by_one.tensors + [one_by_one.base]))
+    assert cut.tensors[0].numel() == 800

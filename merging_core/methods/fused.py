@@ -1,4 +1,4 @@
-"""Fused CPU kernels for TIES's elementwise steps on large merges.
+"""Fused CPU kernels for the elementwise steps of TIES and SLERP on large merges.
 
 TIES (Yadav et al. 2023, "TIES-Merging: resolving interference when merging models", arXiv:2306.01708,
 Algorithm 1) trims each task vector τ_i to the entries above a magnitude threshold, elects a sign
@@ -9,8 +9,12 @@ arithmetic, not the disk, bounds a 7B merge. `torch.compile` (Inductor's C++ bac
 expression into one loop over the entries.
 
 The kernels run the eager code's float32 operations in the same order, and Inductor compiles without
-floating-point contraction (`-ffp-contract=off`), so they return the eager values exactly (the tests
-compare them). Compiling takes seconds once per process (Inductor then keeps the code in its on-disk
+floating-point contraction (`-ffp-contract=off`), so TIES's return the eager values exactly (the tests
+compare them). TIES's model-wide trim also gets a counting pass (`trim_tally`) that proves a guessed
+threshold. SLERP (Shoemake 1985) gets two kernels: its angle's dot product and norms over a slice, and
+the interpolation; they equal the eager code within rounding (the float64 sums are added in another
+order, and the interpolation's product and sum are rounded separately, where eager PyTorch's scaled add
+rounds them once). Compiling takes seconds once per process (Inductor then keeps the code in its on-disk
 cache), so the engine asks for the kernels (`wanted`) only on the CPU, for merges of at least
 `MIN_VALUES` input values, without an address-space limit, and never when `MERGELAB_FUSED=0`. Where
 compiling fails (no C++ compiler), the merge goes on eagerly and says so (`failure`).
