@@ -220,22 +220,26 @@ def tie_counts(base: torch.Tensor, tensors: list[torch.Tensor], values: list[flo
     """Per model i, how many entries of one slice have |τ_i| > values[i] and how many have |τ_i| == values[i]
     (a threshold guessed where bf16 task vectors tie by the thousands: two counts decide it). None when
     compiling failed."""
-    limits = torch.tensor(values, dtype=torch.float32)
-    counts = [[0, 0] for _ in tensors]
-    for part, parts in _blocks(base, tensors):  # (counts exact in float32)
-        found = _call("tie_counts", _tie_counts, part, parts, limits) if compiled else _tie_counts(part, parts, limits)
+    sums = _block_sums("tie_counts", _tie_counts, base, tensors, (torch.tensor(values, dtype=torch.float32),),
+                       compiled)
+    return None if sums is None else [(int(sums[2 * i]), int(sums[2 * i + 1])) for i in range(len(tensors))]
+
+
+def _block_sums(name: str, fn, base: torch.Tensor, tensors: list[torch.Tensor], extra: tuple, compiled: bool
+                ) -> list[float] | None:
+    """The scalars `fn(base, tensors, *extra)` returns, each summed over the slice's blocks of fewer than
+    `EXACT_COUNT` entries (where the kernels' float32 counts are exact); compiled when asked, None when
+    compiling failed."""
+    base, tensors = base.flatten(), [t.flatten() for t in tensors]
+    sums: list[float] | None = None
+    for start in range(0, base.numel() or 1, EXACT_COUNT - 1):
+        block = (base[start:start + EXACT_COUNT - 1], [t[start:start + EXACT_COUNT - 1] for t in tensors], *extra)
+        found = _call(name, fn, *block) if compiled else fn(*block)
         if found is None:
             return None
-        for i, pair in enumerate(counts):
-            pair[0], pair[1] = pair[0] + int(found[2 * i]), pair[1] + int(found[2 * i + 1])
-    return [(above, equal) for above, equal in counts]
-
-
-def _blocks(base: torch.Tensor, tensors: list[torch.Tensor]):
-    """(base, tensors) flat, in blocks of fewer than `EXACT_COUNT` entries."""
-    base, tensors = base.flatten(), [t.flatten() for t in tensors]
-    for start in range(0, base.numel(), EXACT_COUNT - 1):
-        yield base[start:start + EXACT_COUNT - 1], [t[start:start + EXACT_COUNT - 1] for t in tensors]
+        values = [float(f) for f in found]
+        sums = values if sums is None else [total + value for total, value in zip(sums, values)]
+    return sums
 
 
 def trim_tally(base: torch.Tensor, tensors: list[torch.Tensor], values: list[float], votes: bool = False,
@@ -243,17 +247,12 @@ def trim_tally(base: torch.Tensor, tensors: list[torch.Tensor], values: list[flo
     """For TIES's model-wide trim, from one slice: per model i, (how many entries have |τ_i| > values[i], how
     many have |τ_i| == values[i], the sum of τ_i over |τ_i| >= values[i]), and, with `votes`, the sum of the
     signs of the trimmed task vectors' sum (else 0). None when compiling failed."""
-    limits = torch.tensor(values, dtype=torch.float32)
-    counts, signs = [(0, 0, 0.0) for _ in tensors], 0.0
-    for part, parts in _blocks(base, tensors):  # (counts exact in float32)
-        args = (part, parts, limits, votes)
-        found = _call("tally_votes" if votes else "tally", _trim_tally, *args) if compiled else _trim_tally(*args)
-        if found is None:
-            return None
-        counts = [(above + int(found[3 * i]), equal + int(found[3 * i + 1]), kept + float(found[3 * i + 2]))
-                  for i, (above, equal, kept) in enumerate(counts)]
-        signs += float(found[-1]) if votes else 0.0
-    return counts, signs
+    sums = _block_sums("tally_votes" if votes else "tally", _trim_tally, base, tensors,
+                       (torch.tensor(values, dtype=torch.float32), votes), compiled)
+    if sums is None:
+        return None
+    counts = [(int(sums[3 * i]), int(sums[3 * i + 1]), sums[3 * i + 2]) for i in range(len(tensors))]
+    return counts, sums[-1] if votes else 0.0
 
 
 def slerp_products(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float] | None:
