@@ -56,6 +56,10 @@ class Checkpoint:
         """Start reading what `get(name, start, stop)` will read, without waiting for it."""
         self.reader.prefetch(self.names[name], start, stop)
 
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Let the page cache drop what `get(name, start, stop)` read: it will not be read again."""
+        self.reader.release(self.names[name], start, stop)
+
     @property
     def tokenizer(self):
         """The checkpoint's tokenizer, loaded on first use (a data-free merge only copies its files)."""

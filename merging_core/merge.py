@@ -57,7 +57,7 @@ from .progress import ProgressFn, scaled, track
 from .spec import MergeSpec
 from .stats import load_stats, settings_of, statistics
 from .tasks import get_task
-from .tensorio import OUTPUT_DTYPES, SHARD_SIZE, ShardedWriter, read_ahead, write_behind
+from .tensorio import OUTPUT_DTYPES, SHARD_SIZE, ShardedWriter, memory_bytes, read_ahead, write_behind
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -78,6 +78,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     block_lambdas: dict[tuple[str | None, int], float] = field(default_factory=dict)  # (stack, layer) -> λ
     in_place: bool = False  # large tensors read in place (mapped, as stored): longer slices, no process memory
+    beyond_memory: bool = False  # inputs and output exceed the memory: the merge releases what it has used
 
     def by_method(self, name: str) -> bool:
         # from whichever model holds it: a token classifier (first) has no pooler, a sequence one does
@@ -227,6 +228,7 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     # and write the output's dtype
     compiled = fused.wanted(device, len(work.models) * sum(math.prod(_meta(work, n)[1]) for n in _method_names(work)))
     work.in_place = plan.in_place = compiled and method.raw_inputs
+    work.beyond_memory = plan.beyond_memory = out is not None and _beyond_memory(plan)
     context = {}
     if method.prepare is not None:
         whole = WholeModel(_method_names(work), lambda: _method_tensors(work, device), stats,
@@ -480,7 +482,8 @@ def _method_stored(plan: Plan, device) -> Iterator[tuple[str, ParamInfo, list[to
     follows starts with what this pass read last."""
     names = _method_names(plan)[::-1]
     pieces = list(_pieces(plan, names))
-    ahead = _Lookahead(plan, [piece.name for piece in pieces if piece.start == 0 and piece.stop is not None])
+    ahead = _Lookahead(plan, [piece.name for piece in pieces if piece.start == 0 and piece.stop is not None],
+                       compiled=True)
     with contextlib.closing(ahead):
         for piece, inputs in _read_pieces(plan, pieces, device, _reader(plan, device, raw=True)):
             ahead.reached(piece.name)
@@ -498,7 +501,8 @@ def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats
     # The disk reads the next large tensors into the page cache while this one is scanned and merged, or
     # merged in place from mapped pages (which would otherwise wait for the disk inside the kernels).
     ahead = _Lookahead(plan, [piece.name for piece in pieces if piece.start == 0 and piece.stop is not None
-                              and (_needs_scan(plan, piece.name) or context.get("raw_inputs"))])
+                              and (_needs_scan(plan, piece.name) or context.get("raw_inputs"))],
+                       compiled=context.get("fused", False))
     with _kernel_cores(context.get("fused", False)), contextlib.closing(ahead):
         for piece, inputs in track(read_ahead(pieces, read), len(pieces), what, progress):
             here = context
@@ -513,8 +517,28 @@ def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats
                 here = {**context, **scanned}
             merged = _merge_piece(plan, piece, _on_device(inputs, device), weights, stats, here, report, seed)
             del inputs  # before the next piece is read: at most two pieces' inputs in memory
+            if plan.beyond_memory:
+                ahead.release(piece)
             yield piece.name, merged
             del merged
+
+
+def _beyond_memory(plan: Plan) -> bool:
+    """Whether a merge's inputs and output together are larger than the machine's memory: then no input is
+    still in the page cache when a later merge reads it, and the merge lets the cache drop each piece of
+    input it has merged (`_release`) and the output it has written, so that the pages it reads ahead,
+    and those a second pass over the model reads again, stay cached instead."""
+    inputs = [*plan.models, *([plan.base] if plan.base is not None else [])]
+    size = sum(m.meta(n)[0].itemsize * math.prod(m.meta(n)[1]) for m in inputs for n in plan.encoder if n in m.names)
+    return size + size // len(inputs) > memory_bytes()
+
+
+def _release(plan: Plan, piece: Piece) -> None:
+    """Let the page cache drop every input's pages of a piece that is merged."""
+    for i in _holders(plan, piece.name):
+        plan.models[i].release(piece.name, piece.start, piece.stop)
+    if plan.base is not None and piece.name in plan.base.names:
+        plan.base.release(piece.name, piece.start, piece.stop)
 
 
 @contextlib.contextmanager
@@ -546,16 +570,20 @@ def _sample_job(plan: Plan, name: str, read, weights: torch.Tensor, context: dic
 
 
 LOOKAHEAD = 1 << 29  # bytes of input the prefetch thread may read ahead of the merge (more evicts pages before use)
+HEAD_START = 8 << 30  # bytes it may read ahead while the kernels load (and at most a quarter of the memory)
 
 
 class _Lookahead:
     """Reads the inputs of the large tensors ahead of a merge that scans them (two passes over each, the
     second from memory) or reads them in place (mapped pages, which would fault in from the disk inside the
     kernels), on a thread, into the page cache: the disk works while the CPU merges. At most `LOOKAHEAD`
-    bytes ahead, so that nothing is evicted before it is used."""
+    bytes ahead, so that nothing is evicted before it is used; further at the start of a pass whose
+    `compiled` kernels have not run yet in this process (`HEAD_START`): the disk goes on reading while the
+    first call loads them."""
 
-    def __init__(self, plan: Plan, names: list[str]):
+    def __init__(self, plan: Plan, names: list[str], compiled: bool = False):
         self.plan, self.queue, self.sizes = plan, list(names), {}
+        self.budget = min(HEAD_START, memory_bytes() // 4) if compiled and not fused.loaded() else LOOKAHEAD
         inputs = [*plan.models, *([plan.base] if plan.base is not None else [])]
         for name in names:
             self.sizes[name] = sum(m.meta(name)[0].itemsize * math.prod(m.meta(name)[1])
@@ -571,13 +599,19 @@ class _Lookahead:
         for passed in (self.sent, self.queue):
             if name in passed:
                 del passed[:passed.index(name) + 1]
-        while self.queue and sum(self.sizes[n] for n in self.sent) < LOOKAHEAD:
+        while self.queue and sum(self.sizes[n] for n in self.sent) < max(self.budget, LOOKAHEAD):
             following = self.queue.pop(0)
             self.sent.append(following)
             self.reads[following] = self.pool.submit(self._read, following)
+        self.budget = LOOKAHEAD  # (the head start: once)
         if name in self.reads:
             with contextlib.suppress(Exception):  # (a hint: a failed read is the merge's to report)
                 self.reads.pop(name).result()
+
+    def release(self, piece: Piece) -> None:
+        """Let the page cache drop the inputs of a merged piece, on the prefetch thread (the calls take
+        system time the merge's thread would otherwise spend), after the reads already sent."""
+        self.pool.submit(_release, self.plan, piece)
 
     def _read(self, name: str) -> None:
         for i in _holders(self.plan, name):
@@ -586,7 +620,10 @@ class _Lookahead:
             self.plan.base.prefetch(name)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        """Cancel the reads not started (a merge that failed); the releases sent still run."""
+        for read in self.reads.values():
+            read.cancel()
+        self.pool.shutdown(wait=True)
 
 
 def _job(plan: Plan, name: str, tensors: list[torch.Tensor], base: torch.Tensor | None, weights: torch.Tensor,
@@ -696,7 +733,7 @@ def _write(folder: Path, plan: Plan, tensors: Iterator[tuple[str, torch.Tensor]]
     else:
         names = {n: first.names.get(n) or _prefixed(first, n) for n in plan.encoder}
     layout = {names[n]: (_out_dtype(plan, n, dtype), _meta(plan, n)[1]) for n in plan.encoder}
-    with ShardedWriter(folder, layout, shard_size, {"format": "pt"}) as writer:
+    with ShardedWriter(folder, layout, shard_size, {"format": "pt"}, release=plan.beyond_memory) as writer:
         write_behind(lambda name, tensor: writer.write(names[name], tensor), tensors)
     changes = {"architectures": architectures}
     if dtype:

@@ -41,6 +41,7 @@ OUTPUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 INDEX = "model.safetensors.index.json"  # the Hugging Face index of a sharded checkpoint
 SHARD_SIZE = 5 * 10**9  # bytes per output shard by default (as transformers' save_pretrained)
 MAX_HEADER = 100 * 2**20  # a header larger than this is garbage, not a model
+RELEASE_STEP = 1 << 28  # bytes written between two releases of a streamed output's pages to the page cache
 
 
 def open_safetensors(path: str | Path, what: str = ""):
@@ -66,6 +67,20 @@ def check_safetensors(files: list[Path], what: str = "") -> None:
     for f in files:
         with open_safetensors(f, what):
             pass
+
+
+def memory_bytes() -> int:
+    """The memory the page cache can use at most: the machine's, or its container's limit where lower (a
+    cgroup's `memory.max`); very large where neither can be read."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        physical = 1 << 62
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return physical
+    return min(physical, int(limit)) if limit.isdigit() else physical
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -158,9 +173,7 @@ class SafetensorsFile:
         copying nothing into this process (the kernel sends the pages to /dev/null): run on a thread ahead
         of the reads, it keeps the disk busy while the CPU merges. (`posix_fadvise` would not wait, and
         reads only the first few hundred KB of a range.) A no-op where `sendfile` cannot do that."""
-        dtype, shape, offset = self.entries[key]
-        stop = math.prod(shape) if stop is None else stop
-        position, length = offset + start * element_size(dtype), (stop - start) * element_size(dtype)
+        position, length = self._span(key, start, stop)
         try:
             with open(os.devnull, "wb") as sink:
                 done = 0
@@ -171,6 +184,20 @@ class SafetensorsFile:
                     done += sent
         except (OSError, AttributeError):  # (Windows; macOS sends to sockets only): the reads just wait
             pass
+
+    def release(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        """Let the page cache drop the flat slice [start, stop) of tensor `key` (`POSIX_FADV_DONTNEED`), for a
+        merge that has used it and will not read it again: the pages it reads next take the place of these
+        instead of pages it has read ahead or will read a second time. Pages still mapped stay. A no-op
+        where the call does not exist (macOS, Windows)."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, *self._span(key, start, stop), os.POSIX_FADV_DONTNEED)
+
+    def _span(self, key: str, start: int, stop: int | None) -> tuple[int, int]:
+        """The file position and byte length of the flat slice [start, stop) of tensor `key`."""
+        dtype, shape, offset = self.entries[key]
+        stop = math.prod(shape) if stop is None else stop
+        return offset + start * element_size(dtype), (stop - start) * element_size(dtype)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -254,6 +281,9 @@ class LazyFiles:
     def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
         self._where[key].prefetch(key, start, stop)
 
+    def release(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        self._where[key].release(key, start, stop)
+
 
 Item = TypeVar("Item")
 Loaded = TypeVar("Loaded")
@@ -329,14 +359,19 @@ class InMemory:
     def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
         """(In memory already.)"""
 
+    def release(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        """(Not from a file.)"""
+
 
 class StreamingWriter:
     """Write a safetensors file tensor by tensor, in the order of `layout`; a tensor may come whole or as
     consecutive flat slices."""
 
     def __init__(self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None, reserve: int = 0):
-        """`reserve`: bytes kept free in the header for metadata that `set_metadata` fills in at the end."""
+                 metadata: dict[str, str] | None = None, reserve: int = 0, release: bool = False):
+        """`reserve`: bytes kept free in the header for metadata that `set_metadata` fills in at the end.
+        `release`: let the page cache drop what is written, once it is on the disk (a merge larger than
+        memory: its output's pages would push out inputs it has read ahead)."""
         self.path, self.layout = Path(path), dict(layout)
         self._header: dict[str, dict] = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
@@ -349,6 +384,8 @@ class StreamingWriter:
         self._file: BinaryIO = open(self.path, "wb")
         self._file.write(struct.pack("<Q", len(encoded)) + encoded)
         self._header_size = len(encoded)
+        self._release = release
+        self._marks = [0, 8 + len(encoded)]  # file positions of the last two releases (`_released`)
         self._expected = iter(self.layout.items())
         self._current: tuple[str, torch.dtype, tuple[int, ...]] | None = None
         self._left = 0  # elements of the current tensor still to come
@@ -367,9 +404,22 @@ class StreamingWriter:
         data = tensor.detach().contiguous().cpu()
         if data.numel():
             self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            if self._release:
+                self._released()
         self._left -= data.numel()
         if self._left == 0:
             self._current = None
+
+    def _released(self) -> None:
+        """Every `RELEASE_STEP` bytes: `POSIX_FADV_DONTNEED` over what was written since the release before
+        last. The call starts the writing back of dirty pages and drops the clean ones, so each range gets
+        it twice: its writeback starts at one release and its pages go at the next."""
+        position = self._file.tell()
+        if position - self._marks[1] < RELEASE_STEP or not hasattr(os, "posix_fadvise"):
+            return
+        self._file.flush()
+        os.posix_fadvise(self._file.fileno(), self._marks[0], position - self._marks[0], os.POSIX_FADV_DONTNEED)
+        self._marks = [self._marks[1], position]
 
     def set_metadata(self, metadata: dict[str, str]) -> None:
         """Rewrite the header's metadata in place (it must fit the header's size, `reserve` included)."""
@@ -422,8 +472,9 @@ class ShardedWriter:
     checks before writing anything that the disk has room for all of it."""
 
     def __init__(self, folder: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 shard_size: int = SHARD_SIZE, metadata: dict[str, str] | None = None):
-        self.folder, self.metadata = Path(folder), metadata or {"format": "pt"}
+                 shard_size: int = SHARD_SIZE, metadata: dict[str, str] | None = None, release: bool = False):
+        """`release`: as `StreamingWriter`'s, for every shard."""
+        self.folder, self.metadata, self.release = Path(folder), metadata or {"format": "pt"}, release
         sizes = {name: math.prod(shape) * element_size(dtype) for name, (dtype, shape) in layout.items()}
         self.total = sum(sizes.values())
         free = shutil.disk_usage(self.folder).free
@@ -452,7 +503,7 @@ class ShardedWriter:
                 self._writer.close()
             self._shard += 1
             self._writer = StreamingWriter(self.folder / self._groups[self._shard][0], self._groups[self._shard][1],
-                                           self.metadata)
+                                           self.metadata, release=self.release)
         self._writer.write(name, tensor)
 
     def close(self) -> None:

@@ -530,13 +530,7 @@ def test_lookahead_reads_ahead_within_its_budget(monkeypatch):
     monkeypatch.setattr(engine, "LOOKAHEAD", 4000)
     ahead = engine._Lookahead(plan, [f"t{i}" for i in range(6)])
     ahead.pool.shutdown()
-
-    def now(fn, *args) -> Future:
-        done = Future()
-        done.set_result(fn(*args))
-        return done
-    ahead.pool = type("Now", (), {"submit": lambda self, fn, *args: now(fn, *args),
-                                  "shutdown": lambda self, **_: None})()
+    ahead.pool = synchronous()
     ahead.reached("t0")
     assert sent == ["t1", "t2"]  # 4000 bytes ahead
     ahead.reached("t1")
@@ -569,6 +563,93 @@ def test_lookahead_waits_for_the_tensor_reached():
     ahead.reached("t1")
     assert finished == ["t0", "t1"]
     ahead.close()
+
+
+def test_lookahead_head_start_while_the_kernels_load(monkeypatch):
+    """At the start of a pass whose compiled kernels have not run yet in the process, the prefetch reads
+    further ahead (the first call takes seconds); then, and in a process that has run them, `LOOKAHEAD`."""
+    from merging_core.methods import fused
+
+    sent = []
+
+    class Model:
+        names = {f"t{i}": f"t{i}" for i in range(8)}
+
+        def meta(self, name):
+            return torch.bfloat16, (1000,)  # 2000 bytes a model
+
+        def prefetch(self, name, *_):
+            sent.append(name)
+
+    plan = type("Plan", (), {"models": [Model()], "base": None})()
+    monkeypatch.setattr(engine, "_holders", lambda plan_, name: [0])
+    monkeypatch.setattr(engine, "LOOKAHEAD", 4000)
+    monkeypatch.setattr(engine, "HEAD_START", 10_000)
+    for loaded, compiled, first in [(False, True, 5), (True, True, 2), (False, False, 2)]:
+        monkeypatch.setattr(fused, "_loaded", loaded)
+        sent.clear()
+        ahead = engine._Lookahead(plan, [f"t{i}" for i in range(8)], compiled=compiled)
+        ahead.pool.shutdown()
+        ahead.pool = synchronous()
+        ahead.reached("t0")
+        assert sent == [f"t{i}" for i in range(1, 1 + first)], (loaded, compiled)
+        ahead.reached("t1")  # within the head start: nothing more; past it, the usual budget
+        assert sent[first:] == ([] if first > 2 else ["t3"]), (loaded, compiled)
+        ahead.close()
+
+
+def synchronous():
+    """A stand-in for `_Lookahead`'s thread pool that runs each read when it is submitted."""
+    def now(fn, *args) -> Future:
+        done = Future()
+        done.set_result(fn(*args))
+        return done
+    return type("Now", (), {"submit": lambda self, fn, *args: now(fn, *args), "shutdown": lambda self, **_: None})()
+
+
+def released_spans(calls: list[tuple[str, int, int]], path: Path) -> list[tuple[int, int]]:
+    """The byte ranges of `path` given to `posix_fadvise(DONTNEED)`, joined where they touch or overlap."""
+    spans: list[list[int]] = []
+    for start, stop in sorted((o, o + n) for f, o, n in calls if f == str(path)):
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], stop)
+        else:
+            spans.append([start, stop])
+    return [(a, b) for a, b in spans]
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3, "scope": "tensor"}), ("average", {})])
+def test_merge_beyond_memory_releases_what_it_has_used(llamas, tmp_path, monkeypatch, method, params):
+    """A merge whose inputs and output exceed the memory lets the page cache drop each input's bytes once
+    merged, all of them and nothing else, and its output's as it goes; the result is the same. A merge
+    that fits leaves the page cache alone."""
+    calls: list[tuple[str, int, int]] = []
+    fadvise = os.posix_fadvise
+
+    def recorded(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_DONTNEED
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length))
+        fadvise(fd, offset, length, advice)
+    monkeypatch.setattr(os, "posix_fadvise", recorded)
+    monkeypatch.setattr(engine, "CHUNK", 1000)  # the embedding in slices, each released
+    run(llamas["sharded"], method, params, tmp_path / "fits", shard_size=SHARD)
+    assert calls == []
+    monkeypatch.setattr(engine, "memory_bytes", lambda: 100_000)
+    monkeypatch.setattr(tensorio, "RELEASE_STEP", 4096)
+    run(llamas["sharded"], method, params, tmp_path / "beyond", shard_size=SHARD)
+    fits, beyond = tensors(tmp_path / "fits"), tensors(tmp_path / "beyond")
+    assert fits.keys() == beyond.keys() and all(torch.equal(fits[k], beyond[k]) for k in fits)
+    for who in ("a", "b", "base") if method == "ties" else ("a", "b"):
+        for shard in sorted(Path(llamas["sharded"][who]).glob("*.safetensors")):
+            entries = tensorio.SafetensorsFile(shard).entries
+            data = [(o, o + math.prod(shape) * dtype.itemsize) for dtype, shape, o in entries.values()]
+            assert released_spans(calls, shard) == [(min(a for a, _ in data), max(b for _, b in data))], shard
+    outputs = sorted((tmp_path / "beyond").glob("*.safetensors"))
+    assert len(outputs) > 2
+    staged = {(Path(f).parent.name.startswith(".beyond"), Path(f).name): f for f, _, _ in calls}  # (written there)
+    for shard in outputs:
+        spans = released_spans(calls, Path(staged.get((True, shard.name), shard)))
+        assert len(spans) == 1 and spans[0][0] == 0 and spans[0][1] > shard.stat().st_size - 3 * 4096, shard
 
 
 @pytest.mark.gpu

@@ -40,6 +40,7 @@ MIN_VALUES = 1 << 28  # input values (all models): below this an eager TIES take
 
 _failure: str | None = None  # why compiling failed in this process, once it has
 _compiled: dict[str, object] = {}
+_loaded = False  # whether a compiled kernel has run in this process (Inductor imported, a kernel traced)
 
 
 def wanted(device: torch.device, values: int) -> bool:
@@ -54,6 +55,13 @@ def wanted(device: torch.device, values: int) -> bool:
 def failure() -> str | None:
     """Why the kernels could not be compiled in this process, or None."""
     return _failure
+
+
+def loaded() -> bool:
+    """Whether a compiled kernel has run in this process. The first call of one takes seconds even from
+    Inductor's on-disk cache (about 2.5 s importing the compiler, 1.3 s tracing the kernel, on 2 cores of a
+    small machine); a merge reads further ahead while it does."""
+    return _loaded
 
 
 def _ties_combine(base: torch.Tensor, tensors: list[torch.Tensor], limits: torch.Tensor, lam: torch.Tensor,
@@ -155,13 +163,15 @@ SMALL = 1 << 16  # values: a smaller tensor or slice runs the kernel's expressio
 def _call(name: str, fn, *args):
     """The compiled `fn` on `args` (its expression run eagerly for a tensor under `SMALL` values), or None
     when it cannot be compiled here (then never tried again)."""
-    global _failure
+    global _failure, _loaded
     if _failure is not None:
         return None
     if args[0].numel() < SMALL:
         return fn(*args)
     try:
-        return _kernel(name, fn)(*args)
+        result = _kernel(name, fn)(*args)
+        _loaded = True
+        return result
     except Exception as error:  # noqa: BLE001 (a missing compiler, an unsupported platform: eager code instead)
         _failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
         logging.getLogger(__name__).warning("compiled kernels unavailable, merging eagerly (%s)", _failure)
