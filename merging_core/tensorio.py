@@ -16,6 +16,7 @@ Peak memory is therefore about one slice per input model, however large the chec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -191,7 +192,8 @@ class SafetensorsFile:
         instead of pages it has read ahead or will read a second time. Pages still mapped stay. A no-op
         where the call does not exist (macOS, Windows)."""
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, *self._span(key, start, stop), os.POSIX_FADV_DONTNEED)
+            with contextlib.suppress(OSError):  # (a hint: a file system that refuses it changes nothing)
+                os.posix_fadvise(self._fd, *self._span(key, start, stop), os.POSIX_FADV_DONTNEED)
 
     def _span(self, key: str, start: int, stop: int | None) -> tuple[int, int]:
         """The file position and byte length of the flat slice [start, stop) of tensor `key`."""
@@ -418,7 +420,8 @@ class StreamingWriter:
         if position - self._marks[1] < RELEASE_STEP or not hasattr(os, "posix_fadvise"):
             return
         self._file.flush()
-        os.posix_fadvise(self._file.fileno(), self._marks[0], position - self._marks[0], os.POSIX_FADV_DONTNEED)
+        with contextlib.suppress(OSError):  # (a hint: a file system that refuses it changes nothing)
+            os.posix_fadvise(self._file.fileno(), self._marks[0], position - self._marks[0], os.POSIX_FADV_DONTNEED)
         self._marks = [self._marks[1], position]
 
     def set_metadata(self, metadata: dict[str, str]) -> None:

@@ -513,24 +513,8 @@ def test_write_behind_keeps_order_and_raises_the_writers_error():
 def test_lookahead_reads_ahead_within_its_budget(monkeypatch):
     """The prefetch thread is sent the tensors after the one the merge reached, up to `LOOKAHEAD` bytes
     ahead, each once."""
-    sent = []
-
-    class Model:
-        def __init__(self):
-            self.names = {f"t{i}": f"t{i}" for i in range(6)}
-
-        def meta(self, name):
-            return torch.bfloat16, (1000,)  # 2000 bytes a model
-
-        def prefetch(self, name, *_):
-            sent.append(name)
-
-    plan = type("Plan", (), {"models": [Model()], "base": None})()
-    monkeypatch.setattr(engine, "_holders", lambda plan_, name: [0])
-    monkeypatch.setattr(engine, "LOOKAHEAD", 4000)
-    ahead = engine._Lookahead(plan, [f"t{i}" for i in range(6)])
-    ahead.pool.shutdown()
-    ahead.pool = synchronous()
+    plan, sent = prefetched_plan(monkeypatch, 6)
+    ahead = synchronous_lookahead(plan)
     ahead.reached("t0")
     assert sent == ["t1", "t2"]  # 4000 bytes ahead
     ahead.reached("t1")
@@ -570,27 +554,12 @@ def test_lookahead_head_start_while_the_kernels_load(monkeypatch):
     further ahead (the first call takes seconds); then, and in a process that has run them, `LOOKAHEAD`."""
     from merging_core.methods import fused
 
-    sent = []
-
-    class Model:
-        names = {f"t{i}": f"t{i}" for i in range(8)}
-
-        def meta(self, name):
-            return torch.bfloat16, (1000,)  # 2000 bytes a model
-
-        def prefetch(self, name, *_):
-            sent.append(name)
-
-    plan = type("Plan", (), {"models": [Model()], "base": None})()
-    monkeypatch.setattr(engine, "_holders", lambda plan_, name: [0])
-    monkeypatch.setattr(engine, "LOOKAHEAD", 4000)
+    plan, sent = prefetched_plan(monkeypatch, 8)
     monkeypatch.setattr(engine, "HEAD_START", 10_000)
     for loaded, compiled, first in [(False, True, 5), (True, True, 2), (False, False, 2)]:
         monkeypatch.setattr(fused, "_loaded", loaded)
         sent.clear()
-        ahead = engine._Lookahead(plan, [f"t{i}" for i in range(8)], compiled=compiled)
-        ahead.pool.shutdown()
-        ahead.pool = synchronous()
+        ahead = synchronous_lookahead(plan, compiled=compiled)
         ahead.reached("t0")
         assert sent == [f"t{i}" for i in range(1, 1 + first)], (loaded, compiled)
         ahead.reached("t1")  # within the head start: nothing more; past it, the usual budget
@@ -598,13 +567,37 @@ def test_lookahead_head_start_while_the_kernels_load(monkeypatch):
         ahead.close()
 
 
-def synchronous():
-    """A stand-in for `_Lookahead`'s thread pool that runs each read when it is submitted."""
+def prefetched_plan(monkeypatch, count: int):
+    """A plan of one model with tensors t0 ... t{count-1} of 2000 bytes each, `LOOKAHEAD` 4000 bytes, and the
+    list of the tensors its prefetch is sent, in order."""
+    sent: list[str] = []
+
+    class Model:
+        names = {f"t{i}": f"t{i}" for i in range(count)}
+
+        def meta(self, name):
+            return torch.bfloat16, (1000,)
+
+        def prefetch(self, name, *_):
+            sent.append(name)
+
+    monkeypatch.setattr(engine, "_holders", lambda plan_, name: [0])
+    monkeypatch.setattr(engine, "LOOKAHEAD", 4000)
+    return type("Plan", (), {"models": [Model()], "base": None})(), sent
+
+
+def synchronous_lookahead(plan, **options) -> engine._Lookahead:
+    """`_Lookahead` over every tensor of `plan`, its thread pool replaced by one that runs each read when it
+    is submitted."""
     def now(fn, *args) -> Future:
         done = Future()
         done.set_result(fn(*args))
         return done
-    return type("Now", (), {"submit": lambda self, fn, *args: now(fn, *args), "shutdown": lambda self, **_: None})()
+    ahead = engine._Lookahead(plan, list(plan.models[0].names), **options)
+    ahead.pool.shutdown()
+    ahead.pool = type("Now", (), {"submit": lambda self, fn, *args: now(fn, *args),
+                                  "shutdown": lambda self, **_: None})()
+    return ahead
 
 
 def released_spans(calls: list[tuple[str, int, int]], path: Path) -> list[tuple[int, int]]:
