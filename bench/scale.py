@@ -303,12 +303,16 @@ def compile_kernels(env: dict) -> float:
     # tensors of their own: the same tensor passed twice, or views of one storage at offsets, trace other
     # graphs than a merge calls)
     code = ("import torch; from merging_core.methods import fused; f, g, h = (torch.rand(1 << 20) for _ in range(3))\n"
-            "torch.set_num_threads(max(1, torch.get_num_threads() - 1))\n"
+            "cores = torch.get_num_threads(); torch.set_num_threads(max(1, cores - 1))\n"
             "for b, x, y in ((f, g, h), (f.bfloat16(), g.bfloat16(), h.bfloat16())):\n"
             "    fused.ties_combine(b, [x, y], [0.0, 0.0], 1.0, 1.0, dtype=b.dtype); fused.band(x, b, 0.0, 1.0)\n"
             "    fused.tie_counts(b, [x, y], [0.0, 0.0]); fused.trim_tally(b, [x, y], [0.0, 0.0])\n"
             "    fused.trim_tally(b, [x, y], [0.0, 0.0], votes=True); fused.slerp_products(x, y)\n"
             "    fused.interpolate(x, y, 0.5, 0.5, b.dtype)\n"
+            "fused.ties_disjoint(f, torch.stack([g, h]), 1.0, 1.0)\n"
+            "torch.set_num_threads(cores)  # (a merge of whole tensors runs on every core)\n"
+            "for b, x, y in ((f, g, h), (f.bfloat16(), g.bfloat16(), h.bfloat16())):\n"
+            "    fused.ties_combine(b, [x, y], [0.0, 0.0], 1.0, 1.0, dtype=b.dtype)\n"
             "fused.ties_disjoint(f, torch.stack([g, h]), 1.0, 1.0); assert fused.failure() is None, fused.failure()")
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True)

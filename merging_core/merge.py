@@ -503,7 +503,9 @@ def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats
     ahead = _Lookahead(plan, [piece.name for piece in pieces if piece.start == 0 and piece.stop is not None
                               and (_needs_scan(plan, piece.name) or context.get("raw_inputs"))],
                        compiled=context.get("fused", False))
-    with _kernel_cores(context.get("fused", False)), contextlib.closing(ahead):
+    # (only where the merge streams through the prefetch: with every tensor whole, as TIES with mergekit's
+    # tie order holds them, the eager selection between kernel calls wants every core)
+    with _kernel_cores(context.get("fused", False) and bool(ahead.queue)), contextlib.closing(ahead):
         for piece, inputs in track(read_ahead(pieces, read), len(pieces), what, progress):
             here = context
             ahead.reached(piece.name)
