@@ -148,6 +148,17 @@ def _holders(plan: Plan, name: str) -> list[int]:
     return [i for i, m in enumerate(plan.models) if name in m.names]
 
 
+def _stored_in(plan: Plan, name: str) -> list[Checkpoint]:
+    """Every input checkpoint that holds parameter `name`: the models that have it, and the base when it does."""
+    base = [plan.base] if plan.base is not None and name in plan.base.names else []
+    return [plan.models[i] for i in _holders(plan, name)] + base
+
+
+def _stored_bytes(plan: Plan, name: str) -> int:
+    """The bytes parameter `name` takes in all the input checkpoints together."""
+    return sum(m.meta(name)[0].itemsize * math.prod(m.meta(name)[1]) for m in _stored_in(plan, name))
+
+
 def _info(plan: Plan, name: str) -> ParamInfo:
     return next(m.infos[name] for m in plan.models if name in m.infos)
 
@@ -530,17 +541,14 @@ def _beyond_memory(plan: Plan) -> bool:
     still in the page cache when a later merge reads it, and the merge lets the cache drop each piece of
     input it has merged (`_release`) and the output it has written, so that the pages it reads ahead,
     and those a second pass over the model reads again, stay cached instead."""
-    inputs = [*plan.models, *([plan.base] if plan.base is not None else [])]
-    size = sum(m.meta(n)[0].itemsize * math.prod(m.meta(n)[1]) for m in inputs for n in plan.encoder if n in m.names)
-    return size + size // len(inputs) > memory_bytes()
+    size = sum(_stored_bytes(plan, name) for name in plan.encoder)
+    return size + size // (len(plan.models) + (plan.base is not None)) > memory_bytes()
 
 
 def _release(plan: Plan, piece: Piece) -> None:
     """Let the page cache drop every input's pages of a piece that is merged."""
-    for i in _holders(plan, piece.name):
-        plan.models[i].release(piece.name, piece.start, piece.stop)
-    if plan.base is not None and piece.name in plan.base.names:
-        plan.base.release(piece.name, piece.start, piece.stop)
+    for checkpoint in _stored_in(plan, piece.name):
+        checkpoint.release(piece.name, piece.start, piece.stop)
 
 
 @contextlib.contextmanager
@@ -586,10 +594,8 @@ class _Lookahead:
     def __init__(self, plan: Plan, names: list[str], compiled: bool = False):
         self.plan, self.queue, self.sizes = plan, list(names), {}
         self.budget = min(HEAD_START, memory_bytes() // 4) if compiled and not fused.loaded() else LOOKAHEAD
-        inputs = [*plan.models, *([plan.base] if plan.base is not None else [])]
         for name in names:
-            self.sizes[name] = sum(m.meta(name)[0].itemsize * math.prod(m.meta(name)[1])
-                                   for m in inputs if name in m.names)
+            self.sizes[name] = _stored_bytes(plan, name)
         self.sent: list[str] = []
         self.reads: dict[str, Future] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="mergelab-prefetch")
@@ -616,10 +622,8 @@ class _Lookahead:
         self.pool.submit(_release, self.plan, piece)
 
     def _read(self, name: str) -> None:
-        for i in _holders(self.plan, name):
-            self.plan.models[i].prefetch(name)
-        if self.plan.base is not None and name in self.plan.base.names:
-            self.plan.base.prefetch(name)
+        for checkpoint in _stored_in(self.plan, name):
+            checkpoint.prefetch(name)
 
     def close(self) -> None:
         """Cancel the reads not started (a merge that failed); the releases sent still run."""
