@@ -29,7 +29,9 @@ math in both tools (float32 arithmetic, bf16 output):
 - `regmean` (MergeLab only; mergekit has none): each fine-tune's input Grams on 64 WikiText-2 texts
   (`MERGELAB_DATA` must point at the data), computed block by block into a fresh statistics cache, then
   the per-tensor solves; the row adds the statistics' seconds per model and per block, the solve time
-  per layer, and the statistics files' size.
+  per layer, and the statistics files' size;
+- `fisher` (MergeLab only): each fine-tune's diagonal Fisher (gradients of the causal-LM log-likelihood
+  of 16 WikiText-2 texts), then the per-tensor weighted average; the same columns as `regmean`.
 
 TIES runs its elementwise steps as compiled kernels on a large CPU merge (`merging_core.methods.fused`).
 With `--eager` each TIES row also runs MergeLab with `MERGELAB_FUSED=0` (the eager PyTorch code) and
@@ -84,9 +86,11 @@ METHODS = {
     "slerp": ("slerp", {"t": 0.5}, {"merge_method": "slerp"}),
     "ties-model": ("ties", {"density": 0.2}, None),
     "regmean": ("regmean", {"examples": 64}, None),
+    "fisher": ("fisher", {"examples": 16}, None),
 }
 BASED = ("task_arithmetic", "ties", "ties-index", "ties-model")
-STATS_TASK = "wikitext2"  # RegMean's data: the causal-LM Grams of each fine-tune on WikiText-2 (MERGELAB_DATA)
+DATA_AWARE = ("regmean", "fisher")
+STATS_TASK = "wikitext2"  # their data: each fine-tune's statistics on WikiText-2 texts (MERGELAB_DATA)
 
 
 def layout(shape: dict) -> dict[str, tuple[int, ...]]:
@@ -291,7 +295,7 @@ def mergelab_command(method: str, folders: dict[str, Path], out: Path) -> list[s
         cmd += ["--base", str(folders["base"])]
     if params:
         cmd += ["--set", ",".join(f"{k}={v}" for k, v in params.items())]
-    if method == "regmean":
+    if method in DATA_AWARE:
         cmd += ["--stats-task", STATS_TASK]
     return cmd
 
@@ -307,8 +311,7 @@ def compile_kernels(env: dict) -> float:
             "for b, x, y in ((f, g, h), (f.bfloat16(), g.bfloat16(), h.bfloat16())):\n"
             "    fused.ties_combine(b, [x, y], [0.0, 0.0], 1.0, 1.0, dtype=b.dtype); fused.band(x, b, 0.0, 1.0)\n"
             "    fused.tie_counts(b, [x, y], [0.0, 0.0]); fused.trim_tally(b, [x, y], [0.0, 0.0])\n"
-            "    fused.trim_tally(b, [x, y], [0.0, 0.0], votes=True); fused.slerp_products(x, y)\n"
-            "    fused.interpolate(x, y, 0.5, 0.5, b.dtype)\n"
+            "    fused.trim_tally(b, [x, y], [0.0, 0.0], votes=True)\n"
             "fused.ties_disjoint(f, torch.stack([g, h]), 1.0, 1.0)\n"
             "torch.set_num_threads(cores)  # (a merge of whole tensors runs on every core)\n"
             "for b, x, y in ((f, g, h), (f.bfloat16(), g.bfloat16(), h.bfloat16())):\n"
@@ -320,7 +323,7 @@ def compile_kernels(env: dict) -> float:
 
 
 def statistics_times(home: Path, layers: int) -> dict:
-    """A RegMean run's statistics, from the records its cache holds: seconds per model and per block."""
+    """A data-aware run's statistics, from the records its cache holds: seconds per model and per block."""
     seconds = [json.loads(p.read_text())["seconds"] for p in sorted((home / "cache" / "stats").glob("*.json"))]
     return {"stats_s": seconds, "stats_s_per_block": round(sum(seconds) / len(seconds) / layers, 2),
             "stats_mib": round(sum(p.stat().st_size for p in (home / "cache" / "stats").glob("*.safetensors")) / 2**20)}
@@ -358,7 +361,7 @@ def main() -> None:
                        "floor_s": round(floor(used, out_bytes, args.cache / "floor.bin"), 2)}
                 ours = args.cache / "out-mergelab"
                 shutil.rmtree(ours, ignore_errors=True)
-                if method == "regmean":  # statistics computed afresh, into a home of their own
+                if method in DATA_AWARE:  # statistics computed afresh, into a home of their own
                     add_tokenizer(folders)
                     home = Path(tempfile.mkdtemp(dir=args.cache))
                     mine = timed(mergelab_command(method, folders, ours), {**env, "MERGELAB_HOME": str(home)})

@@ -235,21 +235,24 @@ def merge(spec: MergeSpec | str, models: Sequence[str] | None = None, *, out: st
     stats, stats_records = _gather_stats(work, kinds, params, spec.stats_tasks, spec.stats_files,
                                          scaled(progress, 0.0, 0.5 if kinds else 0.0, "statistics: "), spec.space)
     weights = _weights(params, len(checkpoints), device)
-    # compiled kernels (TIES, SLERP), where the merge is large enough to repay; they read the inputs as stored
-    # and write the output's dtype
-    compiled = fused.wanted(device, len(work.models) * sum(math.prod(_meta(work, n)[1]) for n in _method_names(work)))
-    work.in_place = plan.in_place = compiled and method.raw_inputs
+    # compiled kernels (TIES's), where the merge is large enough to repay; a method may read the inputs as
+    # stored and write the output's dtype (with its kernels, or always: `Method.raw_inputs`)
+    compiled = method.compiled and fused.wanted(
+        device, len(work.models) * sum(math.prod(_meta(work, n)[1]) for n in _method_names(work)))
+    raw = device.type == "cpu" and (method.raw_inputs == "always" or compiled and method.raw_inputs == "compiled")
+    work.in_place = plan.in_place = raw
     work.beyond_memory = plan.beyond_memory = out is not None and _beyond_memory(plan)
     context = {}
     if method.prepare is not None:
         whole = WholeModel(_method_names(work), lambda: _method_tensors(work, device), stats,
                            lambda: _method_sample(work, device),
-                           (lambda: _method_stored(work, device)) if compiled and method.raw_inputs else None)
-        with _kernel_cores(whole.stored is not None):
+                           (lambda: _method_stored(work, device)) if raw else None)
+        with _spare_core(compiled):
             context = method.prepare(whole, params)
+    if raw:
+        context = {**context, "raw_inputs": True, "out_dtype": OUTPUT_DTYPES[spec.dtype] if spec.dtype else None}
     if compiled:
-        context = {**context, "fused": True, "raw_inputs": method.raw_inputs,
-                   "out_dtype": OUTPUT_DTYPES[spec.dtype] if spec.dtype else None}
+        context = {**context, "fused": True}
 
     merged_progress = scaled(progress, 0.5 if kinds else 0.0, 0.95, "merging: ")
     report: dict[str, dict] = {}
@@ -514,9 +517,10 @@ def _merged_parts(plan: Plan, names: Sequence[str], weights: torch.Tensor, stats
     ahead = _Lookahead(plan, [piece.name for piece in pieces if piece.start == 0 and piece.stop is not None
                               and (_needs_scan(plan, piece.name) or context.get("raw_inputs"))],
                        compiled=context.get("fused", False))
-    # (only where the merge streams through the prefetch: with every tensor whole, as TIES with mergekit's
-    # tie order holds them, the eager selection between kernel calls wants every core)
-    with _kernel_cores(context.get("fused", False) and bool(ahead.queue)), contextlib.closing(ahead):
+    # A merge reading its inputs in place leaves a core to the prefetch (only where it streams through it:
+    # with every tensor whole, as TIES with mergekit's tie order holds them, the eager selection between
+    # kernel calls wants every core)
+    with _spare_core(context.get("raw_inputs", False) and bool(ahead.queue)), contextlib.closing(ahead):
         for piece, inputs in track(read_ahead(pieces, read), len(pieces), what, progress):
             here = context
             ahead.reached(piece.name)
@@ -552,11 +556,12 @@ def _release(plan: Plan, piece: Piece) -> None:
 
 
 @contextlib.contextmanager
-def _kernel_cores(compiled: bool) -> Iterator[None]:
-    """Compiled kernels run on every core but one, which the reading, prefetching and writing threads need
-    (OpenMP's idle workers would spin on it)."""
+def _spare_core(spare: bool) -> Iterator[None]:
+    """With `spare`, torch computes on every core but one, which the reading, prefetching and writing
+    threads need (OpenMP's idle workers would spin on it). Measured on 2 cores: a compiled TIES merge, and
+    SLERP's eager blocks (memory-bound: one core does them about as fast as two) both gain at 7B."""
     threads = torch.get_num_threads()
-    if compiled:
+    if spare:
         torch.set_num_threads(max(1, threads - 1))
     try:
         yield

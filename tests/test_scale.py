@@ -149,13 +149,14 @@ def test_slice_by_slice_equals_whole_tensors(llamas, monkeypatch, method, params
         assert torch.equal(sliced.state[name], whole[name]), name
 
 
-@pytest.mark.parametrize("method,params,sliced", [
-    ("dare", {"drop_rate": 0.3}, False), ("slerp", {"t": 0.3}, True),
-    ("ties", {"density": 0.3, "scope": "tensor"}, False),
-    ("ties", {"density": 0.3, "scope": "tensor", "tie_break": "index"}, True)])
-def test_which_methods_see_slices(llamas, monkeypatch, method, params, sliced):
+@pytest.mark.parametrize("method,params,slice_size", [
+    ("dare", {"drop_rate": 0.3}, None), ("slerp", {"t": 0.3}, 1000 * engine.IN_PLACE),
+    ("ties", {"density": 0.3, "scope": "tensor"}, None),
+    ("ties", {"density": 0.3, "scope": "tensor", "tie_break": "index"}, 1000)])
+def test_which_methods_see_slices(llamas, monkeypatch, method, params, slice_size):
     """DARE (its masks are drawn per tensor) and TIES breaking ties by mergekit's sort always get whole
-    tensors; SLERP and TIES breaking ties by index get slices of tensors over WHOLE values, after a scan."""
+    tensors; SLERP and TIES breaking ties by index get slices of tensors over WHOLE values, after a scan:
+    CHUNK values, or IN_PLACE times more where the inputs are read as stored (SLERP on the CPU)."""
     seen = []
     original = ml.methods.METHODS[method]
 
@@ -168,7 +169,8 @@ def test_which_methods_see_slices(llamas, monkeypatch, method, params, sliced):
     monkeypatch.setitem(ml.methods.METHODS, method, dataclasses.replace(original, merge_tensor=spy))
     run(llamas["single"], method, params)
     embedding = [shape for name, shape in seen if name == "embed_tokens.weight"]
-    assert embedding == ([(1000,)] * 16 + [(384,)] if sliced else [(512, 32)])
+    full, rest = divmod(512 * 32, slice_size or 1)
+    assert embedding == ([(slice_size,)] * full + [(rest,)] if slice_size else [(512, 32)])
     assert ("layers.0.mlp.up_proj.weight", (64, 32)) in seen  # 2,048 values: whole either way
 
 
@@ -692,27 +694,61 @@ def test_compiled_ties_equals_eager(llamas, monkeypatch, params):
         assert torch.equal(compiled.state[name], eager[name]), name
 
 
-def test_compiled_slerp_equals_eager_within_rounding(llamas, monkeypatch):
-    """SLERP with its angle's sums and its interpolation compiled, reading the inputs in place (what a large
-    CPU merge runs): the eager values, but for a bf16 rounding flip (the float64 sums in another order, the
-    product and sum not fused), whole tensors and scanned slices."""
-    from merging_core.methods import fused
+@pytest.mark.parametrize("parallel", [False, True])
+def test_slerp_in_blocks_equals_the_whole_tensor_expression(monkeypatch, parallel):
+    """SLERP on the CPU takes bf16 inputs as stored and interpolates a block at a time, writing bf16: the
+    bits of the float32 expression on the whole tensors rounded once, for the angle's weights and for the
+    linear interpolation of (anti)parallel tensors; the inputs left as they were."""
+    from merging_core.methods import linear
 
-    monkeypatch.setattr(engine, "CHUNK", 1000)
-    monkeypatch.setattr(engine, "WHOLE", 10_000)  # the embedding scanned, then in slices
-    eager = run(llamas["single"], "slerp", {"t": 0.3}).state
-    calls = []
-    real = fused._call
-    monkeypatch.setattr(fused, "_call", lambda name, *a: calls.append(name) or real(name, *a))
-    monkeypatch.setattr(fused, "MIN_VALUES", 0)
-    monkeypatch.setattr(fused, "SMALL", 0)  # every tensor through the compiled code
-    monkeypatch.setattr(tensorio, "MAPPED_MIN", 0)
-    compiled = run(llamas["single"], "slerp", {"t": 0.3}).state
-    assert {"slerp_products", "interpolate"} <= set(calls) and fused.failure() is None
-    for name in eager:
-        assert compiled[name].dtype == eager[name].dtype == torch.bfloat16
-        differ = (compiled[name].float() - eager[name].float()).abs()
-        assert bool((differ <= 2 ** -7 * eager[name].float().abs()).all()), name
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(70, 143, generator=generator).bfloat16()
+    b = (-2 * a) if parallel else torch.randn(70, 143, generator=generator).bfloat16()
+    kept = a.clone(), b.clone()
+    monkeypatch.setattr(linear, "BLOCK", 1000)  # 10,010 values: ten full blocks and a short one
+    job = ml.methods.TensorJob("w", ml.arch.ParamInfo("w", "attention", "query", 0), [a, b], torch.full((2,), 0.5),
+                               ml.methods.get_method("slerp").parse({"t": 0.3}), context={"raw_inputs": True})
+    merged = linear.slerp(job)
+    x, y = a.double().flatten(), b.double().flatten()
+    cosine = float(x @ y / (x.norm() * y.norm()))
+    coefficients = linear.slerp_coefficients(cosine, job.params)
+    assert (coefficients is None) == parallel
+    if parallel:
+        expected = 0.7 * a.float() + 0.3 * b.float()
+    else:
+        expected = (a.float() * coefficients[0]).add_(b.float(), alpha=coefficients[1])
+    assert merged.dtype == torch.bfloat16 and merged.shape == a.shape
+    assert torch.equal(merged, expected.bfloat16())
+    assert torch.equal(a, kept[0]) and torch.equal(b, kept[1])
+
+
+def test_slerp_reads_its_inputs_as_stored(llamas, monkeypatch):
+    """A SLERP merge on the CPU gets every tensor as stored (bf16; the large ones mapped from the file), not
+    copied to float32 by the reader; its output equals that of float32 inputs within a bf16 rounding flip
+    (the angle's sums in float32 blocks of other lengths)."""
+    dtypes, modes = set(), []
+    original, real_reader = ml.methods.METHODS["slerp"], engine._reader
+
+    def spy(job):
+        dtypes.update(t.dtype for t in job.tensors)
+        return original.merge_tensor(job)
+
+    def reader(plan, device, raw=False):
+        modes.append(raw)
+        return real_reader(plan, device, raw=raw)
+
+    monkeypatch.setattr(engine, "_reader", reader)
+    monkeypatch.setitem(ml.methods.METHODS, "slerp", dataclasses.replace(original, merge_tensor=spy))
+    stored = run(llamas["single"], "slerp", {"t": 0.3}).state
+    assert dtypes == {torch.bfloat16} and set(modes) == {True}
+    monkeypatch.setitem(ml.methods.METHODS, "slerp", dataclasses.replace(original, merge_tensor=spy, raw_inputs=None))
+    dtypes.clear()
+    converted = run(llamas["single"], "slerp", {"t": 0.3}).state
+    assert dtypes == {torch.float32}
+    for name in stored:
+        assert stored[name].dtype == converted[name].dtype == torch.bfloat16
+        differ = (stored[name].float() - converted[name].float()).abs()
+        assert bool((differ <= 2 ** -7 * converted[name].float().abs()).all()), name
 
 
 def test_compiled_kernel_with_three_models_and_zero_sums(monkeypatch):

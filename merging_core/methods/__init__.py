@@ -96,10 +96,14 @@ class Method:
     # the whole tensor. Used for tensors too large to hold whole (`merge.WHOLE`).
     scan: Callable[[dict[str, Any]], Callable[[Callable[[], Iterator[TensorJob]], dict[str, Any]],
                                               dict[str, Any]] | None] | None = None
-    # Whether `merge_tensor` and `scan` take the inputs in their stored dtype (bf16, fp16) when the merge uses
-    # compiled kernels (`context["fused"]`), which convert each value as they read it; the method converts
-    # where it computes eagerly. Otherwise a job's tensors are float32.
-    raw_inputs: bool = False
+    # Whether the method has compiled kernels (`fused`), which a large merge on the CPU runs
+    # (`context["fused"]`, where `fused.wanted`).
+    compiled: bool = False
+    # Whether `merge_tensor` and `scan` take the inputs on the CPU in their stored dtype (bf16, fp16) and
+    # convert them as they compute, which spares the reader a float32 copy of each: "always", or "compiled"
+    # (where the merge runs the method's compiled kernels, which convert each value as they read it; its
+    # eager code takes float32). Otherwise, and on a GPU, a job's tensors are float32.
+    raw_inputs: str | None = None
     doc: str = ""
     # Parameters under which merging one model (or N copies of it) returns that model: the values the
     # invariant tests use, declared by the method itself.
@@ -152,9 +156,9 @@ def get_method(name: str) -> Method:
 
 
 def kernel_dtype(job: TensorJob) -> torch.dtype:
-    """The dtype a compiled merge kernel writes: the output's (`context["out_dtype"]`, else that of the inputs
-    as stored when they come raw: a bf16 output written by the loop, no conversion pass after it), float32
-    otherwise (the engine converts)."""
+    """The dtype a method writes its merged tensor in: where its inputs come raw (`Method.raw_inputs`), the
+    output's (`context["out_dtype"]`, else the inputs' as stored: a bf16 output written as it is computed,
+    no conversion pass after it); float32 otherwise (the engine converts)."""
     if not job.context.get("raw_inputs"):
         return torch.float32
     return job.context.get("out_dtype") or job.tensors[0].dtype

@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the elementwise steps of TIES and SLERP on large merges.
+"""Fused CPU kernels for the elementwise steps of TIES on large merges.
 
 TIES (Yadav et al. 2023, "TIES-Merging: resolving interference when merging models", arXiv:2306.01708,
 Algorithm 1) trims each task vector τ_i to the entries above a magnitude threshold, elects a sign
@@ -9,12 +9,9 @@ arithmetic, not the disk, bounds a 7B merge. `torch.compile` (Inductor's C++ bac
 expression into one loop over the entries.
 
 The kernels run the eager code's float32 operations in the same order, and Inductor compiles without
-floating-point contraction (`-ffp-contract=off`), so TIES's return the eager values exactly (the tests
-compare them). TIES's model-wide trim also gets a counting pass (`trim_tally`) that proves a guessed
-threshold. SLERP (Shoemake 1985) gets two kernels: its angle's dot product and norms over a slice, and
-the interpolation; they equal the eager code within rounding (the float64 sums are added in another
-order, and the interpolation's product and sum are rounded separately, where eager PyTorch's scaled add
-rounds them once). Compiling takes seconds once per process (Inductor then keeps the code in its on-disk
+floating-point contraction (`-ffp-contract=off`), so they return the eager values exactly (the tests
+compare them). The model-wide trim also gets a counting pass (`trim_tally`) that proves a guessed
+threshold. Compiling takes seconds once per process (Inductor then keeps the code in its on-disk
 cache), so the engine asks for the kernels (`wanted`) only on the CPU, for merges of at least
 `MIN_VALUES` input values, without an address-space limit, and never when `MERGELAB_FUSED=0`. Where
 compiling fails (no C++ compiler), the merge goes on eagerly and says so (`failure`).
@@ -139,17 +136,6 @@ def _trim_tally(base: torch.Tensor, tensors: list[torch.Tensor], values: torch.T
     return tally
 
 
-def _slerp_products(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """a·b, a·a and b·b of one slice, the float32 products summed in float64."""
-    x, y = a.float(), b.float()
-    return (x * y).double().sum(), (x * x).double().sum(), (y * y).double().sum()
-
-
-def _interpolate(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """w_a · a + w_b · b in float32, rounded to `dtype`."""
-    return (a.float() * weights[0] + b.float() * weights[1]).to(dtype)
-
-
 def _kernel(name: str, fn):
     if name not in _compiled:
         _compiled[name] = torch.compile(fn, dynamic=True, options=COMPILE_OPTIONS)
@@ -263,17 +249,3 @@ def trim_tally(base: torch.Tensor, tensors: list[torch.Tensor], values: list[flo
         return None
     counts = [(int(sums[3 * i]), int(sums[3 * i + 1]), sums[3 * i + 2]) for i in range(len(tensors))]
     return counts, sums[-1] if votes else 0.0
-
-
-def slerp_products(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float] | None:
-    """For SLERP's angle: a·b, a·a and b·b over one slice (inputs as stored, each value converted to float32
-    as it is read; the products summed in float64). Compiled; None when compiling failed."""
-    found = _call("slerp_products", _slerp_products, a.flatten(), b.flatten())
-    return None if found is None else (float(found[0]), float(found[1]), float(found[2]))
-
-
-def interpolate(a: torch.Tensor, b: torch.Tensor, wa: float, wb: float, dtype: torch.dtype) -> torch.Tensor | None:
-    """wa · a + wb · b (SLERP's merge, or linear interpolation) in float32, written in `dtype` by the loop.
-    Compiled; None when compiling failed."""
-    merged = _call("interpolate", _interpolate, a.flatten(), b.flatten(), torch.tensor([wa, wb]), dtype)
-    return None if merged is None else merged.view(a.shape)

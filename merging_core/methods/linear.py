@@ -10,17 +10,19 @@
   to linear interpolation when they are (anti)parallel. As in mergekit, each whole tensor is one vector,
   and a tensor whose norm is below 1e-8 is not normalised: an all-zero tensor counts as orthogonal to the
   other one (Ω = π/2), so the result is sin(tπ/2) · θ_B when θ_A = 0. The interpolation runs in float32,
-  as mergekit's; the dot product and norms that give Ω are accumulated in float64. On a large CPU merge
-  both steps run as compiled loops over the inputs as stored (`fused`, one pass each instead of a
-  conversion and three dot products, then a product, a sum and a conversion): the same values within
-  rounding (the sums added in another order; the product and sum rounded separately, not fused).
+  as mergekit's; the dot product and norms that give Ω are accumulated in float64. On the CPU both steps
+  take the inputs as stored (bf16, say) and go through them a block of `BLOCK` values at a time, so that
+  each block's float32 copy is still in the cache for the next operation on it, and the output block is
+  written in its own dtype (the eager expressions unchanged: the same values as whole float32 tensors).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
-from . import WEIGHTS, Method, Param, TensorJob, fused, kernel_dtype, register, stack, sum_weighted
+from . import WEIGHTS, Method, Param, TensorJob, kernel_dtype, register, stack, sum_weighted
 
 LAMBDA = Param("lambda", "float", 0.3, "scale λ of the summed task vectors", low=0.0, high=3.0)
 
@@ -37,35 +39,41 @@ def task_arithmetic(job: TensorJob) -> torch.Tensor:
 SLERP_EPS = 1e-8  # below this norm a tensor is left unnormalised (mergekit's rule)
 
 
+BLOCK = 1 << 18  # values: SLERP's steps on the CPU, a block at a time (two float32 copies: 2 MB, in the cache)
+
+
 def slerp(job: TensorJob) -> torch.Tensor:
     a, b = job.tensors
-    compiled = job.context.get("fused", False)
     if "slerp" in job.context:  # a slice of a large tensor: its coefficients come from the whole (`slerp_scan`)
         coefficients = job.context["slerp"]
     else:
-        coefficients = slerp_coefficients(_cosine(*_products(a, b, compiled)), job.params)
+        coefficients = slerp_coefficients(_cosine(*_products(a, b)), job.params)
     t = job.params["t"]
     ca, cb = coefficients if coefficients is not None else (1 - t, t)
-    merged = fused.interpolate(a, b, ca, cb, kernel_dtype(job)) if compiled else None
-    if merged is not None:
-        return merged
-    a, b = a.float(), b.float()  # (as stored, when the kernels were asked for but could not be compiled)
-    if coefficients is None:
-        return (1 - t) * a + t * b
-    return (a * ca).add_(b, alpha=cb)
+    merged = torch.empty(a.shape, dtype=kernel_dtype(job), device=a.device)
+    flat, a, b = merged.view(-1), a.flatten(), b.flatten()
+    for start, stop in _blocks(a):
+        x = a[start:stop].to(torch.float32, copy=True)  # (a copy: never scale the input in place)
+        if coefficients is None:  # linear: (1 − t) θ_A + t θ_B, each product rounded, as mergekit's
+            flat[start:stop] = x.mul_(ca).add_(b[start:stop].float() * cb)
+        else:
+            flat[start:stop] = x.mul_(ca).add_(b[start:stop], alpha=cb)
+    return merged
 
 
-def _products(a: torch.Tensor, b: torch.Tensor, compiled: bool = False) -> tuple[float, float, float]:
-    """a·b, a·a and b·b, each summed in float64 over float32 products of 1M-value blocks: as exact as a
-    float64 pass for the angle, without float64 copies of the tensors. Compiled: one loop over the inputs
-    as stored (the same sums within rounding)."""
-    found = fused.slerp_products(a, b) if compiled else None
-    if found is not None:
-        return found
-    a, b = a.flatten().float(), b.flatten().float()
+def _blocks(t: torch.Tensor) -> Iterator[tuple[int, int]]:
+    """[start, stop) of the blocks a CPU tensor is gone through in (one block for a GPU tensor)."""
+    step = BLOCK if t.device.type == "cpu" else max(1, t.numel())
+    return ((start, min(start + step, t.numel())) for start in range(0, t.numel(), step))
+
+
+def _products(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """a·b, a·a and b·b, each summed in float64 over the float32 products of one block: as exact as a
+    float64 pass for the angle, without float64 copies of the tensors."""
+    a, b = a.flatten(), b.flatten()
     dot = aa = bb = 0.0
-    for start in range(0, a.numel(), 1 << 20):
-        x, y = a[start:start + (1 << 20)], b[start:start + (1 << 20)]
+    for start, stop in _blocks(a):
+        x, y = a[start:stop].float(), b[start:stop].float()
         dot, aa, bb = dot + float(x @ y), aa + float(x @ x), bb + float(y @ y)
     return dot, aa, bb
 
@@ -92,7 +100,7 @@ def slerp_scan(slices, params: dict, sample=None) -> dict:
     entry counts: no use for a sample)."""
     dot = aa = bb = 0.0
     for job in slices():
-        d, x, y = _products(*job.tensors, job.context.get("fused", False))
+        d, x, y = _products(*job.tensors)
         dot, aa, bb = dot + d, aa + x, bb + y
     return {"slerp": slerp_coefficients(_cosine(dot, aa, bb), params)}
 
@@ -131,5 +139,5 @@ register(Method(
             Param("dot_threshold", "float", 0.9995, "|cos| above which to interpolate linearly", low=0.0,
                   high=1.0)),
     merge_tensor=slerp, min_models=2, max_models=2, mergekit=_slerp_yaml, neutral={}, scan=lambda params: slerp_scan,
-    raw_inputs=True,
+    raw_inputs="always",
     doc="Spherical interpolation between exactly two models."))

@@ -633,8 +633,8 @@ register(Method(
                   "magnitude, keep those mergekit's sort keeps (sort: its output bit for bit) or the first in "
                   "index order (index: the same on every device, and large tensors stream in slices)",
                   choices=("sort", "index"))),
-    merge_tensor=ties, needs_base=True, prepare=_model_thresholds, mergekit=_ties_yaml, raw_inputs=True,
-    neutral={"density": 1.0, "lambda": 1.0}, elementwise=lambda params: params["scope"] == "model",
+    merge_tensor=ties, needs_base=True, prepare=_model_thresholds, mergekit=_ties_yaml, compiled=True,
+    raw_inputs="compiled", neutral={"density": 1.0, "lambda": 1.0}, elementwise=lambda params: params["scope"] == "model",
     scan=lambda params: _tensor_scan if params["scope"] == "tensor" and params["tie_break"] == "index" else None,
     doc="Trim small task-vector entries, elect a sign, average the agreeing ones."))
 
