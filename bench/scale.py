@@ -30,8 +30,9 @@ math in both tools (float32 arithmetic, bf16 output):
   (`MERGELAB_DATA` must point at the data), computed block by block into a fresh statistics cache, then
   the per-tensor solves; the row adds the statistics' seconds per model and per block, the solve time
   per layer, and the statistics files' size;
-- `fisher` (MergeLab only): each fine-tune's diagonal Fisher (gradients of the causal-LM log-likelihood
-  of 16 WikiText-2 texts), then the per-tensor weighted average; the same columns as `regmean`.
+- `fisher` (MergeLab only): each fine-tune's diagonal Fisher (per-example gradients of the causal-LM
+  log-likelihood of 16 WikiText-2 texts) into a fresh statistics cache, then the per-tensor weighted
+  average; the row adds the statistics' seconds per model, the merge's time per layer and the files' size.
 
 TIES runs its elementwise steps as compiled kernels on a large CPU merge (`merging_core.methods.fused`).
 With `--eager` each TIES row also runs MergeLab with `MERGELAB_FUSED=0` (the eager PyTorch code) and

@@ -39,7 +39,9 @@ there would give zero gradients, so it uses the gold score, as the RegMean codeb
 
 **Memory.** A decoder's input Grams are computed block by block (`layerwise`) and each statistic file
 is written as its parts are computed (the header first, its record's time filled in at the end); a
-statistic is read back one tensor at a time (`Stored`), when a merge asks for it.
+statistic is read back one tensor at a time (`Stored`), when a merge asks for it. A statistic of
+gradients (`fisher`, `grad_gram`) runs a half-precision checkpoint in float32 on the CPU, where bf16
+matrix products are many times slower without bf16 instructions (`_float_on_cpu`).
 
 Examples are a seeded random subset of the task's train split. Each statistic is saved under
 `$MERGELAB_HOME/cache/stats` as safetensors whose metadata (and a `.json` beside it) records how it
@@ -389,6 +391,8 @@ def compute_parts(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, A
     device = next(loaded.model.parameters()).device
     examples = _examples(spec, loaded.tokenizer, options["examples"], device, noise=text_noise(loaded.model))
     desc = f"{kind} of {ref.name} on {spec.name}"
+    if kind in GRADIENT_KINDS:
+        _float_on_cpu(loaded.model)
     if kind == "fisher":
         return None, estimate(loaded, examples, spec, kind, options, desc, progress)
     _trainable(loaded.model)
@@ -408,6 +412,21 @@ def estimate(loaded, examples: list[dict[str, torch.Tensor]], spec: TaskSpec, ki
         params = {canonical(n, model.config.model_type): p for n, p in model.named_parameters() if p.requires_grad}
         return _fisher(model, params, examples, spec, options, generator, desc, progress, pad=pad)
     return _gathered(_gram_parts(model, examples, spec, kind, options, generator, desc, progress, pad=pad)[1], kind)
+
+
+GRADIENT_KINDS = ("fisher", "grad_gram")  # the statistics a backward pass gives
+
+
+def _float_on_cpu(model: torch.nn.Module) -> None:
+    """A half-precision model (a bf16 checkpoint as transformers loads it) in float32, where a statistic of
+    gradients runs on the CPU. Without bf16 matrix instructions (AVX-512 BF16, AMX), PyTorch multiplies
+    bf16 matrices in a reference loop: on a 2-core machine the backward pass through one of TinyLlama's MLP
+    layers took about 35x float32's, and a 1.1B model's Fisher over 16 examples ran for over half an hour
+    without finishing one model. The statistic is summed in float32 either way; the float32 model doubles
+    the weights' memory and gives the more exact gradients."""
+    first = next(model.parameters(), None)
+    if first is not None and first.device.type == "cpu" and first.dtype in (torch.bfloat16, torch.float16):
+        model.float()
 
 
 def _trainable(model: torch.nn.Module) -> torch.nn.Module:
@@ -565,10 +584,12 @@ def _fisher(model, params: dict[str, torch.nn.Parameter], examples, spec, option
                     sums[name] += g ** 2
             if rows is not None:
                 rows.accumulate(sums[rows.name], batch["input_ids"], grads[-1])
+            del grads, log_p  # (the next batch's gradients would be allocated beside them: the model's size)
     finally:
         if rows is not None:
             rows.detach()
-    return {name: {"block_fisher" if block else "fisher": s / len(batches)} for name, s in sums.items()}
+    # (divided in place: a copy would hold the model's size in float32 once more at the end)
+    return {name: {"block_fisher" if block else "fisher": s.div_(len(batches))} for name, s in sums.items()}
 
 
 def _scaled_activations(model, vectors: set[str], examples, spec, options, desc, progress

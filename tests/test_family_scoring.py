@@ -449,6 +449,31 @@ def test_fisher_and_mats_merges_are_finite(family, head, task, saved, tmp_path):
     assert any(not torch.equal(fisher.state[arch.canonical(k, family)], v) for k, v in first.items())
 
 
+@pytest.mark.parametrize("kind", ["fisher", "grad_gram"])
+def test_a_bf16_checkpoint_has_the_gradient_statistics_of_its_float32_copy(kind, tmp_path):
+    """Statistics of gradients of a bf16 checkpoint are computed in float32 on the CPU (bf16 matrix products
+    there run in a slow reference loop): the same values as the float32 copy of the same weights."""
+    model = build("llama", "causal")
+    folders = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        folders[dtype] = tmp_path / str(dtype).split(".")[-1]
+        model.to(torch.bfloat16).to(dtype).save_pretrained(folders[dtype])  # the same (bf16) values either way
+        word_tokenizer(pad=False).save_pretrained(folders[dtype])
+    spec, options = get_task("wikitext2"), {**stats.DEFAULTS, "examples": 3}
+    loaded_as = []
+    real_estimate, real_parts = stats.estimate, stats._gram_parts
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stats, "estimate", lambda loaded, *a, **k: loaded_as.append(
+            next(loaded.model.parameters()).dtype) or real_estimate(loaded, *a, **k))
+        patch.setattr(stats, "_gram_parts", lambda model, *a, **k: loaded_as.append(
+            next(model.parameters()).dtype) or real_parts(model, *a, **k))
+        half, full = (stats.compute(resolve(str(folders[d])), spec, kind, options) for d in folders)
+    assert loaded_as == [torch.float32, torch.float32]
+    assert half.keys() == full.keys() and len(half) > 4
+    for name in full:
+        assert torch.equal(half[name][kind], full[name][kind]), name
+
+
 def test_a_causal_lm_fisher_is_the_squared_gradient_of_its_next_token_log_likelihood(saved):
     folder = saved("gpt2", "causal")
     spec = ml.get_task("wikitext2")
