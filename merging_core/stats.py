@@ -391,11 +391,9 @@ def compute_parts(ref: ModelRef, spec: TaskSpec, kind: str, options: dict[str, A
     device = next(loaded.model.parameters()).device
     examples = _examples(spec, loaded.tokenizer, options["examples"], device, noise=text_noise(loaded.model))
     desc = f"{kind} of {ref.name} on {spec.name}"
-    if kind in GRADIENT_KINDS:
-        _float_on_cpu(loaded.model)
     if kind == "fisher":
         return None, estimate(loaded, examples, spec, kind, options, desc, progress)
-    _trainable(loaded.model)
+    _trainable(loaded.model, kind)
     return _gram_parts(loaded.model, examples, spec, kind, options, torch.Generator().manual_seed(SEED), desc,
                        progress, pad=pad_id(loaded.tokenizer))
 
@@ -405,7 +403,7 @@ def estimate(loaded, examples: list[dict[str, torch.Tensor]], spec: TaskSpec, ki
     """One statistic (`gram`, `grad_gram`, `fisher`) of a loaded full model (`models.load`) on these
     examples (batches of one, padded with the tokenizer's pad id): the estimator `statistics` runs on the
     train split's draw, for callers that choose the examples themselves."""
-    model = _trainable(loaded.model)
+    model = _trainable(loaded.model, kind)
     generator = torch.Generator().manual_seed(SEED)
     pad = pad_id(loaded.tokenizer)
     if kind == "fisher":
@@ -415,6 +413,16 @@ def estimate(loaded, examples: list[dict[str, torch.Tensor]], spec: TaskSpec, ki
 
 
 GRADIENT_KINDS = ("fisher", "grad_gram")  # the statistics a backward pass gives
+
+
+def _trainable(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """The model ready for statistic `kind`: every parameter requiring gradients (an adapter module folded in
+    comes back from PEFT frozen), and, for a statistic of gradients on the CPU, in float32 (`_float_on_cpu`)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if kind in GRADIENT_KINDS:
+        _float_on_cpu(model)
+    return model
 
 
 def _float_on_cpu(model: torch.nn.Module) -> None:
@@ -427,12 +435,6 @@ def _float_on_cpu(model: torch.nn.Module) -> None:
     first = next(model.parameters(), None)
     if first is not None and first.device.type == "cpu" and first.dtype in (torch.bfloat16, torch.float16):
         model.float()
-
-
-def _trainable(model: torch.nn.Module) -> torch.nn.Module:
-    for p in model.parameters():  # an adapter module folded in comes back from PEFT frozen
-        p.requires_grad_(True)
-    return model
 
 
 def _gathered(parts: Iterator[Grams], kind: str) -> Grams:

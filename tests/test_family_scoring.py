@@ -461,10 +461,10 @@ def test_a_bf16_checkpoint_has_the_gradient_statistics_of_its_float32_copy(kind,
         word_tokenizer(pad=False).save_pretrained(folders[dtype])
     spec, options = get_task("wikitext2"), {**stats.DEFAULTS, "examples": 3}
     loaded_as = []
-    real_estimate, real_parts = stats.estimate, stats._gram_parts
+    real_fisher, real_parts = stats._fisher, stats._gram_parts
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(stats, "estimate", lambda loaded, *a, **k: loaded_as.append(
-            next(loaded.model.parameters()).dtype) or real_estimate(loaded, *a, **k))
+        patch.setattr(stats, "_fisher", lambda model, *a, **k: loaded_as.append(
+            next(model.parameters()).dtype) or real_fisher(model, *a, **k))
         patch.setattr(stats, "_gram_parts", lambda model, *a, **k: loaded_as.append(
             next(model.parameters()).dtype) or real_parts(model, *a, **k))
         half, full = (stats.compute(resolve(str(folders[d])), spec, kind, options) for d in folders)
